@@ -1,0 +1,256 @@
+"""LLMEngine: add requests, then step(): schedule -> execute -> update.
+
+The engine validates and tokenises requests, owns the scheduler and the model runner, appends
+sampled tokens, applies every stop rule, detokenises incrementally and builds RequestOutputs.
+A request with n > 1 becomes n sequences that share the prompt's KV blocks; its RequestOutput
+carries all n completions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fuselm.config import EngineConfig, parse_dtype, resolve_device
+from fuselm.engine.detokenizer import append_text, find_stop_string
+from fuselm.engine.kv_cache import KVCacheManager
+from fuselm.engine.request import Request
+from fuselm.engine.scheduler import Scheduler, SchedulerOutput
+from fuselm.loader import load_model
+from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from fuselm.runner.model_runner import ModelOutput, ModelRunner, SampledToken, summarize_memory
+from fuselm.sampling_params import SamplingParams
+
+logger = logging.getLogger("fuselm")
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+@dataclass
+class EngineStats:
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefix hits excluded)
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = parse_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        loaded = load_model(config.model, self.dtype, config.tokenizer)
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.generation_defaults = loaded.generation_defaults
+        self.model_name = loaded.source
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:  # attention here is full, so stay inside the window to stay exact
+            limit = min(limit, mc.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds what this model supports ({limit})")
+        max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
+        eos = list(dict.fromkeys(mc.eos_token_ids + self.tokenizer.eos_token_ids))
+        self.eos_token_ids = eos
+        self.runner = ModelRunner(config, mc, loaded.weights, self.device, self.dtype, max_model_len, eos)
+        del loaded
+        pool_tokens = self.runner.num_blocks * config.block_size
+        if pool_tokens < max_model_len:
+            logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", pool_tokens, max_model_len)
+            max_model_len = pool_tokens
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.groups: dict[str, list[Request]] = {}
+        self.stats = EngineStats()
+        self._arrival = itertools.count()
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("loaded %s on %s/%s in %.2f s: %s", self.model_name, self.device,
+                    str(self.dtype).removeprefix("torch."), self.load_seconds, summarize_memory(self.runner, max_model_len))
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one token of text")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt token list is empty; give at least one token id")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return None, ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validate and queue a request. Raises ValueError (naming the problem) for bad input."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
+                             "shorten the prompt (it must leave room for at least one generated token)")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                             f"({self.max_model_len}); lower max_tokens to at most {room}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        seq = next(self._arrival)
+        arrival = arrival_time or time.time()
+        group: list[Request] = []
+        for i in range(params.n):
+            group.append(Request(request_id, text, ids, params, max_tokens, arrival_seq=seq, priority=priority,
+                                 sample_index=i, group_leader=group[0] if group else None, arrival_time=arrival))
+        self.groups[request_id] = group
+        for req in group:
+            self.scheduler.add_request(req)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for req in group:
+            self.scheduler.finish_request(req, "abort")
+        return self._make_output(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        now = time.time()
+        for row in out.scheduled:
+            if row.request.metrics.first_scheduled_time is None:
+                row.request.metrics.first_scheduled_time = now
+        try:
+            result = self.runner.execute(out)
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
+            return self._fail_step(out, f"internal error during the model step: {exc}")
+        return self._update(out, result)
+
+    def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
+        touched = {}
+        for row in out.scheduled:
+            self.scheduler.finish_request(row.request, "error")
+            touched[row.request.request_id] = True
+        outputs = []
+        for rid in touched:
+            group = self.groups.pop(rid, None)
+            if group:
+                for req in group:
+                    self.scheduler.finish_request(req, "error")
+                o = self._make_output(group)
+                o.error = message
+                outputs.append(o)
+        return outputs
+
+    def _update(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
+        self.scheduler.update_from_output(out)
+        self.stats.num_steps += 1
+        now = time.time()
+        touched: dict[str, None] = {}
+        for row, sampled, prompt_lp in zip(out.scheduled, result.sampled, result.prompt_logprobs):
+            req = row.request
+            if req.is_finished:
+                continue
+            if row.num_computed_tokens < req.num_prompt_tokens:
+                self.stats.num_prompt_tokens += min(row.num_new_tokens, req.num_prompt_tokens - row.num_computed_tokens)
+            if prompt_lp is not None:
+                self._record_prompt_logprobs(req, prompt_lp)
+            if sampled is None:
+                continue
+            touched[req.request_id] = None
+            self._append(req, sampled, now)
+        outputs = []
+        for rid in touched:
+            group = self.groups.get(rid)
+            if group is None:
+                continue
+            output = self._make_output(group)
+            if output.finished:
+                del self.groups[rid]
+            outputs.append(output)
+        return outputs
+
+    def _append(self, req: Request, sampled: SampledToken, now: float) -> None:
+        token = sampled.token_id
+        req.append_token(token)
+        self.stats.num_generation_tokens += 1
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        if req.logprobs is not None:
+            req.logprobs.append(self._position_logprobs(token, sampled.logprob, sampled.rank, sampled.top))
+        params = req.params
+        piece = append_text(self.tokenizer, req, token)
+        reason = stop = None
+        if req.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif params.stop_token_ids and token in params.stop_token_ids:
+                reason, stop = "stop", token
+            else:
+                stop = find_stop_string(req, len(piece))
+                if stop is not None:
+                    reason = "stop"
+        if reason is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            req.stop_reason = stop
+            m.finished_time = now
+            self.scheduler.finish_request(req, reason)
+
+    def _position_logprobs(self, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> PositionLogprobs:
+        decode = self.tokenizer.decode_token
+        entry: PositionLogprobs = {token: Logprob(logprob, rank, decode(token))}
+        for r, (tid, lp) in enumerate(top, start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, r, decode(tid))
+        return entry
+
+    def _record_prompt_logprobs(self, req: Request, chunk) -> None:
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]  # the first prompt token has no logprob
+        for i, (tok, lp, rank, top) in enumerate(zip(chunk.token_ids, chunk.logprobs, chunk.ranks, chunk.top)):
+            if chunk.start + i == len(req.prompt_logprobs):  # skip positions recomputed after preemption
+                req.prompt_logprobs.append(self._position_logprobs(tok, lp, rank, top))
+
+    def _make_output(self, group: list[Request]) -> RequestOutput:
+        first = group[0]
+        completions = [
+            CompletionOutput(index=r.sample_index, text=r.output_text, token_ids=list(r.output_token_ids),
+                             finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                             logprobs=list(r.logprobs) if r.logprobs is not None else None)
+            for r in group
+        ]
+        finished = all(r.is_finished for r in group)
+        if finished and first.metrics.finished_time is None:
+            first.metrics.finished_time = time.time()
+        return RequestOutput(
+            request_id=first.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+            outputs=completions, finished=finished, metrics=first.metrics, prompt_logprobs=first.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens,
+        )

@@ -1,0 +1,167 @@
+"""Token-budget scheduler (Sarathi-Serve stall-free batching / DeepSpeed-FastGen Dynamic SplitFuse).
+
+Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
+(decodes) are served first, then running requests part-way through their prompt continue, then
+waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
+budget is filled exactly. When the KV pool runs dry, the newest running request is preempted by
+recompute (its blocks freed, its tokens computed again later). The result is one immutable
+SchedulerOutput, the model runner's only input.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from fuselm.engine.kv_cache import KVCacheManager
+from fuselm.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    request: Request
+    num_computed_tokens: int  # K/V already in the cache before this step
+    token_ids: tuple[int, ...]  # the tokens to compute this step
+    block_ids: tuple[int, ...]
+    needs_sample: bool  # True when this step reaches the request's last token
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]  # single-token rows first, then multi-token rows
+    num_batched_tokens: int
+    preempted_ids: tuple[str, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: list[Request] = []  # sorted by (priority, arrival)
+        self.running: list[Request] = []  # sorted by (priority, arrival)
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request: Request, reason: str) -> None:
+        """Finish (stop, length, abort, error): remove it wherever it is and return its blocks."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add_request(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chosen: dict[int, tuple[Request, int]] = {}  # id(request) -> (request, num_new_tokens)
+        preempted: list[str] = []
+
+        def make_room(req: Request, n: int) -> bool:
+            """Allocate n new slots for a running request, preempting newer ones if needed."""
+            nonlocal budget
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running[-1]
+                if victim is req:
+                    return False
+                if id(victim) in chosen:
+                    budget += chosen.pop(id(victim))[1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            return True
+
+        # 1) decodes, 2) partial prefills: one pass each over the running list in priority order.
+        for want_decode in (True, False):
+            for req in list(self.running):
+                if budget == 0 or req.status is not RequestStatus.RUNNING or id(req) in chosen:
+                    continue
+                remaining = req.num_tokens - req.num_computed_tokens
+                if (remaining == 1) != want_decode:
+                    continue
+                n = min(remaining, budget)
+                if not make_room(req, n):
+                    self._preempt(req)
+                    preempted.append(req.request_id)
+                    continue
+                chosen[id(req)] = (req, n)
+                budget -= n
+
+        # 3) admit waiting requests while budget, sequence slots and blocks last.
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            leader = req.group_leader
+            if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
+                skipped.append(self.waiting.pop(0))  # let the first sample compute the shared prompt
+                continue
+            shared = self._shared_prefix(req)
+            n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size, budget)
+            if not self.kv.allocate_slots(req, n, shared):
+                break
+            self.waiting.pop(0)
+            if req.metrics.first_scheduled_time is None:
+                req.num_cached_tokens = len(shared) * self.kv.block_size
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=Request.sort_key)
+            chosen[id(req)] = (req, n)
+            budget -= n
+        for req in skipped:
+            bisect.insort(self.waiting, req, key=Request.sort_key)
+
+        rows = []
+        for req, n in chosen.values():
+            start = req.num_computed_tokens
+            rows.append(ScheduledRequest(
+                request=req, num_computed_tokens=start, token_ids=tuple(req.all_token_ids[start:start + n]),
+                block_ids=tuple(req.block_ids), needs_sample=start + n == req.num_tokens,
+            ))
+        rows.sort(key=lambda r: r.num_new_tokens != 1)  # stable: single-token rows first
+        return SchedulerOutput(
+            scheduled=tuple(rows), num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted_ids=tuple(preempted),
+        )
+
+    def _shared_prefix(self, req: Request) -> list[int]:
+        """Blocks this request can reuse: its n>1 group leader's prompt blocks, else the prefix cache."""
+        if req.num_computed_tokens:
+            return []
+        leader = req.group_leader
+        if leader is not None and leader.status is RequestStatus.RUNNING:
+            usable = min(leader.num_computed_tokens, req.num_prompt_tokens - 1) // self.kv.block_size
+            if usable:
+                return leader.block_ids[:usable]
+        return self.kv.find_cached_prefix(req)
+
+    def update_from_output(self, output: SchedulerOutput) -> None:
+        """Account the computed tokens of a finished step (before new tokens are appended)."""
+        for row in output.scheduled:
+            req = row.request
+            if req.is_finished or req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens
+            self.kv.cache_full_blocks(req)

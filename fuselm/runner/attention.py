@@ -1,0 +1,101 @@
+"""Attention over the paged KV cache for one packed batch (portable torch: CPU and CUDA).
+
+The packed batch puts every request's scheduled tokens in one 1-D token list. The runner orders
+rows so that all single-token rows (decodes) come first; they are attended to together in one
+batched SDPA call over their gathered, padded contexts. Multi-token rows (prompt chunks) follow;
+each gets one SDPA call over its cached prefix plus its new tokens, causal inside the chunk.
+
+The batch metadata reaches every layer through a module-level "forward context" set by the runner
+around the model call, so the model code does not thread it through each layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillRow:
+    """One multi-token row of the packed batch."""
+
+    start: int  # first token of the row in the packed batch
+    end: int
+    num_cached: int  # tokens of this request already in the KV cache before this step
+    context_slots: torch.Tensor | None  # [num_cached + (end - start)] slots of the whole context; None if num_cached == 0
+    causal_mask: torch.Tensor | None  # [end - start, num_cached + end - start] bool (True = attend), None if num_cached == 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of every new token
+    num_decode_tokens: int  # rows 0..num_decode_tokens-1 are single-token rows
+    decode_context_slots: torch.Tensor | None  # [num_decodes, max_context] int64 (padding -> slot 0)
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    prefill_rows: list[PrefillRow]
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextmanager
+def forward_context(metadata: AttentionMetadata):
+    global _current
+    previous, _current = _current, metadata
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    assert _current is not None, "attention called outside forward_context()"
+    return _current
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into their cache slots. k_cache: [num_blocks, block_size, kv_heads, head_dim]."""
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    meta = get_attention_metadata()
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+    flat_k = k_cache.view(-1, kv_heads, head_dim)
+    flat_v = v_cache.view(-1, kv_heads, head_dim)
+
+    nd = meta.num_decode_tokens
+    if nd:
+        # Each decode row has one query per head; put a KV head's `group` query heads on the
+        # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
+        qd = q[:nd].view(nd, kv_heads, group, head_dim)
+        ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
+        ctx_v = flat_v[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
+        od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale)
+        out[:nd] = od.reshape(nd, num_heads, head_dim)
+
+    for row in meta.prefill_rows:
+        qr = q[row.start:row.end].transpose(0, 1)  # [Hq, n, D]
+        if row.context_slots is None:
+            kr = k[row.start:row.end].transpose(0, 1)  # [Hkv, n, D]
+            vr = v[row.start:row.end].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale, enable_gqa=group > 1)
+        else:
+            kr = flat_k[row.context_slots].transpose(0, 1)  # [Hkv, ctx, D]
+            vr = flat_v[row.context_slots].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.causal_mask, scale=scale,
+                                               enable_gqa=group > 1)
+        out[row.start:row.end] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,241 @@
+"""ModelRunner: owns the weights and the KV tensors; turns a SchedulerOutput into one packed forward.
+
+Per step it builds the 1-D batch (input_ids, positions, slot_mapping), the attention layout
+(decode rows batched, prompt chunks per row), runs the model once, pushes only the hidden states
+that need logits through the LM head, and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fuselm.config import EngineConfig, ModelConfig
+from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fuselm.models.registry import build_model
+from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.runner.sampler import Sampler, SamplingBatch, compute_logprobs
+
+logger = logging.getLogger("fuselm")
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top: list[tuple[int, float]] | None = None  # top-N (token id, logprob)
+
+
+@dataclass(slots=True)
+class PromptLogprobsChunk:
+    start: int  # index in the prompt of the first token these entries score
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    sampled: list[SampledToken | None]  # aligned with SchedulerOutput.scheduled
+    prompt_logprobs: list[PromptLogprobsChunk | None]
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 device: str, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.eos_token_ids = list(eos_token_ids)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        with torch.device("meta"):
+            model = build_model(model_config, max_model_len)
+        model = model.to_empty(device=self.device).to(dtype)
+        model.rope = type(model.rope)(model_config, max_model_len).to(self.device)  # buffers must be real
+        model.load_hf_weights(weights)
+        self.model = model.eval()
+        self.sampler = Sampler()
+        self.num_blocks = self._kv_cache_blocks(max_model_len)
+        shape = (self.num_blocks, self.block_size, model_config.num_key_value_heads, model_config.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = torch.empty(shape, dtype=dtype, device=self.device)
+            layer.self_attn.v_cache = torch.empty(shape, dtype=dtype, device=self.device)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.kv_bytes = self.num_blocks * self.bytes_per_block
+
+    @property
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+
+    def _kv_cache_blocks(self, max_model_len: int) -> int:
+        cfg = self.config
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            activation_reserve = 1 << 30
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activation_reserve
+        else:
+            budget = int(available_memory_bytes() * cfg.kv_cache_memory_fraction)
+            # No point reserving more than every sequence slot at full length could use.
+            enough = cfg.max_num_seqs * (max_model_len + self.block_size) * self.bytes_per_block // self.block_size
+            budget = min(budget, enough)
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes; "
+                             "raise kv_cache_memory_bytes / gpu_memory_utilization")
+        return int(num_blocks)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _slots(self, block_ids: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size  # [end - start]
+
+    def _build_batch(self, out: SchedulerOutput):
+        bs = self.block_size
+        rows = out.scheduled
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decodes = [r for r in rows if r.num_new_tokens == 1]
+        nd = len(decodes)
+        for r in decodes:
+            p = r.num_computed_tokens
+            input_ids.append(r.token_ids[0])
+            positions.append(p)
+            slot_mapping.append(r.block_ids[p // bs] * bs + p % bs)
+        pos_parts = [torch.tensor(positions, dtype=torch.long)]
+        slot_parts = [torch.tensor(slot_mapping, dtype=torch.long)]
+        prefill_rows = []
+        cursor = nd
+        for r in rows[nd:]:
+            n, c = r.num_new_tokens, r.num_computed_tokens
+            input_ids.extend(r.token_ids)
+            pos_parts.append(torch.arange(c, c + n))
+            slot_parts.append(self._slots(r.block_ids, c, c + n))
+            if c == 0:
+                prefill_rows.append(PrefillRow(cursor, cursor + n, 0, None, None))
+            else:
+                ctx_slots = self._slots(r.block_ids, 0, c + n).to(self.device)
+                q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
+                mask = (torch.arange(c + n).unsqueeze(0) <= q_pos).to(self.device)  # [n, c + n]
+                prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
+            cursor += n
+        decode_slots = decode_mask = None
+        if nd:
+            ctx_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes])  # [nd]
+            max_blocks = max(len(r.block_ids) for r in decodes)
+            table = torch.zeros(nd, max_blocks, dtype=torch.long)
+            for i, r in enumerate(decodes):
+                table[i, :len(r.block_ids)] = torch.tensor(r.block_ids)
+            max_len = int(ctx_lens.max())
+            decode_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
+            decode_mask = (torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)).view(nd, 1, 1, max_len)
+            decode_slots, decode_mask = decode_slots.to(self.device), decode_mask.to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
+            decode_context_slots=decode_slots, decode_mask=decode_mask, prefill_rows=prefill_rows,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        return ids, torch.cat(pos_parts).to(self.device), meta
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        input_ids, positions, meta = self._build_batch(out)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+
+        # Which hidden states need logits: the last token of rows that sample, and every
+        # position of rows that asked for prompt logprobs.
+        sample_rows: list[int] = []
+        logit_index: list[int] = []
+        prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (row, first logits index, count, prompt start)
+        cursor = 0
+        for i, r in enumerate(out.scheduled):
+            n = r.num_new_tokens
+            req = r.request
+            if req.params.prompt_logprobs is not None and r.num_computed_tokens < req.num_prompt_tokens - 1:
+                # logits at position p score prompt token p + 1
+                count = min(n, req.num_prompt_tokens - 1 - r.num_computed_tokens)
+                prompt_lp_spans.append((i, len(logit_index), count, r.num_computed_tokens + 1))
+                logit_index.extend(range(cursor, cursor + count))
+            if r.needs_sample:
+                sample_rows.append(i)
+            cursor += n
+        sample_logit_pos = []
+        cursor = 0
+        for i, r in enumerate(out.scheduled):
+            cursor += r.num_new_tokens
+            if r.needs_sample:
+                sample_logit_pos.append(len(logit_index))
+                logit_index.append(cursor - 1)
+        sampled: list[SampledToken | None] = [None] * len(out.scheduled)
+        prompt_lps: list[PromptLogprobsChunk | None] = [None] * len(out.scheduled)
+        if not logit_index:
+            return ModelOutput(sampled, prompt_lps)
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_index, device=self.device)])  # [S, V]
+
+        for row, first, count, start in prompt_lp_spans:
+            r = out.scheduled[row]
+            targets = list(r.request.prompt_token_ids[start:start + count])
+            num_top = r.request.params.prompt_logprobs
+            lp, rank, top_ids, top_lp = compute_logprobs(
+                logits[first:first + count], torch.tensor(targets, device=self.device), num_top)
+            prompt_lps[row] = PromptLogprobsChunk(
+                start=start, token_ids=targets, logprobs=lp.tolist(), ranks=rank.tolist(),
+                top=[list(zip(a, b)) for a, b in zip(top_ids.tolist(), top_lp.tolist())],
+            )
+
+        if sample_rows:
+            reqs = [out.scheduled[i].request for i in sample_rows]
+            batch = SamplingBatch(
+                params=[q.params for q in reqs], generators=[q.generator for q in reqs],
+                prompt_token_ids=[q.prompt_token_ids for q in reqs],
+                output_token_ids=[q.output_token_ids for q in reqs], eos_token_ids=self.eos_token_ids,
+            )
+            result = self.sampler(logits[torch.tensor(sample_logit_pos, device=self.device)], batch)
+            token_ids = result.token_ids.tolist()
+            if result.logprobs is not None:
+                lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
+                tops = result.top_ids.tolist(), result.top_logprobs.tolist()
+            for j, i in enumerate(sample_rows):
+                tok = SampledToken(token_ids[j])
+                n_top = reqs[j].params.logprobs
+                if n_top is not None:
+                    tok.logprob, tok.rank = lps[j], ranks[j]
+                    tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))
+                sampled[i] = tok
+        return ModelOutput(sampled, prompt_lps)
+
+
+def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
+    tokens = runner.num_blocks * runner.block_size
+    return (f"weights {runner.weight_bytes / 2**20:.1f} MiB, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
+            f"({runner.num_blocks} blocks x {runner.block_size} = {tokens} tokens), max_model_len {max_model_len}")
+
+
+__all__ = ["ModelRunner", "ModelOutput", "SampledToken", "PromptLogprobsChunk", "ScheduledRequest",
+           "summarize_memory"]
