@@ -75,10 +75,15 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler()
         self.num_blocks = self._kv_cache_blocks(max_model_len)
-        shape = (self.num_blocks, self.block_size, model_config.num_key_value_heads, model_config.head_dim)
+        # One extra block at the end stays all zeros: padded context positions point at it, so
+        # masked-out positions never read uninitialised memory (0 * NaN would poison the output).
+        shape = (self.num_blocks + 1, self.block_size, model_config.num_key_value_heads, model_config.head_dim)
+        self.null_slot = self.num_blocks * self.block_size
         for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.empty(shape, dtype=dtype, device=self.device)
-            layer.self_attn.v_cache = torch.empty(shape, dtype=dtype, device=self.device)
+            for name in ("k_cache", "v_cache"):
+                cache = torch.empty(shape, dtype=dtype, device=self.device)
+                cache[-1].zero_()
+                setattr(layer.self_attn, name, cache)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_bytes = self.num_blocks * self.bytes_per_block
 
@@ -153,7 +158,9 @@ class ModelRunner:
                 table[i, :len(r.block_ids)] = torch.tensor(r.block_ids)
             max_len = int(ctx_lens.max())
             decode_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
-            decode_mask = (torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)).view(nd, 1, 1, max_len)
+            valid = torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)  # [nd, L]
+            decode_slots = torch.where(valid, decode_slots, self.null_slot)
+            decode_mask = valid.view(nd, 1, 1, max_len)
             decode_slots, decode_mask = decode_slots.to(self.device), decode_mask.to(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
