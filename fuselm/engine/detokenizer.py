@@ -44,3 +44,15 @@ def find_stop_string(request: Request, new_text_len: int) -> str | None:
     keep = best_pos + len(best_stop) if request.params.include_stop_str_in_output else best_pos
     request.output_text = text[:keep]
     return best_stop
+
+
+def flush_text(tokenizer: Tokenizer, request: Request) -> None:
+    """At finish, emit bytes the stream still holds back (an incomplete character becomes U+FFFD)."""
+    context = request.prompt_token_ids[-_CONTEXT_TOKENS:]
+    skip = request.params.skip_special_tokens
+    head = tokenizer.decode(context, skip_special_tokens=skip)
+    full = tokenizer.decode(context + request.output_token_ids, skip_special_tokens=skip)
+    if full.startswith(head):
+        tail = full[len(head):]
+        if len(tail) > len(request.output_text) and tail.startswith(request.output_text):
+            request.output_text = tail

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, parse_dtype, resolve_device
-from fuselm.engine.detokenizer import append_text, find_stop_string
+from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
@@ -219,6 +219,8 @@ class LLMEngine:
         if reason is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if stop is None or isinstance(stop, int):
+                flush_text(self.tokenizer, req)
             req.stop_reason = stop
             m.finished_time = now
             self.scheduler.finish_request(req, reason)

