@@ -72,7 +72,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # [T, Hq, D], contiguous
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
 
@@ -80,7 +80,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if nd:
         # Each decode row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
-        qd = q[:nd].view(nd, kv_heads, group, head_dim)
+        qd = q[:nd].reshape(nd, kv_heads, group, head_dim)
         ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
         ctx_v = flat_v[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
         od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale)

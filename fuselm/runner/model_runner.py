@@ -70,7 +70,7 @@ class ModelRunner:
         with torch.device("meta"):
             model = build_model(model_config, max_model_len)
         model = model.to_empty(device=self.device).to(dtype)
-        model.rope = type(model.rope)(model_config, max_model_len).to(self.device)  # buffers must be real
+        model.rope = type(model.rope)(model_config, max_model_len, dtype).to(self.device)  # real buffers
         model.load_hf_weights(weights)
         self.model = model.eval()
         self.sampler = Sampler()
