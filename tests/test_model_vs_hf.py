@@ -63,3 +63,24 @@ def test_bf16_close_to_hf(tiny_llama):
     ours = packed_last_logits(llm, prompts)
     ref = hf_last_logits(hf, prompts)
     assert (ours - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "qwen2_bias"])
+def test_gguf_written_from_hf_matches_hf(tiny_model_factory, name, tmp_path):
+    """A GGUF written from an HF model the way llama.cpp converts it loads and computes like HF."""
+    from gguf_writer import write_gguf_from_hf
+
+    path, hf = tiny_model_factory(name)
+    gguf_path = write_gguf_from_hf(hf, path, tmp_path / "tiny.gguf")
+    llm = LLM(str(gguf_path), dtype="float32", device="cpu")
+    prompts = random_prompts([1, 17, 90], seed=4)
+    assert (packed_last_logits(llm, prompts) - hf_last_logits(hf, prompts)).abs().max().item() < 1e-4
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 16) for p in prompts]
+
+
+def test_embedded_model_knows_paris(embedded_llm):
+    out = embedded_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                            SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason in ("stop", "length")
