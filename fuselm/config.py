@@ -128,6 +128,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may use in all
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
+    cpu_kernels: bool = True  # CPU: paged decode attention in fuselm's C kernel (False = portable torch path)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

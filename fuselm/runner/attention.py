@@ -1,8 +1,9 @@
 """Attention over the paged KV cache for one packed batch (portable torch: CPU and CUDA).
 
 The packed batch puts every request's scheduled tokens in one 1-D token list. The runner orders
-rows so that all single-token rows (decodes) come first; they are attended to together in one
-batched SDPA call over their gathered, padded contexts. Multi-token rows (prompt chunks) follow;
+rows so that all single-token rows (decodes) come first; they are attended to together: on CPU by
+a C kernel that reads the paged cache in place (fuselm/kernels), elsewhere (and as the reference)
+by one batched SDPA call over their gathered, padded contexts. Multi-token rows (prompt chunks) follow;
 each gets one SDPA call over its cached prefix plus its new tokens, causal inside the chunk.
 
 The batch metadata reaches every layer through a module-level "forward context" set by the runner
@@ -33,9 +34,14 @@ class PrefillRow:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of every new token
     num_decode_tokens: int  # rows 0..num_decode_tokens-1 are single-token rows
-    decode_context_slots: torch.Tensor | None  # [num_decodes, max_context] int64 (padding -> slot 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
     prefill_rows: list[PrefillRow]
+    # Decode rows, for the CPU kernel (reads the cache in place):
+    decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks] int64
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decodes] int64
+    # Decode rows, for the portable torch path (gathers a padded copy):
+    decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padding -> null slot)
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
 
 
 _current: AttentionMetadata | None = None
@@ -77,7 +83,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_v = v_cache.view(-1, kv_heads, head_dim)
 
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and meta.cpu_kernels is not None:
+        meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
+                                                meta.decode_block_table, meta.decode_ctx_lens, scale)
+    elif nd:
         # Each decode row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
         qd = q[:nd].reshape(nd, kv_heads, group, head_dim)

@@ -84,6 +84,15 @@ class ModelRunner:
                 cache = torch.empty(shape, dtype=dtype, device=self.device)
                 cache[-1].zero_()
                 setattr(layer.self_attn, name, cache)
+        self.cpu_kernels = None
+        if self.device.type == "cpu" and config.cpu_kernels:
+            from fuselm.kernels.cpu import get_kernels
+
+            kernels = get_kernels()
+            mc = model_config
+            if kernels is not None and kernels.supports(dtype, mc.num_attention_heads, mc.num_key_value_heads,
+                                                        mc.head_dim, self.block_size):
+                self.cpu_kernels = kernels
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_bytes = self.num_blocks * self.bytes_per_block
 
@@ -149,23 +158,21 @@ class ModelRunner:
                 mask = (torch.arange(c + n).unsqueeze(0) <= q_pos).to(self.device)  # [n, c + n]
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
-        decode_slots = decode_mask = None
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
+                                 prefill_rows=prefill_rows)
         if nd:
             ctx_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes])  # [nd]
             max_blocks = max(len(r.block_ids) for r in decodes)
-            table = torch.zeros(nd, max_blocks, dtype=torch.long)
-            for i, r in enumerate(decodes):
-                table[i, :len(r.block_ids)] = torch.tensor(r.block_ids)
-            max_len = int(ctx_lens.max())
-            decode_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
-            valid = torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)  # [nd, L]
-            decode_slots = torch.where(valid, decode_slots, self.null_slot)
-            decode_mask = valid.view(nd, 1, 1, max_len)
-            decode_slots, decode_mask = decode_slots.to(self.device), decode_mask.to(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
-            decode_context_slots=decode_slots, decode_mask=decode_mask, prefill_rows=prefill_rows,
-        )
+            table = torch.tensor([r.block_ids + (self.num_blocks,) * (max_blocks - len(r.block_ids))
+                                  for r in decodes], dtype=torch.long)  # [nd, max_blocks], padded with the null block
+            if self.cpu_kernels is not None:
+                meta.cpu_kernels, meta.decode_block_table, meta.decode_ctx_lens = self.cpu_kernels, table, ctx_lens
+            else:
+                max_len = int(ctx_lens.max())
+                slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
+                valid = torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)  # [nd, L]
+                meta.decode_context_slots = torch.where(valid, slots, self.null_slot).to(self.device)
+                meta.decode_mask = valid.view(nd, 1, 1, max_len).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, torch.cat(pos_parts).to(self.device), meta
 

@@ -1,0 +1,102 @@
+"""Build and call fuselm's C kernels for CPU (paged decode attention).
+
+Eager torch has no attention that reads a paged KV cache in place: the portable path gathers each
+sequence's context into a padded copy every layer, which costs more memory traffic than the
+attention itself on CPU. This module compiles `paged_attention.c` with the system C compiler the
+first time it is needed (well under a second; cached under ~/.cache/fuselm keyed by the source
+hash and compiler flags) and calls it through ctypes. If no compiler is present, or
+FUSELM_CPU_KERNELS=0, `get_kernels()` returns None and the torch path is used.
+
+The .so links libgomp by its soname, so inside a process that imported torch it shares torch's
+OpenMP runtime and thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("fuselm")
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FUSELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fuselm")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found; using the portable torch attention path on CPU")
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fuselm_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("building the CPU attention kernel failed (%s); using the torch path", detail.strip()[:500])
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    return target
+
+
+class CpuKernels:
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.fuselm_paged_decode_attention
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = None
+        self._decode = fn
+        self.max_group = lib.fuselm_max_group()
+        self.max_dim = lib.fuselm_max_dim()
+        self.max_block = lib.fuselm_max_block()
+
+    def supports(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
+        return (dtype in _DTYPES and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
+                and block_size <= self.max_block)
+
+    def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> None:
+        """q, out: [n, Hq, D] contiguous; caches [blocks, block_size, Hkv, D]; block_table [n, B] int64."""
+        assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous()
+        assert k_cache.dtype == q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == torch.int64
+        n, num_heads, head_dim = q.shape
+        self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+                     ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2], head_dim,
+                     k_cache.shape[1], scale, _DTYPES[q.dtype], torch.get_num_threads())
+
+
+@lru_cache(maxsize=1)
+def get_kernels() -> CpuKernels | None:
+    if os.environ.get("FUSELM_CPU_KERNELS", "1") == "0":
+        return None
+    path = _build()
+    if path is None:
+        return None
+    try:
+        return CpuKernels(path)
+    except OSError as exc:
+        logger.warning("loading the CPU attention kernel failed (%s); using the torch path", exc)
+        return None
