@@ -134,10 +134,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
+        if num_full <= request.num_registered_blocks:
+            return
         self._hash_full_blocks(request, num_full * self.block_size)
-        for i in range(num_full):
+        for i in range(request.num_registered_blocks, num_full):
             self.pool.register(request.block_ids[i], request.block_hashes[i])
+        request.num_registered_blocks = num_full
 
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
         request.block_ids = []
+        request.num_registered_blocks = 0

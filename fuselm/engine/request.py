@@ -30,6 +30,7 @@ class Request:
         "num_computed_tokens", "block_ids", "block_hashes", "status", "finish_reason", "stop_reason",
         "priority", "arrival_seq", "generator", "metrics", "output_text", "decode_stream",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
+        "num_registered_blocks",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -45,6 +46,7 @@ class Request:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this request's full blocks, in order
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

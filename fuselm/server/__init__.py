@@ -1,0 +1,1 @@
+"""fuselm's OpenAI-compatible HTTP server (`fuselm serve`); needs the `server` extra (FastAPI, uvicorn)."""

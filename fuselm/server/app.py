@@ -1,0 +1,157 @@
+"""The FastAPI application: routes, API-key check and OpenAI-shaped errors around one AsyncLLMEngine.
+
+build_app() wires an already-loaded AsyncLLMEngine into a fresh app with its own Prometheus
+registry, so several apps (e.g. in tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fuselm.engine.async_engine import AsyncLLMEngine
+from fuselm.server import protocol as P
+from fuselm.server.metrics import ServerMetrics
+from fuselm.server.serving import APIError, OpenAIServing
+
+logger = logging.getLogger("fuselm")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        if param is None and loc:
+            param = loc[0]
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (streaming-safe) check of 'Authorization: Bearer KEY' on the OpenAI routes, before
+    anything else looks at the request; /health and /metrics stay open."""
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = error_response(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
+                                          type="authentication_error", code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    name = served_model_name or engine.model_name
+    serving = OpenAIServing(engine, name)
+    metrics = ServerMetrics(name)
+    if metrics not in engine.observers:
+        engine.observers.append(metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        with contextlib.suppress(ValueError):
+            engine.observers.remove(metrics)
+
+    app = FastAPI(title="fuselm", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.served_model_name = name
+
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    # ---- errors -------------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path} not found" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, message, code=None)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error")
+
+    # ---- open routes --------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_running:
+            return Response(status_code=200)
+        return error_response(503, "the engine thread is not running", type="server_error")
+
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        return Response(metrics.render(engine.snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ---- OpenAI routes (behind the API key) -------------------------------------------------------
+
+    api = APIRouter()
+
+    @api.get("/v1/models", response_model=P.ModelList)
+    async def models() -> P.ModelList:
+        return P.ModelList(data=[P.ModelCard(id=name, root=engine.model_name, max_model_len=engine.max_model_len)])
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(body: P.CompletionRequest, request: Request):
+        return await serving.completions(body, request)
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+        return await serving.chat(body, request)
+
+    @api.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest) -> dict:
+        serving.check_model(body.model)
+        tok = engine.tokenizer
+        if body.messages is not None:
+            ids = serving.chat_prompt(body.messages, body.add_generation_prompt)
+        else:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @api.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest) -> dict:
+        serving.check_model(body.model)
+        vocab = engine.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    app.include_router(api)
+    return app
