@@ -26,7 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     helps = {
         "model": "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
         "tokenizer": "tokenizer directory (default: the model's own)",
-        "dtype": "auto | float32 | bfloat16 | float16 (auto = bfloat16)",
+        "dtype": "auto | float32 | bfloat16 | float16 (auto = bfloat16 on CUDA and AMX/AVX512-BF16 CPUs, else float32)",
         "device": "auto | cpu | cuda",
         "max_model_len": "longest prompt + output in tokens (default: the model's, capped at 8192)",
         "max_num_batched_tokens": "token budget per step (decodes + prompt chunks)",

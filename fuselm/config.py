@@ -89,12 +89,31 @@ _DTYPES = {
 }
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16).
+
+    Without them torch's bf16 matmuls fall back to slow kernels: on an AVX2-only EPYC we measured
+    a [512 x 576] @ [576 x 3072] matmul at 28 ms in float32 and 191 ms in bfloat16 (README).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """'auto' picks bfloat16 on both CPU and CUDA (see README: measured on the target CPU)."""
+    """'auto': bfloat16 on CUDA and on CPUs with bf16 matrix units, else float32 (measured, see README)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16
+        if device.startswith("cuda") or cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
     return _DTYPES[dtype]
