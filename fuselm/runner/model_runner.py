@@ -73,6 +73,8 @@ class ModelRunner:
         model.rope = type(model.rope)(model_config, max_model_len, dtype).to(self.device)  # real buffers
         model.load_hf_weights(weights)
         self.model = model.eval()
+        if self.device.type == "cpu" and config.cpu_kernels:
+            model.pack_lm_head_for_cpu()
         self.sampler = Sampler()
         self.num_blocks = self._kv_cache_blocks(max_model_len)
         # One extra block at the end stays all zeros: padded context positions point at it, so
