@@ -1,6 +1,6 @@
 /* Paged decode attention for CPU: one query token per sequence, keys/values read in place from the
  * block-paged cache (no gather copy), online softmax, float accumulation, OpenMP over
- * (sequence, kv head). Built at run time by fuselm/kernels/cpu.py; the torch path in
+ * sequences. Built at run time by fuselm/kernels/cpu.py; the torch path in
  * fuselm/runner/attention.py is the reference it is tested against.
  *
  * Layouts (all contiguous):
@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_GROUP 16
@@ -46,71 +47,104 @@ int fuselm_max_group(void) { return MAX_GROUP; }
 int fuselm_max_dim(void) { return MAX_DIM; }
 int fuselm_max_block(void) { return MAX_BLOCK; }
 
+/* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
+ * once, front to back, which keeps DRAM traffic to one pass over the context. */
 void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache, const void *v_cache,
                                    const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
                                    int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    int64_t block_size, float scale, int dtype, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t n = 0; n < num_seqs; n++) {
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            float qf[MAX_GROUP][MAX_DIM], acc[MAX_GROUP][MAX_DIM];
-            float scores[MAX_GROUP][MAX_BLOCK], row[MAX_DIM];
-            float m[MAX_GROUP], l[MAX_GROUP];
-            for (int64_t g = 0; g < group; g++) {
-                load_row(q, n * num_heads + h * group + g, head_dim, dtype, qf[g]);
-                for (int64_t d = 0; d < head_dim; d++) {
-                    qf[g][d] *= scale;
-                    acc[g][d] = 0.0f;
-                }
-                m[g] = -INFINITY;
-                l[g] = 0.0f;
+    const int64_t row_elems = num_kv_heads * head_dim;
+#pragma omp parallel num_threads(num_threads)
+    {
+        /* per-thread scratch: queries, accumulators [num_heads, head_dim]; scores [num_heads, block] */
+        float *qf = malloc(sizeof(float) * (size_t)(num_heads * head_dim));
+        float *acc = malloc(sizeof(float) * (size_t)(num_heads * head_dim));
+        float *scores = malloc(sizeof(float) * (size_t)(num_heads * block_size));
+        float *m = malloc(sizeof(float) * (size_t)num_heads);
+        float *l = malloc(sizeof(float) * (size_t)num_heads);
+        float *row = malloc(sizeof(float) * (size_t)row_elems);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < num_seqs; n++) {
+            load_row(q, n, num_heads * head_dim, dtype, qf);
+            for (int64_t i = 0; i < num_heads * head_dim; i++) {
+                qf[i] *= scale;
+                acc[i] = 0.0f;
+            }
+            for (int64_t j = 0; j < num_heads; j++) {
+                m[j] = -INFINITY;
+                l[j] = 0.0f;
             }
             const int64_t len = ctx_lens[n];
             for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
                 const int64_t block = block_table[n * max_blocks + b];
                 const int64_t count = len - start < block_size ? len - start : block_size;
                 for (int64_t t = 0; t < count; t++) {
-                    load_row(k_cache, (block * block_size + t) * num_kv_heads + h, head_dim, dtype, row);
-                    for (int64_t g = 0; g < group; g++) {
+                    const float *k;
+                    if (dtype == 0) {
+                        k = (const float *)k_cache + (block * block_size + t) * row_elems;
+                    } else {
+                        load_row(k_cache, block * block_size + t, row_elems, dtype, row);
+                        k = row;
+                    }
+                    for (int64_t j = 0; j < num_heads; j++) {
+                        const float *kh = k + (j / group) * head_dim;
+                        const float *qj = qf + j * head_dim;
                         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                        for (int64_t d = 0; d < head_dim; d++) s += qf[g][d] * row[d];
-                        scores[g][t] = s;
+                        for (int64_t d = 0; d < head_dim; d++) s += qj[d] * kh[d];
+                        scores[j * block_size + t] = s;
                     }
                 }
-                for (int64_t g = 0; g < group; g++) {
-                    float block_max = scores[g][0];
-                    for (int64_t t = 1; t < count; t++) block_max = scores[g][t] > block_max ? scores[g][t] : block_max;
-                    const float new_max = block_max > m[g] ? block_max : m[g];
-                    const float correction = expf(m[g] - new_max);
-                    l[g] *= correction;
+                for (int64_t j = 0; j < num_heads; j++) {
+                    float *sj = scores + j * block_size;
+                    float block_max = sj[0];
+                    for (int64_t t = 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
+                    const float new_max = block_max > m[j] ? block_max : m[j];
+                    const float correction = expf(m[j] - new_max);
+                    l[j] *= correction;
+                    float *aj = acc + j * head_dim;
 #pragma omp simd
-                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
+                    for (int64_t d = 0; d < head_dim; d++) aj[d] *= correction;
                     for (int64_t t = 0; t < count; t++) {
-                        scores[g][t] = expf(scores[g][t] - new_max);
-                        l[g] += scores[g][t];
+                        sj[t] = expf(sj[t] - new_max);
+                        l[j] += sj[t];
                     }
-                    m[g] = new_max;
+                    m[j] = new_max;
                 }
                 for (int64_t t = 0; t < count; t++) {
-                    load_row(v_cache, (block * block_size + t) * num_kv_heads + h, head_dim, dtype, row);
-                    for (int64_t g = 0; g < group; g++) {
-                        const float p = scores[g][t];
+                    const float *v;
+                    if (dtype == 0) {
+                        v = (const float *)v_cache + (block * block_size + t) * row_elems;
+                    } else {
+                        load_row(v_cache, block * block_size + t, row_elems, dtype, row);
+                        v = row;
+                    }
+                    for (int64_t j = 0; j < num_heads; j++) {
+                        const float *vh = v + (j / group) * head_dim;
+                        const float p = scores[j * block_size + t];
+                        float *aj = acc + j * head_dim;
 #pragma omp simd
-                        for (int64_t d = 0; d < head_dim; d++) acc[g][d] += p * row[d];
+                        for (int64_t d = 0; d < head_dim; d++) aj[d] += p * vh[d];
                     }
                 }
             }
-            for (int64_t g = 0; g < group; g++) {
-                const float inv = 1.0f / l[g];
-                const int64_t o = (n * num_heads + h * group + g) * head_dim;
+            for (int64_t j = 0; j < num_heads; j++) {
+                const float inv = 1.0f / l[j];
+                const int64_t o = (n * num_heads + j) * head_dim;
                 if (dtype == 0) {
-                    for (int64_t d = 0; d < head_dim; d++) ((float *)out)[o + d] = acc[g][d] * inv;
+                    for (int64_t d = 0; d < head_dim; d++) ((float *)out)[o + d] = acc[j * head_dim + d] * inv;
                 } else {
-                    for (int64_t d = 0; d < head_dim; d++) ((uint16_t *)out)[o + d] = f32_to_bf16(acc[g][d] * inv);
+                    for (int64_t d = 0; d < head_dim; d++)
+                        ((uint16_t *)out)[o + d] = f32_to_bf16(acc[j * head_dim + d] * inv);
                 }
             }
         }
+        free(qf);
+        free(acc);
+        free(scores);
+        free(m);
+        free(l);
+        free(row);
     }
 }
