@@ -38,6 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "gpu_memory_utilization": "CUDA: share of GPU memory the engine may use",
         "seed": "global random seed",
         "num_threads": "CPU threads for torch (default: torch's choice)",
+        "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16",
         "cpu_kernels": "CPU: decode attention in fuselm's C kernel (off = portable torch path)",
     }
     for f in dataclasses.fields(EngineConfig):

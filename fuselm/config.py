@@ -139,7 +139,7 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings (capped at 8192)
     max_num_batched_tokens: int = 512  # the per-step token budget
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # explicit KV budget; overrides the fractions below
@@ -147,6 +147,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may use in all
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes (and decode attention traffic)
     cpu_kernels: bool = True  # CPU: paged decode attention in fuselm's C kernel (False = portable torch path)
 
     def __post_init__(self) -> None:
@@ -162,6 +163,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be > 0")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

@@ -66,3 +66,34 @@ def test_engine_kernel_and_torch_paths_agree(tiny_llama):
         for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             for tok in lx:
                 assert abs(lx[tok].logprob - ly[tok].logprob) < 1e-4
+
+
+def test_kernel_reads_bf16_cache_for_fp32_queries():
+    g = torch.Generator().manual_seed(7)
+    n, hq, hkv, d, bs, max_len = 3, 9, 3, 64, 16, 90
+    nb = -(-max_len // bs)
+    k_cache = torch.randn(n * nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(n * nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    table = torch.arange(n * nb).view(n, nb)
+    lens = torch.tensor([90, 1, 47])
+    q = torch.randn(n, hq, d, generator=g)
+    out = torch.empty_like(q)
+    kernels.paged_decode_attention(q, out, k_cache, v_cache, table, lens, d ** -0.5)
+    assert (out.double() - reference(q, k_cache, v_cache, table, lens, d ** -0.5)).abs().max().item() < 1e-5
+
+
+def test_bf16_kv_cache_on_fp32_model(tiny_llama):
+    path, _ = tiny_llama
+    prompts = random_prompts([5, 40, 130], seed=41)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    full = LLM(path, dtype="float32", device="cpu")
+    half = LLM(path, dtype="float32", device="cpu", kv_cache_dtype="bfloat16")
+    plain_half = LLM(path, dtype="float32", device="cpu", kv_cache_dtype="bfloat16", cpu_kernels=False)
+    assert half.engine.runner.bytes_per_block * 2 == full.engine.runner.bytes_per_block
+    a = full.generate(prompts, params, use_tqdm=False)
+    b = half.generate(prompts, params, use_tqdm=False)
+    c = plain_half.generate(prompts, params, use_tqdm=False)
+    for x, y, z in zip(a, b, c):
+        assert y.outputs[0].token_ids == z.outputs[0].token_ids  # kernel == torch path on the same bf16 cache
+        tok = x.outputs[0].token_ids[0]
+        assert abs(x.outputs[0].logprobs[0][tok].logprob - y.outputs[0].logprobs[0][tok].logprob) < 0.05

@@ -66,26 +66,28 @@ class CpuKernels:
         lib = ctypes.CDLL(str(path))
         fn = lib.fuselm_paged_decode_attention
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int]
         fn.restype = None
         self._decode = fn
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
 
-    def supports(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
-        return (dtype in _DTYPES and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
+    def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                 block_size: int) -> bool:
+        return (dtype in _DTYPES and kv_dtype in _DTYPES and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
                 and block_size <= self.max_block)
 
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> None:
         """q, out: [n, Hq, D] contiguous; caches [blocks, block_size, Hkv, D]; block_table [n, B] int64."""
         assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous()
-        assert k_cache.dtype == q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == torch.int64
+        assert q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == torch.int64
         n, num_heads, head_dim = q.shape
         self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
                      ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2], head_dim,
-                     k_cache.shape[1], scale, _DTYPES[q.dtype], torch.get_num_threads())
+                     k_cache.shape[1], scale, _DTYPES[q.dtype], _DTYPES[k_cache.dtype], torch.get_num_threads())
 
 
 @lru_cache(maxsize=1)

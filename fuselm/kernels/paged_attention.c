@@ -7,7 +7,7 @@
  *   q, out      [num_seqs, num_heads, head_dim]
  *   k/v cache   [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_table [num_seqs, max_blocks] int64, ctx_lens [num_seqs] int64
- * dtype: 0 = float32, 1 = bfloat16 (q, out and the caches share it).
+ * dtype (q, out) and kv_dtype (the caches): 0 = float32, 1 = bfloat16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -52,7 +52,8 @@ int fuselm_max_block(void) { return MAX_BLOCK; }
 void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache, const void *v_cache,
                                    const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
                                    int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                   int64_t block_size, float scale, int dtype, int num_threads) {
+                                   int64_t block_size, float scale, int dtype, int kv_dtype,
+                                   int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
 #pragma omp parallel num_threads(num_threads)
@@ -81,10 +82,10 @@ void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache
                 const int64_t count = len - start < block_size ? len - start : block_size;
                 for (int64_t t = 0; t < count; t++) {
                     const float *k;
-                    if (dtype == 0) {
+                    if (kv_dtype == 0) {
                         k = (const float *)k_cache + (block * block_size + t) * row_elems;
                     } else {
-                        load_row(k_cache, block * block_size + t, row_elems, dtype, row);
+                        load_row(k_cache, block * block_size + t, row_elems, kv_dtype, row);
                         k = row;
                     }
                     for (int64_t j = 0; j < num_heads; j++) {
@@ -114,10 +115,10 @@ void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache
                 }
                 for (int64_t t = 0; t < count; t++) {
                     const float *v;
-                    if (dtype == 0) {
+                    if (kv_dtype == 0) {
                         v = (const float *)v_cache + (block * block_size + t) * row_elems;
                     } else {
-                        load_row(v_cache, block * block_size + t, row_elems, dtype, row);
+                        load_row(v_cache, block * block_size + t, row_elems, kv_dtype, row);
                         v = row;
                     }
                     for (int64_t j = 0; j < num_heads; j++) {

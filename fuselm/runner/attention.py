@@ -27,7 +27,7 @@ class PrefillRow:
     end: int
     num_cached: int  # tokens of this request already in the KV cache before this step
     context_slots: torch.Tensor | None  # [num_cached + (end - start)] slots of the whole context; None if num_cached == 0
-    causal_mask: torch.Tensor | None  # [end - start, num_cached + end - start] bool (True = attend), None if num_cached == 0
+    causal_mask: torch.Tensor | None  # [end - start, num_cached + end - start] float: 0 attend, -inf not; None if num_cached == 0
 
 
 @dataclass(slots=True)
@@ -66,8 +66,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values into their cache slots. k_cache: [num_blocks, block_size, kv_heads, head_dim]."""
     kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -90,21 +90,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # Each decode row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
         qd = q[:nd].reshape(nd, kv_heads, group, head_dim)
-        ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
-        ctx_v = flat_v[meta.decode_context_slots].transpose(1, 2)  # [nd, Hkv, L, D]
+        ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2).to(q.dtype)  # [nd, Hkv, L, D]
+        ctx_v = flat_v[meta.decode_context_slots].transpose(1, 2).to(q.dtype)  # [nd, Hkv, L, D]
         od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
 
+    # 4-D inputs ([1, H, n, D]) let torch pick its flash kernel on CPU; 3-D ones fall back to the
+    # much slower math path (measured 3-5x).
     for row in meta.prefill_rows:
-        qr = q[row.start:row.end].transpose(0, 1)  # [Hq, n, D]
+        qr = q[row.start:row.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if row.context_slots is None:
-            kr = k[row.start:row.end].transpose(0, 1)  # [Hkv, n, D]
-            vr = v[row.start:row.end].transpose(0, 1)
+            kr = k[row.start:row.end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+            vr = v[row.start:row.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
-            kr = flat_k[row.context_slots].transpose(0, 1)  # [Hkv, ctx, D]
-            vr = flat_v[row.context_slots].transpose(0, 1)
+            kr = flat_k[row.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, ctx, D]
+            vr = flat_v[row.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.causal_mask, scale=scale,
                                                enable_gqa=group > 1)
-        out[row.start:row.end] = o.transpose(0, 1)
+        out[row.start:row.end] = o[0].transpose(0, 1)
     return out

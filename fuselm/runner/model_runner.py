@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fuselm.config import EngineConfig, ModelConfig
+from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
@@ -63,6 +63,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.kv_dtype = dtype if config.kv_cache_dtype == "auto" else parse_dtype(config.kv_cache_dtype, device)
         self.block_size = config.block_size
         self.eos_token_ids = list(eos_token_ids)
         if config.num_threads and self.device.type == "cpu":
@@ -83,7 +84,7 @@ class ModelRunner:
         self.null_slot = self.num_blocks * self.block_size
         for layer in self.model.layers:
             for name in ("k_cache", "v_cache"):
-                cache = torch.empty(shape, dtype=dtype, device=self.device)
+                cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
                 cache[-1].zero_()
                 setattr(layer.self_attn, name, cache)
         self.cpu_kernels = None
@@ -92,8 +93,8 @@ class ModelRunner:
 
             kernels = get_kernels()
             mc = model_config
-            if kernels is not None and kernels.supports(dtype, mc.num_attention_heads, mc.num_key_value_heads,
-                                                        mc.head_dim, self.block_size):
+            if kernels is not None and kernels.supports(dtype, self.kv_dtype, mc.num_attention_heads,
+                                                        mc.num_key_value_heads, mc.head_dim, self.block_size):
                 self.cpu_kernels = kernels
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_bytes = self.num_blocks * self.bytes_per_block
@@ -101,7 +102,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
 
     def _kv_cache_blocks(self, max_model_len: int) -> int:
@@ -157,7 +158,8 @@ class ModelRunner:
             else:
                 ctx_slots = self._slots(r.block_ids, 0, c + n).to(self.device)
                 q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
-                mask = (torch.arange(c + n).unsqueeze(0) <= q_pos).to(self.device)  # [n, c + n]
+                allowed = torch.arange(c + n).unsqueeze(0) <= q_pos  # [n, c + n]
+                mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
