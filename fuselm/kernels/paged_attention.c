@@ -43,6 +43,26 @@ static inline void load_row(const void *base, int64_t index, int64_t dim, int dt
     }
 }
 
+/* exp(x) for x <= 0 (softmax after max subtraction): 2^(x log2 e) split into 2^n * 2^f with
+ * f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error ~2e-7). Plain
+ * arithmetic, so loops over it vectorise, unlike libm's expf. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = rintf(t);
+    const float f = t - n;
+    float p = 1.5403530393381609e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
 int fuselm_max_group(void) { return MAX_GROUP; }
 int fuselm_max_dim(void) { return MAX_DIM; }
 int fuselm_max_block(void) { return MAX_BLOCK; }
@@ -102,15 +122,17 @@ void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache
                     float block_max = sj[0];
                     for (int64_t t = 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
                     const float new_max = block_max > m[j] ? block_max : m[j];
-                    const float correction = expf(m[j] - new_max);
-                    l[j] *= correction;
+                    const float correction = exp_nonpositive(m[j] - new_max);
                     float *aj = acc + j * head_dim;
 #pragma omp simd
                     for (int64_t d = 0; d < head_dim; d++) aj[d] *= correction;
+                    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
                     for (int64_t t = 0; t < count; t++) {
-                        sj[t] = expf(sj[t] - new_max);
-                        l[j] += sj[t];
+                        sj[t] = exp_nonpositive(sj[t] - new_max);
+                        sum += sj[t];
                     }
+                    l[j] = l[j] * correction + sum;
                     m[j] = new_max;
                 }
                 for (int64_t t = 0; t < count; t++) {
