@@ -11,6 +11,8 @@ from tiny_models import make_tiny_model
 
 torch.set_num_threads(2)
 
+pytest_plugins = ["server_helpers"]  # the real-server fixtures: engine, server
+
 TINY_KINDS = {
     "llama_untied": ("llama", False),
     "llama_tied": ("llama", True),

@@ -169,7 +169,7 @@ def test_workload_options_parsing():
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    from test_server import ServerThread
+    from server_helpers import ServerThread
 
     from fuselm.engine.async_engine import AsyncLLMEngine
     from fuselm.server.app import build_app

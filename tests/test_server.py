@@ -8,57 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from fuselm import LLM, SamplingParams
-from fuselm.engine.async_engine import AsyncLLMEngine
-from fuselm.server.app import build_app
 from fuselm.server.metrics import METRIC_NAMES
+from server_helpers import MODEL, wait_until
 
-MODEL = "tiny-llama"
 WORDS = "the quick brown fox jumps over lazy dog it was best of times Paris is capital France".split()
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free port from a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
@@ -69,20 +29,6 @@ def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
 
 def make_prompts(count: int) -> list[str]:
     return [" ".join(WORDS[i % 5:i % 5 + 2 + i % 9]) + f" {i}" for i in range(count)]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    eng = AsyncLLMEngine.from_options(tiny_llama[0], dtype="float32", device="cpu", log_stats_interval=0.5)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(build_app(engine, MODEL)).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +156,6 @@ def test_32_concurrent_streams_match_offline(server, engine, offline):
     peak = 0
 
     async def run() -> list[str]:
-        nonlocal peak
         aclient = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
         async def one(prompt: str) -> str:

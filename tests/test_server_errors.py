@@ -10,23 +10,8 @@ import httpx
 import openai
 import pytest
 
-from fuselm.engine.async_engine import AsyncLLMEngine
 from fuselm.server.app import build_app
-from test_server import MODEL, ServerThread, wait_until
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    eng = AsyncLLMEngine.from_options(tiny_llama[0], dtype="float32", device="cpu")
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(build_app(engine, MODEL)).start()
-    yield srv
-    srv.stop()
+from server_helpers import MODEL, ServerThread, wait_until
 
 
 @pytest.fixture(scope="module")
