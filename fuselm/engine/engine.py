@@ -151,12 +151,9 @@ class LLMEngine:
         return self._update(out, result)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
-        touched = {}
-        for row in out.scheduled:
-            self.scheduler.finish_request(row.request, "error")
-            touched[row.request.request_id] = True
+        """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""
         outputs = []
-        for rid in touched:
+        for rid in dict.fromkeys(row.request.request_id for row in out.scheduled):
             group = self.groups.pop(rid, None)
             if group:
                 for req in group:

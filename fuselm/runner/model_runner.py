@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
-from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.sampler import Sampler, SamplingBatch, compute_logprobs
@@ -189,6 +189,7 @@ class ModelRunner:
         # Which hidden states need logits: the last token of rows that sample, and every
         # position of rows that asked for prompt logprobs.
         sample_rows: list[int] = []
+        sample_tokens: list[int] = []  # packed index of each sampling row's last token
         logit_index: list[int] = []
         prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (row, first logits index, count, prompt start)
         cursor = 0
@@ -200,16 +201,12 @@ class ModelRunner:
                 count = min(n, req.num_prompt_tokens - 1 - r.num_computed_tokens)
                 prompt_lp_spans.append((i, len(logit_index), count, r.num_computed_tokens + 1))
                 logit_index.extend(range(cursor, cursor + count))
+            cursor += n
             if r.needs_sample:
                 sample_rows.append(i)
-            cursor += n
-        sample_logit_pos = []
-        cursor = 0
-        for i, r in enumerate(out.scheduled):
-            cursor += r.num_new_tokens
-            if r.needs_sample:
-                sample_logit_pos.append(len(logit_index))
-                logit_index.append(cursor - 1)
+                sample_tokens.append(cursor - 1)
+        sample_logit_pos = list(range(len(logit_index), len(logit_index) + len(sample_tokens)))
+        logit_index.extend(sample_tokens)
         sampled: list[SampledToken | None] = [None] * len(out.scheduled)
         prompt_lps: list[PromptLogprobsChunk | None] = [None] * len(out.scheduled)
         if not logit_index:
@@ -255,5 +252,4 @@ def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
             f"({runner.num_blocks} blocks x {runner.block_size} = {tokens} tokens), max_model_len {max_model_len}")
 
 
-__all__ = ["ModelRunner", "ModelOutput", "SampledToken", "PromptLogprobsChunk", "ScheduledRequest",
-           "summarize_memory"]
+__all__ = ["ModelRunner", "ModelOutput", "SampledToken", "PromptLogprobsChunk", "summarize_memory"]
