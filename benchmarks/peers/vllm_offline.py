@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
     reqs = doc["requests"]
     t0 = time.perf_counter()
     llm = LLM(model=str(args.hf_dir), dtype="float32", seed=args.seed, max_model_len=args.max_model_len,
+              enable_prefix_caching=not args.no_prefix_caching,
               **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     load_s = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"vLLM CPU: {len(reqs)} requests, {prompt_tokens} prompt + {out_tokens} output tokens in {seconds:.1f} s "
           f"-> {out_tokens / seconds:.1f} output tok/s, {(prompt_tokens + out_tokens) / seconds:.1f} total tok/s "
           f"(load {load_s:.1f} s)", flush=True)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"offline_throughput_vllm_cpu_float32_{datetime.now():%Y%m%d-%H%M%S}.json"
+    out = args.json or args.results_dir / f"offline_throughput_vllm_cpu_float32_{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -104,7 +105,9 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-model-len", type=int, default=2048)
     r.add_argument("--max-num-seqs", type=int, default=None)
+    r.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's automatic prefix caching off")
     r.add_argument("--results-dir", type=Path, default=HERE.parent / "results")
+    r.add_argument("--json", type=Path, default=None, help="result file (default: RESULTS_DIR/offline_throughput_vllm_cpu_...)")
     args = p.parse_args()
     if args.cmd == "make-workload":
         make_workload(args)

