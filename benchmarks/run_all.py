@@ -38,7 +38,8 @@ ROOT = HERE.parent
 PEERS = HERE / "peers"
 VENV_BIN = ROOT / ".venv" / "bin"
 VLLM_PY = PEERS / ".venv-vllm" / "bin" / "python"
-HF_DIR = PEERS / ".build" / "hf-f32"
+DTYPES = {"float32": "f32", "bfloat16": "bf16"}
+DTYPE = "float32"  # set from --dtype in main(): the precision of every engine in the run
 SLO = {"ttft_ms": 2000.0, "tpot_ms": 200.0}
 PHASES = ("offline", "online", "shared-prefix", "long-prompt")
 PEER_NAMES = ("vllm", "llama.cpp", "hf-generate", "hf-generate-batch")
@@ -53,10 +54,14 @@ def run(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedPr
     return subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, check=True, **kw)
 
 
+def hf_dir() -> Path:
+    return PEERS / ".build" / f"hf-{DTYPES[DTYPE]}"
+
+
 def peer_env() -> dict:
     # vLLM keeps one core for its scheduler by default; on a 2-core machine that halves its compute,
     # so it gets every core, like fuselm and llama-server (measured: 1.6x faster than the default).
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4", "DTYPE": DTYPE}
 
 
 # ---- workloads ------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def write_workload(name: str, num_requests: int, seed: int, path: Path, **option
 
 def fuselm_throughput(out: Path, workload: str, n: int, seed: int, *extra: str) -> dict:
     run([VENV_BIN / "fuselm", "bench", "throughput", "--workload", workload, "--num-requests", n, "--seed", seed,
-         "--json", out, *extra])
+         "--dtype", DTYPE, "--json", out, *extra])
     data = json.loads(out.read_text())
     res = data["results"]
     return {"engine": "fuselm", "elapsed_s": res["elapsed_s"], "output_throughput": res["output_throughput"],
@@ -93,7 +98,8 @@ def fuselm_throughput(out: Path, workload: str, n: int, seed: int, *extra: str) 
 
 
 def vllm_offline(work: Path, out: Path, *extra: str) -> dict:
-    run([VLLM_PY, PEERS / "vllm_offline.py", "run", "--workload", work, "--hf-dir", HF_DIR, "--json", out, *extra],
+    run([VLLM_PY, PEERS / "vllm_offline.py", "run", "--workload", work, "--hf-dir", hf_dir(), "--dtype", DTYPE, "--json", out,
+         *extra],
         env=peer_env())
     v = json.loads(out.read_text())
     w = v["workload"]
@@ -105,7 +111,7 @@ def vllm_offline(work: Path, out: Path, *extra: str) -> dict:
 
 def hf_offline(work: Path, mode: str, *extra: str) -> dict:
     proc = run([VENV_BIN / "python", PEERS / "hf_transformers.py", "--workload", work, "--mode", mode,
-                "--hf-dir", HF_DIR, *extra], stdout=subprocess.PIPE, text=True)
+                "--hf-dir", hf_dir(), "--dtype", DTYPE, *extra], stdout=subprocess.PIPE, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -180,13 +186,13 @@ class Server:
 def start_server(kind: str, port: int, res_dir: Path, tag: str, *fuselm_args: str) -> Server:
     logf = res_dir / f"{tag}_server_{kind}{'_' + '_'.join(a.strip('-') for a in fuselm_args) if fuselm_args else ''}.log"
     if kind == "fuselm":
-        return Server("fuselm serve", [VENV_BIN / "fuselm", "serve", "--port", port, *fuselm_args], port, None,
+        return Server("fuselm serve", [VENV_BIN / "fuselm", "serve", "--port", port, "--dtype", DTYPE, *fuselm_args], port, None,
                       logf, 120)
     if kind == "vllm":
         return Server("vLLM", ["bash", PEERS / "vllm_cpu.sh", "serve"], port, {**peer_env(), "PORT": str(port)},
                       logf, 600)
     if kind == "llama.cpp":
-        return Server("llama-server", ["bash", PEERS / "llama_cpp.sh", "serve"], port, {"PORT": str(port), "NP": "16"},
+        return Server("llama-server", ["bash", PEERS / "llama_cpp.sh", "serve"], port, {"PORT": str(port), "NP": "16", "DTYPE": DTYPE},
                       logf, 300)
     raise ValueError(kind)
 
@@ -238,6 +244,15 @@ def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
     return out
 
 
+def prepare_peers(args) -> None:
+    """The weights of this run's dtype for each peer (each step is skipped when already done)."""
+    env = {"DTYPE": DTYPE}
+    if "llama.cpp" in args.peers and "online" in args.phases:
+        run(["bash", PEERS / "llama_cpp.sh", "convert"], env=env)
+    if any(p != "llama.cpp" for p in args.peers):
+        run(["bash", PEERS / "vllm_cpu.sh", "export"], env=env)
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 
@@ -247,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--peers", default=",".join(PEER_NAMES), help=f"comma-separated subset of {','.join(PEER_NAMES)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of every engine")
     p.add_argument("--offline-requests", type=int, default=256)
     p.add_argument("--hf-requests", type=int, default=64, help="HF runs the first N offline requests (whole batches)")
     p.add_argument("--hf-batch-size", type=int, default=16)
@@ -268,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     for x in args.peers:
         if x not in PEER_NAMES:
             p.error(f"unknown peer {x!r}")
+    global DTYPE
+    DTYPE = args.dtype
+    prepare_peers(args)
     tag = args.tag or datetime.now().strftime("%Y-%m-%d_%H%M")
     res_dir = args.results_dir / tag
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     from run_all_report import render_markdown, update_readme
 
     result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-              "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)", "dtype": "float32", "phases": {}}
+              "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)", "dtype": DTYPE, "phases": {}}
     steps = {"offline": phase_offline, "online": phase_online, "shared-prefix": phase_shared_prefix,
              "long-prompt": phase_long_prompt}
     out_json = args.results_dir / f"{tag}.json"

@@ -33,7 +33,7 @@ def reference(q, k_cache, v_cache, table, lens, scale):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("n, hq, hkv, d, bs, max_len", [
     (1, 1, 1, 8, 1, 1), (3, 4, 2, 16, 4, 37), (5, 9, 3, 64, 16, 300), (2, 8, 8, 128, 16, 70),
-    (4, 14, 2, 64, 32, 129), (6, 32, 8, 128, 16, 50),
+    (4, 14, 2, 64, 32, 129), (6, 32, 8, 128, 16, 50), (3, 6, 2, 32, 64, 200), (2, 3, 1, 64, 16, 15),
 ])
 def test_kernel_matches_float64_reference(dtype, tol, n, hq, hkv, d, bs, max_len):
     g = torch.Generator().manual_seed(n * 1000 + d)
@@ -97,3 +97,17 @@ def test_bf16_kv_cache_on_fp32_model(tiny_llama):
         assert y.outputs[0].token_ids == z.outputs[0].token_ids  # kernel == torch path on the same bf16 cache
         tok = x.outputs[0].token_ids[0]
         assert abs(x.outputs[0].logprobs[0][tok].logprob - y.outputs[0].logprobs[0][tok].logprob) < 0.05
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the AVX-512 BF16 path is only built on CPUs that have it")
+def test_bf16_fast_path_is_built_where_the_cpu_has_it():
+    # test_kernel_matches_float64_reference then checks that path (bf16 cases with d % 32 == 0, bs % 16 == 0)
+    assert kernels.has_bf16_fast_path

@@ -2,13 +2,13 @@
 # llama.cpp's llama-server as a peer for `fuselm bench serve`, on the very same weights as fuselm.
 #
 #   benchmarks/peers/llama_cpp.sh build     # fetch the llama-cpp-python sdist, build llama-server (CPU, Release)
-#   benchmarks/peers/llama_cpp.sh convert   # export the embedded GGUF to HF (float32), convert to model-f32.gguf
+#   benchmarks/peers/llama_cpp.sh convert   # export the embedded GGUF to HF ($DTYPE), convert to model-<f32|bf16>.gguf
 #   benchmarks/peers/llama_cpp.sh serve     # start llama-server in the foreground (after build + convert)
 #   benchmarks/peers/llama_cpp.sh all       # build + convert (the default)
 #
 # Every step is skipped when its output already exists. Everything lands in benchmarks/peers/.build/
 # (git-ignored). Settings, all from the environment:
-#   PORT (8080)  NP (16 slots)  CTX_PER_SLOT (2048)  THREADS (all cores)  PYTHON (/work/main/.venv python)
+#   DTYPE (float32 or bfloat16; default float32)  PORT (8080)  NP (16 slots)  CTX_PER_SLOT (2048)  THREADS (all cores)  PYTHON (/work/main/.venv python)
 #   JOBS (make -j, all cores)  LLAMA_EXTRA_ARGS (appended to the llama-server command line)
 #   LLAMA_REPACK=1 to allow llama.cpp's extra buffer types (AMX / weight repacking) at run time.
 set -euo pipefail
@@ -21,8 +21,10 @@ SRC="$BUILD/llama_cpp_python-$VERSION"
 LLAMA="$SRC/vendor/llama.cpp"
 CMAKE_BUILD="$BUILD/llama.cpp-build"
 SERVER="$CMAKE_BUILD/bin/llama-server"
-HF_DIR="$BUILD/hf-f32"
-GGUF="$BUILD/model-f32.gguf"
+DTYPE="${DTYPE:-float32}"  # float32 or bfloat16: the precision every engine runs at
+case "$DTYPE" in float32) SHORT=f32 ;; bfloat16) SHORT=bf16 ;; *) echo "DTYPE must be float32 or bfloat16" >&2; exit 2 ;; esac
+HF_DIR="$BUILD/hf-$SHORT"
+GGUF="$BUILD/model-$SHORT.gguf"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 NCPU="$(nproc)"
 
@@ -81,8 +83,8 @@ convert() {
         log "GGUF present: $GGUF"
         return
     fi
-    log "exporting the embedded model as an HF directory (float32): $HF_DIR"
-    "$PYTHON" -c "import sys; from fuselm.bench.hf_export import export_hf_dir; print(export_hf_dir(sys.argv[1], 'float32'))" "$HF_DIR"
+    log "exporting the embedded model as an HF directory ($DTYPE): $HF_DIR"
+    "$PYTHON" -c "import sys; from fuselm.bench.hf_export import export_hf_dir; print(export_hf_dir(sys.argv[1], sys.argv[2]))" "$HF_DIR" "$DTYPE"
     # convert_hf_to_gguf.py needs the gguf package of the SAME llama.cpp revision: take it from the
     # vendored gguf-py rather than whatever `gguf` release pip would give.
     # The converter also imports sentencepiece (before it looks for a tokenizer.model); it goes into
@@ -91,9 +93,9 @@ convert() {
         log "installing sentencepiece into $BUILD/pydeps"
         "$PYTHON" -m pip install --target "$BUILD/pydeps" sentencepiece
     fi
-    log "converting to an f32 GGUF with the vendored convert_hf_to_gguf.py"
+    log "converting to a $SHORT GGUF with the vendored convert_hf_to_gguf.py"
     PYTHONPATH="$LLAMA/gguf-py:$BUILD/pydeps${PYTHONPATH:+:$PYTHONPATH}" \
-        "$PYTHON" "$LLAMA/convert_hf_to_gguf.py" "$HF_DIR" --outtype f32 --outfile "$GGUF.tmp"
+        "$PYTHON" "$LLAMA/convert_hf_to_gguf.py" "$HF_DIR" --outtype "$SHORT" --outfile "$GGUF.tmp"
     mv "$GGUF.tmp" "$GGUF"
     log "wrote $GGUF ($(du -h "$GGUF" | cut -f1))"
 }
@@ -110,7 +112,7 @@ serve() {
     # shellcheck disable=SC2086
     exec "$SERVER" -m "$GGUF" --host 127.0.0.1 --port "${PORT:-8080}" \
         -np "$np" -c "$((np * ctx_per_slot))" -cb -t "${THREADS:-$NCPU}" \
-        --alias "${MODEL_ALIAS:-smollm2-135m-f32}" "${extra[@]}" ${LLAMA_EXTRA_ARGS:-}
+        --alias "${MODEL_ALIAS:-smollm2-135m-$SHORT}" "${extra[@]}" ${LLAMA_EXTRA_ARGS:-}
 }
 
 case "${1:-all}" in
@@ -119,6 +121,6 @@ case "${1:-all}" in
     convert) convert ;;
     serve) serve ;;
     all) build; convert ;;
-    -h|--help|help) sed -n '2,13p' "$0" ;;
+    -h|--help|help) sed -n '2,14p' "$0" ;;
     *) echo "usage: $0 {build|convert|serve|all}" >&2; exit 2 ;;
 esac

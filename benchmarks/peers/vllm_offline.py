@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     doc = json.loads(Path(args.workload).read_text())
     reqs = doc["requests"]
     t0 = time.perf_counter()
-    llm = LLM(model=str(args.hf_dir), dtype="float32", seed=args.seed, max_model_len=args.max_model_len,
+    llm = LLM(model=str(args.hf_dir), dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
               enable_prefix_caching=not args.no_prefix_caching,
               **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     load_s = time.perf_counter() - t0
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     import vllm
 
     res = {"benchmark": "offline_throughput_vllm_cpu", "timestamp": datetime.now().isoformat(timespec="seconds"),
-           "model": doc.get("model"), "hf_dir": str(args.hf_dir), "dtype": "float32",
+           "model": doc.get("model"), "hf_dir": str(args.hf_dir), "dtype": args.dtype,
            "workload": {k: v for k, v in doc.items() if k != "requests"} | {"prompt_tokens": prompt_tokens,
                                                                             "output_tokens": out_tokens},
            "vllm": {"seconds": seconds, "load_seconds": load_s, "output_tokens": out_tokens,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"vLLM CPU: {len(reqs)} requests, {prompt_tokens} prompt + {out_tokens} output tokens in {seconds:.1f} s "
           f"-> {out_tokens / seconds:.1f} output tok/s, {(prompt_tokens + out_tokens) / seconds:.1f} total tok/s "
           f"(load {load_s:.1f} s)", flush=True)
-    out = args.json or args.results_dir / f"offline_throughput_vllm_cpu_float32_{datetime.now():%Y%m%d-%H%M%S}.json"
+    out = args.json or args.results_dir / f"offline_throughput_vllm_cpu_{args.dtype}_{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
@@ -104,6 +104,7 @@ def main() -> None:
     r.add_argument("--hf-dir", type=Path, required=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-model-len", type=int, default=2048)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     r.add_argument("--max-num-seqs", type=int, default=None)
     r.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's automatic prefix caching off")
     r.add_argument("--results-dir", type=Path, default=HERE.parent / "results")

@@ -73,6 +73,8 @@ class CpuKernels:
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
+        # AVX-512 BF16 path for bf16 queries over a bf16 cache (head_dim % 32 == 0, block_size % 16 == 0)
+        self.has_bf16_fast_path = bool(lib.fuselm_has_bf16_fast_path())
 
     def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:

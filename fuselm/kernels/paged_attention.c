@@ -63,9 +63,122 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_FAST_PATH 1
+
+/* Lane sums of 16 vectors, in order: result lane t = sum of v[t]'s 16 lanes. A shuffle tree
+ * (3 instructions per pair and level) instead of 16 separate horizontal reductions. */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane k: [v0_k01, v0_k23, v1_k01, v1_k23] */
+        a[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane k: the lane-k sums of 4 consecutive vectors */
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; i++) /* combine 128-bit lanes pairwise */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* One sequence, bf16 queries and bf16 cache, head_dim % 32 == 0, block_size % 16 == 0.
+ * q . k with vdpbf16ps (bf16 products, float accumulation), 16 keys reduced at once by hsum16;
+ * the softmax and the V accumulation in float, as in the portable path. */
+static inline __attribute__((always_inline)) void seq_attention_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
+                               const int64_t *table, int64_t len, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t block_size, float scale, float *acc, float *scores,
+                               float *m, float *l) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t row_elems = num_kv_heads * head_dim;
+    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < num_heads; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+        const int64_t block = table[b];
+        const int64_t count = len - start < block_size ? len - start : block_size;
+        const uint16_t *kb = k_cache + block * block_size * row_elems;
+        const uint16_t *vb = v_cache + block * block_size * row_elems;
+        for (int64_t t0 = 0; t0 < count; t0 += 16) {
+            const int64_t tn = count - t0 < 16 ? count - t0 : 16;
+            for (int64_t j = 0; j < num_heads; j++) {
+                const uint16_t *qj = q + j * head_dim;
+                const uint16_t *kh = kb + t0 * row_elems + (j / group) * head_dim;
+                __m512 part[16];
+                for (int64_t t = 0; t < 16; t++) {
+                    __m512 s = _mm512_setzero_ps();
+                    if (t < tn) {
+                        for (int64_t d = 0; d < head_dim; d += 32)
+                            s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(qj + d),
+                                                 (__m512bh)_mm512_loadu_si512(kh + t * row_elems + d));
+                    }
+                    part[t] = s;
+                }
+                _mm512_storeu_ps(scores + j * block_size + t0, _mm512_mul_ps(hsum16(part), vscale));
+            }
+        }
+        for (int64_t j = 0; j < num_heads; j++) {
+            float *sj = scores + j * block_size;
+            float block_max = sj[0];
+            for (int64_t t = 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
+            const float new_max = block_max > m[j] ? block_max : m[j];
+            const float correction = exp_nonpositive(m[j] - new_max);
+            float *aj = acc + j * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) aj[d] *= correction;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < count; t++) {
+                sj[t] = exp_nonpositive(sj[t] - new_max);
+                sum += sj[t];
+            }
+            l[j] = l[j] * correction + sum;
+            m[j] = new_max;
+        }
+        /* V: per query head, its accumulator row held in registers across the block's tokens
+         * (head_dim is a constant where this is inlined for 64 and 128, so the loops unroll). */
+        for (int64_t j = 0; j < num_heads; j++) {
+            const uint16_t *vh = vb + (j / group) * head_dim;
+            const float *pj = scores + j * block_size;
+            float *aj = acc + j * head_dim;
+            __m512 a[MAX_DIM / 16];
+            for (int64_t c = 0; c < head_dim / 16; c++) a[c] = _mm512_loadu_ps(aj + 16 * c);
+            for (int64_t t = 0; t < count; t++) {
+                const __m512 pt = _mm512_set1_ps(pj[t]);
+                for (int64_t c = 0; c < head_dim / 16; c++)
+                    a[c] = _mm512_fmadd_ps(pt, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
+            }
+            for (int64_t c = 0; c < head_dim / 16; c++) _mm512_storeu_ps(aj + 16 * c, a[c]);
+        }
+    }
+    for (int64_t j = 0; j < num_heads; j++) {
+        const float inv = 1.0f / l[j];
+        for (int64_t d = 0; d < head_dim; d++) out[j * head_dim + d] = f32_to_bf16(acc[j * head_dim + d] * inv);
+    }
+}
+#endif
+
 int fuselm_max_group(void) { return MAX_GROUP; }
 int fuselm_max_dim(void) { return MAX_DIM; }
 int fuselm_max_block(void) { return MAX_BLOCK; }
+
+/* 1 when this build has the AVX-512 BF16 path for bf16 queries over a bf16 cache. */
+int fuselm_has_bf16_fast_path(void) {
+#ifdef HAVE_BF16_FAST_PATH
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
  * once, front to back, which keeps DRAM traffic to one pass over the context. */
@@ -87,6 +200,23 @@ void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache
         float *row = malloc(sizeof(float) * (size_t)row_elems);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < num_seqs; n++) {
+#ifdef HAVE_BF16_FAST_PATH
+            if (dtype == 1 && kv_dtype == 1 && head_dim % 32 == 0 && block_size % 16 == 0) {
+#define SEQ_ATTENTION_BF16(D)                                                                                   \
+    seq_attention_bf16((const uint16_t *)q + n * num_heads * head_dim, (uint16_t *)out + n * num_heads * head_dim, \
+                       (const uint16_t *)k_cache, (const uint16_t *)v_cache, block_table + n * max_blocks,         \
+                       ctx_lens[n], num_heads, num_kv_heads, D, block_size, scale, acc, scores, m, l)
+                /* constant head sizes let the compiler unroll the head_dim loops and keep them in registers */
+                if (head_dim == 64)
+                    SEQ_ATTENTION_BF16(64);
+                else if (head_dim == 128)
+                    SEQ_ATTENTION_BF16(128);
+                else
+                    SEQ_ATTENTION_BF16(head_dim);
+#undef SEQ_ATTENTION_BF16
+                continue;
+            }
+#endif
             load_row(q, n, num_heads * head_dim, dtype, qf);
             for (int64_t i = 0; i < num_heads * head_dim; i++) {
                 qf[i] *= scale;

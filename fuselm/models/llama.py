@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.config import ModelConfig
+from fuselm.kernels.onednn import pack_linears, pack_weight, packed_linear
 from fuselm.runner.attention import paged_attention
 
 
@@ -135,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.packed_lm_head: torch.Tensor | None = None  # oneDNN-packed copy of the LM head (CPU fp32)
+        self.packed_lm_head: torch.Tensor | None = None  # oneDNN-packed copy of the LM head (CPU)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
@@ -145,25 +146,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_lm_head is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none", [], "")  # [S, vocab]
+            return packed_linear(hidden, self.packed_lm_head, None).float()  # [S, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()  # [S, vocab]
 
-    def pack_lm_head_for_cpu(self) -> bool:
-        """Pre-pack the LM head for oneDNN (fp32 CPU): the vocabulary projection is the largest
-        matmul of a decode step and runs ~2x faster packed at 24-128 rows (measured, README)."""
+    def pack_for_cpu(self) -> None:
+        """oneDNN-pack the LM head (the largest matmul of a decode step; fp32 and bf16) and, in
+        bf16, every projection of every layer (fuselm/kernels/onednn.py has the measurements)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return False
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-            probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, weight.shape[1]), packed, None, "none", [], "")
-            if not torch.allclose(probe, F.linear(torch.ones(2, weight.shape[1]), weight.detach()), atol=1e-4):
-                return False
-        except (RuntimeError, AttributeError):
-            return False
-        self.packed_lm_head = packed
-        return True
+        self.packed_lm_head = pack_weight(weight)
+        pack_linears(self.layers, weight.dtype)
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ValueError on missing/mismatched tensors."""

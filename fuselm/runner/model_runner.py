@@ -75,7 +75,7 @@ class ModelRunner:
         model.load_hf_weights(weights)
         self.model = model.eval()
         if self.device.type == "cpu" and config.cpu_kernels:
-            model.pack_lm_head_for_cpu()
+            model.pack_for_cpu()
         self.sampler = Sampler()
         self.num_blocks = self._kv_cache_blocks(max_model_len)
         # One extra block at the end stays all zeros: padded context positions point at it, so
