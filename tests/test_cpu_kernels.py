@@ -111,3 +111,30 @@ def _cpu_has_avx512_bf16() -> bool:
 def test_bf16_fast_path_is_built_where_the_cpu_has_it():
     # test_kernel_matches_float64_reference then checks that path (bf16 cases with d % 32 == 0, bs % 16 == 0)
     assert kernels.has_bf16_fast_path
+
+
+@pytest.mark.parametrize("dtype, kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_kernel_writes_the_new_token_then_attends(dtype, kv_dtype):
+    """With k_new/v_new the kernel stores each sequence's new row at position ctx_len - 1 first:
+    the cache must end up as torch's index_copy_ would leave it, and the output must match."""
+    g = torch.Generator().manual_seed(11)
+    n, hq, hkv, d, bs = 4, 6, 2, 64, 16
+    lens = torch.tensor([1, 16, 17, 90])
+    nb = -(-int(lens.max()) // bs)
+    num_blocks = n * nb + 2
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=g).to(kv_dtype)
+    table = torch.randperm(num_blocks, generator=g)[: n * nb].view(n, nb).contiguous()
+    q = torch.randn(n, hq, d, generator=g).to(dtype)
+    k_new = torch.randn(n, hkv, d, generator=g).to(dtype)
+    v_new = torch.randn(n, hkv, d, generator=g).to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([int(table[i, (int(lens[i]) - 1) // bs]) * bs + (int(lens[i]) - 1) % bs for i in range(n)])
+    want_k.view(-1, hkv, d).index_copy_(0, slots, k_new.to(kv_dtype))
+    want_v.view(-1, hkv, d).index_copy_(0, slots, v_new.to(kv_dtype))
+    out = torch.empty_like(q)
+    kernels.paged_decode_attention(q, out, k_cache, v_cache, table, lens, d ** -0.5, k_new, v_new)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    tol = 1e-5 if dtype == kv_dtype == torch.float32 else 2e-2
+    assert (out.double() - reference(q, want_k, want_v, table, lens, d ** -0.5)).abs().max().item() < tol

@@ -7,6 +7,8 @@
  *   q, out      [num_seqs, num_heads, head_dim]
  *   k/v cache   [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_table [num_seqs, max_blocks] int64, ctx_lens [num_seqs] int64
+ *   k_new/v_new [num_seqs, num_kv_heads, head_dim] in the query dtype, or NULL: each sequence's new
+ *               token, written into its slot (position ctx_len - 1) just before it is read
  * dtype (q, out) and kv_dtype (the caches): 0 = float32, 1 = bfloat16.
  */
 #include <math.h>
@@ -66,6 +68,9 @@ static inline float exp_nonpositive(float x) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_BF16_FAST_PATH 1
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 1 /* how far ahead K/V blocks are prefetched (1-4 measured: 1 is best) */
+#endif
 
 /* Lane sums of 16 vectors, in order: result lane t = sum of v[t]'s 16 lanes. A shuffle tree
  * (3 instructions per pair and level) instead of 16 separate horizontal reductions. */
@@ -82,6 +87,27 @@ static inline __m512 hsum16(const __m512 *v) {
                              _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
     return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+/* exp_nonpositive on 16 lanes: the same clamp, split and polynomial. */
+static inline __m512 exp512_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
@@ -109,6 +135,19 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
         const int64_t count = len - start < block_size ? len - start : block_size;
         const uint16_t *kb = k_cache + block * block_size * row_elems;
         const uint16_t *vb = v_cache + block * block_size * row_elems;
+        /* Blocks sit anywhere in the pool, so the hardware prefetcher cannot run ahead across them
+         * (measured: 8 GB/s with shuffled blocks vs 20+ in order); fetch the next block's K and V
+         * while this one is computed. */
+        if (start + PREFETCH_BLOCKS * block_size < len) {
+            const int64_t next = table[b + PREFETCH_BLOCKS];
+            const char *kn = (const char *)(k_cache + next * block_size * row_elems);
+            const char *vn = (const char *)(v_cache + next * block_size * row_elems);
+            const int64_t bytes = block_size * row_elems * 2;
+            for (int64_t off = 0; off < bytes; off += 64) {
+                _mm_prefetch(kn + off, _MM_HINT_T0);
+                _mm_prefetch(vn + off, _MM_HINT_T0);
+            }
+        }
         for (int64_t t0 = 0; t0 < count; t0 += 16) {
             const int64_t tn = count - t0 < 16 ? count - t0 : 16;
             for (int64_t j = 0; j < num_heads; j++) {
@@ -127,37 +166,50 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
                 _mm512_storeu_ps(scores + j * block_size + t0, _mm512_mul_ps(hsum16(part), vscale));
             }
         }
+        /* Per query head: the online-softmax update on 16 scores at a time, then V accumulated into
+         * registers (head_dim is a constant where this is inlined for 64 and 128, so the loops
+         * unroll), two tokens at a time into two sets of accumulators to keep the FMA chains short. */
         for (int64_t j = 0; j < num_heads; j++) {
             float *sj = scores + j * block_size;
-            float block_max = sj[0];
-            for (int64_t t = 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            for (int64_t t0 = 0; t0 < count; t0 += 16)
+                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(count - t0), sj + t0));
+            const float block_max = _mm512_reduce_max_ps(vmax);
             const float new_max = block_max > m[j] ? block_max : m[j];
             const float correction = exp_nonpositive(m[j] - new_max);
-            float *aj = acc + j * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) aj[d] *= correction;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < count; t++) {
-                sj[t] = exp_nonpositive(sj[t] - new_max);
-                sum += sj[t];
+            const __m512 vnew = _mm512_set1_ps(new_max);
+            __m512 vsum = _mm512_setzero_ps();
+            for (int64_t t0 = 0; t0 < count; t0 += 16) {
+                const __mmask16 mask = tail_mask(count - t0);
+                const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
+                _mm512_storeu_ps(sj + t0, e);
+                vsum = _mm512_add_ps(vsum, e);
             }
-            l[j] = l[j] * correction + sum;
+            l[j] = l[j] * correction + _mm512_reduce_add_ps(vsum);
             m[j] = new_max;
-        }
-        /* V: per query head, its accumulator row held in registers across the block's tokens
-         * (head_dim is a constant where this is inlined for 64 and 128, so the loops unroll). */
-        for (int64_t j = 0; j < num_heads; j++) {
+
             const uint16_t *vh = vb + (j / group) * head_dim;
-            const float *pj = scores + j * block_size;
             float *aj = acc + j * head_dim;
-            __m512 a[MAX_DIM / 16];
-            for (int64_t c = 0; c < head_dim / 16; c++) a[c] = _mm512_loadu_ps(aj + 16 * c);
-            for (int64_t t = 0; t < count; t++) {
-                const __m512 pt = _mm512_set1_ps(pj[t]);
-                for (int64_t c = 0; c < head_dim / 16; c++)
-                    a[c] = _mm512_fmadd_ps(pt, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
+            const __m512 vcorr = _mm512_set1_ps(correction);
+            __m512 a[MAX_DIM / 16], a2[MAX_DIM / 16];
+            for (int64_t c = 0; c < head_dim / 16; c++) {
+                a[c] = _mm512_mul_ps(_mm512_loadu_ps(aj + 16 * c), vcorr);
+                a2[c] = _mm512_setzero_ps();
             }
-            for (int64_t c = 0; c < head_dim / 16; c++) _mm512_storeu_ps(aj + 16 * c, a[c]);
+            int64_t t = 0;
+            for (; t + 1 < count; t += 2) {
+                const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
+                for (int64_t c = 0; c < head_dim / 16; c++) {
+                    a[c] = _mm512_fmadd_ps(p0, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
+                    a2[c] = _mm512_fmadd_ps(p1, bf16x16_to_f32(vh + (t + 1) * row_elems + 16 * c), a2[c]);
+                }
+            }
+            if (t < count) {
+                const __m512 p0 = _mm512_set1_ps(sj[t]);
+                for (int64_t c = 0; c < head_dim / 16; c++)
+                    a[c] = _mm512_fmadd_ps(p0, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
+            }
+            for (int64_t c = 0; c < head_dim / 16; c++) _mm512_storeu_ps(aj + 16 * c, _mm512_add_ps(a[c], a2[c]));
         }
     }
     for (int64_t j = 0; j < num_heads; j++) {
@@ -182,8 +234,24 @@ int fuselm_has_bf16_fast_path(void) {
 
 /* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
  * once, front to back, which keeps DRAM traffic to one pass over the context. */
-void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache, const void *v_cache,
-                                   const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+/* Store one new K or V row (src row `index`, dtype src_dtype) into cache slot `slot` (kv_dtype). */
+static inline void store_row(void *cache, int64_t slot, const void *src, int64_t index, int64_t elems, int src_dtype,
+                             int kv_dtype) {
+    if (src_dtype == kv_dtype) {
+        const size_t width = kv_dtype == 0 ? sizeof(float) : sizeof(uint16_t);
+        memcpy((char *)cache + (size_t)(slot * elems) * width, (const char *)src + (size_t)(index * elems) * width,
+               (size_t)elems * width);
+    } else if (src_dtype == 0) { /* float32 -> bfloat16 */
+        const float *s = (const float *)src + index * elems;
+        uint16_t *d = (uint16_t *)cache + slot * elems;
+        for (int64_t i = 0; i < elems; i++) d[i] = f32_to_bf16(s[i]);
+    } else { /* bfloat16 -> float32 */
+        load_row(src, index, elems, 1, (float *)cache + slot * elems);
+    }
+}
+
+void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                                   const void *v_new, const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
                                    int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    int64_t block_size, float scale, int dtype, int kv_dtype,
                                    int num_threads) {
@@ -200,6 +268,12 @@ void fuselm_paged_decode_attention(const void *q, void *out, const void *k_cache
         float *row = malloc(sizeof(float) * (size_t)row_elems);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < num_seqs; n++) {
+            if (k_new != NULL) { /* this step's token is the context's last: write it, then attend */
+                const int64_t pos = ctx_lens[n] - 1;
+                const int64_t slot = block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
+                store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);
+                store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
+            }
 #ifdef HAVE_BF16_FAST_PATH
             if (dtype == 1 && kv_dtype == 1 && head_dim % 32 == 0 && block_size % 16 == 0) {
 #define SEQ_ATTENTION_BF16(D)                                                                                   \

@@ -45,7 +45,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, HF rotate-half layout, in the model dtype (as HF applies them)."""
+    """cos/sin tables for every position, HF rotate-half layout, in the model dtype (as HF applies them).
+
+    The tables are gathered once per forward (`tables`), not once per layer: with the KV cache
+    streaming through the CPU caches, each per-layer gather missed to DRAM (measured ~160 us per
+    call at 128 rows). The sin table carries rotate-half's sign: x*cos + swap_halves(x)*signed_sin.
+    """
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -53,15 +58,19 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # [P, D]
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("signed_sin", signed_sin.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, signed sin), each [T, 1, D]."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D] (q and k heads side by side) -> rotated x."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -78,11 +87,11 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, q_size + 2 kv_size]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads are adjacent in the fused projection: rotate them in one go.
-        qk = rope(positions, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # [T, Hq+Hkv, D]
+        qk = RotaryEmbedding.apply(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # [T, Hq+Hkv, D]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)  # [T, Hq, D]
@@ -122,8 +131,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -140,15 +149,18 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rope.tables(positions)  # ([T, 1, D], [T, 1, D])
         for layer in self.layers:
-            x = layer(x, positions, self.rope)
+            x = layer(x, rope)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] logits in the model dtype (the sampler widens where it must:
+        a greedy batch takes the max of bf16 logits directly, skipping a [S, vocab] float copy)."""
         if self.packed_lm_head is not None:
-            return packed_linear(hidden, self.packed_lm_head, None).float()  # [S, vocab]
+            return packed_linear(hidden, self.packed_lm_head, None)  # [S, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # [S, vocab]
+        return F.linear(hidden, weight)  # [S, vocab]
 
     def pack_for_cpu(self) -> None:
         """oneDNN-pack the LM head (the largest matmul of a decode step; fp32 and bf16) and, in

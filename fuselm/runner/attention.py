@@ -74,7 +74,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
     meta = get_attention_metadata()
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the decode rows' K/V itself
+    if kernel_writes:
+        if nd < k.shape[0]:
+            write_kv(k_cache, v_cache, k[nd:], v[nd:], meta.slot_mapping[nd:])
+    else:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
@@ -82,10 +88,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
 
-    nd = meta.num_decode_tokens
-    if nd and meta.cpu_kernels is not None:
+    if kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
-                                                meta.decode_block_table, meta.decode_ctx_lens, scale)
+                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nd], v[:nd])
     elif nd:
         # Each decode row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].

@@ -231,7 +231,10 @@ class ModelRunner:
                 prompt_token_ids=[q.prompt_token_ids for q in reqs],
                 output_token_ids=[q.output_token_ids for q in reqs], eos_token_ids=self.eos_token_ids,
             )
-            result = self.sampler(logits[torch.tensor(sample_logit_pos, device=self.device)], batch)
+            sample_logits = logits  # every row samples, in order (no prompt logprobs): no [S, vocab] copy
+            if len(sample_logit_pos) != logits.shape[0]:
+                sample_logits = logits[torch.tensor(sample_logit_pos, device=self.device)]
+            result = self.sampler(sample_logits, batch)
             token_ids = result.token_ids.tolist()
             if result.logprobs is not None:
                 lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
