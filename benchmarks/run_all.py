@@ -11,8 +11,9 @@ otherwise use. This script is that run (benchmarks/run_all sets everything up fi
   shared-prefix  8 groups x 32 requests sharing a 1,000-token system prompt: fuselm offline with
                  prefix caching on vs off.
   long-prompt    short chat requests with 1,000-3,000-token prompts arriving among them, streamed
-                 to `fuselm serve`: ITL percentiles with the default stall-free token budget vs a
-                 budget so large that each long prompt is prefilled in one step (prefill-first).
+                 to `fuselm serve`: ITL percentiles at several token budgets, from small chunks
+                 (stall-free) to one so large that each long prompt is prefilled in one step
+                 (prefill-first).
 
 Every engine gets the same token ids (the embedded model's tokenizer on
 benchmarks/data/public_domain_prose.txt, seeded workloads) and the same float32 weights (the
@@ -236,8 +237,10 @@ def phase_shared_prefix(args, res_dir: Path, tag: str) -> dict:
 def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
     out = {"workload": {"name": "long-prompt", "num_requests": args.long_requests, "seed": args.seed,
                         "request_rate": args.long_rate}, "engines": {}}
-    for label, flags in (("fuselm stall-free (budget 512)", ()),
-                         ("fuselm prefill-first (budget 4096)", ("--max-num-batched-tokens", "4096"))):
+    budgets = [int(b) for b in args.long_budgets.split(",")]
+    runs = [(f"fuselm budget {b}" + (" (prefill-first: a whole long prompt per step)" if b >= 4096 else ""),
+             ("--max-num-batched-tokens", str(b))) for b in budgets]
+    for label, flags in runs:
         with start_server("fuselm", 8310, res_dir, tag, *flags):
             out["engines"][label] = bench_serve(8310, res_dir / f"{tag}_long_{len(out['engines'])}.json", "long-prompt",
                                                 args.long_requests, args.seed, str(args.long_rate))
@@ -267,10 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-requests", type=int, default=64, help="HF runs the first N offline requests (whole batches)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--online-requests", type=int, default=48, help="requests per rate of the online sweep")
-    p.add_argument("--online-rates", default="0.25,0.5,1", help="request rates of the online sweep (req/s)")
+    p.add_argument("--online-rates", default="0.5,1,2", help="request rates of the online sweep (req/s)")
     p.add_argument("--shared-prefix-requests", type=int, default=256)
     p.add_argument("--long-requests", type=int, default=48)
     p.add_argument("--long-rate", type=float, default=0.5)
+    p.add_argument("--long-budgets", default="128,512,4096",
+                   help="token budgets (max_num_batched_tokens) the long-prompt phase compares")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--tag", default=None, help="file name stem (default: the date and time)")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,

@@ -138,3 +138,32 @@ def test_kernel_writes_the_new_token_then_attends(dtype, kv_dtype):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     tol = 1e-5 if dtype == kv_dtype == torch.float32 else 2e-2
     assert (out.double() - reference(q, want_k, want_v, table, lens, d ** -0.5)).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 64, 200])
+def test_c_rms_norm_matches_the_torch_module(dtype, rows):
+    from fuselm.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=g) + 0.5)
+    x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
+    want = norm(x).double()  # cpu_kernels is None: the torch ops
+    got = kernels.rms_norm(x, norm.weight, 1e-5).double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: at most one rounding step apart
+    assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.skipif(not kernels.has_small_m_linear, reason="the small-M linear needs AVX-512 BF16")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out, bias", [(576, False), (960, True), (37, True), (3072, False)])
+def test_small_m_linear_matches_float64(rows, n_out, bias):
+    g = torch.Generator().manual_seed(rows * 7 + n_out)
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    w = torch.randn(n_out, 576, generator=g).to(torch.bfloat16)
+    b = torch.randn(n_out, generator=g).to(torch.bfloat16) if bias else None
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    got = kernels.linear_small_m(x, w, b).double()
+    assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger("fuselm")
 
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -42,7 +42,7 @@ def _build() -> Path | None:
     if compiler is None:
         logger.warning("no C compiler found; using the portable torch attention path on CPU")
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in _SOURCES)
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"fuselm_cpu_{key}.so"
     if target.exists():
@@ -51,7 +51,7 @@ def _build() -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
@@ -75,6 +75,38 @@ class CpuKernels:
         self.max_block = lib.fuselm_max_block()
         # AVX-512 BF16 path for bf16 queries over a bf16 cache (head_dim % 32 == 0, block_size % 16 == 0)
         self.has_bf16_fast_path = bool(lib.fuselm_has_bf16_fast_path())
+        lin = lib.fuselm_linear_bf16_small_m
+        lin.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
+        lin.restype = None
+        self._linear = lin
+        # AVX-512 BF16 linear for up to small_m_max rows (the portable C loop is too slow to use)
+        self.has_small_m_linear = bool(lib.fuselm_has_small_m_linear())
+        self.small_m_max = lib.fuselm_small_m_max()
+        norm = lib.fuselm_rms_norm
+        norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        norm.restype = None
+        self._rms_norm = norm
+
+    def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] @ weight[N, K]^T (+ bias) in bf16 for M <= small_m_max, K % 32 == 0."""
+        assert x.dtype == weight.dtype == torch.bfloat16 and x.shape[0] <= self.small_m_max and x.shape[1] % 32 == 0
+        assert weight.is_contiguous() and (bias is None or bias.is_contiguous())
+        x = x.contiguous()
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty((m, n), dtype=torch.bfloat16)
+        self._linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                     m, n, k, torch.get_num_threads())
+        return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of the rows of x [M, D] (float32 or bfloat16, HF's rounding)."""
+        assert x.dtype == weight.dtype and x.dtype in _DTYPES and x.dim() == 2
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                       _DTYPES[x.dtype], torch.get_num_threads())
+        return out
 
     def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_MAX_ROWS = 256  # above this many rows F.linear is as fast (measured, see the docstring)
+SMALL_M_ROWS = 1  # rows that take fuselm's C linear: at 1 row 16.2 vs 13.4 GB/s, at 4 rows slower than oneDNN
 _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for: the typical decode batch
 
 
@@ -55,17 +56,33 @@ class PackedLinear(nn.Module):
     """An nn.Linear whose forward uses a oneDNN-packed copy of its weight for up to
     PACKED_MAX_ROWS rows and F.linear above that."""
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor) -> None:
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, small_m=None) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.packed = packed
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.small_m = small_m  # fuselm.kernels.cpu.CpuKernels for a few rows (see small_m_kernels), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
-            return packed_linear(x, self.packed, self.bias)
+        if x.dim() == 2:
+            if self.small_m is not None and x.shape[0] <= SMALL_M_ROWS:
+                return self.small_m.linear_small_m(x, self.weight, self.bias)
+            if x.shape[0] <= PACKED_MAX_ROWS:
+                return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def small_m_kernels(weight: torch.Tensor):
+    """fuselm's C linear for a few rows when it applies to this weight (bf16, in_features % 32 == 0, a CPU
+    with AVX-512 BF16): at one row it streams the weights at 16 GB/s where oneDNN reaches 13 (layer_ops.c)."""
+    from fuselm.kernels.cpu import get_kernels
+
+    kernels = get_kernels()
+    if (kernels is None or not kernels.has_small_m_linear or weight.dtype != torch.bfloat16
+            or weight.shape[1] % 32 or not weight.is_contiguous()):
+        return None
+    return kernels
 
 
 def pack_linears(module: nn.Module, dtype: torch.dtype) -> int:
@@ -79,6 +96,6 @@ def pack_linears(module: nn.Module, dtype: torch.dtype) -> int:
             if type(child) is nn.Linear:
                 packed = pack_weight(child.weight)
                 if packed is not None:
-                    setattr(parent, name, PackedLinear(child, packed))
+                    setattr(parent, name, PackedLinear(child, packed, small_m_kernels(child.weight)))
                     count += 1
     return count
