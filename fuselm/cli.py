@@ -39,7 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "seed": "global random seed",
         "num_threads": "CPU threads for torch (default: torch's choice)",
         "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16",
-        "cpu_kernels": "CPU: decode attention in fuselm's C kernel (off = portable torch path)",
+        "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, single-row bf16 linears) and "
+                       "oneDNN-packed weights (off = portable torch path)",
     }
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -148,7 +148,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes (and decode attention traffic)
-    cpu_kernels: bool = True  # CPU: paged decode attention in fuselm's C kernel (False = portable torch path)
+    cpu_kernels: bool = True  # CPU: C kernels + oneDNN-packed weights (False = portable torch path)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
