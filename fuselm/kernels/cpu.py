@@ -28,6 +28,7 @@ import torch
 logger = logging.getLogger("fuselm")
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c")]
+_HEADER = Path(__file__).with_name("bf16_simd.h")  # included by both; part of the cache key
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -42,7 +43,7 @@ def _build() -> Path | None:
     if compiler is None:
         logger.warning("no C compiler found; using the portable torch attention path on CPU")
         return None
-    source = b"".join(src.read_bytes() for src in _SOURCES)
+    source = b"".join(src.read_bytes() for src in [*_SOURCES, _HEADER])
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"fuselm_cpu_{key}.so"
     if target.exists():

@@ -15,22 +15,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16_simd.h"
+
 #define SMALL_M_MAX 4
-
-static inline float bf16_bits_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 int fuselm_small_m_max(void) { return SMALL_M_MAX; }
 
@@ -38,22 +25,6 @@ int fuselm_small_m_max(void) { return SMALL_M_MAX; }
 #include <immintrin.h>
 
 int fuselm_has_small_m_linear(void) { return 1; }
-
-/* lane sums of 16 vectors, in order (the same shuffle tree as the attention kernel) */
-static inline __m512 sum16(const __m512 *v) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
 
 /* One tile of 16 outputs for a compile-time M: G weight rows at a time, so G * M independent
  * vdpbf16ps chains hide the instruction's latency; each weight chunk is loaded once for all M rows. */
@@ -87,7 +58,7 @@ static inline __attribute__((always_inline)) void linear_tile(const uint16_t *x,
     if (bias != NULL)
         b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n0)), 16));
     for (int64_t m = 0; m < M; m++) {
-        const __m512 s = _mm512_add_ps(sum16(part[m]), b);
+        const __m512 s = _mm512_add_ps(hsum16(part[m]), b);
         _mm256_mask_storeu_epi16(y + m * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(s));
     }
 }
@@ -116,9 +87,9 @@ void fuselm_linear_bf16_small_m(const uint16_t *x, const uint16_t *w, const uint
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) s += bf16_bits_to_f32(x[m * K + k]) * bf16_bits_to_f32(w[n * K + k]);
-            if (bias != NULL) s += bf16_bits_to_f32(bias[n]);
-            y[m * N + n] = f32_to_bf16_bits(s);
+            for (int64_t k = 0; k < K; k++) s += bf16_to_f32(x[m * K + k]) * bf16_to_f32(w[n * K + k]);
+            if (bias != NULL) s += bf16_to_f32(bias[n]);
+            y[m * N + n] = f32_to_bf16(s);
         }
 }
 #endif
@@ -144,14 +115,14 @@ void fuselm_rms_norm(const void *x, const void *weight, void *out, int64_t M, in
             uint16_t *o = (uint16_t *)out + m * D;
 #pragma omp simd reduction(+ : ss)
             for (int64_t d = 0; d < D; d++) {
-                const float v = bf16_bits_to_f32(xr[d]);
+                const float v = bf16_to_f32(xr[d]);
                 ss += v * v;
             }
             const float inv = 1.0f / sqrtf(ss / (float)D + eps);
 #pragma omp simd
             for (int64_t d = 0; d < D; d++) {
-                const float normed = bf16_bits_to_f32(f32_to_bf16_bits(bf16_bits_to_f32(xr[d]) * inv));
-                o[d] = f32_to_bf16_bits(bf16_bits_to_f32(wr[d]) * normed);
+                const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[d]) * inv));
+                o[d] = f32_to_bf16(bf16_to_f32(wr[d]) * normed);
             }
         }
     }
