@@ -65,7 +65,7 @@ def test_metrics_are_exact():
     # ITL ms [200, 0, 300, 200] pooled, sorted [0, 200, 200, 300]: p99 at rank 2.97
     assert m["num_itl_samples"] == 4 == 7 - 3  # output tokens - successful requests
     assert m["mean_itl_ms"] == approx(175) and m["median_itl_ms"] == approx(200)
-    assert m["p99_itl_ms"] == approx(200 + 0.97 * 100)
+    assert m["p99_itl_ms"] == approx(200 + 0.97 * 100) and m["max_itl_ms"] == approx(300)
     # E2EL ms [1000, 400, 1000]
     assert m["mean_e2el_ms"] == approx(800) and m["median_e2el_ms"] == approx(1000) and m["p99_e2el_ms"] == approx(1000)
     assert "request_goodput" not in m

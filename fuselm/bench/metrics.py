@@ -112,9 +112,9 @@ def _std(xs: list[float]) -> float | None:
 
 
 def distribution(values_ms: list[float], name: str, percentiles: tuple[float, ...] = (99,)) -> dict:
-    """mean_, median_, std_ and p<P>_ of `values_ms` under keys like mean_ttft_ms."""
+    """mean_, median_, std_, max_ and p<P>_ of `values_ms` under keys like mean_ttft_ms."""
     out = {f"mean_{name}_ms": _mean(values_ms), f"median_{name}_ms": percentile(values_ms, 50),
-           f"std_{name}_ms": _std(values_ms)}
+           f"std_{name}_ms": _std(values_ms), f"max_{name}_ms": max(values_ms) if values_ms else None}
     for p in percentiles:
         out[f"p{p:g}_{name}_ms"] = percentile(values_ms, p)
     return out
