@@ -21,8 +21,7 @@
 
 int fuselm_small_m_max(void) { return SMALL_M_MAX; }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__) /* immintrin.h comes with bf16_simd.h */
 
 int fuselm_has_small_m_linear(void) { return 1; }
 

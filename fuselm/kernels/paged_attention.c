@@ -52,8 +52,7 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__) /* immintrin.h comes with bf16_simd.h */
 #define HAVE_BF16_FAST_PATH 1
 #ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 1 /* how far ahead K/V blocks are prefetched (1-4 measured: 1 is best) */
@@ -202,8 +201,6 @@ int fuselm_has_bf16_fast_path(void) {
 #endif
 }
 
-/* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
- * once, front to back, which keeps DRAM traffic to one pass over the context. */
 /* Store one new K or V row (src row `index`, dtype src_dtype) into cache slot `slot` (kv_dtype). */
 static inline void store_row(void *cache, int64_t slot, const void *src, int64_t index, int64_t elems, int src_dtype,
                              int kv_dtype) {
@@ -220,6 +217,8 @@ static inline void store_row(void *cache, int64_t slot, const void *src, int64_t
     }
 }
 
+/* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
+ * once, front to back, which keeps DRAM traffic to one pass over the context. */
 void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
                                    const void *v_new, const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
                                    int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

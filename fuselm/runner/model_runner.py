@@ -94,7 +94,6 @@ class ModelRunner:
             if kernels is not None and kernels.supports(dtype, self.kv_dtype, mc.num_attention_heads,
                                                         mc.num_key_value_heads, mc.head_dim, self.block_size):
                 self.cpu_kernels = kernels
-        if self.device.type == "cpu" and config.cpu_kernels:
             model.pack_for_cpu(self.cpu_kernels)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_bytes = self.num_blocks * self.bytes_per_block
