@@ -41,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16",
         "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, single-row bf16 linears) and "
                        "oneDNN-packed weights (off = portable torch path)",
+        "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                              'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'',
     }
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -149,6 +149,8 @@ class EngineConfig:
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes (and decode attention traffic)
     cpu_kernels: bool = True  # CPU: C kernels + oneDNN-packed weights (False = portable torch path)
+    # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (vLLM's shape), or its JSON
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -167,6 +169,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        from fuselm.spec.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":

@@ -7,7 +7,6 @@ import torch
 
 from conftest import TINY_KINDS, random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.runner.attention import forward_context
 from tiny_models import hf_greedy, hf_last_logits
 
 LENGTHS = [1, 5, 16, 17, 40, 64, 128, 200]
@@ -20,15 +19,9 @@ def packed_last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
         engine.add_request(f"logits-{i}", p, SamplingParams(max_tokens=1))
     out = engine.scheduler.schedule()
     assert len(out.scheduled) == len(prompts), "all prompts must fit in one step for this test"
-    runner = engine.runner
-    input_ids, positions, meta = runner._build_batch(out)
-    with torch.inference_mode(), forward_context(meta):
-        hidden = runner.model(input_ids, positions)
-    ends, cursor = {}, 0
-    for row in out.scheduled:
-        cursor += row.num_new_tokens
-        ends[row.request.request_id] = cursor - 1
-    logits = runner.model.compute_logits(hidden[[ends[f"logits-{i}"] for i in range(len(prompts))]])
+    last = engine.runner.last_token_logits(out)  # rows in scheduled order
+    row_of = {row.request.request_id: j for j, row in enumerate(out.scheduled)}
+    logits = last[[row_of[f"logits-{i}"] for i in range(len(prompts))]]
     for i in range(len(prompts)):
         engine.abort_request(f"logits-{i}")
     assert engine.kv.num_free_blocks == engine.runner.num_blocks

@@ -26,6 +26,10 @@ def test_packed_linear_matches_f_linear(dtype, tol, rows, bias):
         if bias:
             lin.bias.copy_(torch.randn(80, generator=g))
     packed = pack_weight(lin.weight)
+    if dtype == torch.bfloat16 and not onednn_packs_bf16():
+        assert packed is None  # this CPU cannot run oneDNN's bf16 path: the layer stays a plain nn.Linear
+        assert pack_linears(nn.Sequential(lin), dtype) == 0
+        return
     assert packed is not None
     layer = PackedLinear(lin, packed)
     x = torch.randn(rows, 96, generator=g).to(dtype)
@@ -35,12 +39,27 @@ def test_packed_linear_matches_f_linear(dtype, tol, rows, bias):
     assert (F.linear(x, lin.weight, lin.bias).double() - want).abs().max().item() <= tol * want.abs().max().item()
 
 
-def test_pack_linears_packs_bf16_only():
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    assert pack_linears(model, torch.float32) == 0
-    model = model.to(torch.bfloat16)
-    assert pack_linears(model, torch.bfloat16) == 2
+def onednn_packs_bf16() -> bool:
+    """oneDNN's bf16 linear needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; an AVX2-only CPU has neither."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=torch.bfloat16), 8)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linears_replaces_every_linear(dtype):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(5, 16).to(dtype)
+    want = model(x)
+    if dtype == torch.bfloat16 and not onednn_packs_bf16():
+        assert pack_linears(model, dtype) == 0
+        return
+    assert pack_linears(model, dtype) == 2
     assert all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (model(x).float() - want.float()).abs().max().item() <= tol * want.abs().max().item()
 
 
 def test_bf16_engine_packed_matches_plain(tiny_llama):
@@ -51,7 +70,7 @@ def test_bf16_engine_packed_matches_plain(tiny_llama):
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     fast = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=True)
     plain = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=False)
-    assert any(isinstance(m, PackedLinear) for m in fast.engine.runner.model.modules())
+    assert any(isinstance(m, PackedLinear) for m in fast.engine.runner.model.modules()) == onednn_packs_bf16()
     assert not any(isinstance(m, PackedLinear) for m in plain.engine.runner.model.modules())
     for a, b in zip(fast.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
         for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):

@@ -22,7 +22,8 @@ from fuselm.engine.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from fuselm.runner.model_runner import ModelOutput, ModelRunner, SampledToken, summarize_memory
+from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
+from fuselm.runner.sampler import SampledToken
 from fuselm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fuselm")
@@ -69,6 +70,11 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}
         self.stats = EngineStats()
         self._arrival = itertools.count()
+        self.speculator = None
+        if config.speculative_config is not None:
+            from fuselm.spec.speculator import Speculator
+
+            self.speculator = Speculator(config.speculative_config, self)
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %s/%s in %.2f s: %s", self.model_name, self.device,
                     str(self.dtype).removeprefix("torch."), self.load_seconds, summarize_memory(self.runner, max_model_len))
@@ -136,6 +142,15 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        spec = self.speculator
+        if spec is not None:
+            try:
+                spec.propose(self.scheduler.running, len(self.scheduler.waiting))
+            except Exception:  # a proposer failure costs speed, never output: decode without guesses
+                logger.exception("speculative proposal failed; decoding this step without it")
+                for req in self.scheduler.running:
+                    req.spec_token_ids = []
+                    req.spec_draft_probs = None
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -143,11 +158,14 @@ class LLMEngine:
         for row in out.scheduled:
             if row.request.metrics.first_scheduled_time is None:
                 row.request.metrics.first_scheduled_time = now
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
+        if spec is not None:
+            spec.observe_step(out.num_batched_tokens, time.perf_counter() - t0)
         return self._update(out, result)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
@@ -179,7 +197,14 @@ class LLMEngine:
             if sampled is None:
                 continue
             touched[req.request_id] = None
-            self._append(req, sampled, now)
+            for token in sampled:
+                self._append(req, token, now)
+                if req.is_finished:
+                    break
+            if row.num_spec_tokens:
+                accepted = len(sampled) - 1
+                self.speculator.record(req, row.num_spec_tokens, accepted)
+                self.scheduler.accept_speculative(req, accepted)
         outputs = []
         for rid in touched:
             group = self.groups.get(rid)

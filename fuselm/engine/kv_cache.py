@@ -133,13 +133,20 @@ class KVCacheManager:
         """Register the request's computed full blocks so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         if num_full <= request.num_registered_blocks:
             return
         self._hash_full_blocks(request, num_full * self.block_size)
         for i in range(request.num_registered_blocks, num_full):
             self.pool.register(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = num_full
+
+    def trim(self, request: Request) -> None:
+        """Return the blocks past the request's computed tokens (slots of rejected speculative tokens)."""
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.release(request.block_ids[keep:])
+            del request.block_ids[keep:]
 
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)

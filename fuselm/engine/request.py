@@ -30,7 +30,7 @@ class Request:
         "num_computed_tokens", "block_ids", "block_hashes", "status", "finish_reason", "stop_reason",
         "priority", "arrival_seq", "generator", "metrics", "output_text", "decode_stream",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
-        "num_registered_blocks",
+        "num_registered_blocks", "spec_token_ids", "spec_draft_probs",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -63,6 +63,10 @@ class Request:
         self.group_leader = group_leader  # for n > 1: the sample whose prompt KV the others share
         self.sample_index = sample_index
         self.num_cached_tokens = 0
+        # Speculative decoding: tokens proposed for the next step (verified there, then cleared),
+        # and, for a draft model with temperature > 0, the draft's distribution q of each [k, V].
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

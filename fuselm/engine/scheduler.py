@@ -3,7 +3,9 @@
 Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
 (decodes) are served first, then running requests part-way through their prompt continue, then
 waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
-budget is filled exactly. When the KV pool runs dry, the newest running request is preempted by
+budget is filled exactly. Speculative tokens proposed for a decoding request (Request.spec_token_ids)
+are extra tokens of its row, scheduled last, only from the budget and KV blocks left over after
+decodes, prompt chunks and admissions: speculation never delays or preempts anyone. When the KV pool runs dry, the newest running request is preempted by
 recompute (its blocks freed, its tokens computed again later). The result is one immutable
 SchedulerOutput, the model runner's only input.
 """
@@ -24,6 +26,7 @@ class ScheduledRequest:
     token_ids: tuple[int, ...]  # the tokens to compute this step
     block_ids: tuple[int, ...]
     needs_sample: bool  # True when this step reaches the request's last token
+    num_spec_tokens: int = 0  # trailing token_ids that are speculative (proposed, to be verified)
 
     @property
     def num_new_tokens(self) -> int:
@@ -73,6 +76,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.add_request(victim)
@@ -133,12 +137,27 @@ class Scheduler:
         for req in skipped:
             bisect.insort(self.waiting, req, key=Request.sort_key)
 
+        # 4) speculative tokens of the decodes, from what is left (never preempting for them).
+        num_spec: dict[int, int] = {}
+        for key, (req, n) in chosen.items():
+            if budget == 0:
+                break
+            if req.spec_token_ids and n == 1 and req.num_tokens - req.num_computed_tokens == 1:
+                s = min(len(req.spec_token_ids), budget)
+                if self.kv.allocate_slots(req, 1 + s):
+                    num_spec[key] = s
+                    budget -= s
+
         rows = []
-        for req, n in chosen.values():
+        for key, (req, n) in chosen.items():
             start = req.num_computed_tokens
+            tokens = req.all_token_ids[start:start + n]
+            s = num_spec.get(key, 0)
+            if s:
+                tokens = tokens + req.spec_token_ids[:s]
             rows.append(ScheduledRequest(
-                request=req, num_computed_tokens=start, token_ids=tuple(req.all_token_ids[start:start + n]),
-                block_ids=tuple(req.block_ids), needs_sample=start + n == req.num_tokens,
+                request=req, num_computed_tokens=start, token_ids=tuple(tokens),
+                block_ids=tuple(req.block_ids), needs_sample=start + n == req.num_tokens, num_spec_tokens=s,
             ))
         rows.sort(key=lambda r: r.num_new_tokens != 1)  # stable: single-token rows first
         return SchedulerOutput(
@@ -158,10 +177,22 @@ class Scheduler:
         return self.kv.find_cached_prefix(req)
 
     def update_from_output(self, output: SchedulerOutput) -> None:
-        """Account the computed tokens of a finished step (before new tokens are appended)."""
+        """Account the computed tokens of a finished step (before new tokens are appended).
+
+        Speculative tokens do not count yet: `accept_speculative` adds the accepted ones.
+        """
         for row in output.scheduled:
             req = row.request
             if req.is_finished or req.status is not RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens
+            req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens - row.num_spec_tokens
             self.kv.cache_full_blocks(req)
+
+    def accept_speculative(self, req: Request, num_accepted: int) -> None:
+        """After the accepted speculative tokens were appended: count their K/V as computed and
+        roll back the rejected ones' slots (blocks past the computed tokens go back to the pool)."""
+        if req.is_finished or req.status is not RequestStatus.RUNNING:
+            return
+        req.num_computed_tokens += num_accepted
+        self.kv.trim(req)
+        self.kv.cache_full_blocks(req)

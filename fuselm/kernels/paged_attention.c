@@ -7,8 +7,11 @@
  *   q, out      [num_seqs, num_heads, head_dim]
  *   k/v cache   [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_table [num_seqs, max_blocks] int64, ctx_lens [num_seqs] int64
- *   k_new/v_new [num_seqs, num_kv_heads, head_dim] in the query dtype, or NULL: each sequence's new
- *               token, written into its slot (position ctx_len - 1) just before it is read
+ *   k_new/v_new [num_write, num_kv_heads, head_dim] in the query dtype, or NULL: the new token of
+ *               each of the first num_write rows, written into its slot (position ctx_len - 1)
+ *               just before it is read. Rows from num_write on (several query rows of one
+ *               sequence, e.g. speculative tokens being verified) must have their K/V stored
+ *               before the call: a row reads slots that other rows of its sequence fill.
  * dtype (q, out) and kv_dtype (the caches): 0 = float32, 1 = bfloat16.
  */
 #include <math.h>
@@ -220,8 +223,8 @@ static inline void store_row(void *cache, int64_t slot, const void *src, int64_t
 /* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
  * once, front to back, which keeps DRAM traffic to one pass over the context. */
 void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
-                                   const void *v_new, const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
-                                   int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
+                                   int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    int64_t block_size, float scale, int dtype, int kv_dtype,
                                    int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
@@ -237,7 +240,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
         float *row = malloc(sizeof(float) * (size_t)row_elems);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < num_seqs; n++) {
-            if (k_new != NULL) { /* this step's token is the context's last: write it, then attend */
+            if (k_new != NULL && n < num_write) { /* this step's token is the context's last: write it, then attend */
                 const int64_t pos = ctx_lens[n] - 1;
                 const int64_t slot = block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
                 store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);

@@ -166,8 +166,8 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight)  # [S, vocab]
 
     def pack_for_cpu(self, kernels=None) -> None:
-        """oneDNN-pack the LM head (the largest matmul of a decode step; fp32 and bf16) and, in
-        bf16, every projection of every layer (fuselm/kernels/onednn.py has the measurements);
+        """oneDNN-pack the LM head (the largest matmul of a decode step) and every projection of
+        every layer, fp32 and bf16 (fuselm/kernels/onednn.py has the measurements);
         with fuselm's C kernels (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.packed_lm_head = pack_weight(weight)

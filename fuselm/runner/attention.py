@@ -1,10 +1,12 @@
 """Attention over the paged KV cache for one packed batch (portable torch: CPU and CUDA).
 
-The packed batch puts every request's scheduled tokens in one 1-D token list. The runner orders
-rows so that all single-token rows (decodes) come first; they are attended to together: on CPU by
-a C kernel that reads the paged cache in place (fuselm/kernels), elsewhere (and as the reference)
-by one batched SDPA call over their gathered, padded contexts. Multi-token rows (prompt chunks) follow;
-each gets one SDPA call over its cached prefix plus its new tokens, causal inside the chunk.
+The packed batch puts every request's scheduled tokens in one 1-D token list. The runner puts
+"query rows" first: every single-token row (a decode), then each token of a short multi-token row
+(speculative tokens being verified, a tiny prompt chunk) as a query row of its own whose context
+ends at its own position. Query rows are attended to together: on CPU by a C kernel that reads
+the paged cache in place (fuselm/kernels), elsewhere (and as the reference) by one batched SDPA
+call over their gathered, padded contexts. Long multi-token rows (prompt chunks) follow; each gets
+one SDPA call over its cached prefix plus its new tokens, causal inside the chunk.
 
 The batch metadata reaches every layer through a module-level "forward context" set by the runner
 around the model call, so the model code does not thread it through each layer.
@@ -33,8 +35,11 @@ class PrefillRow:
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of every new token
-    num_decode_tokens: int  # rows 0..num_decode_tokens-1 are single-token rows
+    num_decode_tokens: int  # tokens 0..num_decode_tokens-1 are query rows (one query, context up to itself)
     prefill_rows: list[PrefillRow]
+    # Query rows 0..num_single_rows-1 are single-token rows: the C kernel stores their K/V itself.
+    # The rest belong to short multi-token rows, whose K/V must be in the cache before any is read.
+    num_single_rows: int = -1  # -1: all query rows are single-token rows
     # Decode rows, for the CPU kernel (reads the cache in place):
     decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks] int64
     decode_ctx_lens: torch.Tensor | None = None  # [num_decodes] int64
@@ -75,10 +80,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
     meta = get_attention_metadata()
     nd = meta.num_decode_tokens
-    kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the decode rows' K/V itself
+    nw = nd if meta.num_single_rows < 0 else meta.num_single_rows
+    kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the single rows' K/V itself
     if kernel_writes:
-        if nd < k.shape[0]:
-            write_kv(k_cache, v_cache, k[nd:], v[nd:], meta.slot_mapping[nd:])
+        if nw < k.shape[0]:
+            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
     else:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
@@ -90,9 +96,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     if kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
-                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nd], v[:nd])
+                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw])
     elif nd:
-        # Each decode row has one query per head; put a KV head's `group` query heads on the
+        # Each query row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
         qd = q[:nd].reshape(nd, kv_heads, group, head_dim)
         ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2).to(q.dtype)  # [nd, Hkv, L, D]

@@ -17,17 +17,14 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
-from fuselm.runner.sampler import Sampler, SamplingBatch, compute_logprobs
+from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
+from fuselm.spec.verify import verify_speculative
 
 logger = logging.getLogger("fuselm")
 
-
-@dataclass(slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None
-    rank: int | None = None
-    top: list[tuple[int, float]] | None = None  # top-N (token id, logprob)
+# Multi-token rows up to this long (speculative tokens being verified, tiny prompt chunks) attend
+# as one query row per token, batched with the decodes, instead of one SDPA call per row.
+QUERY_ROW_MAX_TOKENS = 16
 
 
 @dataclass(slots=True)
@@ -41,7 +38,9 @@ class PromptLogprobsChunk:
 
 @dataclass(slots=True)
 class ModelOutput:
-    sampled: list[SampledToken | None]  # aligned with SchedulerOutput.scheduled
+    # aligned with SchedulerOutput.scheduled: the tokens each row emits (one, or with speculation
+    # the accepted speculative tokens plus one), None where the row did not sample
+    sampled: list[list[SampledToken] | None]
     prompt_logprobs: list[PromptLogprobsChunk | None]
 
 
@@ -131,23 +130,41 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size  # [end - start]
 
     def _build_batch(self, out: SchedulerOutput):
+        """Pack the step: query rows first (single-token rows, then each token of short rows), then long rows.
+
+        Returns (input_ids [T], positions [T], attention metadata, row_start): row_start[i] is where
+        out.scheduled[i]'s tokens begin in the packed batch.
+        """
         bs = self.block_size
         rows = out.scheduled
+        single = [i for i, r in enumerate(rows) if r.num_new_tokens == 1]
+        short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens <= QUERY_ROW_MAX_TOKENS]
+        long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > QUERY_ROW_MAX_TOKENS]
+        row_start = [0] * len(rows)
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decodes = [r for r in rows if r.num_new_tokens == 1]
-        nd = len(decodes)
-        for r in decodes:
-            p = r.num_computed_tokens
-            input_ids.append(r.token_ids[0])
-            positions.append(p)
-            slot_mapping.append(r.block_ids[p // bs] * bs + p % bs)
+        ctx_lens: list[int] = []
+        tables: list[tuple[int, ...]] = []
+        for i in single + short:
+            r = rows[i]
+            row_start[i] = len(input_ids)
+            table = r.block_ids
+            for j, token in enumerate(r.token_ids):
+                p = r.num_computed_tokens + j
+                input_ids.append(token)
+                positions.append(p)
+                slot_mapping.append(table[p // bs] * bs + p % bs)
+                ctx_lens.append(p + 1)
+                tables.append(table)
+        nd = len(input_ids)
         pos_parts = [torch.tensor(positions, dtype=torch.long)]
         slot_parts = [torch.tensor(slot_mapping, dtype=torch.long)]
         prefill_rows = []
         cursor = nd
-        for r in rows[nd:]:
+        for i in long_rows:
+            r = rows[i]
+            row_start[i] = cursor
             n, c = r.num_new_tokens, r.num_computed_tokens
             input_ids.extend(r.token_ids)
             pos_parts.append(torch.arange(c, c + n))
@@ -162,51 +179,63 @@ class ModelRunner:
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
-                                 prefill_rows=prefill_rows)
+                                 prefill_rows=prefill_rows, num_single_rows=len(single))
         if nd:
-            ctx_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes])  # [nd]
-            max_blocks = max(len(r.block_ids) for r in decodes)
-            table = torch.tensor([r.block_ids + (self.num_blocks,) * (max_blocks - len(r.block_ids))
-                                  for r in decodes], dtype=torch.long)  # [nd, max_blocks], padded with the null block
+            lens = torch.tensor(ctx_lens)  # [nd]
+            max_blocks = max(len(t) for t in tables)
+            table = torch.tensor([t + (self.num_blocks,) * (max_blocks - len(t)) for t in tables],
+                                 dtype=torch.long)  # [nd, max_blocks], padded with the null block
             if self.cpu_kernels is not None:
-                meta.cpu_kernels, meta.decode_block_table, meta.decode_ctx_lens = self.cpu_kernels, table, ctx_lens
+                meta.cpu_kernels, meta.decode_block_table, meta.decode_ctx_lens = self.cpu_kernels, table, lens
             else:
-                max_len = int(ctx_lens.max())
+                max_len = int(lens.max())
                 slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
-                valid = torch.arange(max_len).unsqueeze(0) < ctx_lens.unsqueeze(1)  # [nd, L]
+                valid = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)  # [nd, L]
                 meta.decode_context_slots = torch.where(valid, slots, self.null_slot).to(self.device)
                 meta.decode_mask = valid.view(nd, 1, 1, max_len).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        return ids, torch.cat(pos_parts).to(self.device), meta
+        return ids, torch.cat(pos_parts).to(self.device), meta, row_start
+
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        input_ids, positions, meta, row_start = self._build_batch(out)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        return hidden, row_start
+
+    @torch.inference_mode()
+    def last_token_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run the step and return the logits of each scheduled row's last token: [rows, vocab]."""
+        assert all(r.num_new_tokens for r in out.scheduled), "every row needs at least one token"
+        hidden, row_start = self._forward(out)
+        index = [row_start[i] + r.num_new_tokens - 1 for i, r in enumerate(out.scheduled)]
+        return self.model.compute_logits(hidden[torch.tensor(index, device=self.device)])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
-        input_ids, positions, meta = self._build_batch(out)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        hidden, row_start = self._forward(out)
 
-        # Which hidden states need logits: the last token of rows that sample, and every
-        # position of rows that asked for prompt logprobs.
+        # Which hidden states need logits: the last token of rows that sample (and, with
+        # speculative tokens, the position before each of them), and every position of rows that
+        # asked for prompt logprobs.
         sample_rows: list[int] = []
-        sample_tokens: list[int] = []  # packed index of each sampling row's last token
+        sample_tokens: list[int] = []  # packed index of each sampled position
         logit_index: list[int] = []
         prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (row, first logits index, count, prompt start)
-        cursor = 0
         for i, r in enumerate(out.scheduled):
             n = r.num_new_tokens
             req = r.request
+            start = row_start[i]
             if req.params.prompt_logprobs is not None and r.num_computed_tokens < req.num_prompt_tokens - 1:
                 # logits at position p score prompt token p + 1
                 count = min(n, req.num_prompt_tokens - 1 - r.num_computed_tokens)
                 prompt_lp_spans.append((i, len(logit_index), count, r.num_computed_tokens + 1))
-                logit_index.extend(range(cursor, cursor + count))
-            cursor += n
+                logit_index.extend(range(start, start + count))
             if r.needs_sample:
                 sample_rows.append(i)
-                sample_tokens.append(cursor - 1)
+                sample_tokens.extend(range(start + n - 1 - r.num_spec_tokens, start + n))
         sample_logit_pos = list(range(len(logit_index), len(logit_index) + len(sample_tokens)))
         logit_index.extend(sample_tokens)
-        sampled: list[SampledToken | None] = [None] * len(out.scheduled)
+        sampled: list[list[SampledToken] | None] = [None] * len(out.scheduled)
         prompt_lps: list[PromptLogprobsChunk | None] = [None] * len(out.scheduled)
         if not logit_index:
             return ModelOutput(sampled, prompt_lps)
@@ -224,28 +253,39 @@ class ModelRunner:
             )
 
         if sample_rows:
-            reqs = [out.scheduled[i].request for i in sample_rows]
-            batch = SamplingBatch(
-                params=[q.params for q in reqs], generators=[q.generator for q in reqs],
-                prompt_token_ids=[q.prompt_token_ids for q in reqs],
-                output_token_ids=[q.output_token_ids for q in reqs], eos_token_ids=self.eos_token_ids,
-            )
             sample_logits = logits  # every row samples, in order (no prompt logprobs): no [S, vocab] copy
             if len(sample_logit_pos) != logits.shape[0]:
                 sample_logits = logits[torch.tensor(sample_logit_pos, device=self.device)]
-            result = self.sampler(sample_logits, batch)
-            token_ids = result.token_ids.tolist()
-            if result.logprobs is not None:
-                lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
-                tops = result.top_ids.tolist(), result.top_logprobs.tolist()
-            for j, i in enumerate(sample_rows):
-                tok = SampledToken(token_ids[j])
-                n_top = reqs[j].params.logprobs
-                if n_top is not None:
-                    tok.logprob, tok.rank = lps[j], ranks[j]
-                    tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))
-                sampled[i] = tok
+            rows = [out.scheduled[i] for i in sample_rows]
+            if any(r.num_spec_tokens for r in rows):
+                tokens = verify_speculative(self.sampler, sample_logits, rows, self.eos_token_ids)
+            else:
+                tokens = self._sample_one(sample_logits, [r.request for r in rows])
+            for i, toks in zip(sample_rows, tokens):
+                sampled[i] = toks
         return ModelOutput(sampled, prompt_lps)
+
+    def _sample_one(self, logits: torch.Tensor, reqs: list) -> list[list[SampledToken]]:
+        """One token per row (no speculation): the sampler's batched path."""
+        batch = SamplingBatch(
+            params=[q.params for q in reqs], generators=[q.generator for q in reqs],
+            prompt_token_ids=[q.prompt_token_ids for q in reqs],
+            output_token_ids=[q.output_token_ids for q in reqs], eos_token_ids=self.eos_token_ids,
+        )
+        result = self.sampler(logits, batch)
+        token_ids = result.token_ids.tolist()
+        if result.logprobs is not None:
+            lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
+            tops = result.top_ids.tolist(), result.top_logprobs.tolist()
+        tokens = []
+        for j, req in enumerate(reqs):
+            tok = SampledToken(token_ids[j])
+            n_top = req.params.logprobs
+            if n_top is not None:
+                tok.logprob, tok.rank = lps[j], ranks[j]
+                tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))
+            tokens.append([tok])
+        return tokens
 
 
 def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:

@@ -38,6 +38,16 @@ class SamplingBatch:
     eos_token_ids: list[int]  # the model's EOS ids (banned while len(output) < min_tokens)
 
 
+@dataclass(slots=True)
+class SampledToken:
+    """One emitted token, with its raw logprob, rank and top-N when the request asked for them."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top: list[tuple[int, float]] | None = None  # top-N (token id, logprob)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
@@ -176,7 +186,31 @@ class Sampler:
             idx = torch.tensor(rows, dtype=torch.long).to(dev)  # [S]
             xs = x.index_select(0, idx)  # [S, V]
 
-        sp = [batch.params[i] for i in rows]
+        probs = self._distribution(xs, [batch.params[i] for i in rows])  # [S, V], unnormalised after min_p
+        noise = self._noise(probs, [batch.generators[i] for i in rows])  # [S, V]
+        sampled = probs.div_(noise).argmax(dim=-1)  # [S]
+        if idx is None:
+            return sampled
+        return greedy_ids.index_copy(0, idx, sampled)  # [B]
+
+    def probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution each row would be sampled from: [B, V] float32, rows summing to 1.
+
+        Penalties, temperature, top_k, top_p and min_p applied, as in sampling. Speculative
+        rejection sampling needs these probabilities rather than one draw. Rows must not be greedy.
+        """
+        assert not any(_is_greedy(p) for p in batch.params), "greedy rows have no distribution: use the argmax"
+        probs = self._distribution(self.penalize(logits, batch), batch.params)  # [B, V]
+        return probs.div_(probs.sum(dim=-1, keepdim=True))
+
+    @staticmethod
+    def _distribution(xs: torch.Tensor, sp: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, top_k, top_p and min_p on penalised logits xs [S, V] (modified in place).
+
+        Returns softmax probabilities [S, V] with min_p's cut tokens zeroed (not renormalised).
+        """
+        vocab = xs.shape[1]
+        dev = xs.device
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in sp]  # 0: off
         use_temp = any(p.temperature != 1.0 for p in sp)
         use_p = any(p.top_p < 1.0 for p in sp)
@@ -191,16 +225,12 @@ class Sampler:
             if use_temp:
                 xs.div_(table[:, 0:1])  # [S, V]
             if use_p or any(ks):
-                xs = self._truncate(xs, ks, table[:, 3:4].long(), table[:, 1:2], use_p)  # [S, V]
+                xs = Sampler._truncate(xs, ks, table[:, 3:4].long(), table[:, 1:2], use_p)  # [S, V]
         probs = torch.softmax(xs, dim=-1)  # [S, V]
         if use_min_p:
             cutoff = probs.amax(dim=-1, keepdim=True) * table[:, 2:3]  # [S, 1]
             probs.masked_fill_(probs < cutoff, 0.0)  # [S, V]; the race needs no renormalising
-        noise = self._noise(probs, [batch.generators[i] for i in rows])  # [S, V]
-        sampled = probs.div_(noise).argmax(dim=-1)  # [S]
-        if idx is None:
-            return sampled
-        return greedy_ids.index_copy(0, idx, sampled)  # [B]
+        return probs
 
     @staticmethod
     def _truncate(

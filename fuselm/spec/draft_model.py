@@ -1,0 +1,147 @@
+"""Draft-model proposer: a smaller model with the target's tokenizer guesses the next k tokens.
+
+The draft has its own ModelRunner (weights + paged KV tensors) and its own block pool with prefix
+caching. Each target request gets a shadow Request in the draft's pool holding the tokens the
+draft has K/V for. A proposal round first rolls the shadow back to the longest prefix it shares
+with the target's tokens (rejected guesses are dropped, their blocks returned), computes what it
+lacks (the whole prompt the first time, then the one or two tokens the target added), and then
+runs k batched single-token steps over every speculating request.
+
+Greedy requests draft greedily. Sampled requests draw each guess from the draft's own distribution
+q (the request's temperature, top-k/p, penalties applied to the draft's logits) and keep q for the
+rejection sampler, which makes the emitted tokens follow the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from fuselm.config import EngineConfig
+from fuselm.engine.kv_cache import KVCacheManager
+from fuselm.engine.request import Request
+from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fuselm.loader import load_model
+from fuselm.runner.model_runner import ModelRunner
+from fuselm.runner.sampler import Sampler, SamplingBatch, _is_greedy
+from fuselm.spec.adaptive import StepCostModel
+
+logger = logging.getLogger("fuselm")
+
+
+class DraftModelProposer:
+    def __init__(self, model: str, engine_config: EngineConfig, target_vocab_size: int, device: str,
+                 dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
+        loaded = load_model(model, dtype)
+        if loaded.config.vocab_size != target_vocab_size:
+            raise ValueError(f"draft model {model!r} has a vocabulary of {loaded.config.vocab_size} tokens, the target "
+                             f"{target_vocab_size}; the draft must share the target's tokenizer")
+        config = dataclasses.replace(engine_config, model=model, speculative_config=None)
+        self.runner = ModelRunner(config, loaded.config, loaded.weights, device, dtype, max_model_len, eos_token_ids)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=True)
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.cost = StepCostModel()  # seconds per draft round, by number of sequences
+        self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
+        logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
+                    self.runner.weight_bytes / 2**20, self.runner.num_blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    def _shadow(self, req: Request) -> Request:
+        entry = self._shadows.get(id(req))
+        if entry is None or entry[0] is not req:
+            shadow = Request(req.request_id, None, req.prompt_token_ids, req.params, req.max_tokens, arrival_seq=0)
+            self._shadows[id(req)] = (req, shadow)
+            return shadow
+        return entry[1]
+
+    def _drop(self, req: Request) -> None:
+        entry = self._shadows.pop(id(req), None)
+        if entry is not None:
+            self.kv.free(entry[1])
+
+    def release_finished(self) -> None:
+        for key in [key for key, (req, _) in self._shadows.items() if req.is_finished]:
+            _, shadow = self._shadows.pop(key)
+            self.kv.free(shadow)
+
+    def _sync(self, req: Request, k: int) -> Request | None:
+        """Roll the shadow back to what it shares with the target, and give it slots for this round."""
+        shadow = self._shadow(req)
+        target = req.all_token_ids
+        have = shadow.all_token_ids
+        common = 0
+        limit = min(shadow.num_computed_tokens, len(target) - 1)  # the last token is always fed: its logits are needed
+        while common < limit and have[common] == target[common]:
+            common += 1
+        bs = self.kv.block_size
+        if common % bs and common // bs < len(shadow.block_ids):
+            if self.kv.pool.block_hash[shadow.block_ids[common // bs]] is not None:
+                common -= common % bs  # never write into a block the prefix cache holds: recompute its tail
+        shadow.num_computed_tokens = common
+        shadow.all_token_ids = list(target)
+        shadow.output_token_ids = list(req.output_token_ids)
+        self.kv.trim(shadow)
+        if len(shadow.block_hashes) > common // bs:  # hashes past the kept tokens are stale
+            del shadow.block_hashes[common // bs:]
+            shadow.num_registered_blocks = min(shadow.num_registered_blocks, len(shadow.block_hashes))
+        shared = self.kv.find_cached_prefix(shadow) if common == 0 and not shadow.block_ids else []
+        need = len(target) - common - len(shared) * bs
+        if not self.kv.allocate_slots(shadow, need + k - 1, shared):
+            self._drop(req)
+            return None
+        return shadow
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], k: int) -> None:
+        """Set spec_token_ids (k guesses) and, for sampled requests, spec_draft_probs ([k, V]) on each request."""
+        self.release_finished()
+        active = [(req, sh) for req in requests if (sh := self._sync(req, k)) is not None]
+        drafts: list[list[int]] = [[] for _ in active]
+        probs: list[list[torch.Tensor]] = [[] for _ in active]
+        for _ in range(k):
+            if not active:
+                break
+            rows = tuple(ScheduledRequest(request=sh, num_computed_tokens=sh.num_computed_tokens,
+                                          token_ids=tuple(sh.all_token_ids[sh.num_computed_tokens:]),
+                                          block_ids=tuple(sh.block_ids), needs_sample=True) for _, sh in active)
+            t0 = time.perf_counter()
+            logits = self.runner.last_token_logits(SchedulerOutput(rows, sum(r.num_new_tokens for r in rows), ()))
+            tokens = self._choose(logits, active, drafts, probs)
+            self.cost.observe(len(active), time.perf_counter() - t0)
+            for j, ((req, sh), token) in enumerate(zip(active, tokens)):
+                sh.num_computed_tokens = sh.num_tokens
+                self.kv.cache_full_blocks(sh)
+                sh.all_token_ids.append(token)
+                drafts[j].append(token)
+        for (req, _), guess, q in zip(active, drafts, probs):
+            req.spec_token_ids = guess
+            req.spec_draft_probs = torch.stack(q) if q else None
+
+    def _choose(self, logits: torch.Tensor, active, drafts, probs) -> list[int]:
+        reqs = [req for req, _ in active]
+        batch = SamplingBatch(params=[r.params for r in reqs], generators=[r.generator for r in reqs],
+                              prompt_token_ids=[r.prompt_token_ids for r in reqs],
+                              output_token_ids=[r.output_token_ids + d for r, d in zip(reqs, drafts)],
+                              eos_token_ids=self.eos_token_ids)
+        sampled = [j for j, r in enumerate(reqs) if not _is_greedy(r.params)]
+        tokens = self.sampler(logits, batch).token_ids.tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
+        if sampled:
+            sub = SamplingBatch(params=[batch.params[j] for j in sampled],
+                                generators=[batch.generators[j] for j in sampled],
+                                prompt_token_ids=[batch.prompt_token_ids[j] for j in sampled],
+                                output_token_ids=[batch.output_token_ids[j] for j in sampled],
+                                eos_token_ids=self.eos_token_ids)
+            q = self.sampler.probabilities(logits[torch.tensor(sampled, device=logits.device)], sub)  # [S, V]
+            for row, j in enumerate(sampled):
+                gen = reqs[j].generator
+                qj = q[row].to(gen.device) if gen is not None else q[row]
+                tokens[j] = int(torch.multinomial(qj, 1, generator=gen))
+                probs[j].append(q[row])
+        return tokens
