@@ -11,6 +11,7 @@ releases the GIL, so the event loop keeps serving HTTP while the engine thread s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -51,6 +52,18 @@ class EngineSnapshot:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_preemptions: int = 0
+    speculative: bool = False  # speculative decoding is on; the spec_* counters are totals since start
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
 
 class RequestStream:
@@ -307,6 +320,11 @@ class AsyncLLMEngine:
             num_prompt_tokens=e.stats.num_prompt_tokens, num_generation_tokens=e.stats.num_generation_tokens,
             num_preemptions=e.scheduler.num_preemptions,
         )
+        if e.speculator is not None:
+            st = e.speculator.stats
+            self.snapshot = dataclasses.replace(
+                self.snapshot, speculative=True, spec_num_drafts=st.num_drafts,
+                spec_num_draft_tokens=st.num_draft_tokens, spec_num_accepted_tokens=st.num_accepted_tokens)
 
     # ---- logging ----------------------------------------------------------------------------
 
@@ -332,5 +350,9 @@ class AsyncLLMEngine:
                         "prompt %.1f tok/s, generation %.1f tok/s", s.num_running, s.num_waiting, 100 * s.kv_usage,
                         100 * s.prefix_hit_rate, (s.num_prompt_tokens - last_prompt) / elapsed,
                         (s.num_generation_tokens - last_gen) / elapsed)
+            if s.speculative:
+                logger.info("speculative decoding: %d drafts, %d tokens proposed, %d accepted (acceptance rate "
+                            "%.1f%%, mean acceptance length %.2f)", s.spec_num_drafts, s.spec_num_draft_tokens,
+                            s.spec_num_accepted_tokens, 100 * s.spec_acceptance_rate, s.spec_mean_acceptance_length)
         self._active_since_log = bool(s.num_running or s.num_waiting)
         self._last_log = (now, s.num_prompt_tokens, s.num_generation_tokens)

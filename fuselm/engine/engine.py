@@ -165,7 +165,7 @@ class LLMEngine:
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
         if spec is not None:
-            spec.observe_step(out.num_batched_tokens, time.perf_counter() - t0)
+            spec.observe_step(out, time.perf_counter() - t0)
         return self._update(out, result)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:

@@ -13,10 +13,11 @@ fp32 is packed too. On Sapphire Rapids it gained only on the LM head, but on an 
 gate/up [3072 x 576] at 4 rows 1500 -> 387 us, 16 rows 2455 -> 748 us, 64 rows 4891 -> 3528 us;
 down [576 x 1536] at 4 rows 421 -> 214 us. A step verifying speculative tokens (5 rows per
 request) would otherwise cost twice a plain decode there. fp32 keeps the packed path up to
-`PACKED_MAX_ROWS_FP32` rows (measured level or better up to 512).
+every row count (measured level or better up to 512), so a packed fp32 layer drops its plain
+weight: one copy in memory, not two.
 
-The plain weight stays the module's Parameter (for loading, the large-M path and the tests), so a
-packed layer costs one extra copy of its weight in memory.
+In bf16 the plain weight stays the module's Parameter (for the large-M path and fuselm's
+single-row C linear), so a packed bf16 layer costs one extra copy of its weight in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_MAX_ROWS = 256  # bf16: above this many rows F.linear is as fast (measured, see the docstring)
-PACKED_MAX_ROWS_FP32 = 1024
 SMALL_M_ROWS = 1  # rows that take fuselm's C linear: at 1 row 16.2 vs 13.4 GB/s, at 4 rows slower than oneDNN
 _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for: the typical decode batch
 
@@ -60,23 +60,29 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose forward uses a oneDNN-packed copy of its weight for up to
-    PACKED_MAX_ROWS (bf16) / PACKED_MAX_ROWS_FP32 rows and F.linear above that."""
+    """An nn.Linear whose forward uses a oneDNN-packed copy of its weight: in fp32 always (the
+    plain weight is dropped), in bf16 for up to PACKED_MAX_ROWS rows and F.linear above that."""
 
     def __init__(self, linear: nn.Linear, packed: torch.Tensor, small_m=None) -> None:
         super().__init__()
-        self.max_rows = PACKED_MAX_ROWS_FP32 if linear.weight.dtype == torch.float32 else PACKED_MAX_ROWS
-        self.weight = linear.weight
+        self.keep_plain = linear.weight.dtype != torch.float32
+        self.weight = linear.weight if self.keep_plain else None
         self.bias = linear.bias
         self.packed = packed
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.small_m = small_m  # fuselm.kernels.cpu.CpuKernels for a few rows (see small_m_kernels), or None
 
+    @property
+    def packed_bytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.keep_plain:
+            return packed_linear(x.reshape(-1, self.in_features), self.packed, self.bias).view(*x.shape[:-1], -1)
         if x.dim() == 2:
             if self.small_m is not None and x.shape[0] <= SMALL_M_ROWS:
                 return self.small_m.linear_small_m(x, self.weight, self.bias)
-            if x.shape[0] <= self.max_rows:
+            if x.shape[0] <= PACKED_MAX_ROWS:
                 return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 

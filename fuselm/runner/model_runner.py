@@ -94,7 +94,7 @@ class ModelRunner:
                                                         mc.num_key_value_heads, mc.head_dim, self.block_size):
                 self.cpu_kernels = kernels
             model.pack_for_cpu(self.cpu_kernels)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.bytes_per_block
 
     @property
@@ -286,6 +286,18 @@ class ModelRunner:
                 tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))
             tokens.append([tok])
         return tokens
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter plus the oneDNN-packed copies (packed layers without a plain weight included)."""
+    from fuselm.kernels.onednn import PackedLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    head = getattr(model, "packed_lm_head", None)
+    if head is not None:
+        total += head.numel() * head.element_size()
+    return total
 
 
 def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:

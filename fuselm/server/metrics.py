@@ -26,6 +26,9 @@ METRIC_NAMES = (
     "fuselm_e2e_request_latency_seconds", "fuselm_request_queue_time_seconds",
     "fuselm_num_requests_running", "fuselm_num_requests_waiting", "fuselm_kv_cache_usage_ratio",
     "fuselm_prefix_cache_hit_rate", "fuselm_num_preemptions",
+    "fuselm_spec_decode_num_drafts", "fuselm_spec_decode_num_draft_tokens",
+    "fuselm_spec_decode_num_accepted_tokens", "fuselm_spec_decode_acceptance_rate",
+    "fuselm_spec_decode_mean_acceptance_length",
 )
 
 
@@ -62,6 +65,17 @@ class ServerMetrics:
                               "prompt tokens looked up (0-1), since start", labels, registry=registry)
         self.preemptions = Gauge("fuselm_num_preemptions", "Preemptions (recompute) since start", labels,
                                  registry=registry)
+        # Speculative decoding (0 when it is off): engine totals since start, set at scrape time.
+        self.spec_drafts = Gauge("fuselm_spec_decode_num_drafts", "Verifications of speculative tokens (rows that "
+                                 "carried proposals) since start", labels, registry=registry)
+        self.spec_draft_tokens = Gauge("fuselm_spec_decode_num_draft_tokens", "Speculative tokens proposed and "
+                                       "verified since start", labels, registry=registry)
+        self.spec_accepted = Gauge("fuselm_spec_decode_num_accepted_tokens", "Speculative tokens accepted since start",
+                                   labels, registry=registry)
+        self.spec_rate = Gauge("fuselm_spec_decode_acceptance_rate", "Accepted / proposed speculative tokens (0-1)",
+                               labels, registry=registry)
+        self.spec_length = Gauge("fuselm_spec_decode_mean_acceptance_length", "Tokens emitted per verification, the "
+                                 "bonus token included", labels, registry=registry)
         self._lock = threading.Lock()
         self._progress: dict[str, tuple[int, float]] = {}  # request id -> (tokens seen, time of the last)
 
@@ -100,4 +114,9 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(snapshot.kv_usage)
         self.hit_rate.labels(name).set(snapshot.prefix_hit_rate)
         self.preemptions.labels(name).set(snapshot.num_preemptions)
+        self.spec_drafts.labels(name).set(snapshot.spec_num_drafts)
+        self.spec_draft_tokens.labels(name).set(snapshot.spec_num_draft_tokens)
+        self.spec_accepted.labels(name).set(snapshot.spec_num_accepted_tokens)
+        self.spec_rate.labels(name).set(snapshot.spec_acceptance_rate)
+        self.spec_length.labels(name).set(snapshot.spec_mean_acceptance_length)
         return generate_latest(self.registry)

@@ -1,19 +1,18 @@
-"""How many tokens to speculate this step: the k that maximises expected tokens per second.
+"""How many tokens to speculate this step: the plan with the most expected tokens per second.
 
 Two things decide whether verifying k more tokens per request pays: how likely they are to be
 accepted, and what the extra tokens cost in the step. Both are measured while the engine runs:
 
-- StepCostModel fits step time = fixed + per_token * tokens to the engine's own steps
+- StepCostModel fits step time = fixed + per_token * tokens to the engine's own decode steps
   (exponentially weighted least squares, the slope pulled towards a weak prior when the steps seen
   so far all had about the same size). On a CPU at batch 1 the fixed part dominates, so extra
   tokens are almost free; at batch 32 they are not.
-- AcceptanceTracker keeps, per request, decayed counts of accepted and rejected proposal
-  positions (acceptance stops at the first rejection, so those are the Bernoulli trials seen).
-  With per-token acceptance a, k proposed tokens yield (1 - a^(k+1)) / (1 - a) tokens on average,
-  the bonus token included. Counts drift back to the running average when a request is not
+- AcceptanceTracker estimates P(the first j proposals of a request are accepted): per request
+  for the first position, over all requests for each deeper one given the ones before (guesses
+  come right in runs). A request's estimate drifts back to the running average while it is not
   verified, so a request that once did badly is tried again later.
 
-`choose_k` evaluates k = 0..k_max with these and returns the best (0: no speculation this step).
+`plan_speculation` turns these into how many proposed tokens each request verifies this step.
 """
 
 from __future__ import annotations
@@ -62,73 +61,105 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 class AcceptanceTracker:
+    """P(the first j proposals of a request are all accepted), from what verification has shown.
+
+    Acceptance is bursty: inside a copied span one guess after another is right, so the chance
+    that the j-th is accepted given the ones before were is higher than the first's. The tracker
+    keeps, per request, decayed counts for the first position, and over all requests the
+    conditional rate of each deeper position; P(first j) = first(request) * prod of conditionals.
+    """
+
+    MAX_DEPTH = 16
+
     def __init__(self, decay: float = 0.8, prior: float = 0.5, prior_count: float = 2.0) -> None:
         self.decay = decay
+        self.prior = prior
         self.prior_count = prior_count
-        self.global_accepted = prior * prior_count  # running totals over every request (decayed slowly)
-        self.global_rejected = (1.0 - prior) * prior_count
-        self._counts: dict[int, list] = {}  # id(request) -> [request, accepted, rejected]
+        # global, per depth j (index j - 1): decayed [accepted, reached] counts
+        self.depth = [[prior * prior_count, prior_count] for _ in range(self.MAX_DEPTH)]
+        self._first: dict[int, list] = {}  # id(request) -> [request, accepted, tries] at the first position
 
     @property
     def global_rate(self) -> float:
-        return self.global_accepted / (self.global_accepted + self.global_rejected)
+        """The first position's acceptance rate over all requests."""
+        accepted, reached = self.depth[0]
+        return accepted / reached
 
     def rate(self, request) -> float:
-        entry = self._counts.get(id(request))
+        """The request's own first-position acceptance estimate."""
+        entry = self._first.get(id(request))
         if entry is None or entry[0] is not request:
             return self.global_rate
-        return entry[1] / (entry[1] + entry[2])
+        return entry[1] / entry[2]
 
-    def _entry(self, request) -> list:
-        entry = self._counts.get(id(request))
-        if entry is None or entry[0] is not request:
-            g = self.global_rate * self.prior_count
-            entry = self._counts[id(request)] = [request, g, self.prior_count - g]
-        return entry
+    def gains(self, request, cap: int) -> list[float]:
+        """[P(first j proposals accepted) for j = 1..cap]."""
+        out, p = [], self.rate(request)
+        for j in range(cap):
+            if j:
+                accepted, reached = self.depth[j]
+                p *= accepted / reached
+            out.append(p)
+        return out
 
     def record(self, request, num_proposed: int, num_accepted: int) -> None:
-        rejected = 1.0 if num_accepted < num_proposed else 0.0
-        entry = self._entry(request)
-        entry[1] = entry[1] * self.decay + num_accepted
-        entry[2] = entry[2] * self.decay + rejected
-        self.global_accepted = self.global_accepted * 0.99 + num_accepted
-        self.global_rejected = self.global_rejected * 0.99 + rejected
+        entry = self._first.get(id(request))
+        if entry is None or entry[0] is not request:
+            entry = self._first[id(request)] = [request, self.global_rate * self.prior_count, self.prior_count]
+        entry[1] = entry[1] * self.decay + (num_accepted > 0)
+        entry[2] = entry[2] * self.decay + 1.0
+        for j in range(min(num_proposed, num_accepted + 1, self.MAX_DEPTH)):  # depths that were evaluated
+            counts = self.depth[j]
+            counts[0] = counts[0] * 0.99 + (j < num_accepted)
+            counts[1] = counts[1] * 0.99 + 1.0
 
     def relax(self, request) -> None:
         """A decoding request not verified this step drifts back towards the running average."""
-        entry = self._counts.get(id(request))
+        entry = self._first.get(id(request))
         if entry is None or entry[0] is not request:
             return
-        g = self.global_rate * self.prior_count
-        entry[1] += (g - entry[1]) * 0.05
-        entry[2] += (self.prior_count - g - entry[2]) * 0.05
+        entry[1] += (self.global_rate * entry[2] - entry[1]) * 0.05
 
     def release_finished(self) -> None:
-        for key in [key for key, e in self._counts.items() if e[0].is_finished]:
-            del self._counts[key]
+        for key in [key for key, e in self._first.items() if e[0].is_finished]:
+            del self._first[key]
 
 
-def choose_k(acceptances: list[float], caps: list[int], k_max: int, base_tokens: int, target: StepCostModel,
-             draft: StepCostModel | None = None, min_gain: float = 1.03) -> int:
-    """The k in 0..k_max with the most expected tokens per second.
+def plan_speculation(gains: list[list[float]], base_tokens: int, target: StepCostModel,
+                     draft: StepCostModel | None = None, min_gain: float = 1.05) -> list[int]:
+    """How many proposed tokens each decoding request verifies this step (0 = none).
 
-    acceptances/caps: per decoding request, its acceptance estimate and the most tokens it can take
-    (proposal length, room before max_tokens). base_tokens: the step's tokens without speculation.
-    draft: the proposer's per-round cost (draft model), or None when proposing is free (ngram).
-    Speculation is chosen only when it beats k = 0 by `min_gain`.
+    gains: per decoding request, P(its first j proposals are all accepted) for j = 1..the most it
+    can take (proposal length, room before max_tokens). base_tokens: the step's tokens without
+    speculation. draft: the proposer's cost per round (a draft model, whose rounds are shared by
+    every request), or None when proposing is free (ngram).
+
+    The j-th proposed token of a request adds gains[j - 1] expected tokens (it counts only if the
+    j - 1 before it were accepted) and one token's cost to the step. Taking candidates best-first, one
+    is added while its gain per second beats the step's current tokens per second (by `min_gain`,
+    a margin for estimation noise): at batch 1 almost any guess pays, at batch 32 on a CPU only
+    likely ones do. With a draft model every depth limit 1..max(caps) is tried with its rounds'
+    cost and the best plan is kept.
     """
-    if not acceptances or not target.fitted:
-        return 0
-    rate0 = len(acceptances) / target.predict(base_tokens)
-    best_k, best_rate = 0, rate0 * min_gain
-    for k in range(1, k_max + 1):
-        extra = sum(min(k, c) for c in caps)
-        if extra == 0:
-            break
-        seconds = target.predict(base_tokens + extra)
-        if draft is not None:
-            seconds += k * draft.predict(len(acceptances))
-        rate = sum(expected_tokens(a, min(k, c)) for a, c in zip(acceptances, caps)) / seconds
-        if rate > best_rate:
-            best_k, best_rate = k, rate
-    return best_k
+    n = len(gains)
+    caps = [len(g) for g in gains]
+    if not n or not target.fitted or not any(caps):
+        return [0] * n
+    fixed, per_token = target.coefficients()
+    best_plan, best_rate = [0] * n, n / target.predict(base_tokens)
+    depths = range(1, max(caps) + 1) if draft is not None else [max(caps)]
+    for depth in depths:
+        seconds = target.predict(base_tokens) + (depth * draft.predict(n) if draft is not None else 0.0)
+        tokens = float(n)
+        candidates = sorted(((g, r) for r, row in enumerate(gains) for g in row[:depth]), key=lambda c: -c[0])
+        plan = [0] * n
+        for gain, r in candidates:
+            if gain * seconds <= min_gain * tokens * per_token:  # gain / per_token <= min_gain * tokens / seconds
+                break
+            plan[r] += 1
+            tokens += gain
+            seconds += per_token
+        rate = tokens / seconds
+        if any(plan) and rate > best_rate:
+            best_plan, best_rate = plan, rate
+    return best_plan

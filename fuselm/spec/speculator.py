@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fuselm.engine.request import Request, RequestStatus
-from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, choose_k
+from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, plan_speculation
 from fuselm.spec.config import SpeculativeConfig
 from fuselm.spec.ngram import NgramProposer
 
@@ -51,7 +51,7 @@ class Speculator:
         self.cost = StepCostModel()
         self.acceptance = AcceptanceTracker()
         self.stats = SpecStats()
-        self.last_k = 0
+        self.last_plan: list[int] = []  # tokens per decoding request in the latest proposal
 
     def _room(self, req: Request) -> int:
         """Most speculative tokens the request can take: one token is always the verified/bonus one."""
@@ -75,39 +75,40 @@ class Speculator:
             caps = [len(g) for g in guesses]
         else:
             caps = rooms
-        k = self._pick_k(decoding, caps, num_waiting, len(running))
-        self.last_k = k
-        chosen = [r for r, c in zip(decoding, caps) if k and c]
-        for r, c in zip(decoding, caps):
-            if not (k and c):
+        plan = self._plan(decoding, caps, num_waiting, len(running))
+        self.last_plan = plan
+        for r, k in zip(decoding, plan):
+            if not k:
                 self.acceptance.relax(r)
-        if not chosen:
+        if not any(plan):
             return
         if self.ngram is not None:
-            for r, g in zip(decoding, guesses):
-                if k and g:
-                    r.spec_token_ids = g[:k]
+            for r, g, k in zip(decoding, guesses, plan):
+                r.spec_token_ids = g[:k]
         else:
-            self.draft.propose(chosen, k)
-            for r, c in zip(decoding, caps):
-                if r.spec_token_ids and len(r.spec_token_ids) > c:
-                    r.spec_token_ids = r.spec_token_ids[:c]
-                    if r.spec_draft_probs is not None:
-                        r.spec_draft_probs = r.spec_draft_probs[:c]
+            chosen = [(r, k) for r, k in zip(decoding, plan) if k]
+            self.draft.propose([r for r, _ in chosen], max(k for _, k in chosen))
+            for r, k in chosen:
+                r.spec_token_ids = r.spec_token_ids[:k]
+                if r.spec_draft_probs is not None:
+                    r.spec_draft_probs = r.spec_draft_probs[:k]
 
-    def _pick_k(self, decoding: list[Request], caps: list[int], num_waiting: int, num_running: int) -> int:
+    def _plan(self, decoding: list[Request], caps: list[int], num_waiting: int, num_running: int) -> list[int]:
         if not any(caps):
-            return 0
+            return [0] * len(decoding)
         if not self.config.adaptive:
-            return self.k_max
+            return caps
         if self.draft is not None and num_waiting and num_running < self.max_num_seqs:
-            return 0  # admissions will take the budget that speculation gets last: don't run the draft for nothing
-        rates = [self.acceptance.rate(r) for r in decoding]
-        return choose_k(rates, caps, self.k_max, len(decoding), self.cost,
-                        self.draft.cost if self.draft is not None else None)
+            return [0] * len(decoding)  # admissions take the budget speculation gets last: don't run the draft for nothing
+        gains = [self.acceptance.gains(r, c) for r, c in zip(decoding, caps)]
+        return plan_speculation(gains, len(decoding), self.cost, self.draft.cost if self.draft is not None else None)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.cost.observe(num_tokens, seconds)
+    def observe_step(self, out, seconds: float) -> None:
+        """Fit the cost model to decode steps only (every row one token plus its proposals): prompt
+        chunks cost less per token than query rows that each read a whole context, and decode steps
+        are the ones the choice of k is about."""
+        if all(r.num_new_tokens == 1 + r.num_spec_tokens for r in out.scheduled):
+            self.cost.observe(out.num_batched_tokens, seconds)
 
     def record(self, req: Request, num_proposed: int, num_accepted: int) -> None:
         self.stats.num_drafts += 1

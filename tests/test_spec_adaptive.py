@@ -1,0 +1,95 @@
+"""The adaptive speculation rule (fuselm/spec/adaptive.py) and the ngram proposer, on known inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fuselm.engine.request import Request
+from fuselm.sampling_params import SamplingParams
+from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, expected_tokens, plan_speculation
+from fuselm.spec.ngram import NgramProposer
+
+
+def fitted(fixed: float, per_token: float, sizes=(1, 5, 9, 32, 64, 160)) -> StepCostModel:
+    model = StepCostModel()
+    for _ in range(4):
+        for t in sizes:
+            model.observe(t, fixed + per_token * t)
+    return model
+
+
+def test_cost_model_recovers_a_line():
+    a, b = fitted(0.07, 0.005).coefficients()
+    assert a == pytest.approx(0.07, rel=0.02) and b == pytest.approx(0.005, rel=0.02)
+
+
+def test_cost_model_prior_when_sizes_do_not_vary():
+    model = StepCostModel()
+    for _ in range(10):
+        model.observe(1, 0.08)
+    a, b = model.coefficients()
+    assert b > 0 and a + b == pytest.approx(0.08, rel=1e-6)  # fits the data, slope from the prior
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def geometric(a: float, k: int) -> list[float]:
+    return [a ** j for j in range(1, k + 1)]
+
+
+def test_plan_batch_one_speculates_fully():
+    cost = fitted(0.07, 0.005)  # a decode step is mostly fixed cost
+    assert plan_speculation([geometric(0.7, 4)], 1, cost) == [4]
+    assert plan_speculation([geometric(0.3, 4)], 1, cost)[0] >= 1
+    assert plan_speculation([geometric(0.7, 2)], 1, cost) == [2]  # never more than the proposal
+
+
+def test_plan_large_batch_is_selective():
+    cost = fitted(0.07, 0.005)  # 32 rows: 230 ms, each extra token 5 ms against ~7 ms per emitted token
+    assert plan_speculation([geometric(0.4, 4)] * 32, 32, cost) == [0] * 32
+    plan = plan_speculation([geometric(0.95, 4)] + [geometric(0.4, 4)] * 31, 32, cost)
+    assert plan[0] >= 1 and plan[1:] == [0] * 31  # only the request whose guesses are likely
+
+
+def test_plan_charges_draft_rounds():
+    cost = fitted(0.07, 0.0005)
+    free = plan_speculation([geometric(0.6, 4)] * 4, 4, cost, None)
+    dear = fitted(0.2, 0.0)  # each draft round costs more than a whole target step
+    assert free == [4] * 4
+    assert plan_speculation([geometric(0.6, 4)] * 4, 4, cost, dear) == [0] * 4
+
+
+def test_acceptance_tracker_follows_a_request():
+    tracker = AcceptanceTracker()
+    req = Request("r", None, [1, 2, 3], SamplingParams(), 16, arrival_seq=0)
+    for _ in range(20):
+        tracker.record(req, 4, 0)  # always rejected at the first position
+    assert tracker.rate(req) < 0.1
+    other = Request("s", None, [1], SamplingParams(), 16, arrival_seq=1)
+    assert tracker.rate(other) == tracker.global_rate < 0.5
+
+
+def test_acceptance_tracker_learns_runs():
+    """Guesses that are right in runs: once the first is accepted, the rest mostly are too."""
+    tracker = AcceptanceTracker()
+    req = Request("r", None, [1, 2, 3], SamplingParams(), 16, arrival_seq=0)
+    for i in range(200):
+        tracker.record(req, 4, 4 if i % 2 else 0)  # half the rounds accept all four, half none
+    g = tracker.gains(req, 4)
+    assert g[0] == pytest.approx(0.5, abs=0.1)
+    assert g[3] == pytest.approx(0.5, abs=0.12)  # not 0.5 ** 4: deeper positions follow the first
+
+
+def test_ngram_proposes_latest_longest_match():
+    proposer = NgramProposer(1, 3)
+    req = Request("r", None, [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3], SamplingParams(), 16, arrival_seq=0)
+    # suffix (5, 2, 3) never occurred; (2, 3) last occurred at index 5 -> followed by 7, 8, 5
+    assert proposer.propose(req, 3) == [7, 8, 5]
+    req.append_token(7)  # suffix (2, 3, 7) occurred at index 5 -> followed by 8, 5, 2, 3
+    assert proposer.propose(req, 10) == [8, 5, 2, 3, 7]
+    req.append_token(42)  # nothing ends in 42 before
+    assert proposer.propose(req, 3) == []
