@@ -3,18 +3,19 @@
 Copy-heavy prompts: each asks the model to rewrite a ~300-token Python function (eight functions
 of fuselm's sources, frozen in benchmarks/data/code_snippets.json) with one change, a rename of
 the function. Greedy decoding, so every speculative run must produce exactly the plain run's
-tokens; the script checks that and reports it.
+tokens; the script checks that and reports it. `--workload open` asks open-ended questions
+instead (little to copy), to show that adaptive speculation steps aside when guesses fail.
 
 For each batch size it runs the plain engine and each speculative configuration on the same
 prompts and reports decode tok/s, acceptance rate and mean acceptance length. The prompts are
 computed once beforehand (max_tokens=1), so the measured run finds them in the prefix cache and
 its time is decode time: tokens after the first over the time from the first token to the last.
-"Batch 1" runs the eight prompts one after another; batch b > 1 runs b prompts (cycling the eight)
+"Batch 1" runs the eight prompts (`--batch1-prompts`) one after another; batch b > 1 runs b prompts (cycling the eight)
 together.
 
     python benchmarks/speculative.py                                   # SmolLM2-135M, ngram
     python benchmarks/speculative.py --model .build/qwen2.5-coder-1.5b-q4_k_m.gguf \\
-        --draft-model .build/qwen2.5-coder-0.5b-q4_k_m.gguf --batch-sizes 1,8 --max-tokens 96
+        --draft-model .build/qwen2.5-coder-0.5b-q4_k_m.gguf --batch-sizes 1,8 --max-tokens 64 --batch1-prompts 2
 """
 
 from __future__ import annotations
@@ -31,7 +32,21 @@ HERE = Path(__file__).resolve().parent
 SNIPPETS = HERE / "data" / "code_snippets.json"  # 8 functions of 257-351 SmolLM2 tokens
 
 
-def prompts_for(count: int) -> list[list[dict]]:
+OPEN_QUESTIONS = [  # little to copy from: prompt lookup rarely matches, so speculation should step aside
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Give me five ideas for a weekend trip in the mountains, with one sentence each.",
+    "What are the pros and cons of working from home?",
+    "Describe the taste of a ripe mango to someone who has never had one.",
+    "Write a poem about the first snow of winter.",
+    "How do vaccines train the immune system? Keep it simple.",
+    "Plan a three-course vegetarian dinner and say why each course fits.",
+]
+
+
+def prompts_for(count: int, workload: str = "copy") -> list[list[dict]]:
+    if workload == "open":
+        return [[{"role": "user", "content": OPEN_QUESTIONS[i % len(OPEN_QUESTIONS)]}] for i in range(count)]
     snippets = json.loads(SNIPPETS.read_text())
     out = []
     for i in range(count):
@@ -84,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=1, help="runs per batch size; the fastest is kept (this VM's "
                    "speed drifts by 20%%)")
+    p.add_argument("--workload", choices=["copy", "open"], default="copy",
+                   help="copy: rewrite a function with one change; open: open-ended questions (little to copy)")
     p.add_argument("--batch1-prompts", type=int, default=8, help="prompts run one at a time for batch 1")
     p.add_argument("--out", default=None, help="JSON results path")
     args = p.parse_args(argv)
@@ -105,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     for name, spec in configs:
         llm = LLM(args.model, dtype=args.dtype, speculative_config=spec, max_num_seqs=max(sizes))
-        prompts_all = prompts_for(max(sizes + [args.batch1_prompts]))
+        prompts_all = prompts_for(max(sizes + [args.batch1_prompts]), args.workload)
         run(llm, prompts_all[:1], 8)  # warm-up: kernels built, caches touched
         for b in sizes:
             prompts = prompts_all[:args.batch1_prompts] if b == 1 else prompts_all[:b]
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": platform.processor() or platform.machine(),
               "model": args.model or "embedded SmolLM2-135M-Instruct", "draft_model": args.draft_model,
               "dtype": str(parse_dtype(args.dtype, "cpu")).removeprefix("torch."), "max_tokens": args.max_tokens,
-              "k": args.k, "results": results}
+              "k": args.k, "workload": args.workload, "results": results}
     print("\n| config | batch | decode tok/s | speedup | acceptance | mean length | identical |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in results:

@@ -143,6 +143,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         spec = self.speculator
+        t0 = time.perf_counter()
         if spec is not None:
             try:
                 spec.propose(self.scheduler.running, len(self.scheduler.waiting))
@@ -158,15 +159,15 @@ class LLMEngine:
         for row in out.scheduled:
             if row.request.metrics.first_scheduled_time is None:
                 row.request.metrics.first_scheduled_time = now
-        t0 = time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
-        if spec is not None:
+        outputs = self._update(out, result)
+        if spec is not None:  # the whole step: proposing, scheduling, the forward, verifying, appending
             spec.observe_step(out, time.perf_counter() - t0)
-        return self._update(out, result)
+        return outputs
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
         """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""

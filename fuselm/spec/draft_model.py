@@ -44,7 +44,7 @@ class DraftModelProposer:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=True)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
-        self.cost = StepCostModel()  # seconds per draft round, by number of sequences
+        self.cost = StepCostModel()  # seconds per decode-like draft round, by number of sequences
         self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
         logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
@@ -114,7 +114,8 @@ class DraftModelProposer:
             t0 = time.perf_counter()
             logits = self.runner.last_token_logits(SchedulerOutput(rows, sum(r.num_new_tokens for r in rows), ()))
             tokens = self._choose(logits, active, drafts, probs)
-            self.cost.observe(len(active), time.perf_counter() - t0)
+            if all(r.num_new_tokens <= 2 for r in rows):  # decode-like rounds (a first catch-up is a prefill)
+                self.cost.observe(len(active), time.perf_counter() - t0)
             for j, ((req, sh), token) in enumerate(zip(active, tokens)):
                 sh.num_computed_tokens = sh.num_tokens
                 self.kv.cache_full_blocks(sh)

@@ -9,6 +9,7 @@ measured time to the cost model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from fuselm.engine.request import Request, RequestStatus
@@ -51,6 +52,7 @@ class Speculator:
         self.cost = StepCostModel()
         self.acceptance = AcceptanceTracker()
         self.stats = SpecStats()
+        self._draft_seconds = 0.0  # time the draft model took in this step's proposal (costed on its own)
         self.last_plan: list[int] = []  # tokens per decoding request in the latest proposal
 
     def _room(self, req: Request) -> int:
@@ -59,6 +61,7 @@ class Speculator:
                           self.max_model_len - req.num_tokens - 1))
 
     def propose(self, running: list[Request], num_waiting: int) -> None:
+        self._draft_seconds = 0.0
         for req in running:
             req.spec_token_ids = []
             req.spec_draft_probs = None
@@ -87,7 +90,9 @@ class Speculator:
                 r.spec_token_ids = g[:k]
         else:
             chosen = [(r, k) for r, k in zip(decoding, plan) if k]
+            t0 = time.perf_counter()
             self.draft.propose([r for r, _ in chosen], max(k for _, k in chosen))
+            self._draft_seconds = time.perf_counter() - t0
             for r, k in chosen:
                 r.spec_token_ids = r.spec_token_ids[:k]
                 if r.spec_draft_probs is not None:
@@ -104,11 +109,11 @@ class Speculator:
         return plan_speculation(gains, len(decoding), self.cost, self.draft.cost if self.draft is not None else None)
 
     def observe_step(self, out, seconds: float) -> None:
-        """Fit the cost model to decode steps only (every row one token plus its proposals): prompt
+        """Fit the cost model to whole decode steps (every row one token plus its proposals): prompt
         chunks cost less per token than query rows that each read a whole context, and decode steps
-        are the ones the choice of k is about."""
+        are the ones the plan is about. A draft model's rounds are costed by their own model."""
         if all(r.num_new_tokens == 1 + r.num_spec_tokens for r in out.scheduled):
-            self.cost.observe(out.num_batched_tokens, seconds)
+            self.cost.observe(out.num_batched_tokens, seconds - self._draft_seconds)
 
     def record(self, req: Request, num_proposed: int, num_accepted: int) -> None:
         self.stats.num_drafts += 1
