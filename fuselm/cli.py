@@ -38,7 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "gpu_memory_utilization": "CUDA: share of GPU memory the engine may use",
         "seed": "global random seed",
         "num_threads": "CPU threads for torch (default: torch's choice)",
-        "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16",
+        "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16 | int8 (a scale per token and head; "
+                          "the portable attention path for now)",
         "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, single-row bf16 linears) and "
                        "oneDNN-packed weights (off = portable torch path)",
         "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '

@@ -147,7 +147,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may use in all
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes (and decode attention traffic)
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes; int8 (+ a scale per token and head)
     cpu_kernels: bool = True  # CPU: C kernels + oneDNN-packed weights (False = portable torch path)
     # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (vLLM's shape), or its JSON
     speculative_config: Any = None
@@ -165,8 +165,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be > 0")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         from fuselm.spec.config import SpeculativeConfig

@@ -93,3 +93,28 @@ def test_ngram_proposes_latest_longest_match():
     assert proposer.propose(req, 10) == [8, 5, 2, 3, 7]
     req.append_token(42)  # nothing ends in 42 before
     assert proposer.propose(req, 3) == []
+
+
+def test_realized_gate_switches_off_a_losing_bucket():
+    from fuselm.spec.adaptive import RealizedGate
+
+    gate = RealizedGate(baseline_every=32, retry_every=16, min_samples=3)
+    assert not gate.allow(32)  # no baseline yet: measure plain steps first
+    for _ in range(3):
+        gate.observe(32, False, 32, 0.2)  # 160 tok/s without speculation
+    assert gate.allow(32)
+    for _ in range(3):
+        gate.observe(32, True, 50, 0.4)  # 125 tok/s with it: losing
+    assert not gate.allow(32)
+    for _ in range(16):
+        gate.observe(32, False, 32, 0.2)
+    assert gate.allow(32)  # a retry after 16 plain steps
+    assert gate.allow(1) is False  # other buckets keep their own measurements
+    for _ in range(3):
+        gate.observe(1, False, 1, 0.08)
+    for _ in range(3):
+        gate.observe(1, True, 3, 0.1)  # winning at batch 1
+    assert all(gate.allow(1) for _ in range(5))
+    for _ in range(32):
+        gate.observe(1, True, 3, 0.1)
+    assert not gate.allow(1)  # 32 speculative steps in a row: time to refresh the baseline

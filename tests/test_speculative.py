@@ -151,6 +151,14 @@ def test_embedded_model_ngram_identical(embedded_llm):
     got = spec.chat([prompt], params, use_tqdm=False)[0]
     assert got.outputs[0].token_ids == want
     assert got.metrics.spec_num_accepted_tokens > 0
+    # a stop string met inside an accepted run of guesses cuts the output where plain decoding does
+    text = embedded_llm.get_tokenizer().decode(want)
+    stop = text[len(text) // 2:len(text) // 2 + 6]
+    params = SamplingParams(temperature=0, max_tokens=48, stop=[stop])
+    want_stop = embedded_llm.chat([prompt], params, use_tqdm=False)[0].outputs[0]
+    got_stop = spec.chat([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert (got_stop.text, got_stop.token_ids, got_stop.finish_reason) == \
+        (want_stop.text, want_stop.token_ids, "stop")
     assert_pool_full(spec)
 
 

@@ -86,6 +86,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, q_size + 2 kv_size]
@@ -94,7 +96,7 @@ class Attention(nn.Module):
         qk = RotaryEmbedding.apply(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # [T, Hq+Hkv, D]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)  # [T, Hq, D]
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fuselm.runner.kv_quant import dequantize_rows, quantize_rows
+
 
 @dataclass(slots=True)
 class PrefillRow:
@@ -68,16 +70,37 @@ def get_attention_metadata() -> AttentionMetadata:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values into their cache slots. k_cache: [num_blocks, block_size, kv_heads, head_dim]."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Scatter new keys/values into their cache slots. k_cache: [num_blocks, block_size, kv_heads, head_dim].
+
+    An int8 cache comes with k_scale/v_scale [num_blocks, block_size, kv_heads]: rows are quantised
+    on the way in (runner/kv_quant.py).
+    """
     kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if scales is None:
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, x.to(cache.dtype))
+        else:
+            q, s = quantize_rows(x)
+            cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            scales.view(-1, kv_heads).index_copy_(0, slot_mapping, s)
+
+
+def read_kv(flat: torch.Tensor, flat_scale: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a flattened cache [slots, kv_heads, head_dim] at `slots` (any shape), in `dtype`."""
+    if flat_scale is None:
+        return flat[slots].to(dtype)
+    return dequantize_rows(flat[slots], flat_scale[slots], dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+                    v_cache: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D].
+
+    k_scale/v_scale: the per-token, per-head scales of an int8 cache (None otherwise).
+    """
     meta = get_attention_metadata()
     nd = meta.num_decode_tokens
     nw = nd if meta.num_single_rows < 0 else meta.num_single_rows
@@ -86,13 +109,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if nw < k.shape[0]:
             write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
     else:
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     out = q.new_empty(q.shape)  # [T, Hq, D], contiguous
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
+    flat_ks = k_scale.view(-1, kv_heads) if k_scale is not None else None
+    flat_vs = v_scale.view(-1, kv_heads) if v_scale is not None else None
 
     if kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
@@ -101,8 +126,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # Each query row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
         qd = q[:nd].reshape(nd, kv_heads, group, head_dim)
-        ctx_k = flat_k[meta.decode_context_slots].transpose(1, 2).to(q.dtype)  # [nd, Hkv, L, D]
-        ctx_v = flat_v[meta.decode_context_slots].transpose(1, 2).to(q.dtype)  # [nd, Hkv, L, D]
+        ctx_k = read_kv(flat_k, flat_ks, meta.decode_context_slots, q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
+        ctx_v = read_kv(flat_v, flat_vs, meta.decode_context_slots, q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
         od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
 
@@ -111,12 +136,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for row in meta.prefill_rows:
         qr = q[row.start:row.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if row.context_slots is None:
-            kr = k[row.start:row.end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
-            vr = v[row.start:row.end].transpose(0, 1).unsqueeze(0)
+            kr, vr = k[row.start:row.end], v[row.start:row.end]  # [n, Hkv, D]
+            if k_scale is not None:  # attend to what the int8 cache holds, so chunking never changes results
+                kr = dequantize_rows(*quantize_rows(kr), q.dtype)
+                vr = dequantize_rows(*quantize_rows(vr), q.dtype)
+            kr = kr.transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+            vr = vr.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
-            kr = flat_k[row.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, ctx, D]
-            vr = flat_v[row.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            kr = read_kv(flat_k, flat_ks, row.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vr = read_kv(flat_v, flat_vs, row.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.causal_mask, scale=scale,
                                                enable_gqa=group > 1)
         out[row.start:row.end] = o[0].transpose(0, 1)

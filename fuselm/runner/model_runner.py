@@ -17,6 +17,7 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.runner.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.spec.verify import verify_speculative
 
@@ -62,7 +63,10 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.kv_dtype = dtype if config.kv_cache_dtype == "auto" else parse_dtype(config.kv_cache_dtype, device)
+        if config.kv_cache_dtype == "int8":
+            self.kv_dtype = torch.int8  # with per-token, per-head scales (runner/kv_quant.py)
+        else:
+            self.kv_dtype = dtype if config.kv_cache_dtype == "auto" else parse_dtype(config.kv_cache_dtype, device)
         self.block_size = config.block_size
         self.eos_token_ids = list(eos_token_ids)
         if config.num_threads and self.device.type == "cpu":
@@ -84,6 +88,9 @@ class ModelRunner:
                 cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
                 cache[-1].zero_()
                 setattr(layer.self_attn, name, cache)
+            if self.kv_dtype == torch.int8:
+                for name in ("k_scale", "v_scale"):
+                    setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
         self.cpu_kernels = None
         if self.device.type == "cpu" and config.cpu_kernels:
             from fuselm.kernels.cpu import get_kernels
@@ -101,7 +108,10 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+        row = mc.head_dim * elem  # one head's key (or value) for one token
+        if self.kv_dtype == torch.int8:
+            row += SCALE_DTYPE.itemsize  # its scale
+        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * row
 
     def _kv_cache_blocks(self, max_model_len: int) -> int:
         cfg = self.config

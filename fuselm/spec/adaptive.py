@@ -13,6 +13,11 @@ accepted, and what the extra tokens cost in the step. Both are measured while th
   verified, so a request that once did badly is tried again later.
 
 `plan_speculation` turns these into how many proposed tokens each request verifies this step.
+`RealizedGate` then checks the model against what speculation really delivered: per batch-size
+bucket it keeps the measured tokens per second of decode steps with and without speculation,
+and switches speculation off in a bucket where it delivers less (the model can be wrong: at
+batch 32 it rated guesses as gains that cost 20%). It runs a plain step now and then to keep the
+baseline current, and a speculative one now and then to notice when guesses become good again.
 """
 
 from __future__ import annotations
@@ -165,3 +170,41 @@ def plan_speculation(gains: list[list[float]], base_tokens: int, target: StepCos
         if any(plan) and rate > best_rate:
             best_plan, best_rate = plan, rate
     return best_plan
+
+
+class RealizedGate:
+    """Measured tokens/s of decode steps with and without speculation, per batch-size bucket."""
+
+    def __init__(self, baseline_every: int = 32, retry_every: int = 16, min_samples: int = 3, decay: float = 0.8) -> None:
+        self.baseline_every = baseline_every
+        self.retry_every = retry_every
+        self.min_samples = min_samples
+        self.decay = decay
+        self._buckets: dict[int, dict] = {}
+
+    def _bucket(self, num_decoding: int) -> dict:
+        return self._buckets.setdefault(num_decoding.bit_length(), {
+            "plain": [0.0, 0.0, 0], "spec": [0.0, 0.0, 0], "since_plain": 0, "since_spec": 0})
+
+    def rate(self, num_decoding: int, kind: str) -> float | None:
+        total, weight, count = self._bucket(num_decoding)[kind]
+        return total / weight if count >= self.min_samples else None
+
+    def allow(self, num_decoding: int) -> bool:
+        """May this step speculate? (Called only when the plan wants to.)"""
+        b = self._bucket(num_decoding)
+        if b["plain"][2] < self.min_samples or b["since_plain"] >= self.baseline_every:
+            return False  # measure the baseline
+        spec, plain = self.rate(num_decoding, "spec"), self.rate(num_decoding, "plain")
+        if spec is not None and spec < plain:
+            return b["since_spec"] >= self.retry_every  # losing: only a retry now and then
+        return True
+
+    def observe(self, num_decoding: int, speculated: bool, tokens: int, seconds: float) -> None:
+        b = self._bucket(num_decoding)
+        entry = b["spec" if speculated else "plain"]
+        entry[0] = entry[0] * self.decay + tokens
+        entry[1] = entry[1] * self.decay + seconds
+        entry[2] += 1
+        b["since_spec"] = 0 if speculated else b["since_spec"] + 1
+        b["since_plain"] = b["since_plain"] + 1 if speculated else 0

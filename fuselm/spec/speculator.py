@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fuselm.engine.request import Request, RequestStatus
-from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, plan_speculation
+from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, StepCostModel, plan_speculation
 from fuselm.spec.config import SpeculativeConfig
 from fuselm.spec.ngram import NgramProposer
 
@@ -51,6 +51,8 @@ class Speculator:
                                             engine.device, engine.dtype, engine.max_model_len, engine.eos_token_ids)
         self.cost = StepCostModel()
         self.acceptance = AcceptanceTracker()
+        self.gate = RealizedGate()
+        self._step_accepted = 0  # speculative tokens accepted in the current step
         self.stats = SpecStats()
         self._draft_seconds = 0.0  # time the draft model took in this step's proposal (costed on its own)
         self.last_plan: list[int] = []  # tokens per decoding request in the latest proposal
@@ -62,6 +64,7 @@ class Speculator:
 
     def propose(self, running: list[Request], num_waiting: int) -> None:
         self._draft_seconds = 0.0
+        self._step_accepted = 0
         for req in running:
             req.spec_token_ids = []
             req.spec_draft_probs = None
@@ -106,7 +109,10 @@ class Speculator:
         if self.draft is not None and num_waiting and num_running < self.max_num_seqs:
             return [0] * len(decoding)  # admissions take the budget speculation gets last: don't run the draft for nothing
         gains = [self.acceptance.gains(r, c) for r, c in zip(decoding, caps)]
-        return plan_speculation(gains, len(decoding), self.cost, self.draft.cost if self.draft is not None else None)
+        plan = plan_speculation(gains, len(decoding), self.cost, self.draft.cost if self.draft is not None else None)
+        if any(plan) and not self.gate.allow(len(decoding)):
+            return [0] * len(decoding)
+        return plan
 
     def observe_step(self, out, seconds: float) -> None:
         """Fit the cost model to whole decode steps (every row one token plus its proposals): prompt
@@ -114,11 +120,14 @@ class Speculator:
         are the ones the plan is about. A draft model's rounds are costed by their own model."""
         if all(r.num_new_tokens == 1 + r.num_spec_tokens for r in out.scheduled):
             self.cost.observe(out.num_batched_tokens, seconds - self._draft_seconds)
+            speculated = any(r.num_spec_tokens for r in out.scheduled)
+            self.gate.observe(len(out.scheduled), speculated, len(out.scheduled) + self._step_accepted, seconds)
 
     def record(self, req: Request, num_proposed: int, num_accepted: int) -> None:
         self.stats.num_drafts += 1
         self.stats.num_draft_tokens += num_proposed
         self.stats.num_accepted_tokens += num_accepted
+        self._step_accepted += num_accepted
         self.acceptance.record(req, num_proposed, num_accepted)
         m = req.metrics
         m.spec_num_drafts += 1
