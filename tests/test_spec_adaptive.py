@@ -98,7 +98,7 @@ def test_ngram_proposes_latest_longest_match():
 def test_realized_gate_switches_off_a_losing_bucket():
     from fuselm.spec.adaptive import RealizedGate
 
-    gate = RealizedGate(baseline_every=32, retry_every=16, min_samples=3)
+    gate = RealizedGate(baseline_every=32, retry_every=16, min_samples=3)  # explicit settings, not the defaults
     assert not gate.allow(32)  # no baseline yet: measure plain steps first
     for _ in range(3):
         gate.observe(32, False, 32, 0.2)  # 160 tok/s without speculation

@@ -16,8 +16,8 @@ accepted, and what the extra tokens cost in the step. Both are measured while th
 `RealizedGate` then checks the model against what speculation really delivered: per batch-size
 bucket it keeps the measured tokens per second of decode steps with and without speculation,
 and switches speculation off in a bucket where it delivers less (the model can be wrong: at
-batch 32 it rated guesses as gains that cost 20%). It runs a plain step now and then to keep the
-baseline current, and a speculative one now and then to notice when guesses become good again.
+batch 32 it rated guesses as gains that cost 20%). It runs a plain step every 16 speculative
+ones to keep the baseline current (a bucket's first steps run slower, touching fresh KV pages), and a speculative one now and then to notice when guesses become good again.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def plan_speculation(gains: list[list[float]], base_tokens: int, target: StepCos
 class RealizedGate:
     """Measured tokens/s of decode steps with and without speculation, per batch-size bucket."""
 
-    def __init__(self, baseline_every: int = 32, retry_every: int = 16, min_samples: int = 3, decay: float = 0.8) -> None:
+    def __init__(self, baseline_every: int = 16, retry_every: int = 16, min_samples: int = 5, decay: float = 0.8) -> None:
         self.baseline_every = baseline_every
         self.retry_every = retry_every
         self.min_samples = min_samples
