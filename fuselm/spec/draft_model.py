@@ -45,6 +45,7 @@ class DraftModelProposer:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.cost = StepCostModel()  # seconds per decode-like draft round, by number of sequences
+        self.last_catch_up_tokens = 0
         self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
         logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
@@ -103,6 +104,8 @@ class DraftModelProposer:
         """Set spec_token_ids (k guesses) and, for sampled requests, spec_draft_probs ([k, V]) on each request."""
         self.release_finished()
         active = [(req, sh) for req in requests if (sh := self._sync(req, k)) is not None]
+        # tokens the draft computes before its first guess (a new request's whole prompt: a one-off prefill)
+        self.last_catch_up_tokens = sum(sh.num_tokens - sh.num_computed_tokens for _, sh in active)
         drafts: list[list[int]] = [[] for _ in active]
         probs: list[list[torch.Tensor]] = [[] for _ in active]
         for _ in range(k):

@@ -121,7 +121,9 @@ class Speculator:
         if all(r.num_new_tokens == 1 + r.num_spec_tokens for r in out.scheduled):
             self.cost.observe(out.num_batched_tokens, seconds - self._draft_seconds)
             speculated = any(r.num_spec_tokens for r in out.scheduled)
-            self.gate.observe(len(out.scheduled), speculated, len(out.scheduled) + self._step_accepted, seconds)
+            catch_up = self.draft.last_catch_up_tokens if self.draft is not None and self._draft_seconds else 0
+            if catch_up <= 2 * len(out.scheduled):  # a draft prefilling new prompts is a one-off, not the steady rate
+                self.gate.observe(len(out.scheduled), speculated, len(out.scheduled) + self._step_accepted, seconds)
 
     def record(self, req: Request, num_proposed: int, num_accepted: int) -> None:
         self.stats.num_drafts += 1
