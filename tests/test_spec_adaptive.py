@@ -6,7 +6,7 @@ import pytest
 
 from fuselm.engine.request import Request
 from fuselm.sampling_params import SamplingParams
-from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, expected_tokens, plan_speculation
+from fuselm.spec.adaptive import AcceptanceTracker, StepCostModel, plan_speculation
 from fuselm.spec.ngram import NgramProposer
 
 
@@ -29,12 +29,6 @@ def test_cost_model_prior_when_sizes_do_not_vary():
         model.observe(1, 0.08)
     a, b = model.coefficients()
     assert b > 0 and a + b == pytest.approx(0.08, rel=1e-6)  # fits the data, slope from the prior
-
-
-def test_expected_tokens():
-    assert expected_tokens(0.0, 4) == 1.0
-    assert expected_tokens(1.0, 4) == 5.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
 def geometric(a: float, k: int) -> list[float]:

@@ -58,13 +58,6 @@ class StepCostModel:
         return fixed + per_token * tokens
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens emitted by one verification of k proposals with per-token acceptance `acceptance` (bonus included)."""
-    if acceptance >= 0.999:
-        return k + 1.0
-    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
-
-
 class AcceptanceTracker:
     """P(the first j proposals of a request are all accepted), from what verification has shown.
 
