@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
 from fuselm.config import EngineConfig
+from fuselm.spec.speculator import SpecStats
 from fuselm.engine.engine import LLMEngine
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
@@ -52,18 +53,7 @@ class EngineSnapshot:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_preemptions: int = 0
-    speculative: bool = False  # speculative decoding is on; the spec_* counters are totals since start
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-
-    @property
-    def spec_acceptance_rate(self) -> float:
-        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
-
-    @property
-    def spec_mean_acceptance_length(self) -> float:
-        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
+    spec: SpecStats | None = None  # speculative decoding totals since start (a copy); None when it is off
 
 
 class RequestStream:
@@ -319,12 +309,8 @@ class AsyncLLMEngine:
             num_running=e.num_running, num_waiting=e.num_waiting, kv_usage=e.kv.usage, prefix_hit_rate=e.kv.hit_rate,
             num_prompt_tokens=e.stats.num_prompt_tokens, num_generation_tokens=e.stats.num_generation_tokens,
             num_preemptions=e.scheduler.num_preemptions,
+            spec=dataclasses.replace(e.speculator.stats) if e.speculator is not None else None,
         )
-        if e.speculator is not None:
-            st = e.speculator.stats
-            self.snapshot = dataclasses.replace(
-                self.snapshot, speculative=True, spec_num_drafts=st.num_drafts,
-                spec_num_draft_tokens=st.num_draft_tokens, spec_num_accepted_tokens=st.num_accepted_tokens)
 
     # ---- logging ----------------------------------------------------------------------------
 
@@ -350,9 +336,10 @@ class AsyncLLMEngine:
                         "prompt %.1f tok/s, generation %.1f tok/s", s.num_running, s.num_waiting, 100 * s.kv_usage,
                         100 * s.prefix_hit_rate, (s.num_prompt_tokens - last_prompt) / elapsed,
                         (s.num_generation_tokens - last_gen) / elapsed)
-            if s.speculative:
+            if s.spec is not None:
+                sp = s.spec
                 logger.info("speculative decoding: %d drafts, %d tokens proposed, %d accepted (acceptance rate "
-                            "%.1f%%, mean acceptance length %.2f)", s.spec_num_drafts, s.spec_num_draft_tokens,
-                            s.spec_num_accepted_tokens, 100 * s.spec_acceptance_rate, s.spec_mean_acceptance_length)
+                            "%.1f%%, mean acceptance length %.2f)", sp.num_drafts, sp.num_draft_tokens,
+                            sp.num_accepted_tokens, 100 * sp.acceptance_rate, sp.mean_acceptance_length)
         self._active_since_log = bool(s.num_running or s.num_waiting)
         self._last_log = (now, s.num_prompt_tokens, s.num_generation_tokens)

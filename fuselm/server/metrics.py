@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from fuselm.engine.async_engine import EngineSnapshot
 from fuselm.outputs import RequestOutput
+from fuselm.spec.speculator import SpecStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
@@ -114,9 +115,10 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(snapshot.kv_usage)
         self.hit_rate.labels(name).set(snapshot.prefix_hit_rate)
         self.preemptions.labels(name).set(snapshot.num_preemptions)
-        self.spec_drafts.labels(name).set(snapshot.spec_num_drafts)
-        self.spec_draft_tokens.labels(name).set(snapshot.spec_num_draft_tokens)
-        self.spec_accepted.labels(name).set(snapshot.spec_num_accepted_tokens)
-        self.spec_rate.labels(name).set(snapshot.spec_acceptance_rate)
-        self.spec_length.labels(name).set(snapshot.spec_mean_acceptance_length)
+        spec = snapshot.spec or SpecStats()  # all zeros when speculative decoding is off
+        self.spec_drafts.labels(name).set(spec.num_drafts)
+        self.spec_draft_tokens.labels(name).set(spec.num_draft_tokens)
+        self.spec_accepted.labels(name).set(spec.num_accepted_tokens)
+        self.spec_rate.labels(name).set(spec.acceptance_rate)
+        self.spec_length.labels(name).set(spec.mean_acceptance_length)
         return generate_latest(self.registry)

@@ -87,7 +87,6 @@ class DraftModelProposer:
                 common -= common % bs  # never write into a block the prefix cache holds: recompute its tail
         shadow.num_computed_tokens = common
         shadow.all_token_ids = list(target)
-        shadow.output_token_ids = list(req.output_token_ids)
         self.kv.trim(shadow)
         if len(shadow.block_hashes) > common // bs:  # hashes past the kept tokens are stale
             del shadow.block_hashes[common // bs:]

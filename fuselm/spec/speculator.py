@@ -55,7 +55,6 @@ class Speculator:
         self._step_accepted = 0  # speculative tokens accepted in the current step
         self.stats = SpecStats()
         self._draft_seconds = 0.0  # time the draft model took in this step's proposal (costed on its own)
-        self.last_plan: list[int] = []  # tokens per decoding request in the latest proposal
 
     def _room(self, req: Request) -> int:
         """Most speculative tokens the request can take: one token is always the verified/bonus one."""
@@ -82,7 +81,6 @@ class Speculator:
         else:
             caps = rooms
         plan = self._plan(decoding, caps, num_waiting, len(running))
-        self.last_plan = plan
         for r, k in zip(decoding, plan):
             if not k:
                 self.acceptance.relax(r)

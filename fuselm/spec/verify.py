@@ -21,12 +21,14 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list, eos_t
     """logits: [sum(1 + s_i), V], rows' positions in order. rows: the ScheduledRequests that sample."""
     direct: list[tuple[int, int, list[int]]] = []  # (logits row, request index, output history)
     dist: list[tuple[int, int, list[int]]] = []
-    offsets = []
+    offsets: list[int] = []
+    row_drafts: list[list[int]] = []  # each row's speculative tokens
     cursor = 0
     for ri, r in enumerate(rows):
         req = r.request
         s = r.num_spec_tokens
         drafts = list(r.token_ids[len(r.token_ids) - s:]) if s else []
+        row_drafts.append(drafts)
         target = direct if (s == 0 or _is_greedy(req.params)) else dist
         for j in range(s + 1):
             target.append((cursor + j, ri, req.output_token_ids + drafts[:j]))
@@ -52,8 +54,7 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list, eos_t
     emitted: list[list[int]] = []
     for ri, r in enumerate(rows):
         req = r.request
-        s, start = r.num_spec_tokens, offsets[ri]
-        drafts = list(r.token_ids[len(r.token_ids) - s:]) if s else []
+        s, start, drafts = r.num_spec_tokens, offsets[ri], row_drafts[ri]
         if start in chosen:
             emitted.append(greedy_accept([chosen[start + j] for j in range(s + 1)], drafts))
         else:
