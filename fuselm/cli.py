@@ -40,6 +40,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "num_threads": "CPU threads for torch (default: torch's choice)",
         "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16 | int8 (a scale per token and head; "
                           "the portable attention path for now)",
+        "quantization": "unset: a GGUF file keeps its Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantised | none "
+                        "(dequantise to --dtype) | int8 (weight-only, per output channel) | int4 (weight-only, "
+                        "per group, asymmetric); round to nearest at load time",
+        "quantization_group_size": "weights per scale: int4 32 (default), 64 or 128; int8 32 (default) or a "
+                                   "multiple of 16, -1 = per output channel",
+        "quantize_lm_head": "with int8/int4: LM head and embeddings in int8 per row (--no-quantize-lm-head "
+                            "keeps them at --dtype)",
         "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, single-row bf16 linears) and "
                        "oneDNN-packed weights (off = portable torch path)",
         "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '

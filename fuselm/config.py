@@ -148,6 +148,15 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes; int8 (+ a scale per token and head)
+    # None: a GGUF file keeps its Q4_0/Q4_1/Q4_K/Q8_0/Q6_K tensors quantised (exactly, fuselm/quant/
+    # gguf_quants.py) and an HF checkpoint runs at `dtype`; "none": everything dequantised to dtype;
+    # "int8" (symmetric) / "int4" (asymmetric), per group: round to nearest at load time
+    quantization: str | None = None
+    # weights per scale: int4 32 (default), 64 or 128; int8 32 (default, Q8_0's layout) or any multiple of 16,
+    # -1 = one scale per output channel (GPTQ's convention). A layer whose width it does not divide
+    # takes the largest of 128/64/32 that does.
+    quantization_group_size: int | None = None
+    quantize_lm_head: bool = True  # with int8/int4: LM head and embeddings in int8 per row (False: keep dtype)
     cpu_kernels: bool = True  # CPU: C kernels + oneDNN-packed weights (False = portable torch path)
     # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (vLLM's shape), or its JSON
     speculative_config: Any = None
@@ -167,6 +176,18 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
             raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, got {self.kv_cache_dtype!r}")
+        if self.quantization not in (None, "none", "int8", "int4"):
+            raise ValueError(f"quantization must be int8, int4, none or unset (a GGUF file keeps its own), "
+                             f"got {self.quantization!r}")
+        group = self.quantization_group_size
+        if group is not None:
+            if self.quantization == "int4" and group not in (32, 64, 128):
+                raise ValueError(f"quantization_group_size for int4 must be 32, 64 or 128, got {group}")
+            if self.quantization == "int8" and group != -1 and (group <= 0 or group % 16):
+                raise ValueError(f"quantization_group_size for int8 must be a multiple of 16 or -1 (per output "
+                                 f"channel), got {group}")
+            if self.quantization not in ("int8", "int4"):
+                raise ValueError("quantization_group_size needs quantization='int8' or 'int4'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         from fuselm.spec.config import SpeculativeConfig

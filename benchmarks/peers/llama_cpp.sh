@@ -52,8 +52,8 @@ fetch() {
 
 build() {
     fetch
-    if [ -x "$SERVER" ]; then
-        log "llama-server already built: $SERVER"
+    if [ -x "$SERVER" ] && [ -x "$CMAKE_BUILD/bin/llama-quantize" ] && [ -x "$CMAKE_BUILD/bin/llama-bench" ]; then
+        log "llama-server, llama-quantize and llama-bench already built in $CMAKE_BUILD/bin"
         return
     fi
     # CPU only, Release. GGML_NATIVE keeps -march=native (AVX2/AVX-512 where the CPU has them), but AMX
@@ -72,8 +72,8 @@ build() {
         -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
         -DCMAKE_C_FLAGS="$nofl" -DCMAKE_CXX_FLAGS="$nofl"
-    log "building llama-server with -j${JOBS:-$NCPU}"
-    cmake --build "$CMAKE_BUILD" --config Release --target llama-server -j "${JOBS:-$NCPU}"
+    log "building llama-server, llama-quantize and llama-bench with -j${JOBS:-$NCPU}"
+    cmake --build "$CMAKE_BUILD" --config Release --target llama-server llama-quantize llama-bench -j "${JOBS:-$NCPU}"
     log "built $SERVER"
 }
 

@@ -45,7 +45,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = parse_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, self.dtype, config.tokenizer)
+        loaded = load_model(config.model, self.dtype, config.tokenizer, keep_quantized=config.quantization is None)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.generation_defaults = loaded.generation_defaults

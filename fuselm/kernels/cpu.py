@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger("fuselm")
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c", "quant_linear.c", "decode_layers.c")]
 _HEADER = Path(__file__).with_name("bf16_simd.h")  # included by both; part of the cache key
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -87,6 +87,39 @@ class CpuKernels:
         norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         norm.restype = None
         self._rms_norm = norm
+        ql = lib.fuselm_qlinear
+        ql.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        ql.restype = None
+        self._qlinear = ql
+        self.has_simd_qlinear = bool(lib.fuselm_qlinear_has_simd())  # AVX2+FMA+F16C; else a scalar C loop
+        deq = lib.fuselm_dequantize
+        deq.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        deq.restype = None
+        self._dequantize = deq
+        self._scratch = torch.empty(0)  # one layer's dequantised weight at a time, reused (see dequantize)
+        layers = lib.fuselm_decode_layers  # every layer of a decode step (decode_layers.c, fused_decode.py)
+        layers.argtypes = [p, i64, p, p, i64, p, p, p, p]
+        layers.restype = None
+        self.decode_layers_fn = layers
+        self.has_decode_layers = True
+
+    def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
+        """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.
+
+        By default (with AVX2) x is rounded to int8 per 32 values for integer dot products, as
+        llama.cpp does; float_activations=True keeps x in float (exact weight-only arithmetic)."""
+        assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == weight.in_features
+        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+        x = x.contiguous()
+        m, k = x.shape
+        n = weight.out_features
+        y = torch.empty((m, n), dtype=torch.float32)
+        sdt = {torch.float32: 0, torch.float16: 1}[weight.scales.dtype]
+        self._qlinear(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+                      None if weight.mins is None else weight.mins.data_ptr(), None if bias is None else bias.data_ptr(),
+                      y.data_ptr(), m, n, k, weight.group_size, weight.bits, sdt, int(float_activations),
+                      torch.get_num_threads())
+        return y
 
     def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ weight[N, K]^T (+ bias) in bf16 for M <= small_m_max, K % 32 == 0."""
@@ -99,6 +132,19 @@ class CpuKernels:
         self._linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                      m, n, k, torch.get_num_threads())
         return y
+
+    def dequantize(self, weight) -> torch.Tensor:
+        """A QuantWeight as float32 [N, K], written into a scratch buffer shared by every layer (valid
+        until the next call): prompt chunks multiply by it with a float GEMM."""
+        n, k = weight.shape
+        if self._scratch.numel() < n * k:
+            self._scratch = torch.empty(n * k, dtype=torch.float32)
+        out = self._scratch[: n * k].view(n, k)
+        sdt = {torch.float32: 0, torch.float16: 1}[weight.scales.dtype]
+        self._dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(),
+                         None if weight.mins is None else weight.mins.data_ptr(), out.data_ptr(), n, k,
+                         weight.group_size, weight.bits, sdt, torch.get_num_threads())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm of the rows of x [M, D] (float32 or bfloat16, HF's rounding)."""

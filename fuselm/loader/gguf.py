@@ -4,11 +4,14 @@ We parse the GGUF header ourselves instead of using `gguf.GGUFReader`: the reade
 views for every one of the ~100k vocabulary strings and takes ~2.5 s on SmolLM2; reading the
 header with `struct` from a memory map takes ~0.2 s. Tensor data stays in the memory map until it
 is dequantised (`gguf.quants.dequantize`), cast to the requested dtype and, for arch `llama`, has
-llama.cpp's q/k row permutation undone so that it matches HF's rotate-half RoPE.
+llama.cpp's q/k row permutation undone so that it matches HF's rotate-half RoPE. With
+keep_quantized, tensors of a type that maps exactly onto a fuselm format (fuselm/quant/
+gguf_quants.py) skip the dequantisation and come back as QuantWeights.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from fuselm.loader.gguf_tokenizer import build_gguf_tokenizer
 from fuselm.loader.types import LoadedModel
 from fuselm.tokenizer import Tokenizer
 
+logger = logging.getLogger("fuselm")
 _MAGIC = b"GGUF"
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # GGUF value types: struct format of each scalar type, numpy dtype of arrays of them.
@@ -154,8 +158,9 @@ def _parse_after_magic(h: _Header) -> tuple[dict[str, Any], dict[str, _TensorInf
     return meta, tensors
 
 
-def _read_tensor(buf: mmap.mmap, info: _TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor, dequantised, in `dtype`, shaped as torch/HF lays it out; never aliases the map."""
+def _read_tensor(buf: mmap.mmap, info: _TensorInfo, dtype: torch.dtype, keep_quantized: bool = False):
+    """One tensor, dequantised, in `dtype`, shaped as torch/HF lays it out; never aliases the map.
+    With keep_quantized, a 2-D tensor of a type fuselm computes with directly is a QuantWeight instead."""
     if info.ggml_type in _FLOAT_TYPES:
         src = _FLOAT_TYPES[info.ggml_type]
         count = info.nbytes // src.itemsize
@@ -168,6 +173,12 @@ def _read_tensor(buf: mmap.mmap, info: _TensorInfo, dtype: torch.dtype) -> torch
     block, type_size = GGML_QUANT_SIZES[qtype]
     row_bytes = info.shape[-1] // block * type_size
     data = np.frombuffer(buf, np.uint8, info.nbytes, info.offset).reshape(-1, row_bytes)  # [rows, bytes]
+    if keep_quantized and len(info.shape) == 2:
+        from fuselm.quant.gguf_quants import to_quant_weight
+
+        kept = to_quant_weight(data, info.ggml_type, info.shape)
+        if kept is not None:
+            return kept
     try:
         values = dequantize(data, qtype)  # [rows, cols] float32
     except NotImplementedError:
@@ -176,8 +187,12 @@ def _read_tensor(buf: mmap.mmap, info: _TensorInfo, dtype: torch.dtype) -> torch
     return torch.from_numpy(values.reshape(info.shape)).to(dtype)
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute(w, n_head: int):
     """Undo llama.cpp's q/k row order (the two halves of each head interleaved) -> HF rotate-half order."""
+    from fuselm.quant.formats import QuantWeight
+
+    if isinstance(w, QuantWeight):  # a permutation of output rows: reorder the quantised rows
+        return w.rows(_unpermute(torch.arange(w.out_features), n_head))
     out = w.shape[0]
     rest = w.shape[1:]
     w = w.reshape(n_head, out // n_head // 2, 2, *rest)  # [H, D/2, 2, (in)]
@@ -302,7 +317,7 @@ def _expected_names(config: ModelConfig) -> set[str]:
 
 
 def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: ModelConfig, arch: str,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, keep_quantized: bool) -> dict[str, torch.Tensor]:
     mapping: dict[str, str] = {}
     for name in tensors:
         hf = _hf_name(name)
@@ -318,7 +333,7 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
     def one(name: str) -> tuple[str, torch.Tensor]:
         hf = mapping[name]
         try:
-            t = _read_tensor(buf, tensors[name], dtype)
+            t = _read_tensor(buf, tensors[name], dtype, keep_quantized and hf.endswith(".weight"))
             if arch == "llama" and ".self_attn.q_proj." in hf:
                 t = _unpermute(t, config.num_attention_heads)
             elif arch == "llama" and ".self_attn.k_proj." in hf:
@@ -333,9 +348,24 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return dict(one(name) for name in mapping)
+        weights = dict(one(name) for name in mapping)
     finally:
         torch.set_num_threads(threads)
+    if keep_quantized:
+        _log_kept(tensors, mapping, weights)
+    return weights
+
+
+def _log_kept(tensors: dict[str, _TensorInfo], mapping: dict[str, str], weights: dict) -> None:
+    from gguf.constants import GGMLQuantizationType
+
+    from fuselm.quant.formats import QuantWeight
+
+    dequantised = sorted({GGMLQuantizationType(tensors[n].ggml_type).name for n, hf in mapping.items()
+                          if not isinstance(weights[hf], QuantWeight) and tensors[n].ggml_type not in _FLOAT_TYPES})
+    if dequantised:
+        logger.info("GGUF tensors of type %s have no exact fuselm format; dequantised to the model dtype",
+                    ", ".join(dequantised))
 
 
 def _open(path: Path) -> mmap.mmap:
@@ -370,8 +400,9 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
         buf.close()
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype) -> LoadedModel:
-    """Config, HF-named weights in `dtype` and tokenizer of a llama or qwen2 GGUF file."""
+def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False) -> LoadedModel:
+    """Config, HF-named weights in `dtype` and tokenizer of a llama or qwen2 GGUF file. With
+    keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights."""
     path = Path(path)
     buf = _open(path)
     try:
@@ -387,7 +418,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> LoadedModel:
             config = _config(meta, arch, tensors, buf)
         except (TypeError, ValueError, KeyError) as exc:
             raise _Corrupt(f"its {arch} metadata is invalid ({type(exc).__name__}: {exc})") from None
-        weights = _load_weights(buf, tensors, config, arch, dtype)
+        weights = _load_weights(buf, tensors, config, arch, dtype, keep_quantized)
         tokenizer = _tokenizer(meta, path)
     except _Corrupt as exc:
         raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None

@@ -10,7 +10,9 @@ from fuselm.loader.defaults import default_model_path
 from fuselm.loader.types import LoadedModel
 
 
-def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = None) -> LoadedModel:
+def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = None,
+               keep_quantized: bool = False) -> LoadedModel:
+    """keep_quantized: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K tensors come back as QuantWeights."""
     path = Path(model) if model else Path(default_model_path())
     if not path.exists():
         raise FileNotFoundError(
@@ -22,7 +24,7 @@ def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = No
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model directory")
         from fuselm.loader.gguf import load_gguf
 
-        loaded = load_gguf(path, dtype)
+        loaded = load_gguf(path, dtype, keep_quantized=keep_quantized)
     else:
         from fuselm.loader.hf import load_hf_dir
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from fuselm.config import ModelConfig
 from fuselm.kernels.onednn import pack_linears, pack_weight, packed_linear
-from fuselm.runner.attention import paged_attention
+from fuselm.runner.attention import get_attention_metadata, paged_attention
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -151,10 +151,21 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_lm_head: torch.Tensor | None = None  # oneDNN-packed copy of the LM head (CPU)
+        self.quant_lm_head = None  # fuselm.quant.linear.QuantLinear when the LM head is quantised
+        self.fused_decode = None  # fuselm.kernels.fused_decode.FusedDecode: pure-decode steps in one C call
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rope.tables(positions)  # ([T, 1, D], [T, 1, D])
+        if self.fused_decode is not None:
+            meta = get_attention_metadata()
+            t = input_ids.shape[0]
+            if (meta.num_decode_tokens == t and meta.num_single_rows in (-1, t) and not meta.prefill_rows
+                    and meta.cpu_kernels is not None and meta.decode_block_table is not None):
+                x = x.contiguous()
+                self.fused_decode.run(x, rope[0].view(t, -1), rope[1].view(t, -1), meta.decode_block_table,
+                                      meta.decode_ctx_lens)
+                return self.norm(x)
         for layer in self.layers:
             x = layer(x, rope)
         return self.norm(x)
@@ -162,28 +173,50 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] logits in the model dtype (the sampler widens where it must:
         a greedy batch takes the max of bf16 logits directly, skipping a [S, vocab] float copy)."""
+        if self.quant_lm_head is not None:
+            return self.quant_lm_head(hidden)  # [S, vocab]
         if self.packed_lm_head is not None:
             return packed_linear(hidden, self.packed_lm_head, None)  # [S, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)  # [S, vocab]
 
-    def pack_for_cpu(self, kernels=None) -> None:
+    def pack_for_cpu(self, kernels=None, quant_kernels=None) -> None:
         """oneDNN-pack the LM head (the largest matmul of a decode step) and every projection of
-        every layer, fp32 and bf16 (fuselm/kernels/onednn.py has the measurements);
-        with fuselm's C kernels (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_lm_head = pack_weight(weight)
-        pack_linears(self.layers, weight.dtype)
+        every layer, fp32 and bf16 (fuselm/kernels/onednn.py has the measurements); quantised
+        projections get fuselm's C matmul (`quant_kernels`); with fuselm's C kernels
+        (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
+        from fuselm.quant.linear import QuantLinear
+
+        if self.quant_lm_head is None:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            self.packed_lm_head = pack_weight(weight)
+        pack_linears(self.layers, self.norm.weight.dtype)
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.use_cpu_kernels(quant_kernels)
         if kernels is not None:
             for module in self.modules():
                 if isinstance(module, RMSNorm):
                     module.cpu_kernels = kernels
 
+    def linear_sources(self):
+        """(parent module, attribute, HF weight names fused in output order, HF bias names or None) for
+        every projection of every layer: the one table weight loading and quantisation both follow."""
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            biases = [p + f"self_attn.{n}_proj.bias" for n in "qkv"] if attn.qkv_proj.bias is not None else None
+            yield attn, "qkv_proj", [p + f"self_attn.{n}_proj.weight" for n in "qkv"], biases
+            yield attn, "o_proj", [p + "self_attn.o_proj.weight"], None
+            yield mlp, "gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None
+            yield mlp, "down_proj", [p + "mlp.down_proj.weight"], None
+
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ValueError on missing/mismatched tensors.
 
         Consumes `weights`: each tensor leaves the dict as it is copied in, so a checkpoint is never
-        held twice (a 1.5B model in fp32 is 6 GB).
+        held twice (a 1.5B model in fp32 is 6 GB). Projections already replaced by quantised modules
+        (fuselm.quant.apply.install_quantized) took their tensors before and are skipped.
         """
 
         def take(name: str) -> torch.Tensor:
@@ -199,24 +232,23 @@ class LlamaForCausalLM(nn.Module):
             with torch.no_grad():
                 param.copy_(value)
 
-        put(self.embed_tokens.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        if isinstance(self.embed_tokens, nn.Embedding):
+            put(self.embed_tokens.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
         if self.lm_head is not None:
             put(self.lm_head.weight, take("lm_head.weight"), "lm_head.weight")
         else:
             weights.pop("lm_head.weight", None)
+        for parent, attr, names, bias_names in self.linear_sources():
+            module = getattr(parent, attr)
+            if not isinstance(module, nn.Linear):
+                continue
+            label = names[0].rsplit(".", 2)[0] + f".{attr}"
+            put(module.weight, torch.cat([take(n) for n in names]), label + ".weight")
+            if bias_names:
+                put(module.bias, torch.cat([take(n) for n in bias_names]), label + ".bias")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            attn = layer.self_attn
-            qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            put(attn.qkv_proj.weight, qkv, p + "self_attn.qkv_proj.weight")
-            if attn.qkv_proj.bias is not None:
-                bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-                put(attn.qkv_proj.bias, bias, p + "self_attn.qkv_proj.bias")
-            put(attn.o_proj.weight, take(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
-            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-            put(layer.mlp.gate_up_proj.weight, gate_up, p + "mlp.gate_up_proj.weight")
-            put(layer.mlp.down_proj.weight, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
             put(layer.input_layernorm.weight, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
             put(layer.post_attention_layernorm.weight, take(p + "post_attention_layernorm.weight"),
                 p + "post_attention_layernorm.weight")

@@ -73,9 +73,14 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         with torch.device("meta"):
             model = build_model(model_config, max_model_len)
+        self._install_quantized(model, weights)
         model = model.to_empty(device=self.device).to(dtype)
         model.rope = type(model.rope)(model_config, max_model_len, dtype).to(self.device)  # real buffers
         model.load_hf_weights(weights)
+        if config.quantization in ("int8", "int4"):
+            from fuselm.quant.apply import quantize_model
+
+            quantize_model(model, config.quantization, config.quantization_group_size, config.quantize_lm_head)
         self.model = model.eval()
         self.sampler = Sampler()
         self.num_blocks = self._kv_cache_blocks(max_model_len)
@@ -100,9 +105,21 @@ class ModelRunner:
             if kernels is not None and kernels.supports(dtype, self.kv_dtype, mc.num_attention_heads,
                                                         mc.num_key_value_heads, mc.head_dim, self.block_size):
                 self.cpu_kernels = kernels
-            model.pack_for_cpu(self.cpu_kernels)
+            model.pack_for_cpu(self.cpu_kernels, quant_kernels=kernels)
+            from fuselm.kernels.fused_decode import FusedDecode
+
+            if self.cpu_kernels is not None and FusedDecode.supported(model, kernels):
+                model.fused_decode = FusedDecode(model, kernels)
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.bytes_per_block
+
+    def _install_quantized(self, model, weights: dict) -> None:
+        """GGUF tensors that arrived quantised become quantised modules before any parameter is allocated."""
+        from fuselm.quant.apply import install_quantized
+        from fuselm.quant.formats import QuantWeight
+
+        if any(isinstance(v, QuantWeight) for v in weights.values()):
+            install_quantized(model, weights, self.dtype, self.device)
 
     @property
     def bytes_per_block(self) -> int:
@@ -301,9 +318,15 @@ class ModelRunner:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter plus the oneDNN-packed copies (packed layers without a plain weight included)."""
     from fuselm.kernels.onednn import PackedLinear
+    from fuselm.quant.linear import QuantEmbedding, QuantLinear
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    total += sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
+    embed = getattr(model, "embed_tokens", None)
+    head = getattr(model, "quant_lm_head", None)
+    if isinstance(embed, QuantEmbedding) and not (head is not None and head.parts[0].qweight is embed.qweight.qweight):
+        total += embed.qweight.nbytes  # an untied quantised embedding table
     head = getattr(model, "packed_lm_head", None)
     if head is not None:
         total += head.numel() * head.element_size()
@@ -311,8 +334,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
+    from fuselm.quant.apply import describe
+
     tokens = runner.num_blocks * runner.block_size
-    return (f"weights {runner.weight_bytes / 2**20:.1f} MiB, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
+    quant = describe(runner.model)
+    quant = "" if quant == "none" else f" (quantised: {quant})"
+    return (f"weights {runner.weight_bytes / 2**20:.1f} MiB{quant}, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
             f"({runner.num_blocks} blocks x {runner.block_size} = {tokens} tokens), max_model_len {max_model_len}")
 
 

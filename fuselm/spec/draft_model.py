@@ -35,7 +35,7 @@ logger = logging.getLogger("fuselm")
 class DraftModelProposer:
     def __init__(self, model: str, engine_config: EngineConfig, target_vocab_size: int, device: str,
                  dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
-        loaded = load_model(model, dtype)
+        loaded = load_model(model, dtype, keep_quantized=engine_config.quantization is None)
         if loaded.config.vocab_size != target_vocab_size:
             raise ValueError(f"draft model {model!r} has a vocabulary of {loaded.config.vocab_size} tokens, the target "
                              f"{target_vocab_size}; the draft must share the target's tokenizer")

@@ -1,0 +1,103 @@
+"""FusedDecode: runs every decoder layer of a pure-decode step in one C call (decode_layers.c).
+
+Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) and its
+activations and KV cache in float32 (or a bfloat16 cache): the C side then needs no torch op per
+layer. The ctypes structures describing the layers (weight pointers, caches) are built once; a
+step passes the residual stream, the rotary tables and the decode rows' block table.
+The QuantWeights and caches must stay alive and in place, which the model and runner guarantee
+(weights are never moved after load; caches are allocated once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+_MAX_PARTS = 3
+_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class _QPart(ctypes.Structure):
+    _fields_ = [("qweight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("bits", ctypes.c_int32), ("scale_dtype", ctypes.c_int32)]
+
+
+class _QProj(ctypes.Structure):
+    _fields_ = [("parts", _QPart * _MAX_PARTS), ("num_parts", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+class _QLayer(ctypes.Structure):
+    _fields_ = [("qkv", _QProj), ("o", _QProj), ("gate_up", _QProj), ("down", _QProj),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class _QModelDims(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int64), ("num_heads", ctypes.c_int64), ("num_kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("max_blocks", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("kv_dtype", ctypes.c_int32), ("num_threads", ctypes.c_int32)]
+
+
+def _proj(module) -> _QProj:
+    proj = _QProj()
+    proj.num_parts = len(module.parts)
+    for i, p in enumerate(module.parts):
+        proj.parts[i] = _QPart(p.qweight.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
+                               p.out_features, p.in_features, p.group_size, p.bits,
+                               1 if p.scales.dtype == torch.float16 else 0)
+    proj.bias = None if module.bias is None else module.bias.data_ptr()
+    return proj
+
+
+class FusedDecode:
+    def __init__(self, model, kernels) -> None:
+        layers = model.layers
+        self._keep = []  # float32 copies of biases / norms whose pointers the structures hold
+        self.layers = (_QLayer * len(layers))()
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if module.bias is not None:
+                    module.bias = module.bias.float().contiguous()
+            norms = [layer.input_layernorm.weight.detach().float().contiguous(),
+                     layer.post_attention_layernorm.weight.detach().float().contiguous()]
+            self._keep.extend(norms)
+            self.layers[i] = _QLayer(_proj(attn.qkv_proj), _proj(attn.o_proj), _proj(mlp.gate_up_proj),
+                                     _proj(mlp.down_proj), norms[0].data_ptr(), norms[1].data_ptr(),
+                                     attn.k_cache.data_ptr(), attn.v_cache.data_ptr())
+        a = layers[0].self_attn
+        self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                                model.config.intermediate_size, a.k_cache.shape[1], 0,
+                                layers[0].input_layernorm.eps, a.scale, _KV_DTYPES[a.k_cache.dtype], 1)
+        self._fn = kernels.decode_layers_fn
+
+    @staticmethod
+    def supported(model, kernels) -> bool:
+        """Every projection quantised (at most three parts), float32 activations, a float32/bf16 KV cache."""
+        from fuselm.quant.linear import QuantLinear
+
+        if kernels is None or not getattr(kernels, "has_decode_layers", False) or model.norm.weight.dtype != torch.float32:
+            return False
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES or attn.k_scale is not None:
+                return False
+            for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if not isinstance(module, QuantLinear) or len(module.parts) > _MAX_PARTS:
+                    return False
+                if module.parts[0].qweight.device.type != "cpu":
+                    return False
+        return True
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_table: torch.Tensor,
+            ctx_lens: torch.Tensor) -> None:
+        """x [M, hidden] float32, updated in place; cos/sin [M, head_dim]; block_table [M, B] int64."""
+        assert x.is_contiguous() and x.dtype == torch.float32 and block_table.is_contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self.dims.max_blocks = block_table.shape[1]
+        self.dims.num_threads = torch.get_num_threads()
+        self._fn(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(), x.shape[0], cos.data_ptr(),
+                 sin.data_ptr(), block_table.data_ptr(), ctx_lens.data_ptr())

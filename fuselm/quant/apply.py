@@ -1,0 +1,90 @@
+"""Putting quantised weights into a model: GGUF tensors kept as they are, or round-to-nearest at load.
+
+Two entry points, called by the ModelRunner:
+- install_quantized(model, weights): before the model's parameters are allocated (still on the
+  meta device), every projection whose checkpoint tensors are QuantWeights (a GGUF file's Q4/Q8
+  tensors) becomes a QuantLinear and takes its tensors out of `weights`, so the full-precision
+  weight is never allocated. Embeddings / LM head likewise.
+- quantize_model(model, method, group_size, quantize_lm_head): after loading, every remaining
+  nn.Linear of the layers becomes a QuantLinear of `method` (int8 or int4, per
+  group); the LM head and the embeddings become int8 per vocabulary row unless kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fuselm.quant.formats import QuantWeight, quantize, quantize_int8
+from fuselm.quant.linear import QuantEmbedding, QuantLinear
+
+logger = logging.getLogger("fuselm")
+
+
+def install_quantized(model: nn.Module, weights: dict, dtype: torch.dtype, device: torch.device) -> int:
+    """Returns how many projections were installed quantised."""
+    count = 0
+    for parent, attr, names, bias_names in model.linear_sources():
+        values = [weights.get(n) for n in names]
+        quantised = [isinstance(v, QuantWeight) for v in values]
+        if not any(quantised):
+            continue
+        if not all(quantised):  # a fused projection mixing float and quantised parts: run it in float
+            for n, v in zip(names, values):
+                if isinstance(v, QuantWeight):
+                    weights[n] = v.dequantize(dtype)
+            continue
+        parts = [weights.pop(n).to(device) for n in names]
+        bias = torch.cat([weights.pop(b) for b in bias_names]).to(device, dtype) if bias_names else None
+        setattr(parent, attr, QuantLinear(parts, bias))
+        count += 1
+    tied = model.config.tie_word_embeddings
+    embed = weights.get("model.embed_tokens.weight")
+    if isinstance(embed, QuantWeight):
+        embed = weights.pop("model.embed_tokens.weight").to(device)
+        model.embed_tokens = QuantEmbedding(embed, dtype)
+        if tied:
+            model.quant_lm_head = QuantLinear([embed])
+    head = weights.get("lm_head.weight")
+    if isinstance(head, QuantWeight):
+        head = weights.pop("lm_head.weight")
+        if not tied:
+            model.lm_head = None
+            model.quant_lm_head = QuantLinear([head.to(device)])
+    elif tied and isinstance(model.embed_tokens, QuantEmbedding):
+        weights.pop("lm_head.weight", None)
+    return count
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int | None, quantize_lm_head: bool) -> int:
+    """Round-to-nearest quantisation of every nn.Linear projection. Returns how many were quantised."""
+    count = 0
+    for parent, attr, _names, _bias in model.linear_sources():
+        module = getattr(parent, attr)
+        if isinstance(module, nn.Linear):
+            bias = None if module.bias is None else module.bias.detach()
+            setattr(parent, attr, QuantLinear([quantize(module.weight.detach(), method, group_size)], bias))
+            count += 1
+    if quantize_lm_head and model.quant_lm_head is None:
+        dtype = model.norm.weight.dtype
+        embed = quantize_int8(model.embed_tokens.weight.detach())
+        if model.lm_head is None:  # tied: one int8 table serves both
+            model.quant_lm_head = QuantLinear([embed])
+        else:
+            model.quant_lm_head = QuantLinear([quantize_int8(model.lm_head.weight.detach())])
+            model.lm_head = None
+        model.embed_tokens = QuantEmbedding(embed, dtype)
+    return count
+
+
+def describe(model: nn.Module) -> str:
+    """One line: how many projections are in which format ("int4 g32 (gguf:Q4_1) x 120, ...")."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            for p in module.parts:
+                key = f"int{p.bits} g{p.group_size} ({p.source})"
+                counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x {v}" for k, v in sorted(counts.items())) or "none"
