@@ -53,7 +53,7 @@ def test_int4_g32_weights_perplexity_within_five_percent(text_ids, reference_ppl
 
 def test_kept_gguf_quantisation_matches_dequantised_model(text_ids):
     """The embedded Q4_1 file kept in int4 computes what the float32 dequantised model computes."""
-    kept = _ppl(text_ids)
+    kept = _ppl(text_ids, dtype="float32")
     plain = _ppl(text_ids, quantization="none", dtype="float32")
     assert abs(kept - plain) / plain < 1e-3, (plain, kept)
 
@@ -70,7 +70,7 @@ def test_memory_report_names_formats():
 
 @pytest.mark.skipif(get_kernels() is None, reason="needs a C compiler for fuselm's CPU kernels")
 def test_fused_decode_matches_torch_layers():
-    llm = LLM(max_num_seqs=8, enable_prefix_caching=False)
+    llm = LLM(max_num_seqs=8, enable_prefix_caching=False, dtype="float32")  # the fused path is float32 only
     model = llm.engine.runner.model
     assert model.fused_decode is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
