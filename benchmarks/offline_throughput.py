@@ -146,7 +146,8 @@ def run_fuselm(work, dtype: str, threads: int, seed: int, extra: dict) -> dict:
     from fuselm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(dtype=dtype, num_threads=threads, seed=seed, **extra)
+    # the peers run the dequantised weights: so does fuselm (not the GGUF's own Q4_1)
+    llm = LLM(dtype=dtype, num_threads=threads, seed=seed, quantization="none", **extra)
     load_s = time.perf_counter() - t0
     torch.set_num_threads(threads)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)

@@ -89,7 +89,7 @@ def write_workload(name: str, num_requests: int, seed: int, path: Path, **option
 
 def fuselm_throughput(out: Path, workload: str, n: int, seed: int, *extra: str) -> dict:
     run([VENV_BIN / "fuselm", "bench", "throughput", "--workload", workload, "--num-requests", n, "--seed", seed,
-         "--dtype", DTYPE, "--json", out, *extra])
+         "--dtype", DTYPE, "--quantization", "none", "--json", out, *extra])
     data = json.loads(out.read_text())
     res = data["results"]
     return {"engine": "fuselm", "elapsed_s": res["elapsed_s"], "output_throughput": res["output_throughput"],
@@ -187,7 +187,8 @@ class Server:
 def start_server(kind: str, port: int, res_dir: Path, tag: str, *fuselm_args: str) -> Server:
     logf = res_dir / f"{tag}_server_{kind}{'_' + '_'.join(a.strip('-') for a in fuselm_args) if fuselm_args else ''}.log"
     if kind == "fuselm":
-        return Server("fuselm serve", [VENV_BIN / "fuselm", "serve", "--port", port, "--dtype", DTYPE, *fuselm_args], port, None,
+        return Server("fuselm serve", [VENV_BIN / "fuselm", "serve", "--port", port, "--dtype", DTYPE, "--quantization", "none",
+                                     *fuselm_args], port, None,
                       logf, 120)
     if kind == "vllm":
         return Server("vLLM", ["bash", PEERS / "vllm_cpu.sh", "serve"], port, {**peer_env(), "PORT": str(port)},
