@@ -58,7 +58,7 @@ static void project(const QProj *p, const float *x, float *y, int64_t M, int num
     for (int64_t i = 0; i < p->num_parts; i++) {
         const QPart *w = &p->parts[i];
         fuselm_qlinear_ld(x, w->qweight, w->scales, w->mins, p->bias != NULL ? p->bias + col : NULL, y + col, total, M,
-                          w->n, w->k, w->group, w->bits, w->scale_dtype, getenv("FL_FLOAT") != NULL, num_threads);
+                          w->n, w->k, w->group, w->bits, w->scale_dtype, 0, num_threads);
         col += w->n;
     }
 }

@@ -11,7 +11,6 @@ gguf_quants.py) skip the dequantisation and come back as QuantWeights.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import struct
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from fuselm.loader.gguf_tokenizer import build_gguf_tokenizer
 from fuselm.loader.types import LoadedModel
 from fuselm.tokenizer import Tokenizer
 
-logger = logging.getLogger("fuselm")
 _MAGIC = b"GGUF"
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # GGUF value types: struct format of each scalar type, numpy dtype of arrays of them.
@@ -352,20 +350,10 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
     finally:
         torch.set_num_threads(threads)
     if keep_quantized:
-        _log_kept(tensors, mapping, weights)
+        from fuselm.quant.gguf_quants import log_dequantised_types
+
+        log_dequantised_types({n: tensors[n].ggml_type for n in mapping}, mapping, weights, set(_FLOAT_TYPES))
     return weights
-
-
-def _log_kept(tensors: dict[str, _TensorInfo], mapping: dict[str, str], weights: dict) -> None:
-    from gguf.constants import GGMLQuantizationType
-
-    from fuselm.quant.formats import QuantWeight
-
-    dequantised = sorted({GGMLQuantizationType(tensors[n].ggml_type).name for n, hf in mapping.items()
-                          if not isinstance(weights[hf], QuantWeight) and tensors[n].ggml_type not in _FLOAT_TYPES})
-    if dequantised:
-        logger.info("GGUF tensors of type %s have no exact fuselm format; dequantised to the model dtype",
-                    ", ".join(dequantised))
 
 
 def _open(path: Path) -> mmap.mmap:

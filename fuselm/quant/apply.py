@@ -53,8 +53,6 @@ def install_quantized(model: nn.Module, weights: dict, dtype: torch.dtype, devic
         if not tied:
             model.lm_head = None
             model.quant_lm_head = QuantLinear([head.to(device)])
-    elif tied and isinstance(model.embed_tokens, QuantEmbedding):
-        weights.pop("lm_head.weight", None)
     return count
 
 

@@ -15,10 +15,14 @@ Q4_0/Q4_1 store their nibbles exactly in fuselm's int4 layout; Q4_K's are regrou
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from fuselm.quant.formats import QuantWeight, pack_nibbles
+
+logger = logging.getLogger("fuselm")
 
 # ggml type ids (gguf.GGMLQuantizationType) of the types above
 Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
@@ -72,3 +76,14 @@ def to_quant_weight(data: np.ndarray, ggml_type: int, shape: tuple[int, int]) ->
     high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
     q = ((low | (high.reshape(-1, 8, 32) << 4)).astype(np.int16) - 32).astype(np.int8).reshape(n, k)
     return QuantWeight(8, 16, (n, k), t(q), t((d * sc).reshape(n, k // 16)), None, name)
+
+
+def log_dequantised_types(types: dict[str, int], mapping: dict[str, str], weights: dict, float_types: set[int]) -> None:
+    """One log line naming the quantised ggml types of `types` (GGUF name -> type) that were dequantised."""
+    from gguf.constants import GGMLQuantizationType
+
+    dequantised = sorted({GGMLQuantizationType(t).name for n, t in types.items()
+                          if not isinstance(weights[mapping[n]], QuantWeight) and t not in float_types})
+    if dequantised:
+        logger.info("GGUF tensors of type %s have no exact fuselm format; dequantised to the model dtype",
+                    ", ".join(dequantised))
