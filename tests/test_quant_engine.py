@@ -69,8 +69,10 @@ def test_memory_report_names_formats():
 
 
 @pytest.mark.skipif(get_kernels() is None, reason="needs a C compiler for fuselm's CPU kernels")
-def test_fused_decode_matches_torch_layers():
-    llm = LLM(max_num_seqs=8, enable_prefix_caching=False, dtype="float32")  # the fused path is float32 only
+@pytest.mark.parametrize("quantization", [None, "none"])  # the GGUF's Q4_1 kept; dequantised (dense_linear.c)
+def test_fused_decode_matches_torch_layers(quantization):
+    llm = LLM(max_num_seqs=8, enable_prefix_caching=False, dtype="float32",  # the fused path is float32 only
+              quantization=quantization)
     model = llm.engine.runner.model
     assert model.fused_decode is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)

@@ -27,7 +27,8 @@ import torch
 
 logger = logging.getLogger("fuselm")
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c", "quant_linear.c", "decode_layers.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c", "quant_linear.c", "dense_linear.c",
+                                                     "decode_layers.c")]
 _HEADER = Path(__file__).with_name("bf16_simd.h")  # included by both; part of the cache key
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -97,6 +98,18 @@ class CpuKernels:
         deq.restype = None
         self._dequantize = deq
         self._scratch = torch.empty(0)  # one layer's dequantised weight at a time, reused (see dequantize)
+        pack = lib.fuselm_dense_pack  # fp32 panel-packed GEMM (dense_linear.c, dense_linear.py)
+        pack.argtypes = [p, p, i64, i64, ctypes.c_int]
+        pack.restype = None
+        self._dense_pack = pack
+        lib.fuselm_dense_packed_size.argtypes = [i64, i64]
+        lib.fuselm_dense_packed_size.restype = i64
+        self._dense_size = lib.fuselm_dense_packed_size
+        dense = lib.fuselm_dense_linear
+        dense.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+        dense.restype = None
+        self._dense = dense
+        self.has_simd_dense = bool(lib.fuselm_dense_has_simd())  # AVX2+FMA; the scalar fallback is not used
         layers = lib.fuselm_decode_layers  # every layer of a decode step (decode_layers.c, fused_decode.py)
         layers.argtypes = [p, i64, p, p, i64, p, p, p, p]
         layers.restype = None
@@ -119,6 +132,28 @@ class CpuKernels:
                       None if weight.mins is None else weight.mins.data_ptr(), None if bias is None else bias.data_ptr(),
                       y.data_ptr(), m, n, k, weight.group_size, weight.bits, sdt, int(float_activations),
                       torch.get_num_threads())
+        return y
+
+    def dense_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """A float32 [N, K] weight in dense_linear.c's panel layout (a flat float32 tensor)."""
+        assert weight.dtype == torch.float32 and weight.dim() == 2
+        weight = weight.contiguous()
+        n, k = weight.shape
+        out = torch.empty(self._dense_size(n, k), dtype=torch.float32)
+        self._dense_pack(weight.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads())
+        return out
+
+    def dense_linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        """x [M, K] float32 @ W^T (+ bias [N] float32) for W [N, K] packed by dense_pack."""
+        assert x.dtype == torch.float32 and x.dim() == 2 and packed.numel() == self._dense_size(n, x.shape[1])
+        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        m, k = x.shape
+        y = torch.empty((m, n), dtype=torch.float32)
+        if m:
+            self._dense(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                        y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y
 
     def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

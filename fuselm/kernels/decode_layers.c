@@ -1,4 +1,5 @@
-/* Every decoder layer of a decode step in one C call, for models whose projections are quantised.
+/* Every decoder layer of a decode step in one C call, for float32 models whose projections are quantised
+ * (quant_linear.c) or fuselm-packed float32 (dense_linear.c).
  *
  * At batch 1 a quantised SmolLM2-135M spends its step in Python, not in arithmetic: the eager
  * layer is ~25 torch ops and kernel calls (norms, rotary, splits, SiLU, residual adds), about
@@ -17,6 +18,8 @@
 void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
                        int float_activations, int num_threads);
+void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
+                         int64_t M, int64_t N, int64_t K, int num_threads);
 void fuselm_rms_norm(const void *x, const void *weight, void *out, int64_t M, int64_t D, float eps, int dtype,
                      int num_threads);
 void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
@@ -27,7 +30,8 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
 
 #define FL_MAX_PARTS 3
 
-/* One quantised weight (a QuantWeight); a projection is up to three of them side by side. */
+/* One weight: a QuantWeight (bits 4 or 8), or a float32 weight in dense_linear.c's panel layout (bits 32,
+ * qweight = the packed floats, no scales). A projection is up to three of them side by side. */
 typedef struct {
     const void *qweight, *scales, *mins;
     int64_t n, k, group;
@@ -57,8 +61,12 @@ static void project(const QProj *p, const float *x, float *y, int64_t M, int num
     for (int64_t i = 0; i < p->num_parts; i++) total += p->parts[i].n;
     for (int64_t i = 0; i < p->num_parts; i++) {
         const QPart *w = &p->parts[i];
-        fuselm_qlinear_ld(x, w->qweight, w->scales, w->mins, p->bias != NULL ? p->bias + col : NULL, y + col, total, M,
-                          w->n, w->k, w->group, w->bits, w->scale_dtype, 0, num_threads);
+        const float *bias = p->bias != NULL ? p->bias + col : NULL;
+        if (w->bits == 32)
+            fuselm_dense_linear(x, w->k, (const float *)w->qweight, bias, y + col, total, M, w->n, w->k, num_threads);
+        else
+            fuselm_qlinear_ld(x, w->qweight, w->scales, w->mins, bias, y + col, total, M, w->n, w->k, w->group, w->bits,
+                              w->scale_dtype, 0, num_threads);
         col += w->n;
     }
 }

@@ -1,7 +1,8 @@
 """FusedDecode: runs every decoder layer of a pure-decode step in one C call (decode_layers.c).
 
-Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) and its
-activations and KV cache in float32 (or a bfloat16 cache): the C side then needs no torch op per
+Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) or packed
+for fuselm's fp32 GEMM (dense_linear.py), and its activations and KV cache in float32 (or a
+bfloat16 cache): the C side then needs no torch op per
 layer. The ctypes structures describing the layers (weight pointers, caches) are built once; a
 step passes the residual stream, the rotary tables and the decode rows' block table.
 The QuantWeights and caches must stay alive and in place, which the model and runner guarantee
@@ -42,7 +43,14 @@ class _QModelDims(ctypes.Structure):
 
 
 def _proj(module) -> _QProj:
+    from fuselm.kernels.dense_linear import DenseLinear
+
     proj = _QProj()
+    if isinstance(module, DenseLinear):  # one float32 part in dense_linear.c's layout ("bits" 32)
+        proj.num_parts = 1
+        proj.parts[0] = _QPart(module.packed.data_ptr(), None, None, module.out_features, module.in_features, 0, 32, 0)
+        proj.bias = None if module.bias is None else module.bias.data_ptr()
+        return proj
     proj.num_parts = len(module.parts)
     for i, p in enumerate(module.parts):
         proj.parts[i] = _QPart(p.qweight.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
@@ -76,7 +84,9 @@ class FusedDecode:
 
     @staticmethod
     def supported(model, kernels) -> bool:
-        """Every projection quantised (at most three parts), float32 activations, a float32/bf16 KV cache."""
+        """Every projection quantised (at most three parts) or a DenseLinear, float32 activations, a
+        float32/bf16 KV cache."""
+        from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import QuantLinear
 
         if kernels is None or not getattr(kernels, "has_decode_layers", False) or model.norm.weight.dtype != torch.float32:
@@ -86,6 +96,8 @@ class FusedDecode:
             if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES or attn.k_scale is not None:
                 return False
             for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if isinstance(module, DenseLinear):
+                    continue
                 if not isinstance(module, QuantLinear) or len(module.parts) > _MAX_PARTS:
                     return False
                 if module.parts[0].qweight.device.type != "cpu":

@@ -151,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_lm_head: torch.Tensor | None = None  # oneDNN-packed copy of the LM head (CPU)
+        self.dense_lm_head = None  # fuselm.kernels.dense_linear.DenseLinear: fuselm-packed fp32 LM head (CPU)
         self.quant_lm_head = None  # fuselm.quant.linear.QuantLinear when the LM head is quantised
         self.fused_decode = None  # fuselm.kernels.fused_decode.FusedDecode: pure-decode steps in one C call
 
@@ -175,22 +176,33 @@ class LlamaForCausalLM(nn.Module):
         a greedy batch takes the max of bf16 logits directly, skipping a [S, vocab] float copy)."""
         if self.quant_lm_head is not None:
             return self.quant_lm_head(hidden)  # [S, vocab]
+        if self.dense_lm_head is not None:
+            return self.dense_lm_head(hidden)  # [S, vocab]
         if self.packed_lm_head is not None:
             return packed_linear(hidden, self.packed_lm_head, None)  # [S, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)  # [S, vocab]
 
     def pack_for_cpu(self, kernels=None, quant_kernels=None) -> None:
-        """oneDNN-pack the LM head (the largest matmul of a decode step) and every projection of
-        every layer, fp32 and bf16 (fuselm/kernels/onednn.py has the measurements); quantised
-        projections get fuselm's C matmul (`quant_kernels`); with fuselm's C kernels
-        (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
+        """Pack the LM head (the largest matmul of a decode step) and every projection of every
+        layer for CPU: float32 into fuselm's panel layout when its AVX2 GEMM is there
+        (fuselm/kernels/dense_linear.py), otherwise oneDNN's (fp32 and bf16; onednn.py has the
+        measurements); quantised projections get fuselm's C matmul (`quant_kernels`, the C
+        library); with `kernels` (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
+        from fuselm.kernels.dense_linear import DenseLinear, dense_kernels, pack_dense_linears
         from fuselm.quant.linear import QuantLinear
 
         if self.quant_lm_head is None:
             weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-            self.packed_lm_head = pack_weight(weight)
-        pack_linears(self.layers, self.norm.weight.dtype)
+            if dense_kernels(quant_kernels, weight) is not None:
+                self.dense_lm_head = DenseLinear(weight, None, quant_kernels)
+                if self.lm_head is not None:
+                    self.lm_head = None  # untied: the packed copy is the only one needed
+            else:
+                self.packed_lm_head = pack_weight(weight)
+        if self.norm.weight.dtype == torch.float32 and dense_kernels(quant_kernels, self.norm.weight.view(1, -1)):
+            pack_dense_linears(self.layers, quant_kernels)
+        pack_linears(self.layers, self.norm.weight.dtype)  # whatever is still a plain nn.Linear
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.use_cpu_kernels(quant_kernels)

@@ -316,12 +316,13 @@ class ModelRunner:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter plus the oneDNN-packed copies (packed layers without a plain weight included)."""
+    """Bytes of every parameter plus the packed copies (packed layers without a plain weight included)."""
+    from fuselm.kernels.dense_linear import DenseLinear
     from fuselm.kernels.onednn import PackedLinear
     from fuselm.quant.linear import QuantEmbedding, QuantLinear
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    total += sum(m.packed_bytes for m in model.modules() if isinstance(m, (PackedLinear, DenseLinear)))
     total += sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
     embed = getattr(model, "embed_tokens", None)
     head = getattr(model, "quant_lm_head", None)
