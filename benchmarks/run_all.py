@@ -13,7 +13,8 @@ otherwise use. This script is that run (benchmarks/run_all sets everything up fi
   long-prompt    short chat requests with 1,000-3,000-token prompts arriving among them, streamed
                  to `fuselm serve`: ITL percentiles at several token budgets, from small chunks
                  (stall-free) to one so large that each long prompt is prefilled in one step
-                 (prefill-first).
+                 (prefill-first), and a budget with --max-decode-slowdown (chunks capped from
+                 measured step costs).
 
 Every engine gets the same token ids (the embedded model's tokenizer on
 benchmarks/data/public_domain_prose.txt, seeded workloads) and the same float32 weights (the
@@ -238,9 +239,15 @@ def phase_shared_prefix(args, res_dir: Path, tag: str) -> dict:
 def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
     out = {"workload": {"name": "long-prompt", "num_requests": args.long_requests, "seed": args.seed,
                         "request_rate": args.long_rate}, "engines": {}}
-    budgets = [int(b) for b in args.long_budgets.split(",")]
-    runs = [(f"fuselm budget {b}" + (" (prefill-first: a whole long prompt per step)" if b >= 4096 else ""),
-             ("--max-num-batched-tokens", str(b))) for b in budgets]
+    runs = []
+    for item in args.long_budgets.split(","):
+        budget, _, slowdown = item.partition(":")  # "512:2" = budget 512 with --max-decode-slowdown 2
+        label = f"fuselm budget {budget}" + (" (prefill-first: a whole long prompt per step)" if int(budget) >= 4096 else "")
+        flags = ("--max-num-batched-tokens", budget)
+        if slowdown:
+            label += f", --max-decode-slowdown {slowdown}"
+            flags += ("--max-decode-slowdown", slowdown)
+        runs.append((label, flags))
     for label, flags in runs:
         with start_server("fuselm", 8310, res_dir, tag, *flags):
             out["engines"][label] = bench_serve(8310, res_dir / f"{tag}_long_{len(out['engines'])}.json", "long-prompt",
@@ -275,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-prefix-requests", type=int, default=256)
     p.add_argument("--long-requests", type=int, default=48)
     p.add_argument("--long-rate", type=float, default=0.5)
-    p.add_argument("--long-budgets", default="128,512,4096",
-                   help="token budgets (max_num_batched_tokens) the long-prompt phase compares")
+    p.add_argument("--long-budgets", default="128,512,512:2,4096",
+                   help="token budgets (max_num_batched_tokens) the long-prompt phase compares; BUDGET:S adds "
+                        "--max-decode-slowdown S")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--tag", default=None, help="file name stem (default: the date and time)")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,

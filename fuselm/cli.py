@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "max_model_len": "longest prompt + output in tokens (default: the model's, capped at 8192)",
         "max_num_batched_tokens": "token budget per step (decodes + prompt chunks)",
         "max_num_seqs": "most sequences running at once",
+        "max_decode_slowdown": "cap prompt tokens in steps with running decodes so such a step takes at most "
+                               "this many times a decode-only step (measured online); default: no cap",
         "block_size": "tokens per KV cache block",
         "enable_prefix_caching": "reuse KV blocks of equal prefixes across requests",
         "kv_cache_memory_bytes": "KV cache size in bytes (overrides the fractions)",
@@ -57,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
         else:
-            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
             group.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
 
 

@@ -140,6 +140,9 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings (capped at 8192)
     max_num_batched_tokens: int = 512  # the per-step token budget
     max_num_seqs: int = 128
+    # Cap the prompt tokens of a step that has running decodes so it takes at most this many times a
+    # decode-only step (measured online; fuselm/engine/step_cost.py). None: the token budget alone.
+    max_decode_slowdown: float | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # explicit KV budget; overrides the fractions below
@@ -168,6 +171,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_decode_slowdown is not None and not self.max_decode_slowdown > 1.0:
+            raise ValueError(f"max_decode_slowdown must be > 1 (e.g. 2: a step with prompt chunks may take twice a "
+                             f"decode step), got {self.max_decode_slowdown}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:

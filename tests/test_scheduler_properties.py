@@ -4,7 +4,8 @@ A simulated engine loop drives the real Scheduler and KVCacheManager with random
 prompt sharing, aborts and finishes. After every step: the token budget and sequence limit hold,
 every scheduled token has a slot, block reference counts equal the references requests hold, the
 free list holds exactly the unreferenced blocks; at the end every request has finished and the
-pool is full again.
+pool is full again. With a PromptChunkLimiter (fed a synthetic step cost), steps with decodes add no
+more prompt tokens than its cap.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from fuselm.engine.kv_cache import BlockPool, KVCacheManager
 from fuselm.engine.request import Request, RequestStatus
 from fuselm.engine.scheduler import Scheduler
+from fuselm.engine.step_cost import PromptChunkLimiter
 from fuselm.sampling_params import SamplingParams
 
 
@@ -47,16 +49,18 @@ def workloads(draw):
         reqs.append((prompt_len, out_len, draw(st.integers(0, 3)), draw(st.integers(0, 2)),
                      draw(st.booleans()), draw(st.integers(1, 2))))
     seed = draw(st.integers(0, 2**16))
-    return num_blocks, block_size, budget, max_seqs, caching, reqs, seed
+    slowdown = draw(st.sampled_from([None, 1.5, 3.0]))
+    return num_blocks, block_size, budget, max_seqs, caching, reqs, seed, slowdown
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_scheduler_never_leaks_and_always_finishes(workload):
-    num_blocks, block_size, budget, max_seqs, caching, specs, seed = workload
+    num_blocks, block_size, budget, max_seqs, caching, specs, seed, slowdown = workload
     rng = random.Random(seed)
     kv = KVCacheManager(num_blocks, block_size, caching)
-    sched = Scheduler(kv, budget, max_seqs)
+    limiter = None if slowdown is None else PromptChunkLimiter(slowdown, min_chunk=block_size)
+    sched = Scheduler(kv, budget, max_seqs, limiter)
     shared_prefix = [rng.randrange(100) for _ in range(64)]
     pending = []
     for i, (prompt_len, out_len, arrive_step, priority, share, n) in enumerate(specs):
@@ -78,7 +82,15 @@ def test_scheduler_never_leaks_and_always_finishes(workload):
                 sched.add_request(req)
             live += group
             all_reqs += group
+        running_decodes = sum(r.num_tokens - r.num_computed_tokens == 1 for r in sched.running)
+        cap = None if limiter is None else limiter.cap(running_decodes)
         out = sched.schedule()
+        decodes = sum(r.num_new_tokens == 1 for r in out.scheduled)
+        prompt_tokens = sum(r.num_new_tokens for r in out.scheduled if r.num_new_tokens > 1)
+        if cap is not None and decodes == running_decodes and not out.preempted_ids:
+            assert prompt_tokens <= cap  # the limiter bounds the prompt tokens joining decodes
+        if limiter is not None:  # a synthetic machine: 30 ms + 1 ms per decode row + 4 ms per prompt token
+            limiter.observe(decodes, prompt_tokens, 0.03 + 0.001 * decodes + 0.004 * prompt_tokens)
         assert out.num_batched_tokens <= budget
         assert sum(r.num_new_tokens for r in out.scheduled) == out.num_batched_tokens
         assert len(sched.running) <= max_seqs

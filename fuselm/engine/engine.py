@@ -20,6 +20,7 @@ from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
+from fuselm.engine.step_cost import PromptChunkLimiter
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
@@ -66,7 +67,10 @@ class LLMEngine:
             max_model_len = pool_tokens
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        limiter = None
+        if config.max_decode_slowdown is not None:
+            limiter = PromptChunkLimiter(config.max_decode_slowdown, min_chunk=config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter)
         self.groups: dict[str, list[Request]] = {}
         self.stats = EngineStats()
         self._arrival = itertools.count()
@@ -165,9 +169,23 @@ class LLMEngine:
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
         outputs = self._update(out, result)
+        if self.scheduler.prompt_limiter is not None:
+            self._observe_step_cost(out, time.perf_counter() - t0)
         if spec is not None:  # the whole step: proposing, scheduling, the forward, verifying, appending
             spec.observe_step(out, time.perf_counter() - t0)
         return outputs
+
+    def _observe_step_cost(self, out: SchedulerOutput, seconds: float) -> None:
+        """Feed the prompt-chunk limiter: decoding rows, prompt tokens and the step's duration."""
+        decodes = prompt = 0
+        for row in out.scheduled:
+            if row.num_spec_tokens:
+                return  # verification steps cost more than their rows say; they would skew the fit
+            if row.num_new_tokens == 1:
+                decodes += 1
+            else:
+                prompt += row.num_new_tokens
+        self.scheduler.prompt_limiter.observe(decodes, prompt, seconds)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
         """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""

@@ -3,7 +3,9 @@
 Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
 (decodes) are served first, then running requests part-way through their prompt continue, then
 waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
-budget is filled exactly. Speculative tokens proposed for a decoding request (Request.spec_token_ids)
+budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (step_cost.py) also
+caps the prompt tokens of a step that has decodes, from measured step costs, so a prompt chunk
+cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding request (Request.spec_token_ids)
 are extra tokens of its row, scheduled last, only from the budget and KV blocks left over after
 decodes, prompt chunks and admissions: speculation never delays or preempts anyone. When the KV pool runs dry, the newest running request is preempted by
 recompute (its blocks freed, its tokens computed again later). The result is one immutable
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request, RequestStatus
+from fuselm.engine.step_cost import PromptChunkLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +48,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 prompt_limiter: PromptChunkLimiter | None = None) -> None:
         self.kv = kv
+        self.prompt_limiter = prompt_limiter  # caps prompt tokens in steps with decodes (max_decode_slowdown)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
@@ -100,31 +105,39 @@ class Scheduler:
             return True
 
         # 1) decodes, 2) partial prefills: one pass each over the running list in priority order.
+        # Prompt tokens (2 and 3) may also be capped so the decodes of this step are not stalled.
+        prompt_budget = None
         for want_decode in (True, False):
+            if not want_decode and self.prompt_limiter is not None:
+                cap = self.prompt_limiter.cap(len(chosen))
+                prompt_budget = None if cap is None else min(cap, budget)
             for req in list(self.running):
-                if budget == 0 or req.status is not RequestStatus.RUNNING or id(req) in chosen:
+                if budget == 0 or prompt_budget == 0 or req.status is not RequestStatus.RUNNING or id(req) in chosen:
                     continue
                 remaining = req.num_tokens - req.num_computed_tokens
                 if (remaining == 1) != want_decode:
                     continue
-                n = min(remaining, budget)
+                n = min(remaining, budget if want_decode or prompt_budget is None else prompt_budget)
                 if not make_room(req, n):
                     self._preempt(req)
                     preempted.append(req.request_id)
                     continue
                 chosen[id(req)] = (req, n)
                 budget -= n
+                if not want_decode and prompt_budget is not None:
+                    prompt_budget -= n
 
         # 3) admit waiting requests while budget, sequence slots and blocks last.
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and prompt_budget != 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             leader = req.group_leader
             if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
                 skipped.append(self.waiting.pop(0))  # let the first sample compute the shared prompt
                 continue
             shared = self._shared_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size, budget)
+            n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size,
+                    budget if prompt_budget is None else prompt_budget)
             if not self.kv.allocate_slots(req, n, shared):
                 break
             self.waiting.pop(0)
@@ -134,6 +147,8 @@ class Scheduler:
             bisect.insort(self.running, req, key=Request.sort_key)
             chosen[id(req)] = (req, n)
             budget -= n
+            if prompt_budget is not None:
+                prompt_budget -= n
         for req in skipped:
             bisect.insort(self.waiting, req, key=Request.sort_key)
 

@@ -3,7 +3,7 @@
 Two things decide whether verifying k more tokens per request pays: how likely they are to be
 accepted, and what the extra tokens cost in the step. Both are measured while the engine runs:
 
-- StepCostModel fits step time = fixed + per_token * tokens to the engine's own decode steps
+- StepCostModel (fuselm/engine/step_cost.py) fits step time = fixed + per_token * tokens to the engine's own decode steps
   (exponentially weighted least squares, the slope pulled towards a weak prior when the steps seen
   so far all had about the same size). On a CPU at batch 1 the fixed part dominates, so extra
   tokens are almost free; at batch 32 they are not.
@@ -22,40 +22,7 @@ ones to keep the baseline current (a bucket's first steps run slower, touching f
 
 from __future__ import annotations
 
-
-class StepCostModel:
-    def __init__(self, decay: float = 0.97, prior_tokens_to_double: float = 64.0, prior_weight: float = 50.0) -> None:
-        self.decay = decay
-        self.prior_tokens_to_double = prior_tokens_to_double
-        self.prior_weight = prior_weight
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        d = self.decay
-        self.w = self.w * d + 1.0
-        self.sx = self.sx * d + tokens
-        self.sy = self.sy * d + seconds
-        self.sxx = self.sxx * d + tokens * tokens
-        self.sxy = self.sxy * d + tokens * seconds
-
-    @property
-    def fitted(self) -> bool:
-        return self.w >= 3.0
-
-    def coefficients(self) -> tuple[float, float]:
-        """(fixed seconds, seconds per token)."""
-        if self.w == 0.0:
-            return 0.0, 0.0
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx - self.w * mx * mx
-        cov = self.sxy - self.w * mx * my
-        prior_slope = my / (self.prior_tokens_to_double + mx)
-        slope = max(0.0, (cov + self.prior_weight * prior_slope) / (max(var, 0.0) + self.prior_weight))
-        return max(0.0, my - slope * mx), slope
-
-    def predict(self, tokens: float) -> float:
-        fixed, per_token = self.coefficients()
-        return fixed + per_token * tokens
+from fuselm.engine.step_cost import StepCostModel  # noqa: F401  (re-exported: the speculator's cost model)
 
 
 class AcceptanceTracker:

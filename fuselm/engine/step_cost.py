@@ -1,0 +1,96 @@
+"""What a step costs, measured while the engine runs, and the prompt-chunk cap it implies.
+
+`StepCostModel` fits step time = fixed + per_token * tokens (exponentially weighted least squares,
+the slope pulled towards a weak prior while the steps seen so far all had about the same size).
+The speculator uses it to price proposed tokens (fuselm/spec/adaptive.py).
+
+`PromptChunkLimiter` is Sarathi-Serve's latency-derived token budget, measured instead of
+profiled up front. A token budget alone does not bound the stall a prompt chunk puts on running
+decodes: on a CPU a decode step of a small model is weight-streaming bound (~35 ms for SmolLM2 in
+float32 on 2 cores) while prompt tokens are compute bound (~1.5 ms each), so a 512-token chunk
+makes that step 20x slower for every decoding request. With `max_decode_slowdown` = s, a step
+that has decodes running gets at most (s - 1) * decode_step_time / seconds_per_prompt_token
+prompt tokens (never fewer than `min_chunk`), so no decode waits more than about s times its
+usual inter-token time; steps without decodes keep the whole budget. Both costs are refit from
+every step (decode-only steps give the decode time by batch size; steps with prompt tokens
+give the cost per prompt token on top of it), so the cap follows the machine, the model and the
+context lengths.
+"""
+
+from __future__ import annotations
+
+
+class StepCostModel:
+    def __init__(self, decay: float = 0.97, prior_tokens_to_double: float = 64.0, prior_weight: float = 50.0) -> None:
+        self.decay = decay
+        self.prior_tokens_to_double = prior_tokens_to_double
+        self.prior_weight = prior_weight
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.w = self.w * d + 1.0
+        self.sx = self.sx * d + tokens
+        self.sy = self.sy * d + seconds
+        self.sxx = self.sxx * d + tokens * tokens
+        self.sxy = self.sxy * d + tokens * seconds
+
+    @property
+    def fitted(self) -> bool:
+        return self.w >= 3.0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per token)."""
+        if self.w == 0.0:
+            return 0.0, 0.0
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx - self.w * mx * mx
+        cov = self.sxy - self.w * mx * my
+        prior_slope = my / (self.prior_tokens_to_double + mx)
+        slope = max(0.0, (cov + self.prior_weight * prior_slope) / (max(var, 0.0) + self.prior_weight))
+        return max(0.0, my - slope * mx), slope
+
+    def predict(self, tokens: float) -> float:
+        fixed, per_token = self.coefficients()
+        return fixed + per_token * tokens
+
+
+class PromptChunkLimiter:
+    MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
+
+    def __init__(self, max_decode_slowdown: float, min_chunk: int = 16, decay: float = 0.9) -> None:
+        if max_decode_slowdown <= 1.0:
+            raise ValueError(f"max_decode_slowdown must be > 1 (a step may take that many decode steps' time), "
+                             f"got {max_decode_slowdown}")
+        self.max_decode_slowdown = max_decode_slowdown
+        self.min_chunk = min_chunk
+        self.decay = decay
+        self.decode = StepCostModel()  # decode-only steps: seconds by number of decoding rows
+        self._prompt = [0.0, 0.0]  # decayed (extra seconds, prompt tokens) of steps with prompt tokens
+
+    @property
+    def seconds_per_prompt_token(self) -> float | None:
+        seconds, tokens = self._prompt
+        return seconds / tokens if tokens > 0 else None
+
+    def cap(self, num_decodes: int) -> int | None:
+        """Most prompt tokens a step with `num_decodes` decoding rows may add; None = no cap (no decodes
+        running, or nothing measured yet)."""
+        per_token = self.seconds_per_prompt_token
+        if num_decodes == 0 or per_token is None or not self.decode.fitted:
+            return None
+        allowed = (self.max_decode_slowdown - 1.0) * self.decode.predict(num_decodes) / max(per_token, 1e-9)
+        return max(self.min_chunk, int(allowed))
+
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float) -> None:
+        """A finished step (without speculative tokens): its decoding rows, prompt tokens and duration."""
+        if num_prompt_tokens == 0:
+            if num_decodes:
+                self.decode.observe(num_decodes, seconds)
+            return
+        if num_prompt_tokens < self.MIN_PROMPT_TOKENS or (num_decodes and not self.decode.fitted):
+            return
+        extra = seconds - (self.decode.predict(num_decodes) if num_decodes else self.decode.coefficients()[0])
+        d = self.decay
+        self._prompt[0] = self._prompt[0] * d + max(extra, 0.0)
+        self._prompt[1] = self._prompt[1] * d + num_prompt_tokens
