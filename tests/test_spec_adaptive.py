@@ -112,3 +112,21 @@ def test_realized_gate_switches_off_a_losing_bucket():
     for _ in range(32):
         gate.observe(1, True, 3, 0.1)
     assert not gate.allow(1)  # 32 speculative steps in a row: time to refresh the baseline
+
+
+def test_acceptance_tracker_unexplored_depths_borrow_from_shallower_ones():
+    """Only two guesses verified per round, all accepted: depths 3-4 were never evaluated, and their
+    estimate must follow what depths 1-2 showed (so the plan tries them), not a fixed 0.5 prior."""
+    tracker = AcceptanceTracker()
+    req = Request("r", None, [1, 2, 3], SamplingParams(), 16, arrival_seq=0)
+    for _ in range(50):
+        tracker.record(req, 2, 2)
+    g = tracker.gains(req, 4)
+    assert g[1] > 0.8 and g[3] > 0.6  # was 1 * 1 * 0.5 * 0.5 = 0.25 with the fixed prior
+    cost = fitted(0.1, 0.002)
+    draft = fitted(0.02, 0.0)
+    assert plan_speculation([g], 1, cost, draft) == [4]  # batch 1, cheap draft: all four
+    bad = AcceptanceTracker()
+    for _ in range(50):
+        bad.record(req, 2, 0)  # first guesses rejected: deeper ones are not assumed good
+    assert bad.gains(req, 4)[3] < 0.05

@@ -40,15 +40,27 @@ class AcceptanceTracker:
         self.decay = decay
         self.prior = prior
         self.prior_count = prior_count
-        # global, per depth j (index j - 1): decayed [accepted, reached] counts
-        self.depth = [[prior * prior_count, prior_count] for _ in range(self.MAX_DEPTH)]
+        # global, per depth j (index j - 1): decayed [accepted, reached] counts, without the prior
+        self.depth = [[0.0, 0.0] for _ in range(self.MAX_DEPTH)]
         self._first: dict[int, list] = {}  # id(request) -> [request, accepted, tries] at the first position
 
     @property
     def global_rate(self) -> float:
         """The first position's acceptance rate over all requests."""
         accepted, reached = self.depth[0]
-        return accepted / reached
+        return (accepted + self.prior * self.prior_count) / (reached + self.prior_count)
+
+    def conditional_rates(self, cap: int) -> list[float]:
+        """P(position j accepted | the ones before were), j = 2..cap. A depth seldom reached borrows
+        its prior from the depth before it, not from a fixed 0.5: otherwise a depth the plan never
+        tries keeps the prior, looks no better than a coin flip, and is never tried (measured: k
+        stuck at 2 with every guess accepted)."""
+        out, prev = [], self.global_rate
+        for j in range(1, min(cap, self.MAX_DEPTH)):
+            accepted, reached = self.depth[j]
+            prev = (accepted + self.prior_count * prev) / (reached + self.prior_count)
+            out.append(prev)
+        return out
 
     def rate(self, request) -> float:
         """The request's own first-position acceptance estimate."""
@@ -59,13 +71,12 @@ class AcceptanceTracker:
 
     def gains(self, request, cap: int) -> list[float]:
         """[P(first j proposals accepted) for j = 1..cap]."""
-        out, p = [], self.rate(request)
-        for j in range(cap):
-            if j:
-                accepted, reached = self.depth[j]
-                p *= accepted / reached
+        p = self.rate(request)
+        out = [p]
+        for rate in self.conditional_rates(cap):
+            p *= rate
             out.append(p)
-        return out
+        return out[:cap]
 
     def record(self, request, num_proposed: int, num_accepted: int) -> None:
         entry = self._first.get(id(request))
