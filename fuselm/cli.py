@@ -49,8 +49,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                    "multiple of 16, -1 = per output channel",
         "quantize_lm_head": "with int8/int4: LM head and embeddings in int8 per row (--no-quantize-lm-head "
                             "keeps them at --dtype)",
-        "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, single-row bf16 linears) and "
-                       "oneDNN-packed weights (off = portable torch path)",
+        "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, fp32 GEMMs on a packed layout, "
+                       "quantised matmuls, the one-call decode step, single-row bf16 linears) and oneDNN-packed "
+                       "bf16 weights (off = portable torch path)",
         "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                               'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'',
     }

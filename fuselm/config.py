@@ -160,7 +160,7 @@ class EngineConfig:
     # takes the largest of 128/64/32 that does.
     quantization_group_size: int | None = None
     quantize_lm_head: bool = True  # with int8/int4: LM head and embeddings in int8 per row (False: keep dtype)
-    cpu_kernels: bool = True  # CPU: C kernels + oneDNN-packed weights (False = portable torch path)
+    cpu_kernels: bool = True  # CPU: C kernels + packed weights (False = portable torch path)
     # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (vLLM's shape), or its JSON
     speculative_config: Any = None
 
