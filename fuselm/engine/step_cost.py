@@ -59,9 +59,6 @@ class PromptChunkLimiter:
     MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
 
     def __init__(self, max_decode_slowdown: float, min_chunk: int = 16, decay: float = 0.9) -> None:
-        if max_decode_slowdown <= 1.0:
-            raise ValueError(f"max_decode_slowdown must be > 1 (a step may take that many decode steps' time), "
-                             f"got {max_decode_slowdown}")
         self.max_decode_slowdown = max_decode_slowdown
         self.min_chunk = min_chunk
         self.decay = decay

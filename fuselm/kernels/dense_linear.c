@@ -13,7 +13,7 @@
  * tile stay in L1; panels are split between threads.
  */
 #include <stdint.h>
-#include <string.h>
+#include <stddef.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -102,6 +102,9 @@ FL_TILE(4)
 FL_TILE(5)
 FL_TILE(6)
 
+typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t, int64_t, int, int, const float *);
+static const tile_fn tiles[MR + 1] = {NULL, tile1, tile2, tile3, tile4, tile5, tile6}; /* by row count */
+
 /* One row: four accumulators over k pairs (two FMA chains per half-panel) so the FMA latency does not
  * bound the stream; the panel is read once, front to back. */
 static void row1(const float *x, const float *panel, float *y, int64_t K, int ncols, const float *bias) {
@@ -151,8 +154,6 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
                     const float *b = bias != NULL ? bias + p * NR : NULL;
                     float *yt = y + m0 * ldy + p * NR;
                     const float *xt = x + m0 * ldx + k0;
-                    static void (*const tiles[MR + 1])(const float *, int64_t, const float *, float *, int64_t, int64_t,
-                                                       int, int, const float *) = {NULL, tile1, tile2, tile3, tile4, tile5, tile6};
                     tiles[mr](xt, ldx, slice, yt, ldy, kc, ncols, k0 == 0, b);
                 }
             }

@@ -200,8 +200,7 @@ class LlamaForCausalLM(nn.Module):
                     self.lm_head = None  # untied: the packed copy is the only one needed
             else:
                 self.packed_lm_head = pack_weight(weight)
-        if self.norm.weight.dtype == torch.float32 and dense_kernels(quant_kernels, self.norm.weight.view(1, -1)):
-            pack_dense_linears(self.layers, quant_kernels)
+        pack_dense_linears(self.layers, quant_kernels)  # float32 layers, where the AVX2 GEMM is there
         pack_linears(self.layers, self.norm.weight.dtype)  # whatever is still a plain nn.Linear
         for module in self.modules():
             if isinstance(module, QuantLinear):

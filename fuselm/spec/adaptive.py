@@ -22,7 +22,7 @@ ones to keep the baseline current (a bucket's first steps run slower, touching f
 
 from __future__ import annotations
 
-from fuselm.engine.step_cost import StepCostModel  # noqa: F401  (re-exported: the speculator's cost model)
+from fuselm.engine.step_cost import StepCostModel
 
 
 class AcceptanceTracker:

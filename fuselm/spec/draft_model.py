@@ -24,10 +24,10 @@ from fuselm.config import EngineConfig
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fuselm.engine.step_cost import StepCostModel
 from fuselm.loader import load_model
 from fuselm.runner.model_runner import ModelRunner
 from fuselm.runner.sampler import Sampler, SamplingBatch, _is_greedy
-from fuselm.spec.adaptive import StepCostModel
 
 logger = logging.getLogger("fuselm")
 

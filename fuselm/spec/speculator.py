@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from fuselm.engine.request import Request, RequestStatus
-from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, StepCostModel, plan_speculation
+from fuselm.engine.step_cost import StepCostModel
+from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, plan_speculation
 from fuselm.spec.config import SpeculativeConfig
 from fuselm.spec.ngram import NgramProposer
 
