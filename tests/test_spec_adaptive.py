@@ -53,9 +53,19 @@ def test_plan_large_batch_is_selective():
 def test_plan_charges_draft_rounds():
     cost = fitted(0.07, 0.0005)
     free = plan_speculation([geometric(0.6, 4)] * 4, 4, cost, None)
-    dear = fitted(0.2, 0.0)  # each draft round costs more than a whole target step
     assert free == [4] * 4
-    assert plan_speculation([geometric(0.6, 4)] * 4, 4, cost, dear) == [0] * 4
+    assert plan_speculation([geometric(0.6, 4)] * 4, 4, cost, 0.2) == [0] * 4  # a round dearer than a target step
+
+
+def test_plan_charges_one_off_setup():
+    """A draft that must first compute a new request's prompt: the setup is paid only when the
+    request's expected savings cover it, and a request needing none may speculate alone."""
+    cost = fitted(0.1, 0.002)
+    g = geometric(0.9, 4)
+    assert plan_speculation([g] * 2, 2, cost, 0.01) == [4, 4]
+    assert plan_speculation([g] * 2, 2, cost, 0.01, [0.001, 0.001]) == [4, 4]
+    assert plan_speculation([g] * 2, 2, cost, 0.01, [5.0, 5.0]) == [0, 0]
+    assert plan_speculation([g] * 2, 2, cost, 0.01, [0.0, 5.0]) == [4, 0]
 
 
 def test_acceptance_tracker_follows_a_request():
@@ -125,8 +135,7 @@ def test_acceptance_tracker_unexplored_depths_borrow_from_shallower_ones():
     g = tracker.gains(req, 4)
     assert g[1] > 0.8 and g[3] > 0.6  # was 1 * 1 * 0.5 * 0.5 = 0.25 with the fixed prior
     cost = fitted(0.1, 0.002)
-    draft = fitted(0.02, 0.0)
-    assert plan_speculation([g], 1, cost, draft) == [4]  # batch 1, cheap draft: all four
+    assert plan_speculation([g], 1, cost, 0.02) == [4]  # batch 1, cheap draft: all four
     bad = AcceptanceTracker()
     for _ in range(50):
         bad.record(req, 2, 0)  # first guesses rejected: deeper ones are not assumed good

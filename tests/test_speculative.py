@@ -12,6 +12,7 @@ import pytest
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
+from fuselm.engine.request import Request
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
@@ -182,3 +183,24 @@ def test_draft_vocab_mismatch(tiny_llama, tmp_path):
     config = {"method": "draft_model", "model": str(tmp_path)}
     with pytest.raises(ValueError, match="share the target's tokenizer"):
         LLM(tiny_llama[0], dtype="float32", device="cpu", speculative_config=config)
+
+
+def test_draft_pending_tokens_follow_its_prefix_cache(tiny_llama):
+    """What the plan charges a draft for starting on a request: the whole prompt when the draft has
+    never seen it, only the part past its prefix cache when it has (a repeated system prompt)."""
+    path = tiny_llama[0]
+    config = {"method": "draft_model", "model": path, "num_speculative_tokens": 3, "adaptive": False}
+    llm = LLM(path, dtype="float32", device="cpu", speculative_config=config)
+    seen, unseen = random_prompts([70, 70], seed=5)
+    llm.generate([seen], GREEDY, use_tqdm=False)  # the draft computes and caches `seen`
+    engine, draft = llm.engine, llm.engine.speculator.draft
+    bs = engine.kv.block_size
+
+    def pending(prompt) -> int:
+        req = Request("probe", None, prompt, SamplingParams(), 8, arrival_seq=0)
+        engine.kv.find_cached_prefix(req)  # the target's lookup fills req.block_hashes
+        return draft.pending_tokens(req)
+
+    assert pending(unseen) == 70
+    assert pending(seen) == 70 - (69 // bs) * bs  # every full block but the one holding the last token
+    assert_pool_full(llm)

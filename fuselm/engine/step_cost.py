@@ -25,6 +25,10 @@ class StepCostModel:
         self.decay = decay
         self.prior_tokens_to_double = prior_tokens_to_double
         self.prior_weight = prior_weight
+        # seconds per token when something measured it (the speculator sets it from prompt chunks:
+        # on a CPU the extra tokens of a verification are compute bound too); None: the step's own
+        # time spread over `prior_tokens_to_double` more tokens
+        self.prior_slope: float | None = None
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
 
     def observe(self, tokens: int, seconds: float) -> None:
@@ -46,7 +50,7 @@ class StepCostModel:
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx - self.w * mx * mx
         cov = self.sxy - self.w * mx * my
-        prior_slope = my / (self.prior_tokens_to_double + mx)
+        prior_slope = self.prior_slope if self.prior_slope is not None else my / (self.prior_tokens_to_double + mx)
         slope = max(0.0, (cov + self.prior_weight * prior_slope) / (max(var, 0.0) + self.prior_weight))
         return max(0.0, my - slope * mx), slope
 

@@ -102,13 +102,16 @@ class AcceptanceTracker:
 
 
 def plan_speculation(gains: list[list[float]], base_tokens: int, target: StepCostModel,
-                     draft: StepCostModel | None = None, min_gain: float = 1.2) -> list[int]:
+                     draft_round: float | None = None, setup: list[float] | None = None,
+                     min_gain: float = 1.2) -> list[int]:
     """How many proposed tokens each decoding request verifies this step (0 = none).
 
     gains: per decoding request, P(its first j proposals are all accepted) for j = 1..the most it
     can take (proposal length, room before max_tokens). base_tokens: the step's tokens without
-    speculation. draft: the proposer's cost per round (a draft model, whose rounds are shared by
-    every request), or None when proposing is free (ngram).
+    speculation. draft_round: seconds of one round of the proposer (a draft model, whose rounds are
+    shared by every request), or None when proposing is free (ngram). setup: per request, seconds
+    of one-off work its first proposal needs, already spread over the steps it will speculate in
+    (a draft model computing a prompt it has not seen), or None.
 
     The j-th proposed token of a request adds gains[j - 1] expected tokens (it counts only if the
     j - 1 before it were accepted) and one token's cost to the step. Taking candidates best-first, one
@@ -116,30 +119,36 @@ def plan_speculation(gains: list[list[float]], base_tokens: int, target: StepCos
     at batch 1 almost any guess pays, at batch 32 on a CPU only likely ones do. The 20% margin is
     for the model's error: with 5% an open-ended workload at batch 8 (first guesses accepted 45% of
     the time) lost 17% against not speculating, on guesses the model rated as slight gains.
-    With a draft model every depth limit 1..max(caps) is tried with its rounds' cost and the best
-    plan is kept.
+    With a draft model every depth limit 1..max(caps) is tried with its rounds' cost, each once with
+    every request and once with only those that need no setup, and the best plan is kept.
     """
     n = len(gains)
     caps = [len(g) for g in gains]
     if not n or not target.fitted or not any(caps):
         return [0] * n
+    setup = setup or [0.0] * n
     fixed, per_token = target.coefficients()
     best_plan, best_rate = [0] * n, n / target.predict(base_tokens)
-    depths = range(1, max(caps) + 1) if draft is not None else [max(caps)]
+    depths = range(1, max(caps) + 1) if draft_round is not None else [max(caps)]
+    subsets = [range(n)]
+    if any(setup):
+        subsets.append([r for r in range(n) if not setup[r]])
     for depth in depths:
-        seconds = target.predict(base_tokens) + (depth * draft.predict(n) if draft is not None else 0.0)
-        tokens = float(n)
-        candidates = sorted(((g, r) for r, row in enumerate(gains) for g in row[:depth]), key=lambda c: -c[0])
-        plan = [0] * n
-        for gain, r in candidates:
-            if gain * seconds <= min_gain * tokens * per_token:  # gain / per_token <= min_gain * tokens / seconds
-                break
-            plan[r] += 1
-            tokens += gain
-            seconds += per_token
-        rate = tokens / seconds
-        if any(plan) and rate > best_rate:
-            best_plan, best_rate = plan, rate
+        for rows in subsets:
+            seconds = target.predict(base_tokens) + (depth * draft_round if draft_round is not None else 0.0)
+            tokens = float(n)
+            candidates = sorted(((g, r) for r in rows for g in gains[r][:depth]), key=lambda c: -c[0])
+            plan = [0] * n
+            for gain, r in candidates:
+                if gain * seconds <= min_gain * tokens * per_token:  # gain / per_token <= min_gain * tokens / seconds
+                    break
+                plan[r] += 1
+                tokens += gain
+                seconds += per_token
+            seconds += sum(setup[r] for r in range(n) if plan[r])
+            rate = tokens / seconds
+            if any(plan) and rate > best_rate:
+                best_plan, best_rate = plan, rate
     return best_plan
 
 

@@ -46,6 +46,7 @@ class DraftModelProposer:
         self.sampler = Sampler()
         self.cost = StepCostModel()  # seconds per decode-like draft round, by number of sequences
         self.last_catch_up_tokens = 0
+        self.prompt_token_seconds: float | None = None  # measured on catch-up rounds (new prompts)
         self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
         logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
@@ -61,6 +62,21 @@ class DraftModelProposer:
             self._shadows[id(req)] = (req, shadow)
             return shadow
         return entry[1]
+
+    def pending_tokens(self, req: Request) -> int:
+        """Tokens the draft would compute before its first guess for `req`: the one or two the target
+        added since the last round, or for a request it has not seen the prompt past what its prefix
+        cache holds (looked up by the target's block hashes: both pools hash tokens the same way)."""
+        entry = self._shadows.get(id(req))
+        if entry is not None and entry[0] is req:
+            return max(1, req.num_tokens - entry[1].num_computed_tokens)
+        bs = self.kv.block_size
+        hits = 0
+        for h in req.block_hashes[:(req.num_tokens - 1) // bs]:
+            if self.kv.pool.lookup(h) is None:
+                break
+            hits += 1
+        return req.num_tokens - hits * bs
 
     def _drop(self, req: Request) -> None:
         entry = self._shadows.pop(id(req), None)
@@ -116,8 +132,13 @@ class DraftModelProposer:
             t0 = time.perf_counter()
             logits = self.runner.last_token_logits(SchedulerOutput(rows, sum(r.num_new_tokens for r in rows), ()))
             tokens = self._choose(logits, active, drafts, probs)
+            seconds = time.perf_counter() - t0
             if all(r.num_new_tokens <= 2 for r in rows):  # decode-like rounds (a first catch-up is a prefill)
-                self.cost.observe(len(active), time.perf_counter() - t0)
+                self.cost.observe(len(active), seconds)
+            elif (computed := sum(r.num_new_tokens for r in rows)) >= 32:
+                per_token = seconds / computed
+                old = self.prompt_token_seconds
+                self.prompt_token_seconds = per_token if old is None else 0.7 * old + 0.3 * per_token
             for j, ((req, sh), token) in enumerate(zip(active, tokens)):
                 sh.num_computed_tokens = sh.num_tokens
                 self.kv.cache_full_blocks(sh)
