@@ -34,6 +34,22 @@ def test_dense_linear_matches_float64(m, n, k, bias):
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
+    """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..13 rows
+    (a speculative verification, a prefill chunk); otherwise greedy speculative decoding can flip a
+    near-tie and stop being identical to plain decoding."""
+    g = torch.Generator().manual_seed(n * 31 + k)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(13, k, generator=g)
+    packed = kernels.dense_pack(w)
+    alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(13)])
+    for m in (2, 5, 6, 7, 13):
+        assert torch.equal(kernels.dense_linear(x[:m], packed, b, n), alone[:m]), m
+
+
 def test_pack_dense_linears_replaces_float32_linears():
     model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 7, bias=False), nn.Linear(7, 7).bfloat16())
     x = torch.randn(9, 40)

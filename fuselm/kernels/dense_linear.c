@@ -105,30 +105,33 @@ FL_TILE(6)
 typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t, int64_t, int, int, const float *);
 static const tile_fn tiles[MR + 1] = {NULL, tile1, tile2, tile3, tile4, tile5, tile6}; /* by row count */
 
-/* One row: four accumulators over k pairs (two FMA chains per half-panel) so the FMA latency does not
- * bound the stream; the panel is read once, front to back. */
+/* One row: the panel read once, front to back. Every output is summed in exactly the order the
+ * tiles use (per KC block one FMA chain from zero, blocks added to y in turn, the bias after the
+ * first), so a row's result does not depend on how many rows share the call: a speculative
+ * verification (5 rows) computes bit-for-bit what plain decoding (1 row) does, and greedy output
+ * stays identical (tests/test_dense_linear.py checks it bit for bit; the former four chains over k
+ * pairs did not sum in that order). The stream from memory hides the FMA latency of two chains. */
 static void row1(const float *x, const float *panel, float *y, int64_t K, int ncols, const float *bias) {
 #if FL_DENSE_SIMD
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2) {
-        const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(panel + k * NR), a0);
-        a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(panel + k * NR + 8), a1);
-        c0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(panel + k * NR + 16), c0);
-        c1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(panel + k * NR + 24), c1);
-    }
-    if (k < K) {
-        const __m256 x0 = _mm256_broadcast_ss(x + k);
-        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(panel + k * NR), a0);
-        a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(panel + k * NR + 8), a1);
-    }
     float out[NR];
-    _mm256_storeu_ps(out, _mm256_add_ps(a0, c0));
-    _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, c1));
-    for (int j = 0; j < ncols; j++) y[j] = out[j] + (bias != NULL ? bias[j] : 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t k1 = K - k0 < KC ? K : k0 + KC;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k++) {
+            const __m256 xk = _mm256_broadcast_ss(x + k);
+            a0 = _mm256_fmadd_ps(xk, _mm256_loadu_ps(panel + k * NR), a0);
+            a1 = _mm256_fmadd_ps(xk, _mm256_loadu_ps(panel + k * NR + 8), a1);
+        }
+        _mm256_storeu_ps(out, a0);
+        _mm256_storeu_ps(out + 8, a1);
+        if (k0 == 0)
+            for (int j = 0; j < ncols; j++) y[j] = out[j] + (bias != NULL ? bias[j] : 0.0f);
+        else
+            for (int j = 0; j < ncols; j++) y[j] += out[j];
+    }
 #else
-    tile1(x, 0, panel, y, 0, K, ncols, 1, bias);
+    for (int64_t k0 = 0; k0 < K; k0 += KC)
+        tile1(x + k0, 0, panel + k0 * NR, y, 0, K - k0 < KC ? K - k0 : KC, ncols, k0 == 0, bias);
 #endif
 }
 
