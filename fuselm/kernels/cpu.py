@@ -111,7 +111,7 @@ class CpuKernels:
         self._dense = dense
         self.has_simd_dense = bool(lib.fuselm_dense_has_simd())  # AVX2+FMA; the scalar fallback is not used
         layers = lib.fuselm_decode_layers  # every layer of a decode step (decode_layers.c, fused_decode.py)
-        layers.argtypes = [p, i64, p, p, i64, p, p, p, p]
+        layers.argtypes = [p, i64, p, p, i64, i64, p, p, p, p]
         layers.restype = None
         self.decode_layers_fn = layers
         self.has_decode_layers = True

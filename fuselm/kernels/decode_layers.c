@@ -7,8 +7,10 @@
  * which the quantised matmuls were 12.7 ms). This runs the same layer here: RMSNorm,
  * fused q/k/v (+ bias), rotary, paged attention (fuselm_paged_decode_attention, which also stores
  * the new K/V), o-projection, residual, RMSNorm, gate/up, SiLU(gate) * up, down, residual, with
- * the matmuls in fuselm_qlinear_ld. Only steps where every row is a single decode token take it;
- * the torch model (fuselm/models/llama.py) is the reference it is tested against.
+ * the matmuls in fuselm_qlinear_ld. Steps where every token is a query row take it: single decode
+ * tokens, and the rows of speculative tokens being verified (several rows of one sequence, each
+ * with its own context length; their K/V are stored before attention, as the torch path does).
+ * The torch model (fuselm/models/llama.py) is the reference it is tested against.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +29,9 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                                    int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
                                    int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
                                    int num_threads);
+void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
+                          int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
+                          int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);
 
 #define FL_MAX_PARTS 3
 
@@ -85,9 +90,12 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t heads, 
 }
 
 /* x [M, hidden] float32 in/out (the residual stream); cos/sin [M, head_dim] (sin with rotate-half's
- * sign); block_table [M, max_blocks] and ctx_lens [M] as for fuselm_paged_decode_attention. */
+ * sign); block_table [M, max_blocks] and ctx_lens [M] as for fuselm_paged_decode_attention. Rows
+ * 0..num_single-1 are single-token rows (the attention kernel stores their K/V); the rest belong to
+ * sequences with several query rows. */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
-                          const float *cos, const float *sin, const int64_t *block_table, const int64_t *ctx_lens) {
+                          int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
+                          const int64_t *ctx_lens) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
     const int64_t I = dims->intermediate, qkv_dim = (Hq + 2 * Hkv) * D;
     const int threads = dims->num_threads;
@@ -112,7 +120,10 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
             rotate(q + m * Hq * D, cos + m * D, sin + m * D, Hq, D);
             rotate(k + m * Hkv * D, cos + m * D, sin + m * D, Hkv, D);
         }
-        fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, M, block_table, ctx_lens, M, dims->max_blocks,
+        if (num_single < M)
+            fuselm_store_kv_rows(L->k_cache, L->v_cache, k, v, num_single, M, block_table, ctx_lens, dims->max_blocks,
+                                 Hkv * D, dims->block_size, 0, dims->kv_dtype);
+        fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M, dims->max_blocks,
                                       Hq, Hkv, D, dims->block_size, dims->scale, 0, dims->kv_dtype, threads);
         project(&L->o, attn, out, M, threads);
         for (int64_t i = 0; i < M * H; i++) x[i] += out[i];

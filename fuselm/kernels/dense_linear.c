@@ -25,6 +25,9 @@
 #define NR 16
 #define MR 6
 #define KC 256
+#ifndef STREAM_ROWS
+#define STREAM_ROWS MR /* up to this many rows a panel is streamed once (see panels()); 8-32 measured no better */
+#endif
 #define PANELS_PER_BLOCK 8 /* panels that share one pass over the x rows (their slices stay in L2) */
 
 int fuselm_dense_has_simd(void) { return FL_DENSE_SIMD; }
@@ -142,6 +145,22 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
         for (int64_t p = p0; p < p1; p++) {
             const int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
             row1(x, packed + p * K * NR, y + p * NR, K, ncols, bias != NULL ? bias + p * NR : NULL);
+        }
+        return;
+    }
+    if (M <= STREAM_ROWS) { /* few rows (decode batches, speculative verification): the weight streams from
+                             * memory, so each panel is read once front to back, as at one row, its KC slice
+                             * reused from L1 by every MR-row tile; blocking panels by KC (below) made 5 rows of
+                             * SmolLM2's LM head take 2x one row's time */
+        for (int64_t p = p0; p < p1; p++) {
+            const int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
+            const float *b = bias != NULL ? bias + p * NR : NULL;
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t kc = K - k0 < KC ? K - k0 : KC;
+                for (int64_t m0 = 0; m0 < M; m0 += MR)
+                    tiles[M - m0 < MR ? M - m0 : MR](x + m0 * ldx + k0, ldx, packed + (p * K + k0) * NR,
+                                                     y + m0 * ldy + p * NR, ldy, kc, ncols, k0 == 0, b);
+            }
         }
         return;
     }

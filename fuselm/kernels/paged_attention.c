@@ -220,6 +220,20 @@ static inline void store_row(void *cache, int64_t slot, const void *src, int64_t
     }
 }
 
+/* Store the K/V rows [first, last) of a step into their slots (position ctx_lens[n] - 1 of row n's
+ * sequence) before fuselm_paged_decode_attention runs: the rows of a sequence with several query
+ * rows (speculative tokens being verified) read each other's slots. */
+void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
+                          int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
+                          int64_t row_elems, int64_t block_size, int dtype, int kv_dtype) {
+    for (int64_t n = first; n < last; n++) {
+        const int64_t pos = ctx_lens[n] - 1;
+        const int64_t slot = block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
+        store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);
+        store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
+    }
+}
+
 /* One work item = one sequence, all heads: each cache row [kv_heads, head_dim] of a block is read
  * once, front to back, which keeps DRAM traffic to one pass over the context. */
 void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,

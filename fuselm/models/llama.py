@@ -161,11 +161,11 @@ class LlamaForCausalLM(nn.Module):
         if self.fused_decode is not None:
             meta = get_attention_metadata()
             t = input_ids.shape[0]
-            if (meta.num_decode_tokens == t and meta.num_single_rows in (-1, t) and not meta.prefill_rows
+            if (meta.num_decode_tokens == t and not meta.prefill_rows
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None):
-                x = x.contiguous()
+                x = x.contiguous()  # every token a query row: decodes, and speculative tokens being verified
                 self.fused_decode.run(x, rope[0].view(t, -1), rope[1].view(t, -1), meta.decode_block_table,
-                                      meta.decode_ctx_lens)
+                                      meta.decode_ctx_lens, None if meta.num_single_rows < 0 else meta.num_single_rows)
                 return self.norm(x)
         for layer in self.layers:
             x = layer(x, rope)
