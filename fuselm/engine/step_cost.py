@@ -59,20 +59,35 @@ class StepCostModel:
         return fixed + per_token * tokens
 
 
+class PerTokenCost:
+    """Seconds per token from a stream of (seconds, tokens) measurements: decayed sums, so recent
+    steps count most and each counts by its tokens."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.seconds = self.tokens = 0.0
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        self.seconds = self.seconds * self.decay + seconds
+        self.tokens = self.tokens * self.decay + tokens
+
+    @property
+    def value(self) -> float | None:
+        return self.seconds / self.tokens if self.tokens > 0 else None
+
+
 class PromptChunkLimiter:
     MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
 
     def __init__(self, max_decode_slowdown: float, min_chunk: int = 16, decay: float = 0.9) -> None:
         self.max_decode_slowdown = max_decode_slowdown
         self.min_chunk = min_chunk
-        self.decay = decay
         self.decode = StepCostModel()  # decode-only steps: seconds by number of decoding rows
-        self._prompt = [0.0, 0.0]  # decayed (extra seconds, prompt tokens) of steps with prompt tokens
+        self._prompt = PerTokenCost(decay)  # the extra seconds of steps with prompt tokens, per prompt token
 
     @property
     def seconds_per_prompt_token(self) -> float | None:
-        seconds, tokens = self._prompt
-        return seconds / tokens if tokens > 0 else None
+        return self._prompt.value
 
     def cap(self, num_decodes: int) -> int | None:
         """Most prompt tokens a step with `num_decodes` decoding rows may add; None = no cap (no decodes
@@ -92,6 +107,4 @@ class PromptChunkLimiter:
         if num_prompt_tokens < self.MIN_PROMPT_TOKENS or (num_decodes and not self.decode.fitted):
             return
         extra = seconds - (self.decode.predict(num_decodes) if num_decodes else self.decode.coefficients()[0])
-        d = self.decay
-        self._prompt[0] = self._prompt[0] * d + max(extra, 0.0)
-        self._prompt[1] = self._prompt[1] * d + num_prompt_tokens
+        self._prompt.observe(max(extra, 0.0), num_prompt_tokens)

@@ -25,9 +25,6 @@
 #define NR 16
 #define MR 6
 #define KC 256
-#ifndef STREAM_ROWS
-#define STREAM_ROWS MR /* up to this many rows a panel is streamed once (see panels()); 8-32 measured no better */
-#endif
 #define PANELS_PER_BLOCK 8 /* panels that share one pass over the x rows (their slices stay in L2) */
 
 int fuselm_dense_has_simd(void) { return FL_DENSE_SIMD; }
@@ -108,58 +105,22 @@ FL_TILE(6)
 typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t, int64_t, int, int, const float *);
 static const tile_fn tiles[MR + 1] = {NULL, tile1, tile2, tile3, tile4, tile5, tile6}; /* by row count */
 
-/* One row: the panel read once, front to back. Every output is summed in exactly the order the
- * tiles use (per KC block one FMA chain from zero, blocks added to y in turn, the bias after the
- * first), so a row's result does not depend on how many rows share the call: a speculative
- * verification (5 rows) computes bit-for-bit what plain decoding (1 row) does, and greedy output
- * stays identical (tests/test_dense_linear.py checks it bit for bit; the former four chains over k
- * pairs did not sum in that order). The stream from memory hides the FMA latency of two chains. */
-static void row1(const float *x, const float *panel, float *y, int64_t K, int ncols, const float *bias) {
-#if FL_DENSE_SIMD
-    float out[NR];
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t k1 = K - k0 < KC ? K : k0 + KC;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int64_t k = k0; k < k1; k++) {
-            const __m256 xk = _mm256_broadcast_ss(x + k);
-            a0 = _mm256_fmadd_ps(xk, _mm256_loadu_ps(panel + k * NR), a0);
-            a1 = _mm256_fmadd_ps(xk, _mm256_loadu_ps(panel + k * NR + 8), a1);
-        }
-        _mm256_storeu_ps(out, a0);
-        _mm256_storeu_ps(out + 8, a1);
-        if (k0 == 0)
-            for (int j = 0; j < ncols; j++) y[j] = out[j] + (bias != NULL ? bias[j] : 0.0f);
-        else
-            for (int j = 0; j < ncols; j++) y[j] += out[j];
-    }
-#else
-    for (int64_t k0 = 0; k0 < K; k0 += KC)
-        tile1(x + k0, 0, panel + k0 * NR, y, 0, K - k0 < KC ? K - k0 : KC, ncols, k0 == 0, bias);
-#endif
-}
-
 /* Panels [p0, p1) of y = x @ W^T (+ bias). */
 static void panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
                    int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
-    if (M == 1) {
-        for (int64_t p = p0; p < p1; p++) {
-            const int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
-            row1(x, packed + p * K * NR, y + p * NR, K, ncols, bias != NULL ? bias + p * NR : NULL);
-        }
-        return;
-    }
-    if (M <= STREAM_ROWS) { /* few rows (decode batches, speculative verification): the weight streams from
-                             * memory, so each panel is read once front to back, as at one row, its KC slice
-                             * reused from L1 by every MR-row tile; blocking panels by KC (below) made 5 rows of
-                             * SmolLM2's LM head take 2x one row's time */
+    if (M <= MR) { /* one tile of rows (decode, speculative verification): the weight streams from memory,
+                    * so each panel is read once, front to back; blocking panels by KC (below) made 5 rows
+                    * of SmolLM2's LM head take 2x one row's time. Each output is summed in the same order
+                    * on both paths (per KC block one FMA chain from zero, blocks added to y in turn, the
+                    * bias after the first), so a row's result does not depend on how many rows share the
+                    * call: a verification computes bit for bit what plain decoding does
+                    * (tests/test_dense_linear.py). */
         for (int64_t p = p0; p < p1; p++) {
             const int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
             const float *b = bias != NULL ? bias + p * NR : NULL;
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t kc = K - k0 < KC ? K - k0 : KC;
-                for (int64_t m0 = 0; m0 < M; m0 += MR)
-                    tiles[M - m0 < MR ? M - m0 : MR](x + m0 * ldx + k0, ldx, packed + (p * K + k0) * NR,
-                                                     y + m0 * ldy + p * NR, ldy, kc, ncols, k0 == 0, b);
+                tiles[M](x + k0, ldx, packed + (p * K + k0) * NR, y + p * NR, ldy, kc, ncols, k0 == 0, b);
             }
         }
         return;

@@ -220,6 +220,13 @@ static inline void store_row(void *cache, int64_t slot, const void *src, int64_t
     }
 }
 
+/* Cache slot of the last context position of query row n (where its new token's K/V go). */
+static inline int64_t last_slot(const int64_t *block_table, const int64_t *ctx_lens, int64_t n, int64_t max_blocks,
+                                int64_t block_size) {
+    const int64_t pos = ctx_lens[n] - 1;
+    return block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
+}
+
 /* Store the K/V rows [first, last) of a step into their slots (position ctx_lens[n] - 1 of row n's
  * sequence) before fuselm_paged_decode_attention runs: the rows of a sequence with several query
  * rows (speculative tokens being verified) read each other's slots. */
@@ -227,8 +234,7 @@ void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const
                           int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
                           int64_t row_elems, int64_t block_size, int dtype, int kv_dtype) {
     for (int64_t n = first; n < last; n++) {
-        const int64_t pos = ctx_lens[n] - 1;
-        const int64_t slot = block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
+        const int64_t slot = last_slot(block_table, ctx_lens, n, max_blocks, block_size);
         store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);
         store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
     }
@@ -255,8 +261,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < num_seqs; n++) {
             if (k_new != NULL && n < num_write) { /* this step's token is the context's last: write it, then attend */
-                const int64_t pos = ctx_lens[n] - 1;
-                const int64_t slot = block_table[n * max_blocks + pos / block_size] * block_size + pos % block_size;
+                const int64_t slot = last_slot(block_table, ctx_lens, n, max_blocks, block_size);
                 store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);
                 store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
             }

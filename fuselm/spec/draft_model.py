@@ -24,7 +24,7 @@ from fuselm.config import EngineConfig
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from fuselm.engine.step_cost import StepCostModel
+from fuselm.engine.step_cost import PerTokenCost, StepCostModel
 from fuselm.loader import load_model
 from fuselm.runner.model_runner import ModelRunner
 from fuselm.runner.sampler import Sampler, SamplingBatch, _is_greedy
@@ -46,7 +46,7 @@ class DraftModelProposer:
         self.sampler = Sampler()
         self.cost = StepCostModel()  # seconds per decode-like draft round, by number of sequences
         self.last_catch_up_tokens = 0
-        self.prompt_token_seconds: float | None = None  # measured on catch-up rounds (new prompts)
+        self.prompt_cost = PerTokenCost(decay=0.7)  # seconds per token of catch-up rounds (new prompts)
         self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
         logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
@@ -136,9 +136,7 @@ class DraftModelProposer:
             if all(r.num_new_tokens <= 2 for r in rows):  # decode-like rounds (a first catch-up is a prefill)
                 self.cost.observe(len(active), seconds)
             elif (computed := sum(r.num_new_tokens for r in rows)) >= 32:
-                per_token = seconds / computed
-                old = self.prompt_token_seconds
-                self.prompt_token_seconds = per_token if old is None else 0.7 * old + 0.3 * per_token
+                self.prompt_cost.observe(seconds, computed)
             for j, ((req, sh), token) in enumerate(zip(active, tokens)):
                 sh.num_computed_tokens = sh.num_tokens
                 self.kv.cache_full_blocks(sh)

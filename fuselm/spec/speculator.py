@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fuselm.engine.request import Request, RequestStatus
-from fuselm.engine.step_cost import StepCostModel
+from fuselm.engine.step_cost import PerTokenCost, StepCostModel
 from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, plan_speculation
 from fuselm.spec.config import SpeculativeConfig
 from fuselm.spec.ngram import NgramProposer
@@ -63,7 +63,7 @@ class Speculator:
         self._step_accepted = 0  # speculative tokens accepted in the current step
         self.stats = SpecStats()
         self._draft_seconds = 0.0  # time the draft model took in this step's proposal (costed on its own)
-        self.prompt_token_seconds: float | None = None  # the target's, measured on steps with prompt chunks
+        self.prompt_cost = PerTokenCost(decay=0.7)  # the target's seconds per token of steps with prompt chunks
 
     def _room(self, req: Request) -> int:
         """Most speculative tokens the request can take: one token is always the verified/bonus one."""
@@ -135,9 +135,9 @@ class Speculator:
         pending = self.draft.pending_tokens(req)
         if pending <= 2:
             return 0.0
-        per_token = self.draft.prompt_token_seconds
+        per_token = self.draft.prompt_cost.value
         if per_token is None:
-            per_token = (self.prompt_token_seconds or self.cost.coefficients()[1]) * self._draft_ratio
+            per_token = (self.prompt_cost.value or self.cost.coefficients()[1]) * self._draft_ratio
         remaining = min(req.max_tokens - req.num_output_tokens, self.SETUP_HORIZON)
         steps = max(1.0, remaining / (1.0 + sum(gains)))
         return pending * per_token / steps
@@ -150,10 +150,8 @@ class Speculator:
         until verifications of different sizes have been seen."""
         prompt = sum(r.num_new_tokens for r in out.scheduled if r.num_new_tokens > 1 + r.num_spec_tokens)
         if prompt >= 64:
-            per_token = (seconds - self._draft_seconds) / out.num_batched_tokens
-            old = self.prompt_token_seconds
-            self.prompt_token_seconds = per_token if old is None else 0.7 * old + 0.3 * per_token
-            self.cost.prior_slope = self.prompt_token_seconds
+            self.prompt_cost.observe(seconds - self._draft_seconds, out.num_batched_tokens)
+            self.cost.prior_slope = self.prompt_cost.value
         if all(r.num_new_tokens == 1 + r.num_spec_tokens for r in out.scheduled):
             self.cost.observe(out.num_batched_tokens, seconds - self._draft_seconds)
             speculated = any(r.num_spec_tokens for r in out.scheduled)
