@@ -167,3 +167,26 @@ def test_small_m_linear_matches_float64(rows, n_out, bias):
     want = x.double() @ w.double().T + (b.double() if bias else 0)
     got = kernels.linear_small_m(x, w, b).double()
     assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_ignores_cache_rows_past_the_context(kv_dtype):
+    """Blocks are read in vector-sized pieces; rows a block holds past a sequence's length (stale or
+    never written: NaN here) must not reach the output."""
+    g = torch.Generator().manual_seed(12)
+    n, hq, hkv, d, bs = 3, 9, 3, 64, 16
+    lens = torch.tensor([5, 16, 21])
+    nb = 2
+    k_cache = torch.full((n * nb + 1, bs, hkv, d), float("nan")).to(kv_dtype)
+    v_cache = torch.full((n * nb + 1, bs, hkv, d), float("nan")).to(kv_dtype)
+    table = torch.randperm(n * nb, generator=g).view(n, nb).contiguous()
+    for i in range(n):
+        for p in range(int(lens[i])):
+            blk, off = int(table[i, p // bs]), p % bs
+            k_cache[blk, off] = torch.randn(hkv, d, generator=g).to(kv_dtype)
+            v_cache[blk, off] = torch.randn(hkv, d, generator=g).to(kv_dtype)
+    q = torch.randn(n, hq, d, generator=g)
+    out = torch.empty_like(q)
+    kernels.paged_decode_attention(q, out, k_cache, v_cache, table, lens, d ** -0.5)
+    assert not out.isnan().any()
+    assert (out.double() - reference(q, k_cache, v_cache, table, lens, d ** -0.5)).abs().max().item() < 1e-5
