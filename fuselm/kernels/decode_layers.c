@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_simd.h"
+
 void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
                        int float_activations, int num_threads);
@@ -76,6 +78,25 @@ static void project(const QProj *p, const float *x, float *y, int64_t M, int num
     }
 }
 
+/* act[m, i] = silu(gu[m, i]) * gu[m, I + i] for M rows of [gate | up]. Vectorised and split between
+ * threads: with libm's expf, one element at a time, it took ~3% of a 128-row decode step. */
+static void silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * I >= 16384)
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *a = act + m * I;
+        int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256_clamped(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
 /* x * cos + swap_halves(x) * signed_sin for `heads` heads of one row (HF rotate-half layout). */
 static void rotate(float *x, const float *cos, const float *sin, int64_t heads, int64_t dim) {
     const int64_t half = dim / 2;
@@ -129,11 +150,7 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
         for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
         fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, 0, threads);
         project(&L->gate_up, h, gu, M, threads);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t i = 0; i < I; i++) {
-                const float g = gu[m * 2 * I + i];
-                act[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
-            }
+        silu_mul(gu, act, M, I, threads);
         project(&L->down, act, out, M, threads);
         for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
     }

@@ -195,23 +195,6 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
 #define HAVE_F32_FAST_PATH 1
 #include <immintrin.h>
 
-/* exp_nonpositive on 8 lanes: the same clamp, split and polynomial. */
-static inline __m256 exp256_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.5403530393381609e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /* Lane sums of 8 vectors, in order: result lane t = sum of v[t]'s 8 lanes. */
 static inline __m256 hsum8(const __m256 *v) {
     const __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
@@ -312,7 +295,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             const __m256 vnew = _mm256_set1_ps(new_max);
             __m256 vsum = _mm256_setzero_ps();
             for (int64_t t0 = 0; t0 < count; t0 += 8) {
-                const __m256 e = _mm256_and_ps(exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sj + t0), vnew)),
+                const __m256 e = _mm256_and_ps(exp256_clamped(_mm256_sub_ps(_mm256_loadu_ps(sj + t0), vnew)),
                                                lanes_before(count - t0));
                 _mm256_storeu_ps(sj + t0, e);
                 vsum = _mm256_add_ps(vsum, e);
