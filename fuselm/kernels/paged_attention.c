@@ -35,6 +35,15 @@ static inline void load_row(const void *base, int64_t index, int64_t dim, int dt
     }
 }
 
+/* Online-softmax state of one sequence before its first block: V sums 0, running max -inf, sum 0. */
+static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_heads, int64_t head_dim) {
+    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < num_heads; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+}
+
 /* exp(x) for x <= 0 (softmax after max subtraction): 2^(x log2 e) split into 2^n * 2^f with
  * f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error ~2e-7). Plain
  * arithmetic, so loops over it vectorise, unlike libm's expf. */
@@ -96,11 +105,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
                                float *m, float *l) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
-    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
-    for (int64_t j = 0; j < num_heads; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
+    reset_softmax(acc, m, l, num_heads, head_dim);
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
         const int64_t block = table[b];
@@ -193,7 +198,6 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
 
 #if defined(__AVX2__) && defined(__FMA__) /* immintrin.h comes with bf16_simd.h */
 #define HAVE_F32_FAST_PATH 1
-#include <immintrin.h>
 
 /* Lane sums of 8 vectors, in order: result lane t = sum of v[t]'s 8 lanes. */
 static inline __m256 hsum8(const __m256 *v) {
@@ -246,11 +250,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
     const int64_t width = kv_bf16 ? 2 : 4;
-    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
-    for (int64_t j = 0; j < num_heads; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
+    reset_softmax(acc, m, l, num_heads, head_dim);
     const __m256 vscale = _mm256_set1_ps(scale);
     for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
         const int64_t block = table[b];
@@ -284,11 +284,9 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             float *sj = scores + j * block_size;
             /* lanes past count (rows the block holds but the context does not reach, maybe NaN) are masked out */
             __m256 vmax = _mm256_set1_ps(-INFINITY);
-            for (int64_t t0 = 0; t0 < count; t0 += 8) {
-                const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sj + t0), lanes_before(count - t0));
-                _mm256_storeu_ps(sj + t0, x);
-                vmax = _mm256_max_ps(vmax, x);
-            }
+            for (int64_t t0 = 0; t0 < count; t0 += 8)
+                vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sj + t0),
+                                                            lanes_before(count - t0)));
             const float block_max = hmax8(vmax);
             const float new_max = block_max > m[j] ? block_max : m[j];
             const float correction = exp_nonpositive(m[j] - new_max);
@@ -438,14 +436,8 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
             }
 #endif
             load_row(q, n, num_heads * head_dim, dtype, qf);
-            for (int64_t i = 0; i < num_heads * head_dim; i++) {
-                qf[i] *= scale;
-                acc[i] = 0.0f;
-            }
-            for (int64_t j = 0; j < num_heads; j++) {
-                m[j] = -INFINITY;
-                l[j] = 0.0f;
-            }
+            for (int64_t i = 0; i < num_heads * head_dim; i++) qf[i] *= scale;
+            reset_softmax(acc, m, l, num_heads, head_dim);
             const int64_t len = ctx_lens[n];
             for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
                 const int64_t block = block_table[n * max_blocks + b];
