@@ -37,17 +37,23 @@ def test_dense_linear_matches_float64(m, n, k, bias):
 @pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
-    """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..13 rows
-    (a speculative verification, a prefill chunk); otherwise greedy speculative decoding can flip a
+    """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..100 rows
+    (a speculative verification, a prefill chunk), on any number of threads; otherwise greedy speculative decoding can flip a
     near-tie and stop being identical to plain decoding."""
     g = torch.Generator().manual_seed(n * 31 + k)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    x = torch.randn(13, k, generator=g)
+    x = torch.randn(100, k, generator=g)
     packed = kernels.dense_pack(w)
-    alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(13)])
-    for m in (2, 5, 6, 7, 13):
+    alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(100)])
+    for m in (2, 5, 6, 7, 13, 100):  # 100: rows cut into chunks handed out to threads (narrow layers)
         assert torch.equal(kernels.dense_linear(x[:m], packed, b, n), alone[:m]), m
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # nor on how the work is split between threads
+    try:
+        assert torch.equal(kernels.dense_linear(x, packed, b, n), alone)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_pack_dense_linears_replaces_float32_linears():
@@ -72,7 +78,16 @@ def test_float32_engine_matches_portable_path(tiny_model_factory, name):
     model = fast.engine.runner.model
     assert model.dense_lm_head is not None and model.fused_decode is not None
     assert isinstance(model.layers[0].mlp.gate_up_proj, DenseLinear)
+    halves = []  # steps with prompt chunks (the budget of 32 splits the 60-token prompt) take the C halves
+    inputs = model.fused_decode.attention_inputs
+
+    def counting(i, x, *args):
+        halves.append(x.shape[0])
+        return inputs(i, x, *args)
+
+    model.fused_decode.attention_inputs = counting
     for a, b in zip(fast.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[tok].logprob - lb[tok].logprob) < 1e-3
+    assert len(halves) >= 2 * len(model.layers) and max(halves) == 32

@@ -114,6 +114,14 @@ class CpuKernels:
         layers.argtypes = [p, i64, p, p, i64, i64, p, p, p, p]
         layers.restype = None
         self.decode_layers_fn = layers
+        half = lib.fuselm_layer_attention_inputs  # a layer in halves around attention (steps with prompt chunks)
+        half.argtypes = [p, i64, p, p, i64, p, p, p, p, p]
+        half.restype = None
+        self.layer_attention_inputs_fn = half
+        half = lib.fuselm_layer_attention_outputs
+        half.argtypes = [p, i64, p, p, p, i64]
+        half.restype = None
+        self.layer_attention_outputs_fn = half
         self.has_decode_layers = True
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:

@@ -10,6 +10,9 @@
  * the matmuls in fuselm_qlinear_ld. Steps where every token is a query row take it: single decode
  * tokens, and the rows of speculative tokens being verified (several rows of one sequence, each
  * with its own context length; their K/V are stored before attention, as the torch path does).
+ * Steps with prompt chunks take each layer in two calls (fuselm_layer_attention_inputs / _outputs)
+ * with attention in between, where the caller runs flash attention over the chunks: the eager
+ * layer's elementwise ops (rotary, SiLU, residual adds, splits) cost ~10% of an offline run.
  * The torch model (fuselm/models/llama.py) is the reference it is tested against.
  */
 #include <math.h>
@@ -102,12 +105,78 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t heads, 
     const int64_t half = dim / 2;
     for (int64_t h = 0; h < heads; h++) {
         float *v = x + h * dim;
-        for (int64_t d = 0; d < half; d++) {
+        int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; d + 8 <= half; d += 8) {
+            const __m256 a = _mm256_loadu_ps(v + d), b = _mm256_loadu_ps(v + d + half);
+            _mm256_storeu_ps(v + d, _mm256_fmadd_ps(a, _mm256_loadu_ps(cos + d), _mm256_mul_ps(b, _mm256_loadu_ps(sin + d))));
+            _mm256_storeu_ps(v + d + half, _mm256_fmadd_ps(b, _mm256_loadu_ps(cos + d + half),
+                                                           _mm256_mul_ps(a, _mm256_loadu_ps(sin + d + half))));
+        }
+#endif
+        for (; d < half; d++) {
             const float a = v[d], b = v[d + half];
-            v[d] = a * cos[d] + b * sin[d];
-            v[d + half] = b * cos[d + half] + a * sin[d + half];
+            v[d] = fmaf(a, cos[d], b * sin[d]);
+            v[d + half] = fmaf(b, cos[d + half], a * sin[d + half]);
         }
     }
+}
+
+/* The half of a layer before attention, for M rows of the residual stream x [M, hidden]: RMSNorm,
+ * q/k/v projection (+ bias), split into q [M, Hq*D], k and v [M, Hkv*D], rotary on q and k.
+ * h [M, hidden] and qkv [M, qkv_dim] are scratch. */
+static void attention_inputs(const QLayer *L, const QModelDims *dims, const float *x, int64_t M, const float *cos,
+                             const float *sin, float *h, float *qkv, float *q, float *k, float *v) {
+    const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
+    const int64_t qkv_dim = (Hq + 2 * Hkv) * D;
+    fuselm_rms_norm(x, L->input_norm, h, M, H, dims->eps, 0, dims->num_threads);
+    project(&L->qkv, h, qkv, M, dims->num_threads);
+#pragma omp parallel for schedule(static) num_threads(dims->num_threads) if (M >= 64)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = qkv + m * qkv_dim;
+        memcpy(q + m * Hq * D, row, sizeof(float) * (size_t)(Hq * D));
+        memcpy(k + m * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
+        memcpy(v + m * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+        rotate(q + m * Hq * D, cos + m * D, sin + m * D, Hq, D);
+        rotate(k + m * Hkv * D, cos + m * D, sin + m * D, Hkv, D);
+    }
+}
+
+/* The half of a layer after attention: x += o_proj(attn); x += down(silu(gate) * up) of RMSNorm(x).
+ * h [M, hidden], gu [M, 2I], act [M, I] and out [M, hidden] are scratch. */
+static void attention_outputs(const QLayer *L, const QModelDims *dims, float *x, const float *attn, int64_t M, float *h,
+                              float *gu, float *act, float *out) {
+    const int64_t H = dims->hidden, I = dims->intermediate;
+    const int threads = dims->num_threads;
+    project(&L->o, attn, out, M, threads);
+    for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
+    fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, 0, threads);
+    project(&L->gate_up, h, gu, M, threads);
+    silu_mul(gu, act, M, I, threads);
+    project(&L->down, act, out, M, threads);
+    for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
+}
+
+/* Steps with prompt chunks take the layers in halves, attention in between done by the caller
+ * (fuselm/models/llama.py: the C decode kernel for query rows, torch's flash attention for chunks). */
+void fuselm_layer_attention_inputs(const QLayer *layers, int64_t l, const QModelDims *dims, const float *x, int64_t M,
+                                   const float *cos, const float *sin, float *q, float *k, float *v) {
+    const int64_t qkv_dim = (dims->num_heads + 2 * dims->num_kv_heads) * dims->head_dim;
+    float *h = malloc(sizeof(float) * (size_t)(M * dims->hidden));
+    float *qkv = malloc(sizeof(float) * (size_t)(M * qkv_dim));
+    attention_inputs(&layers[l], dims, x, M, cos, sin, h, qkv, q, k, v);
+    free(h), free(qkv);
+}
+
+void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QModelDims *dims, float *x, const float *attn,
+                                    int64_t M) {
+    const int64_t H = dims->hidden, I = dims->intermediate;
+    float *h = malloc(sizeof(float) * (size_t)(M * H));
+    float *gu = malloc(sizeof(float) * (size_t)(M * 2 * I));
+    float *act = malloc(sizeof(float) * (size_t)(M * I));
+    float *out = malloc(sizeof(float) * (size_t)(M * H));
+    attention_outputs(&layers[l], dims, x, attn, M, h, gu, act, out);
+    free(h), free(gu), free(act), free(out);
 }
 
 /* x [M, hidden] float32 in/out (the residual stream); cos/sin [M, head_dim] (sin with rotate-half's
@@ -119,7 +188,6 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
                           const int64_t *ctx_lens) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
     const int64_t I = dims->intermediate, qkv_dim = (Hq + 2 * Hkv) * D;
-    const int threads = dims->num_threads;
     float *h = malloc(sizeof(float) * (size_t)(M * H));
     float *qkv = malloc(sizeof(float) * (size_t)(M * qkv_dim));
     float *q = malloc(sizeof(float) * (size_t)(M * Hq * D));
@@ -131,28 +199,13 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
     float *out = malloc(sizeof(float) * (size_t)(M * H));
     for (int64_t l = 0; l < num_layers; l++) {
         const QLayer *L = &layers[l];
-        fuselm_rms_norm(x, L->input_norm, h, M, H, dims->eps, 0, threads);
-        project(&L->qkv, h, qkv, M, threads);
-        for (int64_t m = 0; m < M; m++) {
-            const float *row = qkv + m * qkv_dim;
-            memcpy(q + m * Hq * D, row, sizeof(float) * (size_t)(Hq * D));
-            memcpy(k + m * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
-            memcpy(v + m * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
-            rotate(q + m * Hq * D, cos + m * D, sin + m * D, Hq, D);
-            rotate(k + m * Hkv * D, cos + m * D, sin + m * D, Hkv, D);
-        }
+        attention_inputs(L, dims, x, M, cos, sin, h, qkv, q, k, v);
         if (num_single < M)
             fuselm_store_kv_rows(L->k_cache, L->v_cache, k, v, num_single, M, block_table, ctx_lens, dims->max_blocks,
                                  Hkv * D, dims->block_size, 0, dims->kv_dtype);
         fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M, dims->max_blocks,
-                                      Hq, Hkv, D, dims->block_size, dims->scale, 0, dims->kv_dtype, threads);
-        project(&L->o, attn, out, M, threads);
-        for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
-        fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, 0, threads);
-        project(&L->gate_up, h, gu, M, threads);
-        silu_mul(gu, act, M, I, threads);
-        project(&L->down, act, out, M, threads);
-        for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
+                                      Hq, Hkv, D, dims->block_size, dims->scale, 0, dims->kv_dtype, dims->num_threads);
+        attention_outputs(L, dims, x, attn, M, h, gu, act, out);
     }
     free(h), free(qkv), free(q), free(k), free(v), free(attn), free(gu), free(act), free(out);
 }

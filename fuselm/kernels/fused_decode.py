@@ -1,4 +1,5 @@
-"""FusedDecode: runs every decoder layer of a pure-decode step in one C call (decode_layers.c).
+"""FusedDecode: runs every decoder layer of a pure-decode step in one C call (decode_layers.c),
+and the layers of steps with prompt chunks in two C calls each, around the attention.
 
 Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) or packed
 for fuselm's fp32 GEMM (dense_linear.py), and its activations and KV cache in float32 (or a
@@ -81,6 +82,19 @@ class FusedDecode:
                                 model.config.intermediate_size, a.k_cache.shape[1], 0,
                                 layers[0].input_layernorm.eps, a.scale, _KV_DTYPES[a.k_cache.dtype], 1)
         self._fn = kernels.decode_layers_fn
+        self._inputs_fn = kernels.layer_attention_inputs_fn
+        self._outputs_fn = kernels.layer_attention_outputs_fn
+        a = layers[0].self_attn
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        # The C halves multiply quantised weights with fuselm_qlinear at every row count; for long
+        # chunks the torch layer's dequantise-then-GEMM is faster (fuselm/quant/linear.py), so
+        # quantised models take the halves only for steps below that crossover.
+        from fuselm.kernels.dense_linear import DenseLinear
+        from fuselm.quant.linear import DEQUANTIZED_GEMM_ROWS
+
+        dense = all(isinstance(m, DenseLinear) for layer in layers
+                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+        self.max_prompt_step_tokens = None if dense else DEQUANTIZED_GEMM_ROWS - 1
 
     @staticmethod
     def supported(model, kernels) -> bool:
@@ -115,3 +129,28 @@ class FusedDecode:
         self._fn(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(), x.shape[0],
                  x.shape[0] if num_single is None else num_single, cos.data_ptr(),
                  sin.data_ptr(), block_table.data_ptr(), ctx_lens.data_ptr())
+
+    def takes_prompt_step(self, num_tokens: int) -> bool:
+        """Whether a step of num_tokens tokens with prompt chunks runs its layers in C halves."""
+        return self.max_prompt_step_tokens is None or num_tokens <= self.max_prompt_step_tokens
+
+    def attention_inputs(self, layer: int, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RMSNorm, q/k/v projection and rotary of layer `layer` for x [T, hidden] (float32, contiguous):
+        q [T, Hq, D], k and v [T, Hkv, D]. cos/sin [T, head_dim] contiguous."""
+        t = x.shape[0]
+        d = self.dims
+        q = torch.empty((t, d.num_heads, d.head_dim), dtype=torch.float32)
+        k = torch.empty((t, d.num_kv_heads, d.head_dim), dtype=torch.float32)
+        v = torch.empty((t, d.num_kv_heads, d.head_dim), dtype=torch.float32)
+        d.num_threads = torch.get_num_threads()
+        self._inputs_fn(ctypes.addressof(self.layers), layer, ctypes.addressof(d), x.data_ptr(), t, cos.data_ptr(),
+                        sin.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr())
+        return q, k, v
+
+    def attention_outputs(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> None:
+        """x += o_proj(attn), then x += MLP(RMSNorm(x)), in place; attn [T, Hq, D] contiguous."""
+        assert attn.is_contiguous() and attn.dtype == torch.float32
+        self.dims.num_threads = torch.get_num_threads()
+        self._outputs_fn(ctypes.addressof(self.layers), layer, ctypes.addressof(self.dims), x.data_ptr(),
+                         attn.data_ptr(), x.shape[0])

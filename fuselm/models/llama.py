@@ -158,14 +158,24 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rope.tables(positions)  # ([T, 1, D], [T, 1, D])
-        if self.fused_decode is not None:
+        fused = self.fused_decode
+        if fused is not None:
             meta = get_attention_metadata()
             t = input_ids.shape[0]
+            x = x.contiguous()
+            cos, sin = rope[0].reshape(t, -1).contiguous(), rope[1].reshape(t, -1).contiguous()
             if (meta.num_decode_tokens == t and not meta.prefill_rows
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None):
-                x = x.contiguous()  # every token a query row: decodes, and speculative tokens being verified
-                self.fused_decode.run(x, rope[0].view(t, -1), rope[1].view(t, -1), meta.decode_block_table,
-                                      meta.decode_ctx_lens, None if meta.num_single_rows < 0 else meta.num_single_rows)
+                # every token a query row: decodes, and speculative tokens being verified
+                fused.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
+                          None if meta.num_single_rows < 0 else meta.num_single_rows)
+                return self.norm(x)
+            if fused.takes_prompt_step(t):  # prompt chunks: each layer in two C calls around attention
+                for i, layer in enumerate(self.layers):
+                    attn = layer.self_attn
+                    q, k, v = fused.attention_inputs(i, x, cos, sin)
+                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale)  # [T, Hq, D]
+                    fused.attention_outputs(i, x, o)
                 return self.norm(x)
         for layer in self.layers:
             x = layer(x, rope)
