@@ -38,8 +38,8 @@ def test_dense_linear_matches_float64(m, n, k, bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
     """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..100 rows
-    (a speculative verification, a prefill chunk), on any number of threads; otherwise greedy speculative decoding can flip a
-    near-tie and stop being identical to plain decoding."""
+    (a speculative verification, a prefill chunk), on any number of threads; otherwise greedy
+    speculative decoding can flip a near-tie and stop being identical to plain decoding."""
     g = torch.Generator().manual_seed(n * 31 + k)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None

@@ -107,7 +107,7 @@ static const tile_fn tiles[MR + 1] = {NULL, tile1, tile2, tile3, tile4, tile5, t
 
 /* Rows [m_begin, m_end) x panels [p0, p1) of y = x @ W^T (+ bias). */
 static void panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                   int64_t m_begin, int64_t m_end, int64_t N, int64_t K, int64_t p0, int64_t p1, int64_t panels_per_block) {
+                   int64_t m_begin, int64_t m_end, int64_t N, int64_t K, int64_t p0, int64_t p1) {
     const int64_t M = m_end - m_begin;
     x += m_begin * ldx, y += m_begin * ldy;
     if (M <= MR) { /* one tile of rows (decode, speculative verification): the weight streams from memory,
@@ -127,8 +127,8 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
         }
         return;
     }
-    for (int64_t pb = p0; pb < p1; pb += panels_per_block) {
-        const int64_t pe = pb + panels_per_block < p1 ? pb + panels_per_block : p1;
+    for (int64_t pb = p0; pb < p1; pb += PANELS_PER_BLOCK) {
+        const int64_t pe = pb + PANELS_PER_BLOCK < p1 ? pb + PANELS_PER_BLOCK : p1;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -175,8 +175,7 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
 #else
             const int64_t t = 0, T = 1;
 #endif
-            panels(x, ldx, packed, bias, y, ldy, 0, M, N, K, num_panels * t / T, num_panels * (t + 1) / T,
-                   PANELS_PER_BLOCK);
+            panels(x, ldx, packed, bias, y, ldy, 0, M, N, K, num_panels * t / T, num_panels * (t + 1) / T);
         }
         return;
     }
@@ -192,6 +191,6 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
         const int64_t pb = item / row_chunks * per_block, rc = item % row_chunks;
         const int64_t pe = pb + per_block < num_panels ? pb + per_block : num_panels;
         const int64_t m_end = (rc + 1) * ROW_CHUNK < M ? (rc + 1) * ROW_CHUNK : M;
-        panels(x, ldx, packed, bias, y, ldy, rc * ROW_CHUNK, m_end, N, K, pb, pe, per_block);
+        panels(x, ldx, packed, bias, y, ldy, rc * ROW_CHUNK, m_end, N, K, pb, pe); /* one panel block */
     }
 }

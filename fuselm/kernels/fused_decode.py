@@ -61,21 +61,25 @@ def _proj(module) -> _QProj:
     return proj
 
 
+def _projections(layer) -> tuple:
+    """A decoder layer's four projections, in the order decode_layers.c's QLayer holds them."""
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+
+
 class FusedDecode:
     def __init__(self, model, kernels) -> None:
         layers = model.layers
         self._keep = []  # float32 copies of biases / norms whose pointers the structures hold
         self.layers = (_QLayer * len(layers))()
         for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            for module in _projections(layer):
                 if module.bias is not None:
                     module.bias = module.bias.float().contiguous()
             norms = [layer.input_layernorm.weight.detach().float().contiguous(),
                      layer.post_attention_layernorm.weight.detach().float().contiguous()]
             self._keep.extend(norms)
-            self.layers[i] = _QLayer(_proj(attn.qkv_proj), _proj(attn.o_proj), _proj(mlp.gate_up_proj),
-                                     _proj(mlp.down_proj), norms[0].data_ptr(), norms[1].data_ptr(),
+            attn = layer.self_attn
+            self.layers[i] = _QLayer(*map(_proj, _projections(layer)), norms[0].data_ptr(), norms[1].data_ptr(),
                                      attn.k_cache.data_ptr(), attn.v_cache.data_ptr())
         a = layers[0].self_attn
         self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
@@ -84,16 +88,13 @@ class FusedDecode:
         self._fn = kernels.decode_layers_fn
         self._inputs_fn = kernels.layer_attention_inputs_fn
         self._outputs_fn = kernels.layer_attention_outputs_fn
-        a = layers[0].self_attn
-        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         # The C halves multiply quantised weights with fuselm_qlinear at every row count; for long
         # chunks the torch layer's dequantise-then-GEMM is faster (fuselm/quant/linear.py), so
         # quantised models take the halves only for steps below that crossover.
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import DEQUANTIZED_GEMM_ROWS
 
-        dense = all(isinstance(m, DenseLinear) for layer in layers
-                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+        dense = all(isinstance(m, DenseLinear) for layer in layers for m in _projections(layer))
         self.max_prompt_step_tokens = None if dense else DEQUANTIZED_GEMM_ROWS - 1
 
     @staticmethod
@@ -106,10 +107,10 @@ class FusedDecode:
         if kernels is None or not getattr(kernels, "has_decode_layers", False) or model.norm.weight.dtype != torch.float32:
             return False
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES or attn.k_scale is not None:
                 return False
-            for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            for module in _projections(layer):
                 if isinstance(module, DenseLinear):
                     continue
                 if not isinstance(module, QuantLinear) or len(module.parts) > _MAX_PARTS:
