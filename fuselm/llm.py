@@ -12,7 +12,7 @@ from fuselm.engine.engine import LLMEngine
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
-PromptType = str | list[int]
+PromptType = str | list[int] | dict  # text, token ids, or {"prompt": text} / {"prompt_token_ids": ids} as in vLLM
 
 
 class LLM:
@@ -40,7 +40,7 @@ class LLM:
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:

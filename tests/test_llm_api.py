@@ -124,3 +124,19 @@ def test_text_prompts_and_chat(llm):
     two = llm.chat([msgs, msgs + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"}]],
                    SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(two) == 2 and two[0].outputs[0].token_ids == chat.outputs[0].token_ids[:3]
+
+
+def test_vllm_prompt_dicts(llm):
+    """{"prompt": text} and {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt) mean what plain ones do."""
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    ids = random_prompts([12], seed=31)[0]
+    plain = llm.generate([ids, "The quick brown fox"], greedy, use_tqdm=False)
+    dicts = llm.generate([{"prompt_token_ids": ids}, {"prompt": "The quick brown fox"}], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
+    assert dicts[1].prompt == "The quick brown fox" and dicts[0].prompt_token_ids == ids
+    single = llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    for bad in ({"prompt": "a", "prompt_token_ids": [1]}, {"text": "a"}, {"prompt_token_ids": 5}):
+        with pytest.raises(ValueError, match="prompt"):
+            llm.generate(bad, greedy, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()

@@ -85,7 +85,16 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        """Text, token ids, or vLLM's prompt dicts: {"prompt": text} / {"prompt_token_ids": ids}."""
+        if isinstance(prompt, dict):
+            keys = set(prompt) & {"prompt", "prompt_token_ids"}
+            if len(keys) != 1:
+                raise ValueError(f"a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids', "
+                                 f"got keys {sorted(prompt)}")
+            prompt = prompt[keys.pop()]
+            if not isinstance(prompt, (str, list, tuple)):
+                raise ValueError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one token of text")
@@ -99,7 +108,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return None, ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
         """Validate and queue a request. Raises ValueError (naming the problem) for bad input."""
         params = params or SamplingParams()
