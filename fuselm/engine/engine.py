@@ -20,7 +20,7 @@ from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text
 from fuselm.engine.kv_cache import KVCacheManager
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
-from fuselm.engine.step_cost import PromptChunkLimiter, attended_pairs
+from fuselm.engine.step_cost import PromptChunkLimiter
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
@@ -187,7 +187,6 @@ class LLMEngine:
     def _observe_step_cost(self, out: SchedulerOutput, seconds: float) -> None:
         """Feed the prompt-chunk limiter: decoding rows, prompt tokens and the step's duration."""
         decodes = prompt = 0
-        pairs = 0.0
         for row in out.scheduled:
             if row.num_spec_tokens:
                 return  # verification steps cost more than their rows say; they would skew the fit
@@ -195,8 +194,7 @@ class LLMEngine:
                 decodes += 1
             else:
                 prompt += row.num_new_tokens
-                pairs += attended_pairs(row.num_new_tokens, row.num_computed_tokens)
-        self.scheduler.prompt_limiter.observe(decodes, prompt, seconds, pairs)
+        self.scheduler.prompt_limiter.observe(decodes, prompt, seconds)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
         """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""

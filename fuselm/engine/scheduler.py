@@ -109,10 +109,7 @@ class Scheduler:
         prompt_budget = None
         for want_decode in (True, False):
             if not want_decode and self.prompt_limiter is not None:
-                # a chunk's cost grows with the context it attends to: cap for the deepest prefill running
-                deepest = max((r.num_computed_tokens for r in self.running
-                               if r.status is RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens > 1), default=0)
-                cap = self.prompt_limiter.cap(len(chosen), deepest)
+                cap = self.prompt_limiter.cap(len(chosen))
                 prompt_budget = None if cap is None else min(cap, budget)
             for req in list(self.running):
                 if budget == 0 or prompt_budget == 0 or req.status is not RequestStatus.RUNNING or id(req) in chosen:

@@ -13,13 +13,8 @@ that has decodes running gets at most (s - 1) * decode_step_time / seconds_per_p
 prompt tokens (never fewer than `min_chunk`), so no decode waits more than about s times its
 usual inter-token time; steps without decodes keep the whole budget. Both costs are refit from
 every step (decode-only steps give the decode time by batch size; steps with prompt tokens
-give the cost of their chunks on top of it), so the cap follows the machine and the model.
-
-A chunk's cost depends on where it starts: its queries attend to every earlier token, so on a
-2-vCPU EPYC a 32-token chunk of SmolLM2 took 106 ms at context 0 and 275 ms at context 2,900.
-The chunk cost is therefore fitted as a per token + b per (query, key) pair it attends to, and the
-cap is solved for the deepest context being prefilled: with one average per token, chunks deep
-into a 3,000-token prompt overran the cap (p99 ITL 2.35x the median at max_decode_slowdown 2).
+give the cost per prompt token on top of it), so the cap follows the machine, the model and the
+context lengths.
 """
 
 from __future__ import annotations
@@ -81,66 +76,6 @@ class PerTokenCost:
         return self.seconds / self.tokens if self.tokens > 0 else None
 
 
-class ChunkCost:
-    """seconds = a * tokens + b * pairs / PAIR_UNIT for steps' prompt chunks, fitted by decayed least
-    squares weighted by 1 / tokens (with no pairs this is total seconds / total tokens, recent steps
-    counting most). A light ridge on b keeps it at 0 until the steps seen differ in context depth."""
-
-    PAIR_UNIT = 1024.0  # pairs are counted in tokens x 1,024 keys, so a and b have similar scales
-    RIDGE = 1e-3
-
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-        self.sp = self.sa = self.saa = self.sy = self.say = 0.0
-
-    def observe(self, tokens: int, pairs: float, seconds: float) -> None:
-        if tokens <= 0:
-            return
-        d, a = self.decay, pairs / self.PAIR_UNIT
-        self.sp = self.sp * d + tokens
-        self.sa = self.sa * d + a
-        self.saa = self.saa * d + a * a / tokens
-        self.sy = self.sy * d + seconds
-        self.say = self.say * d + a * seconds / tokens
-
-    @property
-    def measured(self) -> bool:
-        return self.sp > 0.0
-
-    def coefficients(self) -> tuple[float, float]:
-        """(seconds per prompt token, seconds per PAIR_UNIT attended pairs)."""
-        if not self.measured:
-            return 0.0, 0.0
-        ridge = self.RIDGE * (self.sp + self.saa) + 1e-12
-        det = self.sp * (self.saa + ridge) - self.sa * self.sa
-        a = (self.sy * (self.saa + ridge) - self.sa * self.say) / det
-        b = (self.sp * self.say - self.sa * self.sy) / det
-        if b < 0.0:
-            return max(self.sy / self.sp, 0.0), 0.0
-        if a < 0.0:
-            return 0.0, max(self.say / (self.saa + ridge), 0.0)
-        return a, b
-
-    def predict(self, tokens: float, context: float) -> float:
-        """Seconds for a chunk of `tokens` starting after `context` cached tokens."""
-        a, b = self.coefficients()
-        return a * tokens + b * attended_pairs(tokens, context) / self.PAIR_UNIT
-
-    def max_tokens(self, seconds: float, context: float) -> float:
-        """Most tokens of a chunk starting at `context` that fit in `seconds` (the positive root)."""
-        a, b = self.coefficients()
-        quad = b / (2.0 * self.PAIR_UNIT)  # pairs(n, c) = n * c + n * (n + 1) / 2
-        lin = a + b * (context + 0.5) / self.PAIR_UNIT
-        if quad <= 0.0:
-            return seconds / max(lin, 1e-12)
-        return (-lin + (lin * lin + 4.0 * quad * seconds) ** 0.5) / (2.0 * quad)
-
-
-def attended_pairs(tokens: float, context: float) -> float:
-    """(query, key) pairs of a chunk of `tokens` queries after `context` cached tokens, causal."""
-    return tokens * context + tokens * (tokens + 1) / 2.0
-
-
 class PromptChunkLimiter:
     MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
 
@@ -148,24 +83,23 @@ class PromptChunkLimiter:
         self.max_decode_slowdown = max_decode_slowdown
         self.min_chunk = min_chunk
         self.decode = StepCostModel()  # decode-only steps: seconds by number of decoding rows
-        self.chunks = ChunkCost(decay)  # the extra seconds of steps with prompt tokens
+        self._prompt = PerTokenCost(decay)  # the extra seconds of steps with prompt tokens, per prompt token
 
     @property
     def seconds_per_prompt_token(self) -> float | None:
-        """The fitted cost of a prompt token at context 0 (None before any step with prompt tokens)."""
-        return self.chunks.coefficients()[0] if self.chunks.measured else None
+        return self._prompt.value
 
-    def cap(self, num_decodes: int, context: int = 0) -> int | None:
-        """Most prompt tokens a step with `num_decodes` decoding rows may add, for a chunk starting
-        after `context` cached tokens; None = no cap (no decodes running, or nothing measured yet)."""
-        if num_decodes == 0 or not self.chunks.measured or not self.decode.fitted:
+    def cap(self, num_decodes: int) -> int | None:
+        """Most prompt tokens a step with `num_decodes` decoding rows may add; None = no cap (no decodes
+        running, or nothing measured yet)."""
+        per_token = self.seconds_per_prompt_token
+        if num_decodes == 0 or per_token is None or not self.decode.fitted:
             return None
-        seconds = (self.max_decode_slowdown - 1.0) * self.decode.predict(num_decodes)
-        return max(self.min_chunk, int(self.chunks.max_tokens(seconds, context)))
+        allowed = (self.max_decode_slowdown - 1.0) * self.decode.predict(num_decodes) / max(per_token, 1e-9)
+        return max(self.min_chunk, int(allowed))
 
-    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float, attended: float | None = None) -> None:
-        """A finished step (without speculative tokens): its decoding rows, prompt tokens, duration, and
-        the (query, key) pairs its prompt chunks attended to (None: chunks at context 0)."""
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float) -> None:
+        """A finished step (without speculative tokens): its decoding rows, prompt tokens and duration."""
         if num_prompt_tokens == 0:
             if num_decodes:
                 self.decode.observe(num_decodes, seconds)
@@ -173,6 +107,4 @@ class PromptChunkLimiter:
         if num_prompt_tokens < self.MIN_PROMPT_TOKENS or (num_decodes and not self.decode.fitted):
             return
         extra = seconds - (self.decode.predict(num_decodes) if num_decodes else self.decode.coefficients()[0])
-        if attended is None:
-            attended = attended_pairs(num_prompt_tokens, 0)
-        self.chunks.observe(num_prompt_tokens, attended, max(extra, 0.0))
+        self._prompt.observe(max(extra, 0.0), num_prompt_tokens)
