@@ -145,21 +145,21 @@ class AsyncLLMEngine:
         returns once it is loaded and re-raises whatever the load raised.
         """
         config = EngineConfig.from_kwargs(model, **engine_options)
-        self = cls(None, log_stats_interval=log_stats_interval, log_requests=log_requests)  # type: ignore[arg-type]
+        front = cls(None, log_stats_interval=log_stats_interval, log_requests=log_requests)  # type: ignore[arg-type]
         loaded: concurrent.futures.Future = concurrent.futures.Future()
 
         def load() -> bool:
             try:
-                self.engine = LLMEngine(config)
+                front.engine = LLMEngine(config)
             except BaseException as exc:
                 loaded.set_exception(exc)
                 return False
             loaded.set_result(None)
             return True
 
-        self.start(load)
+        front.start(load)
         loaded.result()  # raises the load's exception; the engine thread has ended then
-        return self
+        return front
 
     # ---- passthroughs (immutable after load, safe from any thread) --------------------------
 
