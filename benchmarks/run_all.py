@@ -117,14 +117,34 @@ def hf_offline(work: Path, mode: str, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output tok/s (the lower middle one of an even count), with every run's
+    tok/s under "runs"."""
+    ranked = sorted(runs, key=lambda r: r["output_throughput"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs": [r["output_throughput"] for r in runs]}
+
+
 def phase_offline(args, res_dir: Path, tag: str) -> dict:
     n = args.offline_requests
     work = res_dir / f"{tag}_workload_chat_{n}.json"
     summary = write_workload("chat", n, args.seed, work)
     out = {"workload": {"name": "chat", "seed": args.seed, **summary}, "engines": {}}
-    out["engines"]["fuselm"] = fuselm_throughput(res_dir / f"{tag}_offline_fuselm.json", "chat", n, args.seed)
-    if "vllm" in args.peers:
-        out["engines"]["vllm"] = vllm_offline(work, res_dir / f"{tag}_offline_vllm.json")
+    # fuselm and vLLM alternate in ABBA order (fuselm, vLLM, vLLM, fuselm, ...): a shared VM's speed
+    # drifts by tens of percent within an hour, and each adjacent pair then ran under the same conditions.
+    runs: dict[str, list[dict]] = {"fuselm": [], "vllm": []}
+    for i in range(args.offline_repeats):
+        order = ["fuselm", "vllm"] if i % 2 == 0 else ["vllm", "fuselm"]
+        for name in order:
+            suffix = "" if args.offline_repeats == 1 else f"_run{i + 1}"
+            if name == "fuselm":
+                runs[name].append(fuselm_throughput(res_dir / f"{tag}_offline_fuselm{suffix}.json", "chat", n, args.seed))
+            elif "vllm" in args.peers:
+                runs[name].append(vllm_offline(work, res_dir / f"{tag}_offline_vllm{suffix}.json"))
+    for name, done in runs.items():
+        if done:
+            out["engines"][name] = median_run(done)
+    if runs["vllm"]:
+        out["pair_ratios"] = [f["output_throughput"] / v["output_throughput"] for f, v in zip(runs["fuselm"], runs["vllm"])]
     # HF's static batches gain nothing from more requests than one batch, so it may run a prefix of
     # the workload (whole batches) to save time; its tok/s is then over those requests.
     hf_n = min(n, args.hf_requests)
@@ -275,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of every engine")
     p.add_argument("--offline-requests", type=int, default=256)
+    p.add_argument("--offline-repeats", type=int, default=1,
+                   help="offline runs of fuselm and of vLLM, alternated in ABBA order; the table shows each engine's "
+                        "median run and the ratio within each adjacent pair")
     p.add_argument("--hf-requests", type=int, default=64, help="HF runs the first N offline requests (whole batches)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--online-requests", type=int, default=48, help="requests per rate of the online sweep")
@@ -290,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
                    help="put the table into README.md between its benchmark markers")
     args = p.parse_args(argv)
+    if args.offline_repeats < 1:
+        p.error("--offline-repeats must be >= 1")
     args.phases = [x for x in args.phases.split(",") if x]
     args.peers = [x for x in args.peers.split(",") if x]
     for x in args.phases:

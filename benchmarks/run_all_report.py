@@ -52,6 +52,12 @@ def offline_table(ph: dict) -> list[str]:
         n = e.get("num_requests", w["num_requests"])
         lines.append(f"| {label} | {n} | {_f(e['elapsed_s'])} | {_f(e['output_throughput'])} | "
                      f"{_f(e['total_token_throughput'])} | {'1.00x' if key == 'fuselm' else _ratio(base, e['output_throughput'])} |")
+    pairs = ph.get("pair_ratios") or []
+    if len(pairs) > 1:
+        runs = "; ".join(f"{key} {', '.join(_f(x) for x in eng[key]['runs'])}" for key in ("fuselm", "vllm"))
+        lines += ["", f"fuselm and vLLM ran {len(pairs)} times each, alternating (fuselm, vLLM, vLLM, fuselm, ...); "
+                      f"the table shows each one's median run. Output tok/s of every run: {runs}. fuselm ÷ vLLM within "
+                      f"each adjacent pair: {', '.join(f'{r:.2f}x' for r in pairs)}."]
     return lines
 
 
