@@ -33,15 +33,25 @@ def test_slowdown_must_exceed_one():
         LLM(max_decode_slowdown=1.0)
 
 
-def test_engine_with_limiter_gives_the_same_tokens_and_smaller_chunks(tiny_llama):
+def test_default_floor_is_below_a_block():
+    limiter = PromptChunkLimiter(1.05)
+    for decodes in (1, 2, 4, 8, 4, 2):
+        limiter.observe(decodes, 0, 0.040 + 0.001 * decodes)
+    limiter.observe(4, 64, 0.044 + 0.064)  # 1 ms per prompt token: (1.05 - 1) * 44 ms allows 2
+    assert limiter.cap(4) == PromptChunkLimiter.MIN_CHUNK == 4
+
+
+@pytest.mark.parametrize("slowdown", [1.5, 1.01])
+def test_engine_with_limiter_gives_the_same_tokens_and_smaller_chunks(tiny_llama, slowdown):
     """Long prompts arriving while others decode: with the limiter their chunks shrink to its cap
-    (recorded around the real scheduler), and the greedy tokens are those of the plain engine."""
+    (recorded around the real scheduler), and the greedy tokens are those of the plain engine. At
+    1.01 the cap sits on its floor: chunks smaller than a KV block."""
     path, _ = tiny_llama
     prompts = random_prompts([200, 7, 150, 9, 300, 12], seed=5)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     plain = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=256)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-    engine = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=256, max_decode_slowdown=1.5).engine
+    engine = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=256, max_decode_slowdown=slowdown).engine
     scheduler, limiter = engine.scheduler, engine.scheduler.prompt_limiter
     schedule, capped = scheduler.schedule, []
 
@@ -68,3 +78,5 @@ def test_engine_with_limiter_gives_the_same_tokens_and_smaller_chunks(tiny_llama
     assert limiter.decode.fitted and limiter.seconds_per_prompt_token is not None
     assert capped and all(prompt <= cap for cap, prompt in capped)
     assert any(cap < 256 for cap, _ in capped)  # the cap did bite: a chunk smaller than the budget
+    if slowdown < 1.05:
+        assert any(0 < prompt < engine.config.block_size for _, prompt in capped)

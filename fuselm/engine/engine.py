@@ -69,7 +69,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         limiter = None
         if config.max_decode_slowdown is not None:
-            limiter = PromptChunkLimiter(config.max_decode_slowdown, min_chunk=config.block_size)
+            limiter = PromptChunkLimiter(config.max_decode_slowdown)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter)
         self.groups: dict[str, list[Request]] = {}
         self.stats = EngineStats()

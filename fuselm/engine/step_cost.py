@@ -10,11 +10,19 @@ decodes: on a CPU a decode step of a small model is weight-streaming bound (~35 
 float32 on 2 cores) while prompt tokens are compute bound (~1.5 ms each), so a 512-token chunk
 makes that step 20x slower for every decoding request. With `max_decode_slowdown` = s, a step
 that has decodes running gets at most (s - 1) * decode_step_time / seconds_per_prompt_token
-prompt tokens (never fewer than `min_chunk`), so no decode waits more than about s times its
-usual inter-token time; steps without decodes keep the whole budget. Both costs are refit from
+prompt tokens (never fewer than `min_chunk`, so prompts always progress), so no decode waits
+more than about s times its usual inter-token time; steps without decodes keep the whole budget. Both costs are refit from
 every step (decode-only steps give the decode time by batch size; steps with prompt tokens
 give the cost per prompt token on top of it), so the cap follows the machine, the model and the
 context lengths.
+
+The floor is small on purpose. One average cost per prompt token undercharges chunks deep into a
+long prompt, whose every query attends to thousands of earlier tokens, and there the cap falls
+below the floor: the floor is what such steps get. With a floor of one KV block (16 tokens), a
+16-token chunk at context 2,900 cost ~75 ms on top of a ~55 ms decode step (SmolLM2, float32,
+2-vCPU EPYC), and p99 ITL was 2.17-2.18x the median at max_decode_slowdown 1.5 (two runs of
+benchmarks/run_all.py's long-prompt phase); with 4 tokens it was 1.46x in both, for a p99 TTFT of
+32-33 s instead of 16 s. A chunk need not fill a block.
 """
 
 from __future__ import annotations
@@ -79,7 +87,9 @@ class PerTokenCost:
 class PromptChunkLimiter:
     MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
 
-    def __init__(self, max_decode_slowdown: float, min_chunk: int = 16, decay: float = 0.9) -> None:
+    MIN_CHUNK = 4  # the floor of the cap (module docstring)
+
+    def __init__(self, max_decode_slowdown: float, min_chunk: int = MIN_CHUNK, decay: float = 0.9) -> None:
         self.max_decode_slowdown = max_decode_slowdown
         self.min_chunk = min_chunk
         self.decode = StepCostModel()  # decode-only steps: seconds by number of decoding rows
