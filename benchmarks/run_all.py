@@ -132,10 +132,11 @@ def phase_offline(args, res_dir: Path, tag: str) -> dict:
     # fuselm and vLLM alternate in ABBA order (fuselm, vLLM, vLLM, fuselm, ...): a shared VM's speed
     # drifts by tens of percent within an hour, and each adjacent pair then ran under the same conditions.
     runs: dict[str, list[dict]] = {"fuselm": [], "vllm": []}
-    for i in range(args.offline_repeats):
+    repeats = args.offline_repeats if "vllm" in args.peers else 1  # alone, fuselm has nothing to alternate with
+    for i in range(repeats):
         order = ["fuselm", "vllm"] if i % 2 == 0 else ["vllm", "fuselm"]
         for name in order:
-            suffix = "" if args.offline_repeats == 1 else f"_run{i + 1}"
+            suffix = "" if repeats == 1 else f"_run{i + 1}"
             if name == "fuselm":
                 runs[name].append(fuselm_throughput(res_dir / f"{tag}_offline_fuselm{suffix}.json", "chat", n, args.seed))
             elif "vllm" in args.peers:
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of every engine")
     p.add_argument("--offline-requests", type=int, default=256)
-    p.add_argument("--offline-repeats", type=int, default=1,
+    p.add_argument("--offline-repeats", type=int, default=2,
                    help="offline runs of fuselm and of vLLM, alternated in ABBA order; the table shows each engine's "
                         "median run and the ratio within each adjacent pair")
     p.add_argument("--hf-requests", type=int, default=64, help="HF runs the first N offline requests (whole batches)")
