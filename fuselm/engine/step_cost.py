@@ -11,10 +11,10 @@ float32 on 2 cores) while prompt tokens are compute bound (~1.5 ms each), so a 5
 makes that step 20x slower for every decoding request. With `max_decode_slowdown` = s, a step
 that has decodes running gets at most (s - 1) * decode_step_time / seconds_per_prompt_token
 prompt tokens (never fewer than `min_chunk`, so prompts always progress), so no decode waits
-more than about s times its usual inter-token time; steps without decodes keep the whole budget. Both costs are refit from
-every step (decode-only steps give the decode time by batch size; steps with prompt tokens
-give the cost per prompt token on top of it), so the cap follows the machine, the model and the
-context lengths.
+more than about s times its usual inter-token time; steps without decodes keep the whole
+budget. Both costs are refit from every step (decode-only steps give the decode time by batch
+size; steps with prompt tokens give the cost per prompt token on top of it), so the cap follows
+the machine, the model and the context lengths.
 
 The floor is small on purpose. One average cost per prompt token undercharges chunks deep into a
 long prompt, whose every query attends to thousands of earlier tokens, and there the cap falls
@@ -86,7 +86,6 @@ class PerTokenCost:
 
 class PromptChunkLimiter:
     MIN_PROMPT_TOKENS = 8  # steps with fewer prompt tokens say too little about their per-token cost
-
     MIN_CHUNK = 4  # the floor of the cap (module docstring)
 
     def __init__(self, max_decode_slowdown: float, min_chunk: int = MIN_CHUNK, decay: float = 0.9) -> None:
