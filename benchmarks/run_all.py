@@ -131,20 +131,18 @@ def phase_offline(args, res_dir: Path, tag: str) -> dict:
     out = {"workload": {"name": "chat", "seed": args.seed, **summary}, "engines": {}}
     # fuselm and vLLM alternate in ABBA order (fuselm, vLLM, vLLM, fuselm, ...): a shared VM's speed
     # drifts by tens of percent within an hour, and each adjacent pair then ran under the same conditions.
-    runs: dict[str, list[dict]] = {"fuselm": [], "vllm": []}
-    repeats = args.offline_repeats if "vllm" in args.peers else 1  # alone, fuselm has nothing to alternate with
+    names = ["fuselm", "vllm"] if "vllm" in args.peers else ["fuselm"]
+    repeats = args.offline_repeats if len(names) > 1 else 1  # alone, fuselm has nothing to alternate with
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(repeats):
-        order = ["fuselm", "vllm"] if i % 2 == 0 else ["vllm", "fuselm"]
-        for name in order:
-            suffix = "" if repeats == 1 else f"_run{i + 1}"
-            if name == "fuselm":
-                runs[name].append(fuselm_throughput(res_dir / f"{tag}_offline_fuselm{suffix}.json", "chat", n, args.seed))
-            elif "vllm" in args.peers:
-                runs[name].append(vllm_offline(work, res_dir / f"{tag}_offline_vllm{suffix}.json"))
+        suffix = "" if repeats == 1 else f"_run{i + 1}"
+        for name in names if i % 2 == 0 else names[::-1]:
+            result = res_dir / f"{tag}_offline_{name}{suffix}.json"
+            runs[name].append(fuselm_throughput(result, "chat", n, args.seed) if name == "fuselm"
+                              else vllm_offline(work, result))
     for name, done in runs.items():
-        if done:
-            out["engines"][name] = median_run(done)
-    if runs["vllm"]:
+        out["engines"][name] = median_run(done)
+    if "vllm" in runs:
         out["pair_ratios"] = [f["output_throughput"] / v["output_throughput"] for f, v in zip(runs["fuselm"], runs["vllm"])]
     # HF's static batches gain nothing from more requests than one batch, so it may run a prefix of
     # the workload (whole batches) to save time; its tok/s is then over those requests.
