@@ -82,17 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import fuselm.models.llama as llama_module
     import fuselm.runner.attention as attention_module
-    from fuselm.bench.workloads import load_text, make_workload
+    from fuselm.bench.throughput import run_throughput
+    from fuselm.bench.workloads import Request, load_text, make_workload
     from fuselm.llm import LLM
-    from fuselm.sampling_params import SamplingParams
 
     llm = LLM(dtype=args.dtype, quantization=args.quantization, **engine_options(args.engine_option))
     engine, runner = llm.engine, llm.engine.runner
     model = runner.model
     text_ids = llm.get_tokenizer().encode(load_text(), add_special_tokens=False)
     requests = make_workload(args.workload, text_ids, args.num_requests, args.seed)
-    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
-    llm.generate([requests[0].prompt[:16]] * 2, greedy.clone(max_tokens=4), use_tqdm=False)  # untimed warm-up
+    run_throughput(llm, [Request(requests[0].prompt[:16], 4)], warmup=False)  # untimed warm-up, out of the tables
 
     timers = Timers()
     steps: list[dict] = []
@@ -101,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     def classify_and_schedule():
         out = schedule()
         if not out.is_empty:
-            timers.kind = "prompt" if any(r.num_new_tokens > 1 for r in out.scheduled) else "decode"
-            steps.append({"decode_rows": sum(1 for r in out.scheduled if r.num_new_tokens == 1),
-                          "prompt_tokens": sum(r.num_new_tokens for r in out.scheduled if r.num_new_tokens > 1)})
+            prompt_tokens = sum(r.num_new_tokens for r in out.scheduled if r.num_new_tokens > 1)
+            timers.kind = "prompt" if prompt_tokens else "decode"
+            steps.append({"decode_rows": len(out.scheduled) - sum(r.num_new_tokens > 1 for r in out.scheduled),
+                          "prompt_tokens": prompt_tokens})
         return out
 
     engine.scheduler.schedule = classify_and_schedule
@@ -135,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 timers.calls[(timers.kind, "STEP total")] += 1
 
     engine.step = timed_step
-    start = time.perf_counter()
-    outputs = llm.generate([r.prompt for r in requests], [greedy.clone(max_tokens=r.output_len) for r in requests],
-                           use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    result = run_throughput(llm, requests, warmup=False)  # what `fuselm bench throughput` times
+    elapsed, produced = result["elapsed_s"], result["output_tokens"]
 
     print(f"{args.num_requests} {args.workload} requests: {elapsed:.1f} s, {produced} output tokens, "
           f"{produced / elapsed:.1f} output tok/s, {len(steps)} steps")
