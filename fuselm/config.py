@@ -141,7 +141,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # the per-step token budget
     max_num_seqs: int = 128
     # Cap the prompt tokens of a step that has running decodes so it takes at most this many times a
-    # decode-only step (measured online; fuselm/engine/step_cost.py). None: the token budget alone.
+    # decode-only step (measured online; fuselm/core/step_cost.py). None: the token budget alone.
     max_decode_slowdown: float | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True

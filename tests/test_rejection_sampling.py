@@ -15,7 +15,7 @@ import torch
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.spec.rejection import greedy_accept, rejection_sample
+from fuselm.runner.rejection import greedy_accept, rejection_sample
 
 # Upper 0.1% points of the chi-square distribution, df = 1..15 (statistical tables).
 CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70]

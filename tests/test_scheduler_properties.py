@@ -16,10 +16,10 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuselm.engine.kv_cache import BlockPool, KVCacheManager
-from fuselm.engine.request import Request, RequestStatus
+from fuselm.core.kv_cache import BlockPool, KVCacheManager
+from fuselm.core.request import Request, RequestStatus
 from fuselm.engine.scheduler import Scheduler
-from fuselm.engine.step_cost import PromptChunkLimiter
+from fuselm.core.step_cost import PromptChunkLimiter
 from fuselm.sampling_params import SamplingParams
 
 

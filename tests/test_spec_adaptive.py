@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fuselm.engine.request import Request
-from fuselm.engine.step_cost import StepCostModel
+from fuselm.core.request import Request
+from fuselm.core.step_cost import StepCostModel
 from fuselm.sampling_params import SamplingParams
 from fuselm.spec.adaptive import AcceptanceTracker, plan_speculation
 from fuselm.spec.ngram import NgramProposer

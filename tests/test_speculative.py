@@ -12,7 +12,7 @@ import pytest
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.engine.request import Request
+from fuselm.core.request import Request
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
@@ -206,27 +206,27 @@ def test_draft_pending_tokens_follow_its_prefix_cache(tiny_llama):
     assert_pool_full(llm)
 
 
-def test_verification_steps_take_the_fused_decode_step(tiny_llama, prompts, reference):
+def test_verification_steps_take_the_c_layers(tiny_llama, prompts, reference):
     """Steps whose rows are decodes plus speculative tokens being verified run in the one-call C
     decode step (several query rows per sequence); output stays the plain engine's, and the same
     run through the torch layers gives the same tokens."""
     path = tiny_llama[0]
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=4096, speculative_config=NGRAM)
     model = llm.engine.runner.model
-    if model.fused_decode is None:
+    if model.c_layers is None:
         pytest.skip("the fused decode step needs the C kernels and fuselm's fp32 GEMM (AVX2+FMA)")
     multi_row_calls = []
-    run = model.fused_decode.run
+    run = model.c_layers.run
 
     def counting(x, *args):
         if args[-1] is not None and args[-1] < x.shape[0]:
             multi_row_calls.append(x.shape[0])
         return run(x, *args)
 
-    model.fused_decode.run = counting
+    model.c_layers.run = counting
     assert greedy_ids(llm, prompts) == reference
     assert multi_row_calls, "no verification step took the fused path"
     assert_spec_exercised(llm)
-    model.fused_decode = None  # the torch layers, same proposals
+    model.c_layers = None  # the torch layers, same proposals
     assert greedy_ids(llm, prompts) == reference
     assert_pool_full(llm)

@@ -1,4 +1,4 @@
-"""PromptChunkLimiter (fuselm/engine/step_cost.py): the cap it derives from measured step costs,
+"""PromptChunkLimiter (fuselm/core/step_cost.py): the cap it derives from measured step costs,
 and an engine with max_decode_slowdown giving the same greedy tokens as one without."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.engine.step_cost import PromptChunkLimiter
+from fuselm.core.step_cost import PromptChunkLimiter
 
 
 def test_cap_follows_the_measured_costs():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-from fuselm.engine.request import Request
+from fuselm.core.request import Request
 from fuselm.tokenizer import Tokenizer
 
 _CONTEXT_TOKENS = 4  # prompt tokens given to the stream so the first output token decodes in context

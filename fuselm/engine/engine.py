@@ -17,10 +17,10 @@ import torch
 
 from fuselm.config import EngineConfig, parse_dtype, resolve_device
 from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text
-from fuselm.engine.kv_cache import KVCacheManager
-from fuselm.engine.request import Request
+from fuselm.core.kv_cache import KVCacheManager
+from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
-from fuselm.engine.step_cost import PromptChunkLimiter
+from fuselm.core.step_cost import PromptChunkLimiter
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory

@@ -3,48 +3,23 @@
 Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
 (decodes) are served first, then running requests part-way through their prompt continue, then
 waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
-budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (step_cost.py) also
+budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (core/step_cost.py) also
 caps the prompt tokens of a step that has decodes, from measured step costs, so a prompt chunk
 cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding request (Request.spec_token_ids)
 are extra tokens of its row, scheduled last, only from the budget and KV blocks left over after
 decodes, prompt chunks and admissions: speculation never delays or preempts anyone. When the KV pool runs dry, the newest running request is preempted by
 recompute (its blocks freed, its tokens computed again later). The result is one immutable
-SchedulerOutput, the model runner's only input.
+SchedulerOutput (core/scheduler_output.py), the model runner's only input.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
-from fuselm.engine.kv_cache import KVCacheManager
-from fuselm.engine.request import Request, RequestStatus
-from fuselm.engine.step_cost import PromptChunkLimiter
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledRequest:
-    request: Request
-    num_computed_tokens: int  # K/V already in the cache before this step
-    token_ids: tuple[int, ...]  # the tokens to compute this step
-    block_ids: tuple[int, ...]
-    needs_sample: bool  # True when this step reaches the request's last token
-    num_spec_tokens: int = 0  # trailing token_ids that are speculative (proposed, to be verified)
-
-    @property
-    def num_new_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerOutput:
-    scheduled: tuple[ScheduledRequest, ...]  # single-token rows first, then multi-token rows
-    num_batched_tokens: int
-    preempted_ids: tuple[str, ...]
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from fuselm.core.kv_cache import KVCacheManager
+from fuselm.core.request import Request, RequestStatus
+from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from fuselm.core.step_cost import PromptChunkLimiter
 
 
 class Scheduler:

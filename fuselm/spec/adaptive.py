@@ -3,7 +3,7 @@
 Two things decide whether verifying k more tokens per request pays: how likely they are to be
 accepted, and what the extra tokens cost in the step. Both are measured while the engine runs:
 
-- StepCostModel (fuselm/engine/step_cost.py) fits step time = fixed + per_token * tokens to the engine's own decode steps
+- StepCostModel (fuselm/core/step_cost.py) fits step time = fixed + per_token * tokens to the engine's own decode steps
   (exponentially weighted least squares, the slope pulled towards a weak prior when the steps seen
   so far all had about the same size). On a CPU at batch 1 the fixed part dominates, so extra
   tokens are almost free; at batch 32 they are not.
@@ -22,7 +22,7 @@ ones to keep the baseline current (a bucket's first steps run slower, touching f
 
 from __future__ import annotations
 
-from fuselm.engine.step_cost import StepCostModel
+from fuselm.core.step_cost import StepCostModel
 
 
 class AcceptanceTracker:

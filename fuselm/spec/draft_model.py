@@ -21,10 +21,10 @@ import time
 import torch
 
 from fuselm.config import EngineConfig
-from fuselm.engine.kv_cache import KVCacheManager
-from fuselm.engine.request import Request
-from fuselm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from fuselm.engine.step_cost import PerTokenCost, StepCostModel
+from fuselm.core.kv_cache import KVCacheManager
+from fuselm.core.request import Request
+from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from fuselm.core.step_cost import PerTokenCost, StepCostModel
 from fuselm.loader import load_model
 from fuselm.runner.model_runner import ModelRunner
 from fuselm.runner.sampler import Sampler, SamplingBatch, _is_greedy

@@ -12,7 +12,7 @@ rather than a scan of the whole context.
 
 from __future__ import annotations
 
-from fuselm.engine.request import Request
+from fuselm.core.request import Request
 
 
 class _Index:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fuselm.engine.request import Request, RequestStatus
-from fuselm.engine.step_cost import PerTokenCost, StepCostModel
+from fuselm.core.request import Request, RequestStatus
+from fuselm.core.step_cost import PerTokenCost, StepCostModel
 from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, plan_speculation
 from fuselm.spec.config import SpeculativeConfig
 from fuselm.spec.ngram import NgramProposer

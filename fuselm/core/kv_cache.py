@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from fuselm.engine.request import Request
+from fuselm.core.request import Request
 
 
 class BlockPool:

@@ -5,7 +5,7 @@ speculative token. Position j is scored as if the first j speculative tokens wer
 output (penalties and min_tokens see them), which is what plain decoding would have seen had it
 produced them. Greedy rows and rows without speculation go through the sampler's batched path
 in one call; sampled rows with speculation get their target distributions in one call and then
-rejection sampling (spec/rejection.py).
+rejection sampling (runner/rejection.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, _is_greedy, compute_logprobs
-from fuselm.spec.rejection import greedy_accept, rejection_sample
+from fuselm.runner.rejection import greedy_accept, rejection_sample
 
 
 def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list, eos_token_ids: list[int]
