@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     timers.wrap(attention_module.F, "scaled_dot_product_attention", "  torch SDPA")
     if runner.cpu_kernels is not None:
         timers.wrap(runner.cpu_kernels, "paged_decode_attention", "  decode kernel")
-    fused = model.fused_decode
+    fused = model.c_layers
     if fused is not None:
         timers.wrap(fused, "run", "one-call decode step (C)")
         timers.wrap(fused, "attention_inputs", "norm+qkv+rotary (C)")

@@ -11,7 +11,9 @@ from torch import nn
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
 from fuselm.kernels.cpu import get_kernels
-from fuselm.kernels.dense_linear import DenseLinear, pack_dense_linears
+from fuselm.kernels.dense_linear import DenseLinear
+from fuselm.linear import TorchLinear
+from fuselm.runner.execution_plan import choose_linear
 
 kernels = get_kernels()
 pytestmark = pytest.mark.skipif(kernels is None or not kernels.has_simd_dense,
@@ -56,14 +58,24 @@ def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
         torch.set_num_threads(threads)
 
 
-def test_pack_dense_linears_replaces_float32_linears():
-    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 7, bias=False), nn.Linear(7, 7).bfloat16())
-    x = torch.randn(9, 40)
-    want = model[2](model[1](model[0](x)))
-    assert pack_dense_linears(model, kernels) == 2  # the bf16 layer stays
-    assert isinstance(model[0], DenseLinear) and isinstance(model[2], DenseLinear) and type(model[3]) is nn.Linear
-    got = model[2](model[1](model[0](x.view(3, 3, 40)))).view(9, 7)
+@pytest.mark.parametrize("bias", [False, True])
+def test_plan_chooses_dense_linear_for_float32(bias):
+    """The execution plan's linear choice puts a float32 projection on fuselm's GEMM: same results as
+    F.linear, for 2-D and 3-D inputs; a bf16 one does not take it."""
+    g = torch.Generator().manual_seed(5)
+    plain = TorchLinear(40, 24, bias=bias)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(24, 40, generator=g))
+        if bias:
+            plain.bias.copy_(torch.randn(24, generator=g))
+    x = torch.randn(9, 40, generator=g)
+    want = plain(x)
+    chosen = choose_linear(plain, kernels, onednn=False, role="qkv")
+    assert isinstance(chosen, DenseLinear) and chosen.kind == "fuselm-fp32-gemm"
+    got = chosen(x.view(3, 3, 40)).view(9, 24)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    bf16 = TorchLinear(40, 24).to(torch.bfloat16)
+    assert choose_linear(bf16, kernels, onednn=False, role="qkv") is bf16
 
 
 @pytest.mark.parametrize("name", ["llama_untied", "llama_tied", "qwen2_bias"])
@@ -76,16 +88,19 @@ def test_float32_engine_matches_portable_path(tiny_model_factory, name):
     fast = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_batched_tokens=32)
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
     model = fast.engine.runner.model
-    assert model.dense_lm_head is not None and model.fused_decode is not None
+    assert isinstance(model.lm_head, DenseLinear) and model.c_layers is not None
     assert isinstance(model.layers[0].mlp.gate_up_proj, DenseLinear)
+    plan = fast.engine.runner.plan
+    assert plan.layers == "c" and plan.linear == dict.fromkeys(["qkv", "o", "gate_up", "down", "lm_head"],
+                                                               "fuselm-fp32-gemm")
     halves = []  # steps with prompt chunks (the budget of 32 splits the 60-token prompt) take the C halves
-    inputs = model.fused_decode.attention_inputs
+    inputs = model.c_layers.attention_inputs
 
     def counting(i, x, *args):
         halves.append(x.shape[0])
         return inputs(i, x, *args)
 
-    model.fused_decode.attention_inputs = counting
+    model.c_layers.attention_inputs = counting
     for a, b in zip(fast.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):

@@ -10,7 +10,9 @@ from torch import nn
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.kernels.onednn import PACKED_MAX_ROWS, PackedLinear, pack_linears, pack_weight
+from fuselm.kernels.onednn import PACKED_MAX_ROWS, OneDNNLinear, pack_weight
+from fuselm.linear import TorchLinear
+from fuselm.runner.execution_plan import choose_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -27,11 +29,10 @@ def test_packed_linear_matches_f_linear(dtype, tol, rows, bias):
             lin.bias.copy_(torch.randn(80, generator=g))
     packed = pack_weight(lin.weight)
     if dtype == torch.bfloat16 and not onednn_packs_bf16():
-        assert packed is None  # this CPU cannot run oneDNN's bf16 path: the layer stays a plain nn.Linear
-        assert pack_linears(nn.Sequential(lin), dtype) == 0
+        assert packed is None  # this CPU cannot run oneDNN's bf16 path: the layer stays on F.linear
         return
     assert packed is not None
-    layer = PackedLinear(lin, packed)
+    layer = OneDNNLinear(lin.weight, lin.bias, packed)
     x = torch.randn(rows, 96, generator=g).to(dtype)
     want = (x.double() @ lin.weight.double().T) + (lin.bias.double() if bias else 0)
     got = layer(x).double()
@@ -49,17 +50,26 @@ def onednn_packs_bf16() -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_linears_replaces_every_linear(dtype):
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
-    x = torch.randn(5, 16).to(dtype)
-    want = model(x)
+@pytest.mark.parametrize("role", ["qkv", "lm_head"])
+def test_plan_chooses_onednn_without_fuselm_gemm(dtype, role):
+    """Without fuselm's C kernels the execution plan's linear choice packs float32/bf16 projections for
+    oneDNN: same results as the plain layer (LM head: on the packed weight at every row count)."""
+    plain = TorchLinear(16, 12, bias=role != "lm_head").to(dtype)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(12, 16))
+        if plain.bias is not None:
+            plain.bias.copy_(torch.randn(12))
+    x = torch.randn(PACKED_MAX_ROWS + 3, 16).to(dtype)
+    want = plain(x)
+    chosen = choose_linear(plain, None, onednn=True, role=role)
     if dtype == torch.bfloat16 and not onednn_packs_bf16():
-        assert pack_linears(model, dtype) == 0
+        assert chosen is plain
         return
-    assert pack_linears(model, dtype) == 2
-    assert all(isinstance(m, PackedLinear) for m in (model[0], model[2]))
+    assert isinstance(chosen, OneDNNLinear) and chosen.kind == "onednn"
+    assert (chosen.weight is None) == (dtype == torch.float32 or role == "lm_head")  # only bf16 layers keep it
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    assert (model(x).float() - want.float()).abs().max().item() <= tol * want.abs().max().item()
+    for rows in (1, 5, PACKED_MAX_ROWS + 3):
+        assert (chosen(x[:rows]).float() - want[:rows].float()).abs().max().item() <= tol * want.abs().max().item()
 
 
 def test_bf16_engine_packed_matches_plain(tiny_llama):
@@ -70,8 +80,9 @@ def test_bf16_engine_packed_matches_plain(tiny_llama):
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     fast = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=True)
     plain = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=False)
-    assert any(isinstance(m, PackedLinear) for m in fast.engine.runner.model.modules()) == onednn_packs_bf16()
-    assert not any(isinstance(m, PackedLinear) for m in plain.engine.runner.model.modules())
+    assert any(isinstance(m, OneDNNLinear) for m in fast.engine.runner.model.modules()) == onednn_packs_bf16()
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.engine.runner.model.modules())
+    assert plain.engine.runner.plan.linear["qkv"] == "torch" and plain.engine.runner.plan.attention == "torch-sdpa"
     for a, b in zip(fast.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
         for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             tok = next(iter(pa))

@@ -70,18 +70,18 @@ def test_memory_report_names_formats():
 
 @pytest.mark.skipif(get_kernels() is None, reason="needs a C compiler for fuselm's CPU kernels")
 @pytest.mark.parametrize("quantization", [None, "none"])  # the GGUF's Q4_1 kept; dequantised (dense_linear.c)
-def test_fused_decode_matches_torch_layers(quantization):
+def test_c_layers_match_torch_layers(quantization):
     llm = LLM(max_num_seqs=8, enable_prefix_caching=False, dtype="float32",  # the fused path is float32 only
               quantization=quantization)
     model = llm.engine.runner.model
-    assert model.fused_decode is not None
+    assert model.c_layers is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     fused = llm.generate(PROMPTS, params, use_tqdm=False)
-    saved, model.fused_decode = model.fused_decode, None
+    saved, model.c_layers = model.c_layers, None
     try:
         plain = llm.generate(PROMPTS, params, use_tqdm=False)
     finally:
-        model.fused_decode = saved
+        model.c_layers = saved
     for a, b in zip(fused, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):

@@ -1,4 +1,4 @@
-"""DenseLinear: a float32 linear layer on fuselm's panel-packed weight (dense_linear.c), on CPU.
+"""DenseLinear: the linear method for a float32 weight on fuselm's panel-packed weight (dense_linear.c), on CPU.
 
 On an AVX2-only CPU torch's fp32 `F.linear` is slow from two rows on, and oneDNN's prepacked
 weights (onednn.py) are opaque to fuselm's own C code, so the C decode step (decode_layers.c)
@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fuselm.linear.method import LinearMethod
+
 
 def dense_kernels(kernels, weight: torch.Tensor):
     """`kernels` (fuselm.kernels.cpu.CpuKernels) when its AVX2 fp32 GEMM applies to this weight, else None."""
@@ -31,8 +33,10 @@ def dense_kernels(kernels, weight: torch.Tensor):
     return kernels
 
 
-class DenseLinear(nn.Module):
+class DenseLinear(LinearMethod):
     """y = x @ W^T (+ bias) for float32 x [..., in] through fuselm's packed copy of W."""
+
+    kind = "fuselm-fp32-gemm"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels) -> None:
         super().__init__()
@@ -41,24 +45,9 @@ class DenseLinear(nn.Module):
         self.packed = kernels.dense_pack(weight.detach())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
-    @property
-    def packed_bytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size()
+    def weight_tensors(self) -> list[torch.Tensor]:
+        return [*super().weight_tensors(), self.packed]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernels.dense_linear(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def pack_dense_linears(module: nn.Module, kernels) -> int:
-    """Replace every float32 nn.Linear under `module` by a DenseLinear (dropping its plain weight). Returns how many."""
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and dense_kernels(kernels, child.weight) is not None:
-                setattr(parent, name, DenseLinear(child.weight, child.bias, kernels))
-                count += 1
-    return count

@@ -1,4 +1,4 @@
-"""oneDNN-prepacked linear layers for CPU.
+"""OneDNNLinear: the linear method over oneDNN-prepacked weights, for CPU.
 
 `F.linear` on CPU hands oneDNN a plain row-major weight, which oneDNN reorders into its blocked
 (VNNI/AMX) layout on every call. For bf16 that reorder is a pass over the whole weight per matmul,
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from fuselm.linear.method import LinearMethod
 
 PACKED_MAX_ROWS = 256  # bf16: above this many rows F.linear is as fast (measured, see the docstring)
 SMALL_M_ROWS = 1  # rows that take fuselm's C linear: at 1 row 16.2 vs 13.4 GB/s, at 4 rows slower than oneDNN
@@ -59,22 +60,25 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class PackedLinear(nn.Module):
-    """An nn.Linear whose forward uses a oneDNN-packed copy of its weight: in fp32 always (the
-    plain weight is dropped), in bf16 for up to PACKED_MAX_ROWS rows and F.linear above that."""
+class OneDNNLinear(LinearMethod):
+    """A weight in oneDNN's packed layout: in fp32 always (the plain weight is dropped), in bf16 for
+    up to PACKED_MAX_ROWS rows and F.linear over the kept plain weight above that (and fuselm's C
+    linear for a single row where `small_m` is given). `large_m_plain=False` keeps a bf16 layer on
+    the packed weight at every row count (the LM head)."""
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor, small_m=None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, small_m=None,
+                 large_m_plain: bool = True) -> None:
         super().__init__()
-        self.keep_plain = linear.weight.dtype != torch.float32
-        self.weight = linear.weight if self.keep_plain else None
-        self.bias = linear.bias
+        self.keep_plain = large_m_plain and weight.dtype != torch.float32
+        self.weight = weight if self.keep_plain else None
+        self.bias = bias
         self.packed = packed
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.small_m = small_m  # fuselm.kernels.cpu.CpuKernels for a few rows (see small_m_kernels), or None
+        self.kind = "onednn" + ("+c1row" if small_m is not None else "")
 
-    @property
-    def packed_bytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size()
+    def weight_tensors(self) -> list[torch.Tensor]:
+        return [*super().weight_tensors(), self.packed]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.keep_plain:
@@ -87,28 +91,11 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def small_m_kernels(weight: torch.Tensor):
-    """fuselm's C linear for a few rows when it applies to this weight (bf16, in_features % 32 == 0, a CPU
-    with AVX-512 BF16): at one row it streams the weights at 16 GB/s where oneDNN reaches 13 (layer_ops.c)."""
-    from fuselm.kernels.cpu import get_kernels
-
-    kernels = get_kernels()
+def small_m_kernels(weight: torch.Tensor, kernels):
+    """`kernels` (fuselm.kernels.cpu.CpuKernels) when fuselm's C linear for a few rows applies to this weight
+    (bf16, in_features % 32 == 0, a CPU with AVX-512 BF16): at one row it streams the weights at 16 GB/s
+    where oneDNN reaches 13 (layer_ops.c)."""
     if (kernels is None or not kernels.has_small_m_linear or weight.dtype != torch.bfloat16
             or weight.shape[1] % 32 or not weight.is_contiguous()):
         return None
     return kernels
-
-
-def pack_linears(module: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every nn.Linear under `module` by a PackedLinear (fp32 and bf16). Returns how many were packed."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        return 0
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                packed = pack_weight(child.weight)
-                if packed is not None:
-                    setattr(parent, name, PackedLinear(child, packed, small_m_kernels(child.weight)))
-                    count += 1
-    return count

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.config import ModelConfig
-from fuselm.kernels.onednn import pack_linears, pack_weight, packed_linear
+from fuselm.linear.method import TorchLinear
 from fuselm.runner.attention import get_attention_metadata, paged_attention
 
 
@@ -82,8 +82,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = TorchLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = TorchLinear(self.q_size, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
@@ -104,8 +104,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = TorchLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = TorchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # [T, I] each
@@ -149,33 +149,31 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config, max_positions, dtype)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.packed_lm_head: torch.Tensor | None = None  # oneDNN-packed copy of the LM head (CPU)
-        self.dense_lm_head = None  # fuselm.kernels.dense_linear.DenseLinear: fuselm-packed fp32 LM head (CPU)
-        self.quant_lm_head = None  # fuselm.quant.linear.QuantLinear when the LM head is quantised
-        self.fused_decode = None  # fuselm.kernels.fused_decode.FusedDecode: pure-decode steps in one C call
+        # a LinearMethod; with tied embeddings set by load_hf_weights over the embedding table
+        self.lm_head = None if config.tie_word_embeddings else TorchLinear(config.hidden_size, config.vocab_size)
+        self.c_layers = None  # fuselm.kernels.c_layers.CLayers: the layers' math in C calls (execution plan)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rope.tables(positions)  # ([T, 1, D], [T, 1, D])
-        fused = self.fused_decode
-        if fused is not None:
+        c_layers = self.c_layers
+        if c_layers is not None:
             meta = get_attention_metadata()
             t = input_ids.shape[0]
             x = x.contiguous()
             cos, sin = rope[0].reshape(t, -1).contiguous(), rope[1].reshape(t, -1).contiguous()
-            if (meta.num_decode_tokens == t and not meta.prefill_rows
+            if (meta.num_query_rows == t and not meta.prefill_rows
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None):
                 # every token a query row: decodes, and speculative tokens being verified
-                fused.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
-                          None if meta.num_single_rows < 0 else meta.num_single_rows)
+                c_layers.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
+                             None if meta.num_single_rows < 0 else meta.num_single_rows)
                 return self.norm(x)
-            if fused.takes_prompt_step(t):  # prompt chunks: each layer in two C calls around attention
+            if c_layers.takes_prompt_step(t):  # prompt chunks: each layer in two C calls around attention
                 for i, layer in enumerate(self.layers):
                     attn = layer.self_attn
-                    q, k, v = fused.attention_inputs(i, x, cos, sin)
+                    q, k, v = c_layers.attention_inputs(i, x, cos, sin)
                     o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale)  # [T, Hq, D]
-                    fused.attention_outputs(i, x, o)
+                    c_layers.attention_outputs(i, x, o)
                 return self.norm(x)
         for layer in self.layers:
             x = layer(x, rope)
@@ -184,41 +182,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] logits in the model dtype (the sampler widens where it must:
         a greedy batch takes the max of bf16 logits directly, skipping a [S, vocab] float copy)."""
-        if self.quant_lm_head is not None:
-            return self.quant_lm_head(hidden)  # [S, vocab]
-        if self.dense_lm_head is not None:
-            return self.dense_lm_head(hidden)  # [S, vocab]
-        if self.packed_lm_head is not None:
-            return packed_linear(hidden, self.packed_lm_head, None)  # [S, vocab]
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)  # [S, vocab]
+        return self.lm_head(hidden)  # [S, vocab]
 
-    def pack_for_cpu(self, kernels=None, quant_kernels=None) -> None:
-        """Pack the LM head (the largest matmul of a decode step) and every projection of every
-        layer for CPU: float32 into fuselm's panel layout when its AVX2 GEMM is there
-        (fuselm/kernels/dense_linear.py), otherwise oneDNN's (fp32 and bf16; onednn.py has the
-        measurements); quantised projections get fuselm's C matmul (`quant_kernels`, the C
-        library); with `kernels` (fuselm.kernels.cpu.CpuKernels), RMSNorm runs in C."""
-        from fuselm.kernels.dense_linear import DenseLinear, dense_kernels, pack_dense_linears
-        from fuselm.quant.linear import QuantLinear
-
-        if self.quant_lm_head is None:
-            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-            if dense_kernels(quant_kernels, weight) is not None:
-                self.dense_lm_head = DenseLinear(weight, None, quant_kernels)
-                if self.lm_head is not None:
-                    self.lm_head = None  # untied: the packed copy is the only one needed
-            else:
-                self.packed_lm_head = pack_weight(weight)
-        pack_dense_linears(self.layers, quant_kernels)  # float32 layers, where the AVX2 GEMM is there
-        pack_linears(self.layers, self.norm.weight.dtype)  # whatever is still a plain nn.Linear
-        for module in self.modules():
-            if isinstance(module, QuantLinear):
-                module.use_cpu_kernels(quant_kernels)
-        if kernels is not None:
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.cpu_kernels = kernels
+    def linear_methods(self):
+        """(parent module, attribute, role) of every LinearMethod slot: what the execution plan
+        chooses a method for. Roles name the projection kind across layers."""
+        for layer in self.layers:
+            yield layer.self_attn, "qkv_proj", "qkv"
+            yield layer.self_attn, "o_proj", "o"
+            yield layer.mlp, "gate_up_proj", "gate_up"
+            yield layer.mlp, "down_proj", "down"
+        yield self, "lm_head", "lm_head"
 
     def linear_sources(self):
         """(parent module, attribute, HF weight names fused in output order, HF bias names or None) for
@@ -256,13 +230,13 @@ class LlamaForCausalLM(nn.Module):
         if isinstance(self.embed_tokens, nn.Embedding):
             put(self.embed_tokens.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
-        if self.lm_head is not None:
+        if isinstance(self.lm_head, TorchLinear):
             put(self.lm_head.weight, take("lm_head.weight"), "lm_head.weight")
-        else:
+        else:  # tied, or already installed quantised
             weights.pop("lm_head.weight", None)
         for parent, attr, names, bias_names in self.linear_sources():
             module = getattr(parent, attr)
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, TorchLinear):
                 continue
             label = names[0].rsplit(".", 2)[0] + f".{attr}"
             put(module.weight, torch.cat([take(n) for n in names]), label + ".weight")
@@ -276,3 +250,5 @@ class LlamaForCausalLM(nn.Module):
         leftovers = [n for n in weights if not n.endswith("rotary_emb.inv_freq")]
         if leftovers:
             raise ValueError(f"unexpected weights in the checkpoint: {leftovers[:5]}...; not a Llama-family model?")
+        if self.lm_head is None:  # tied: the LM head multiplies by the embedding table
+            self.lm_head = TorchLinear.sharing(self.embed_tokens.weight)

@@ -6,7 +6,7 @@ Two entry points, called by the ModelRunner:
   tensors) becomes a QuantLinear and takes its tensors out of `weights`, so the full-precision
   weight is never allocated. Embeddings / LM head likewise.
 - quantize_model(model, method, group_size, quantize_lm_head): after loading, every remaining
-  nn.Linear of the layers becomes a QuantLinear of `method` (int8 or int4, per
+  float projection (TorchLinear) of the layers becomes a QuantLinear of `method` (int8 or int4, per
   group); the LM head and the embeddings become int8 per vocabulary row unless kept.
 """
 
@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from fuselm.linear.method import TorchLinear
 from fuselm.quant.formats import QuantWeight, quantize, quantize_int8
 from fuselm.quant.linear import QuantEmbedding, QuantLinear
 
@@ -46,33 +47,31 @@ def install_quantized(model: nn.Module, weights: dict, dtype: torch.dtype, devic
         embed = weights.pop("model.embed_tokens.weight").to(device)
         model.embed_tokens = QuantEmbedding(embed, dtype)
         if tied:
-            model.quant_lm_head = QuantLinear([embed])
+            model.lm_head = QuantLinear([embed])
     head = weights.get("lm_head.weight")
     if isinstance(head, QuantWeight):
         head = weights.pop("lm_head.weight")
         if not tied:
-            model.lm_head = None
-            model.quant_lm_head = QuantLinear([head.to(device)])
+            model.lm_head = QuantLinear([head.to(device)])
     return count
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int | None, quantize_lm_head: bool) -> int:
-    """Round-to-nearest quantisation of every nn.Linear projection. Returns how many were quantised."""
+    """Round-to-nearest quantisation of every float projection. Returns how many were quantised."""
     count = 0
     for parent, attr, _names, _bias in model.linear_sources():
         module = getattr(parent, attr)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, TorchLinear):
             bias = None if module.bias is None else module.bias.detach()
             setattr(parent, attr, QuantLinear([quantize(module.weight.detach(), method, group_size)], bias))
             count += 1
-    if quantize_lm_head and model.quant_lm_head is None:
+    if quantize_lm_head and isinstance(model.lm_head, TorchLinear):
         dtype = model.norm.weight.dtype
         embed = quantize_int8(model.embed_tokens.weight.detach())
-        if model.lm_head is None:  # tied: one int8 table serves both
-            model.quant_lm_head = QuantLinear([embed])
+        if model.lm_head.weight is model.embed_tokens.weight:  # tied: one int8 table serves both
+            model.lm_head = QuantLinear([embed])
         else:
-            model.quant_lm_head = QuantLinear([quantize_int8(model.lm_head.weight.detach())])
-            model.lm_head = None
+            model.lm_head = QuantLinear([quantize_int8(model.lm_head.weight.detach())])
         model.embed_tokens = QuantEmbedding(embed, dtype)
     return count
 

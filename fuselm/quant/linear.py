@@ -1,4 +1,4 @@
-"""QuantLinear and QuantEmbedding: modules that compute with QuantWeights and never hold the
+"""QuantLinear (the linear method for quantised weights) and QuantEmbedding: modules that compute with QuantWeights and never hold the
 full-precision weight.
 
 On CPU with fuselm's C kernels the matmul runs in fuselm/kernels/quant_linear.c (weights widened
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselm.linear.method import LinearMethod
 from fuselm.quant.formats import QuantWeight, stack_rows
 
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
@@ -35,7 +36,11 @@ def group_by_format(parts: list[QuantWeight]) -> list[QuantWeight]:
     return [run[0] if len(run) == 1 else stack_rows(run) for run in runs]
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(LinearMethod):
+    """A projection stored as QuantWeight parts (int4/int8 groups), multiplied by fuselm's C kernel on
+    CPU (from DEQUANTIZED_GEMM_ROWS rows on: a float GEMM over a dequantised scratch copy) or by
+    dequantising per call elsewhere."""
+
     def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if not parts or any(p.in_features != parts[0].in_features for p in parts):
@@ -49,9 +54,13 @@ class QuantLinear(nn.Module):
         self.kernels = None  # fuselm.kernels.cpu.CpuKernels, set by use_cpu_kernels()
 
     @property
-    def weight_bytes(self) -> int:
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return sum(p.nbytes for p in self.parts) + bias
+    def kind(self) -> str:
+        formats = "+".join(dict.fromkeys(f"int{p.bits}g{p.group_size}" for p in self.parts))
+        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}"
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        tensors = [t for p in self.parts for t in (p.qweight, p.scales, p.mins) if t is not None]
+        return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
         self.kernels = kernels if kernels is not None and self.parts[0].qweight.device.type == "cpu" else None
@@ -79,7 +88,7 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """Token embeddings from a QuantWeight [vocab, hidden]: only the looked-up rows are dequantised.
-    With tied embeddings the same QuantWeight is the LM head (LlamaForCausalLM.quant_lm_head)."""
+    With tied embeddings the same QuantWeight is the LM head (a QuantLinear over it)."""
 
     def __init__(self, weight: QuantWeight, dtype: torch.dtype) -> None:
         super().__init__()
