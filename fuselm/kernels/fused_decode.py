@@ -1,5 +1,6 @@
-"""FusedDecode: runs every decoder layer of a pure-decode step in one C call (decode_layers.c),
-and the layers of steps with prompt chunks in two C calls each, around the attention.
+"""CLayers: runs every decoder layer of a step whose tokens are all query rows (decodes, verified
+speculative tokens) in one C call (decode_layers.c), and the layers of steps with prompt chunks in
+two C calls each, around the attention.
 
 Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) or packed
 for fuselm's fp32 GEMM (dense_linear.py), and its activations and KV cache in float32 (or a
@@ -66,7 +67,11 @@ def _projections(layer) -> tuple:
     return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
 
 
-class FusedDecode:
+class CLayers:
+    """The decoder layers' math as C calls over the model's own weights and caches: a step whose
+    tokens are all query rows runs every layer in one call (`run`); a step with prompt chunks runs
+    each layer in two calls around the attention (`attention_inputs`, `attention_outputs`)."""
+
     def __init__(self, model, kernels) -> None:
         layers = model.layers
         self._keep = []  # float32 copies of biases / norms whose pointers the structures hold
@@ -98,26 +103,27 @@ class FusedDecode:
         self.max_prompt_step_tokens = None if dense else DEQUANTIZED_GEMM_ROWS - 1
 
     @staticmethod
-    def supported(model, kernels) -> bool:
-        """Every projection quantised (at most three parts) or a DenseLinear, float32 activations, a
+    def unsupported_reason(model) -> str | None:
+        """Why the C layers cannot run this model (None when they can): they need every projection
+        quantised (at most three parts) or a DenseLinear on CPU, float32 activations, and a
         float32/bf16 KV cache."""
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import QuantLinear
 
-        if kernels is None or not getattr(kernels, "has_decode_layers", False) or model.norm.weight.dtype != torch.float32:
-            return False
+        if model.norm.weight.dtype != torch.float32:
+            return f"activations are {str(model.norm.weight.dtype).removeprefix('torch.')}, the C layers run float32"
         for layer in model.layers:
             attn = layer.self_attn
             if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES or attn.k_scale is not None:
-                return False
+                return "the KV cache is int8, which the C layers do not read"
             for module in _projections(layer):
                 if isinstance(module, DenseLinear):
                     continue
-                if not isinstance(module, QuantLinear) or len(module.parts) > _MAX_PARTS:
-                    return False
-                if module.parts[0].qweight.device.type != "cpu":
-                    return False
-        return True
+                if not isinstance(module, QuantLinear) or module.kernels is None:
+                    return f"a projection uses {module.kind}, which the C layers cannot read"
+                if len(module.parts) > _MAX_PARTS:
+                    return f"a projection has {len(module.parts)} quantised formats (at most {_MAX_PARTS})"
+        return None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_table: torch.Tensor,
             ctx_lens: torch.Tensor, num_single: int | None = None) -> None:

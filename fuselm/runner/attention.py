@@ -37,7 +37,7 @@ class PrefillRow:
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of every new token
-    num_decode_tokens: int  # tokens 0..num_decode_tokens-1 are query rows (one query, context up to itself)
+    num_query_rows: int  # tokens 0..num_query_rows-1 are query rows (one query, context up to itself)
     prefill_rows: list[PrefillRow]
     # Query rows 0..num_single_rows-1 are single-token rows: the C kernel stores their K/V itself.
     # The rest belong to short multi-token rows, whose K/V must be in the cache before any is read.
@@ -102,7 +102,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_scale/v_scale: the per-token, per-head scales of an int8 cache (None otherwise).
     """
     meta = get_attention_metadata()
-    nd = meta.num_decode_tokens
+    nd = meta.num_query_rows
     nw = nd if meta.num_single_rows < 0 else meta.num_single_rows
     kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the single rows' K/V itself
     if kernel_writes:

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
-from fuselm.engine.scheduler import SchedulerOutput
+from fuselm.core.scheduler_output import SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
-from fuselm.spec.verify import verify_speculative
+from fuselm.runner.verify import verify_speculative
 
 logger = logging.getLogger("fuselm")
 
@@ -96,20 +97,9 @@ class ModelRunner:
             if self.kv_dtype == torch.int8:
                 for name in ("k_scale", "v_scale"):
                     setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
-        self.cpu_kernels = None
-        if self.device.type == "cpu" and config.cpu_kernels:
-            from fuselm.kernels.cpu import get_kernels
-
-            kernels = get_kernels()
-            mc = model_config
-            if kernels is not None and kernels.supports(dtype, self.kv_dtype, mc.num_attention_heads,
-                                                        mc.num_key_value_heads, mc.head_dim, self.block_size):
-                self.cpu_kernels = kernels
-            model.pack_for_cpu(self.cpu_kernels, quant_kernels=kernels)
-            from fuselm.kernels.fused_decode import FusedDecode
-
-            if self.cpu_kernels is not None and FusedDecode.supported(model, kernels):
-                model.fused_decode = FusedDecode(model, kernels)
+        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype)
+        self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
+        logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.bytes_per_block
 
@@ -205,7 +195,7 @@ class ModelRunner:
                 mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
-        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decode_tokens=nd,
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single))
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
@@ -313,25 +303,6 @@ class ModelRunner:
                 tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))
             tokens.append([tok])
         return tokens
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter plus the packed copies (packed layers without a plain weight included)."""
-    from fuselm.kernels.dense_linear import DenseLinear
-    from fuselm.kernels.onednn import PackedLinear
-    from fuselm.quant.linear import QuantEmbedding, QuantLinear
-
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(m.packed_bytes for m in model.modules() if isinstance(m, (PackedLinear, DenseLinear)))
-    total += sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
-    embed = getattr(model, "embed_tokens", None)
-    head = getattr(model, "quant_lm_head", None)
-    if isinstance(embed, QuantEmbedding) and not (head is not None and head.parts[0].qweight is embed.qweight.qweight):
-        total += embed.qweight.nbytes  # an untied quantised embedding table
-    head = getattr(model, "packed_lm_head", None)
-    if head is not None:
-        total += head.numel() * head.element_size()
-    return total
 
 
 def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
