@@ -117,7 +117,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
             module = choose_linear(module, kernels, onednn, role)
             setattr(parent, attr, module)
         kinds.setdefault(role, {})[module.kind] = None
-    plan.linear = {role: "+".join(k) for role, k in kinds.items()}
+    plan.linear = {role: "|".join(k) for role, k in kinds.items()}
 
     if attention_kernels is not None:
         from fuselm.models.llama import RMSNorm
