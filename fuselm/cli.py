@@ -1,6 +1,8 @@
 """The `fuselm` command: generate | chat (and serve / bench where installed).
 
-Engine options are generated from EngineConfig's fields so the CLI can never drift from the API.
+Engine options are generated from EngineConfig's fields and their help metadata, so the CLI can
+never drift from the API. `chat` prints each output's new text as it comes: the engine holds
+back text that a stop string could still cut, so what is printed is never taken back.
 """
 
 from __future__ import annotations
@@ -19,49 +21,27 @@ DEMO_PROMPTS = [
 ]
 
 
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "Any": str}  # EngineConfig annotations -> argparse types
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field: its name, type, choices, default and help text (the field's
+    `help` metadata in fuselm/config.py, the only place an option is documented)."""
     from fuselm.config import EngineConfig
 
-    group = parser.add_argument_group("engine options")
-    helps = {
-        "model": "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
-        "tokenizer": "tokenizer directory (default: the model's own)",
-        "dtype": "auto | float32 | bfloat16 | float16 (auto = bfloat16 on CUDA and AMX/AVX512-BF16 CPUs, else float32)",
-        "device": "auto | cpu | cuda",
-        "max_model_len": "longest prompt + output in tokens (default: the model's, capped at 8192)",
-        "max_num_batched_tokens": "token budget per step (decodes + prompt chunks)",
-        "max_num_seqs": "most sequences running at once",
-        "max_decode_slowdown": "cap prompt tokens in steps with running decodes so such a step takes at most "
-                               "this many times a decode-only step (measured online); default: no cap",
-        "block_size": "tokens per KV cache block",
-        "enable_prefix_caching": "reuse KV blocks of equal prefixes across requests",
-        "kv_cache_memory_bytes": "KV cache size in bytes (overrides the fractions)",
-        "kv_cache_memory_fraction": "CPU: share of available RAM for the KV cache",
-        "gpu_memory_utilization": "CUDA: share of GPU memory the engine may use",
-        "seed": "global random seed",
-        "num_threads": "CPU threads for torch (default: torch's choice)",
-        "kv_cache_dtype": "auto (the model dtype) | bfloat16 | float32 | float16 | int8 (a scale per token and head; "
-                          "the portable attention path for now)",
-        "quantization": "unset: a GGUF file keeps its Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantised | none "
-                        "(dequantise to --dtype) | int8 (weight-only, per output channel) | int4 (weight-only, "
-                        "per group, asymmetric); round to nearest at load time",
-        "quantization_group_size": "weights per scale: int4 32 (default), 64 or 128; int8 32 (default) or a "
-                                   "multiple of 16, -1 = per output channel",
-        "quantize_lm_head": "with int8/int4: LM head and embeddings in int8 per row (--no-quantize-lm-head "
-                            "keeps them at --dtype)",
-        "cpu_kernels": "CPU: fuselm's C kernels (decode attention, RMSNorm, fp32 GEMMs on a packed layout, "
-                       "quantised matmuls, the one-call decode step, single-row bf16 linears) and oneDNN-packed "
-                       "bf16 weights (off = portable torch path)",
-        "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                              'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'',
-    }
+    group = parser.add_argument_group("engine options", "the options of fuselm.config.EngineConfig (LLM(...) "
+                                                        "takes the same names)")
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        doc = f.metadata["help"].replace("%", "%%")
+        kind = str(f.type).removesuffix(" | None")
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{doc} (default: {'on' if f.default else 'off'})")
         else:
-            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
-            group.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
+            default = "" if f.default is None else f" (default: {f.default})"
+            group.add_argument(flag, type=_FLAG_TYPES[kind], default=f.default, choices=f.metadata["choices"],
+                               help=doc + default)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -129,40 +129,67 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """An EngineConfig field with its documentation: the one text the CLI help is generated from."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+QUANTIZATION_METHODS = ("none", "int8", "int4")
+
+
 @dataclass(slots=True)
 class EngineConfig:
-    """Every engine option. Names follow vLLM's engine arguments where one exists."""
+    """Every engine option. Names follow vLLM's engine arguments where one exists.
 
-    model: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
-    tokenizer: str | None = None  # defaults to the model's own tokenizer
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings (capped at 8192)
-    max_num_batched_tokens: int = 512  # the per-step token budget
-    max_num_seqs: int = 128
-    # Cap the prompt tokens of a step that has running decodes so it takes at most this many times a
-    # decode-only step (measured online; fuselm/core/step_cost.py). None: the token budget alone.
-    max_decode_slowdown: float | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    kv_cache_memory_bytes: int | None = None  # explicit KV budget; overrides the fractions below
-    kv_cache_memory_fraction: float = 0.25  # CPU: share of available RAM for the KV cache
-    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may use in all
-    seed: int = 0
-    num_threads: int | None = None  # CPU intra-op threads; None = torch's default
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; bfloat16 halves KV bytes; int8 (+ a scale per token and head)
-    # None: a GGUF file keeps its Q4_0/Q4_1/Q4_K/Q8_0/Q6_K tensors quantised (exactly, fuselm/quant/
-    # gguf_quants.py) and an HF checkpoint runs at `dtype`; "none": everything dequantised to dtype;
-    # "int8" (symmetric) / "int4" (asymmetric), per group: round to nearest at load time
-    quantization: str | None = None
-    # weights per scale: int4 32 (default), 64 or 128; int8 32 (default, Q8_0's layout) or any multiple of 16,
-    # -1 = one scale per output channel (GPTQ's convention). A layer whose width it does not divide
-    # takes the largest of 128/64/32 that does.
-    quantization_group_size: int | None = None
-    quantize_lm_head: bool = True  # with int8/int4: LM head and embeddings in int8 per row (False: keep dtype)
-    cpu_kernels: bool = True  # CPU: C kernels + packed weights (False = portable torch path)
-    # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (vLLM's shape), or its JSON
-    speculative_config: Any = None
+    Each field's `help` metadata is its documentation; `fuselm generate/chat/serve/bench throughput`
+    build their engine flags from these fields (fuselm/cli.py add_engine_args).
+    """
+
+    model: str | None = _option(None, "HF model directory or .gguf file; unset: the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = _option(None, "tokenizer directory; unset: the model's own tokenizer")
+    dtype: str = _option("auto", "weight and activation dtype: auto, float32, bfloat16 or float16; auto is bfloat16 "
+                                 "on CUDA and on CPUs with AMX or AVX512-BF16, else float32")
+    device: str = _option("auto", "auto, cpu or cuda (cuda:N); auto is cuda when torch sees a GPU, else cpu")
+    max_model_len: int | None = _option(None, "longest prompt + output in tokens; unset: the model's "
+                                              "max_position_embeddings (its sliding window if smaller), at most "
+                                              "8192; lowered to what the KV cache holds")
+    max_num_batched_tokens: int = _option(512, "token budget of one step: decodes, prompt chunks and speculative "
+                                               "tokens together")
+    max_num_seqs: int = _option(128, "most requests running at once")
+    max_decode_slowdown: float | None = _option(
+        None, "cap the prompt tokens of a step that has running decodes so that it takes at most this many times "
+              "a decode-only step (costs measured online, fuselm/core/step_cost.py); unset: the token budget alone")
+    block_size: int = _option(16, "tokens per KV cache block, a power of two")
+    enable_prefix_caching: bool = _option(True, "reuse the KV blocks of equal prompt prefixes across requests")
+    kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes; overrides kv_cache_memory_fraction "
+                                                      "and gpu_memory_utilization")
+    kv_cache_memory_fraction: float = _option(0.25, "CPU: share of the available RAM the KV cache takes")
+    gpu_memory_utilization: float = _option(0.9, "CUDA: share of the GPU memory the engine may use in all (weights, "
+                                                 "activations and KV cache)")
+    seed: int = _option(0, "seed of torch's global generator, which requests without a seed of their own sample from")
+    num_threads: int | None = _option(None, "CPU threads for torch and the C kernels; unset: torch's default")
+    kv_cache_dtype: str = _option("auto", "auto (the model dtype), float32, bfloat16, float16 or int8 (symmetric, "
+                                          "one bfloat16 scale per token and KV head; about half of bfloat16's "
+                                          "bytes)", KV_CACHE_DTYPES)
+    quantization: str | None = _option(
+        None, "unset: a GGUF file keeps its Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantised (exactly) and an HF "
+              "checkpoint runs at dtype; none: everything dequantised to dtype; int8 (symmetric, weight = q * scale) "
+              "or int4 (asymmetric, weight = q * scale + min): weight-only, one scale per group of "
+              "quantization_group_size input weights, rounded to nearest at load time", QUANTIZATION_METHODS)
+    quantization_group_size: int | None = _option(
+        None, "input weights per scale: int4 32 (default), 64 or 128; int8 32 (default, the layout of GGUF Q8_0) "
+              "or any multiple of 16, -1 = one scale per output channel. A layer whose width the size does not "
+              "divide takes the largest smaller one of 128/64/32 (int8 also 16) that does")
+    quantize_lm_head: bool = _option(True, "with int8/int4: the LM head and the embeddings in int8, one scale per "
+                                           "vocabulary row (off: kept at dtype)")
+    cpu_kernels: bool = _option(True, "CPU: fuselm's C kernels (attention, RMSNorm, packed GEMMs, quantised "
+                                      "matmuls, the one-call layer stack) and oneDNN-packed bf16 weights; off: the "
+                                      "portable torch path")
+    speculative_config: Any = _option(
+        None, 'speculative decoding, a dict or its JSON: {"method": "ngram", "num_speculative_tokens": 4} '
+              '(prompt lookup) or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; other '
+              "keys: prompt_lookup_min, prompt_lookup_max, adaptive (fuselm/spec/config.py)")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -180,9 +207,9 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be > 0")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, got {self.kv_cache_dtype!r}")
-        if self.quantization not in (None, "none", "int8", "int4"):
+        if self.quantization not in (None, *QUANTIZATION_METHODS):
             raise ValueError(f"quantization must be int8, int4, none or unset (a GGUF file keeps its own), "
                              f"got {self.quantization!r}")
         group = self.quantization_group_size

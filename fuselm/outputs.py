@@ -23,7 +23,6 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     # speculative decoding: verifications, speculative tokens verified, and how many were accepted
     spec_num_drafts: int = 0
@@ -63,5 +62,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (or shared with an n > 1 sibling)
     error: str | None = field(default=None)

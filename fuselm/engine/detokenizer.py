@@ -1,8 +1,11 @@
-"""Incremental, UTF-8-safe detokenisation and stop-string matching.
+"""Incremental, UTF-8-safe detokenisation, stop-string matching and the text a stream may show.
 
 `tokenizers.decoders.DecodeStream` holds back bytes until they form whole characters, so a
 multi-byte character split across tokens never reaches the user half-written. Stop strings are
 searched only in the tail that the new text could complete, and are cut from the returned text.
+While a request runs, `visible_text` also holds back the tail that a stop string could still
+complete (and so cut): every unfinished output shows a prefix of the final text, so a stream of
+deltas never prints what is cut later.
 """
 
 from __future__ import annotations
@@ -56,3 +59,26 @@ def flush_text(tokenizer: Tokenizer, request: Request) -> None:
         tail = full[len(head):]
         if len(tail) > len(request.output_text) and tail.startswith(request.output_text):
             request.output_text = tail
+
+
+def stop_string_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string: the
+    characters a later token could turn into a stop string, which would then be cut."""
+    held = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:length]):
+                held = length
+                break
+    return held
+
+
+def visible_text(request: Request) -> str:
+    """The output text an output of this request may show now: all of it once finished; while it
+    runs, all but the tail a stop string could still cut. With include_stop_str_in_output a cut
+    falls after the stop string, past all the text already there, so nothing is held back."""
+    text = request.output_text
+    params = request.params
+    if request.is_finished or params.include_stop_str_in_output or not params.stop_strings:
+        return text
+    return text[:len(text) - stop_string_holdback(text, params.stop_strings)]

@@ -2,6 +2,9 @@
 
 The engine validates and tokenises requests, owns the scheduler and the model runner, appends
 sampled tokens, applies every stop rule, detokenises incrementally and builds RequestOutputs.
+An unfinished output's text leaves out the tail that a stop string could still cut
+(detokenizer.visible_text), so the text of successive outputs only ever grows and streaming
+callers (the server, `fuselm chat`) print the difference as it comes.
 A request with n > 1 becomes n sequences that share the prompt's KV blocks; its RequestOutput
 carries all n completions.
 """
@@ -16,16 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, parse_dtype, resolve_device
-from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text
+from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text, visible_text
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
+from fuselm.errors import InvalidRequestError
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
 from fuselm.runner.sampler import SampledToken
 from fuselm.sampling_params import SamplingParams
+from fuselm.spec.speculator import SpeculationTarget, Speculator
 
 logger = logging.getLogger("fuselm")
 
@@ -76,9 +81,9 @@ class LLMEngine:
         self._arrival = itertools.count()
         self.speculator = None
         if config.speculative_config is not None:
-            from fuselm.spec.speculator import Speculator
-
-            self.speculator = Speculator(config.speculative_config, self)
+            target = SpeculationTarget(config, mc.vocab_size, self.device, self.dtype, max_model_len, tuple(eos),
+                                       self.runner.weight_bytes)
+            self.speculator = Speculator(config.speculative_config, target)
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %s/%s in %.2f s: %s", self.model_name, self.device,
                     str(self.dtype).removeprefix("torch."), self.load_seconds, summarize_memory(self.runner, max_model_len))
@@ -90,38 +95,42 @@ class LLMEngine:
         if isinstance(prompt, dict):
             keys = set(prompt) & {"prompt", "prompt_token_ids"}
             if len(keys) != 1:
-                raise ValueError(f"a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids', "
-                                 f"got keys {sorted(prompt)}")
+                raise InvalidRequestError(f"a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids', "
+                                          f"got keys {sorted(prompt)}", param="prompt")
             prompt = prompt[keys.pop()]
             if not isinstance(prompt, (str, list, tuple)):
-                raise ValueError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
+                raise InvalidRequestError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}",
+                                          param="prompt")
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty; give at least one token of text")
+                raise InvalidRequestError("prompt is empty; give at least one token of text", param="prompt")
             return prompt, self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt token list is empty; give at least one token id")
+            raise InvalidRequestError("prompt token list is empty; give at least one token id", param="prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                                      param="prompt")
         return None, ids
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
-        """Validate and queue a request. Raises ValueError (naming the problem) for bad input."""
+        """Validate and queue a request. Raises InvalidRequestError (a ValueError naming the field) for bad input."""
         params = params or SamplingParams()
         if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         text, ids = self.tokenize_prompt(prompt)
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
-                             "shorten the prompt (it must leave room for at least one generated token)")
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
+                                      "shorten the prompt (it must leave room for at least one generated token)",
+                                      param="prompt", code="context_length_exceeded")
         room = self.max_model_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                             f"({self.max_model_len}); lower max_tokens to at most {room}")
+            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                      f"max_model_len ({self.max_model_len}); lower max_tokens to at most {room}",
+                                      param="max_tokens", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         seq = next(self._arrival)
         arrival = arrival_time or time.time()
@@ -168,16 +177,17 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        requests = self.scheduler.requests_of(out)  # row i's Request: the runner sees only the plain rows
         now = time.time()
-        for row in out.scheduled:
-            if row.request.metrics.first_scheduled_time is None:
-                row.request.metrics.first_scheduled_time = now
+        for req in requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
         try:
             result = self.runner.execute(out)
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
-        outputs = self._update(out, result)
+        outputs = self._update(out, requests, result)
         if self.scheduler.prompt_limiter is not None:
             self._observe_step_cost(out, time.perf_counter() - t0)
         if spec is not None:  # the whole step: proposing, scheduling, the forward, verifying, appending
@@ -199,7 +209,7 @@ class LLMEngine:
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
         """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""
         outputs = []
-        for rid in dict.fromkeys(row.request.request_id for row in out.scheduled):
+        for rid in dict.fromkeys(row.request_id for row in out.scheduled):
             group = self.groups.pop(rid, None)
             if group:
                 for req in group:
@@ -209,13 +219,13 @@ class LLMEngine:
                 outputs.append(o)
         return outputs
 
-    def _update(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
+    def _update(self, out: SchedulerOutput, requests: list[Request], result: ModelOutput) -> list[RequestOutput]:
+        """Apply the runner's results to the Requests: `requests`, `out.scheduled` and `result` align by position."""
         self.scheduler.update_from_output(out)
         self.stats.num_steps += 1
         now = time.time()
         touched: dict[str, None] = {}
-        for row, sampled, prompt_lp in zip(out.scheduled, result.sampled, result.prompt_logprobs):
-            req = row.request
+        for row, req, sampled, prompt_lp in zip(out.scheduled, requests, result.sampled, result.prompt_logprobs):
             if req.is_finished:
                 continue
             if row.num_computed_tokens < req.num_prompt_tokens:
@@ -293,7 +303,7 @@ class LLMEngine:
     def _make_output(self, group: list[Request]) -> RequestOutput:
         first = group[0]
         completions = [
-            CompletionOutput(index=r.sample_index, text=r.output_text, token_ids=list(r.output_token_ids),
+            CompletionOutput(index=r.sample_index, text=visible_text(r), token_ids=list(r.output_token_ids),
                              finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                              logprobs=list(r.logprobs) if r.logprobs is not None else None)
             for r in group

@@ -64,13 +64,12 @@ class _ChoiceState:
     started: bool = False
     done: bool = False
 
-    def advance(self, c: CompletionOutput, hold: int) -> tuple[str, list[int], list[PositionLogprobs] | None, bool]:
-        """New text, token ids and logprobs since the last call. While running, `hold` characters stay back
-        because a stop string completed later would cut them from the text."""
+    def advance(self, c: CompletionOutput) -> tuple[str, list[int], list[PositionLogprobs] | None, bool]:
+        """New text, token ids and logprobs since the last call. The engine's text only grows (it holds
+        back what a stop string could still cut), so the new text is what follows the sent part."""
         finished = c.finish_reason is not None
-        end = len(c.text) if finished else max(self.sent_chars, len(c.text) - hold)
-        text = c.text[self.sent_chars:end]
-        self.sent_chars = max(self.sent_chars, end)
+        text = c.text[self.sent_chars:]
+        self.sent_chars = len(c.text)
         ids = c.token_ids[self.sent_tokens:]
         lps = c.logprobs[self.sent_tokens:] if c.logprobs is not None else None
         self.sent_tokens = len(c.token_ids)
@@ -228,7 +227,7 @@ class OpenAIServing:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, prompts, params, req.priority, "prompt")
         if req.stream:
-            return self.stream_response(self._completion_chunks(req, params, request_id, streams), streams)
+            return self.stream_response(self._completion_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
@@ -236,7 +235,7 @@ class OpenAIServing:
         for pi, out in enumerate(finals):
             for c in out.outputs:
                 state = _ChoiceState()
-                text, ids, lps, _ = state.advance(c, 0)
+                text, ids, lps, _ = state.advance(c)
                 choices.append(self._completion_choice(req, out, pi, c, state, text, ids, lps, c.finish_reason))
         return P.CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=self.usage(finals))
 
@@ -274,10 +273,9 @@ class OpenAIServing:
                     top.setdefault(e.decoded_token, _finite(e.logprob))
             into.top_logprobs.append(top)
 
-    async def _completion_chunks(self, req: P.CompletionRequest, params: SamplingParams, request_id: str,
+    async def _completion_chunks(self, req: P.CompletionRequest, request_id: str,
                                  streams: list[RequestStream]) -> AsyncIterator[str]:
         created = int(time.time())
-        hold = max((len(s) for s in params.stop_strings), default=1) - 1
         states: dict[int, _ChoiceState] = {}
         finals: dict[int, RequestOutput] = {}
         async for pi, out in self.events(streams):
@@ -286,7 +284,7 @@ class OpenAIServing:
                 state = states.setdefault(pi * req.n + c.index, _ChoiceState())
                 if state.done:
                     continue
-                text, ids, lps, finished = state.advance(c, hold)
+                text, ids, lps, finished = state.advance(c)
                 if not (text or finished or (lps and req.logprobs is not None) or (req.echo and not state.started)):
                     continue
                 choice = self._completion_choice(req, out, pi, c, state, text, ids, lps,
@@ -315,7 +313,7 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, [prompt], params, req.priority, "messages")
         if req.stream:
-            return self.stream_response(self._chat_chunks(req, params, request_id, streams), streams)
+            return self.stream_response(self._chat_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
@@ -342,11 +340,10 @@ class OpenAIServing:
                                            bytes=list(e.decoded_token.encode())) for e in ranked]))
         return P.ChatLogprobs(content=content)
 
-    async def _chat_chunks(self, req: P.ChatCompletionRequest, params: SamplingParams, request_id: str,
+    async def _chat_chunks(self, req: P.ChatCompletionRequest, request_id: str,
                            streams: list[RequestStream]) -> AsyncIterator[str]:
         created = int(time.time())
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        hold = max((len(s) for s in params.stop_strings), default=1) - 1
 
         def chunk(index: int, delta: P.DeltaMessage, **fields) -> str:
             return sse(P.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
@@ -362,7 +359,7 @@ class OpenAIServing:
                 state = states.setdefault(c.index, _ChoiceState())
                 if state.done:
                     continue
-                text, ids, lps, finished = state.advance(c, hold)
+                text, ids, lps, finished = state.advance(c)
                 if text or (ids and top_n is not None):
                     lp = self._chat_logprobs(ids, lps, top_n) if top_n is not None else None
                     yield chunk(c.index, P.DeltaMessage(content=text), logprobs=lp)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
+from fuselm.config import EngineConfig
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.step_cost import PerTokenCost, StepCostModel
 from fuselm.spec.adaptive import AcceptanceTracker, RealizedGate, plan_speculation
@@ -35,12 +38,26 @@ class SpecStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class SpeculationTarget:
+    """What the speculator knows of the model it speculates for: plain values the engine settled at
+    load, not the engine itself."""
+
+    engine_config: EngineConfig  # a draft model loads with the target's options (dtype, kernels, KV budget)
+    vocab_size: int
+    device: str
+    dtype: torch.dtype
+    max_model_len: int  # after the engine fitted it to the model and the KV pool
+    eos_token_ids: tuple[int, ...]
+    weight_bytes: int  # the target's weights; a draft's first cost estimates scale by the ratio
+
+
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, engine) -> None:
+    def __init__(self, config: SpeculativeConfig, target: SpeculationTarget) -> None:
         self.config = config
         self.k_max = config.num_speculative_tokens
-        self.max_model_len = engine.max_model_len
-        self.max_num_seqs = engine.config.max_num_seqs
+        self.max_model_len = target.max_model_len
+        self.max_num_seqs = target.engine_config.max_num_seqs
         self.ngram = None
         self.draft = None
         if config.method == "ngram":
@@ -48,11 +65,11 @@ class Speculator:
         else:
             from fuselm.spec.draft_model import DraftModelProposer
 
-            self.draft = DraftModelProposer(config.model, engine.config, engine.model_config.vocab_size,
-                                            engine.device, engine.dtype, engine.max_model_len, engine.eos_token_ids)
+            self.draft = DraftModelProposer(config.model, target.engine_config, target.vocab_size, target.device,
+                                            target.dtype, target.max_model_len, list(target.eos_token_ids))
             # until the draft is measured its costs are the target's scaled by weight bytes (decode
             # streams the weights; a prompt token's arithmetic scales with them too)
-            self._draft_ratio = self.draft.runner.weight_bytes / max(1, engine.runner.weight_bytes)
+            self._draft_ratio = self.draft.runner.weight_bytes / max(1, target.weight_bytes)
         self.cost = StepCostModel()
         # a draft model must be tried to be judged, and each try costs its rounds: start from the
         # rate a same-family draft usually reaches (0.8; Qwen2.5-Coder 0.5B for 1.5B measured 0.97
