@@ -157,7 +157,7 @@ def _offline_rows(ph: dict) -> list[list[str]]:
         result = f"{_f(e['output_throughput'])} output tok/s"
         runs = e.get("runs") or []
         if len(runs) > 1:
-            result += f" (median run of {len(runs)}: {', '.join(_f(x) for x in runs)})"
+            result += f" (runs: {', '.join(_f(x) for x in runs)})"
         n = e.get("num_requests", w["num_requests"])
         if n != w["num_requests"]:
             result += f" (first {n} requests)"
@@ -176,7 +176,7 @@ def _online_rows(ph: dict) -> list[list[str]]:
     rates = ", ".join(f"{r['request_rate']:g}" for r in next(iter(eng.values()))["runs"])
     best = {k: max(e["runs"], key=lambda r: r.get("request_goodput") or 0.0) for k, e in eng.items()}
     g0 = best["fuselm"].get("request_goodput")
-    label = f"online chat at {rates} req/s: best goodput (p99 TTFT ≤ {ph['slo']['ttft_ms']:g} ms, TPOT ≤ " \
+    label = f"online chat at {rates} req/s: best goodput (SLO TTFT ≤ {ph['slo']['ttft_ms']:g} ms, TPOT ≤ " \
             f"{ph['slo']['tpot_ms']:g} ms)"
     return [[label, k, f"{_f(r.get('request_goodput'), 3)} req/s at {r['request_rate']:g} req/s",
              "–" if k == "fuselm" else _ratio(g0, r.get("request_goodput"))] for k, r in best.items()]
@@ -210,9 +210,10 @@ def readme_table(result: dict, json_path: str, machine: str | None = None, comma
             f"{result['dtype']} for every engine" + (f"; command: `{command}`" if command else "") +
             f". Results: [{json_path}]({json_path}), tables: [{md_path}]({md_path}).")
     render = {"offline": _offline_rows, "online": _online_rows, "shared-prefix": _prefix_rows, "long-prompt": _long_rows}
-    rows = [row for phase, ph in result["phases"].items() for row in render[phase](ph)]
     lines = [head, "", "| workload | engine | result | fuselm ÷ engine |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in rows]
+    for phase, ph in result["phases"].items():
+        for i, row in enumerate(render[phase](ph)):
+            lines.append(f"| {row[0] if i == 0 else ''} | {' | '.join(row[1:])} |")  # the workload named once
     return "\n".join(lines) + "\n"
 
 
