@@ -333,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     for x in args.peers:
         if x not in PEER_NAMES:
             p.error(f"unknown peer {x!r}")
+    from run_all_report import readme_table, render_markdown, replace_results_table, update_readme
+
+    if args.readme:  # checked before the hour-long run, not after it
+        try:
+            replace_results_table(README.read_text(), "")
+        except (OSError, ValueError) as exc:
+            p.error(f"--readme: {README}: {exc}")
     global DTYPE
     DTYPE = args.dtype
     prepare_peers(args)
@@ -341,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     res_dir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     from fuselm.bench.report import machine_info
-
-    from run_all_report import readme_table, render_markdown, update_readme
 
     command = shlex.join(["benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "command": command,

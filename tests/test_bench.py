@@ -336,10 +336,11 @@ def test_run_all_readme_replaces_only_the_results_table(run_all, tmp_path):
     assert rc == 0 and readme.read_text() == text  # a second run replaces the table, it does not add one
 
 
-def test_run_all_readme_without_markers_fails_and_keeps_the_file(run_all, tmp_path):
+def test_run_all_readme_without_markers_stops_before_running(run_all, tmp_path):
     module, readme = run_all
     readme.write_text("# no markers here\n")
-    rc = module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
-                      "--tag", "t", "--readme"])
-    assert rc == 1 and readme.read_text() == "# no markers here\n"
-    assert (tmp_path / "res" / "t.json").exists()  # the results are written before the README is tried
+    with pytest.raises(SystemExit):
+        module.main(["--phases", "offline", "--peers", "vllm", "--results-dir", str(tmp_path / "res"),
+                     "--tag", "t", "--readme"])
+    assert readme.read_text() == "# no markers here\n"
+    assert not (tmp_path / "res").exists()  # refused before any phase ran
