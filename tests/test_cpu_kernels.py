@@ -1,16 +1,38 @@
-"""The C paged-decode-attention kernel against a float64 reference on random inputs of many shapes."""
+"""fuselm's C kernels against float64 / torch references on random inputs of many shapes, once for
+every ISA variant of the library this CPU runs (fuselm/kernels/build.py), and the engine with the
+kernels against the engine without them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.kernels.cpu import get_kernels
+from fuselm.kernels.build import find_compiler, supported_variants
+from fuselm.kernels.cpu import get_kernels, load_kernels
+from fuselm.quant.formats import QuantWeight, quantize_int4, quantize_int8
 
-kernels = get_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler: the torch path is used and tested elsewhere")
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the torch path is used and tested elsewhere")
+VARIANTS = supported_variants() if find_compiler() is not None else []
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def kernels(request):
+    """The library built for one ISA variant (each supported one in turn)."""
+    loaded = load_kernels(request.param)
+    assert loaded is not None and loaded.isa == request.param
+    return loaded
+
+
+@pytest.fixture
+def engine_variant(request, monkeypatch):
+    """The engine's kernels forced to one variant through FUSELM_CPU_ISA for the test."""
+    monkeypatch.setenv("FUSELM_CPU_ISA", request.param)
+    get_kernels.cache_clear()
+    yield request.param
+    get_kernels.cache_clear()
 
 
 def reference(q, k_cache, v_cache, table, lens, scale):
@@ -35,7 +57,7 @@ def reference(q, k_cache, v_cache, table, lens, scale):
     (1, 1, 1, 8, 1, 1), (3, 4, 2, 16, 4, 37), (5, 9, 3, 64, 16, 300), (2, 8, 8, 128, 16, 70),
     (4, 14, 2, 64, 32, 129), (6, 32, 8, 128, 16, 50), (3, 6, 2, 32, 64, 200), (2, 3, 1, 64, 16, 15),
 ])
-def test_kernel_matches_float64_reference(dtype, tol, n, hq, hkv, d, bs, max_len):
+def test_kernel_matches_float64_reference(kernels, dtype, tol, n, hq, hkv, d, bs, max_len):
     g = torch.Generator().manual_seed(n * 1000 + d)
     nb = -(-max_len // bs)
     num_blocks = n * nb + 3
@@ -52,13 +74,16 @@ def test_kernel_matches_float64_reference(dtype, tol, n, hq, hkv, d, bs, max_len
     assert (out.double() - ref).abs().max().item() < tol
 
 
-def test_engine_kernel_and_torch_paths_agree(tiny_llama):
+@pytest.mark.parametrize("engine_variant", VARIANTS, indirect=True)
+def test_engine_kernel_and_torch_paths_agree(tiny_llama, engine_variant):
+    """Every variant: C attention and RMSNorm; from avx2 on also the packed fp32 GEMM and the one-call
+    decode step (decode_layers.c)."""
     path, _ = tiny_llama
     prompts = random_prompts([1, 30, 77, 140], seed=40)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
     fast = LLM(path, dtype="float32", device="cpu", cpu_kernels=True)
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
-    assert fast.engine.runner.cpu_kernels is not None and plain.engine.runner.cpu_kernels is None
+    assert fast.engine.runner.cpu_kernels.isa == engine_variant and plain.engine.runner.cpu_kernels is None
     a = fast.generate(prompts, params, use_tqdm=False)
     b = plain.generate(prompts, params, use_tqdm=False)
     for x, y in zip(a, b):
@@ -68,7 +93,7 @@ def test_engine_kernel_and_torch_paths_agree(tiny_llama):
                 assert abs(lx[tok].logprob - ly[tok].logprob) < 1e-4
 
 
-def test_kernel_reads_bf16_cache_for_fp32_queries():
+def test_kernel_reads_bf16_cache_for_fp32_queries(kernels):
     g = torch.Generator().manual_seed(7)
     n, hq, hkv, d, bs, max_len = 3, 9, 3, 64, 16, 90
     nb = -(-max_len // bs)
@@ -110,12 +135,19 @@ def _cpu_has_avx512_bf16() -> bool:
 @pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the AVX-512 BF16 path is only built on CPUs that have it")
 def test_bf16_fast_path_is_built_where_the_cpu_has_it():
     # test_kernel_matches_float64_reference then checks that path (bf16 cases with d % 32 == 0, bs % 16 == 0)
-    assert kernels.has_bf16_fast_path
+    assert get_kernels().isa == "avx512bf16" and get_kernels().has_bf16_fast_path
+
+
+def test_each_variant_compiles_the_paths_its_instructions_allow(kernels):
+    """The preprocessor paths (#if __AVX2__ && __FMA__ ..., __AVX512BF16__) each variant's flags switch on."""
+    simd = kernels.isa != "generic"
+    assert kernels.has_simd_dense == simd and kernels.has_simd_qlinear == simd
+    assert kernels.has_bf16_fast_path == kernels.has_small_m_linear == (kernels.isa == "avx512bf16")
 
 
 @pytest.mark.parametrize("dtype, kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                              (torch.bfloat16, torch.bfloat16)])
-def test_kernel_writes_the_new_token_then_attends(dtype, kv_dtype):
+def test_kernel_writes_the_new_token_then_attends(kernels, dtype, kv_dtype):
     """With k_new/v_new the kernel stores each sequence's new row at position ctx_len - 1 first:
     the cache must end up as torch's index_copy_ would leave it, and the output must match."""
     g = torch.Generator().manual_seed(11)
@@ -142,8 +174,8 @@ def test_kernel_writes_the_new_token_then_attends(dtype, kv_dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 64, 200])
-def test_c_rms_norm_matches_the_torch_module(dtype, rows):
-    from fuselm.models.llama import RMSNorm
+def test_c_rms_norm_matches_the_torch_module(kernels, dtype, rows):
+    from fuselm.layers.norm import RMSNorm
 
     g = torch.Generator().manual_seed(rows)
     norm = RMSNorm(576, 1e-5).to(dtype)
@@ -156,10 +188,11 @@ def test_c_rms_norm_matches_the_torch_module(dtype, rows):
     assert (got - want).abs().max().item() <= tol * want.abs().max().item()
 
 
-@pytest.mark.skipif(not kernels.has_small_m_linear, reason="the small-M linear needs AVX-512 BF16")
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_out, bias", [(576, False), (960, True), (37, True), (3072, False)])
-def test_small_m_linear_matches_float64(rows, n_out, bias):
+def test_small_m_linear_matches_float64(kernels, rows, n_out, bias):
+    if not kernels.has_small_m_linear:
+        pytest.skip("the small-M linear needs AVX-512 BF16")
     g = torch.Generator().manual_seed(rows * 7 + n_out)
     x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
     w = torch.randn(n_out, 576, generator=g).to(torch.bfloat16)
@@ -170,7 +203,7 @@ def test_small_m_linear_matches_float64(rows, n_out, bias):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_kernel_ignores_cache_rows_past_the_context(kv_dtype):
+def test_kernel_ignores_cache_rows_past_the_context(kernels, kv_dtype):
     """Blocks are read in vector-sized pieces; rows a block holds past a sequence's length (stale or
     never written: NaN here) must not reach the output."""
     g = torch.Generator().manual_seed(12)
@@ -190,3 +223,32 @@ def test_kernel_ignores_cache_rows_past_the_context(kv_dtype):
     kernels.paged_decode_attention(q, out, k_cache, v_cache, table, lens, d ** -0.5)
     assert not out.isnan().any()
     assert (out.double() - reference(q, k_cache, v_cache, table, lens, d ** -0.5)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 80, 96), (6, 130, 257), (13, 33, 600), (131, 17, 3)])
+def test_dense_linear_matches_float64(kernels, m, n, k):
+    """The packed fp32 GEMM (tests/test_dense_linear.py covers the default variant in depth)."""
+    g = torch.Generator().manual_seed(m * 31 + k)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k, generator=g)
+    got = kernels.dense_linear(x, kernels.dense_pack(w), b, n).double()
+    want = x.double() @ w.double().T + b.double()
+    assert (got - want).abs().max().item() <= 1e-5 * ((x.double().abs() @ w.double().abs().T).max().item() + 1)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantised_linear_and_dequantise_match_the_reference(kernels, rows):
+    """fuselm_qlinear and fuselm_dequantize against QuantWeight.dequantize (fuselm/quant/formats.py),
+    with float16 and float32 scales (tests/test_quant_formats.py covers the default variant in depth)."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    x = torch.randn(rows, 256, generator=g)
+    int4 = quantize_int4(w, 64)
+    int4_f32_scales = QuantWeight(4, 64, int4.shape, int4.qweight, int4.scales.float(), int4.mins.float())
+    for qw in (int4, int4_f32_scales, quantize_int8(w, 32), quantize_int8(w)):
+        reference = qw.dequantize().double()
+        assert torch.allclose(kernels.dequantize(qw).double(), reference, rtol=0, atol=1e-6), (qw.bits, qw.scales.dtype)
+        want = F.linear(x.double(), reference)
+        exact = kernels.qlinear(x, qw, None, float_activations=True).double()
+        assert (exact - want).abs().max() <= 1e-5 * want.abs().max(), (qw.bits, qw.scales.dtype)
+        rounded = kernels.qlinear(x, qw, None).double()  # int16 activations where the variant has AVX2
+        assert (rounded - want).abs().max() < 5e-4 * want.abs().max(), (qw.bits, qw.scales.dtype)

@@ -1,11 +1,16 @@
-"""Build and call fuselm's C kernels for CPU (paged decode attention).
+"""fuselm's C kernels for CPU (paged decode attention, RMSNorm, quantised and packed float32
+linear layers, whole decoder layers), loaded through ctypes.
 
-Eager torch has no attention that reads a paged KV cache in place: the portable path gathers each
-sequence's context into a padded copy every layer, which costs more memory traffic than the
-attention itself on CPU. This module compiles `paged_attention.c` with the system C compiler the
-first time it is needed (well under a second; cached under ~/.cache/fuselm keyed by the source
-hash and compiler flags) and calls it through ctypes. If no compiler is present, or
-FUSELM_CPU_KERNELS=0, `get_kernels()` returns None and the torch path is used.
+Eager torch has no attention that reads a paged KV cache in place, and at decode batch sizes its
+per-op overhead dwarfs the arithmetic of a small model's layer; these kernels (fuselm/kernels/*.c,
+interface in fuselm_kernels.h) replace those paths. `get_kernels()` compiles them with the system
+C compiler the first time they are needed (a few seconds; fuselm/kernels/build.py), for the best
+ISA variant this CPU supports (generic, avx2, avx512, avx512bf16; FUSELM_CPU_ISA forces one), and
+keeps the library in a cache under ~/.cache/fuselm keyed by its target, so a cache shared between
+machines never hands one a binary built for another CPU. The loaded library must report the ABI
+version and structure layout fuselm/kernels/abi.py mirrors. If no compiler is present, the build
+fails, the ABI version differs, or FUSELM_CPU_KERNELS=0, `get_kernels()` returns None and the
+torch path is used.
 
 The .so links libgomp by its soname, so inside a process that imported torch it shares torch's
 OpenMP runtime and thread pool.
@@ -14,114 +19,62 @@ OpenMP runtime and thread pool.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from fuselm.kernels import abi, build
+from fuselm.kernels.abi import DTYPE_CODES
+
 logger = logging.getLogger("fuselm")
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "layer_ops.c", "quant_linear.c", "dense_linear.c",
-                                                     "decode_layers.c")]
-_HEADER = Path(__file__).with_name("bf16_simd.h")  # included by both; part of the cache key
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # queries, KV caches, RMSNorm
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("FUSELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fuselm")
-    return Path(root) / "kernels"
-
-
-def _build() -> Path | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found; using the portable torch attention path on CPU")
-        return None
-    source = b"".join(src.read_bytes() for src in [*_SOURCES, _HEADER])
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fuselm_cpu_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("building the CPU attention kernel failed (%s); using the torch path", detail.strip()[:500])
-        Path(tmp).unlink(missing_ok=True)
-        return None
-    return target
+class LibraryMismatch(RuntimeError):
+    """The library is not the build its record describes (another key or ISA inside)."""
 
 
 class CpuKernels:
-    def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))
-        fn = lib.fuselm_paged_decode_attention
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int]
-        fn.restype = None
-        self._decode = fn
+    def __init__(self, built: build.Built) -> None:
+        lib = ctypes.CDLL(str(built.path))
+        abi.check_version(lib)
+        abi.bind(lib)
+        inside = (lib.fuselm_isa().decode(), lib.fuselm_build_key().decode())
+        if inside != (built.variant.name, built.key):
+            raise LibraryMismatch(f"{built.path} holds build {inside}, its record says {(built.variant.name, built.key)}")
+        abi.check_layout(lib)  # fuselm_decode_layers reads the ctypes structures fused_decode.py fills
+        self._lib = lib
+        self.isa = built.variant.name  # the ISA variant loaded: generic, avx2, avx512 or avx512bf16
+        self.build_key = built.key
+        self.path = built.path
+        self._decode = lib.fuselm_paged_decode_attention
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
         # AVX-512 BF16 path for bf16 queries over a bf16 cache (head_dim % 32 == 0, block_size % 16 == 0)
         self.has_bf16_fast_path = bool(lib.fuselm_has_bf16_fast_path())
-        lin = lib.fuselm_linear_bf16_small_m
-        lin.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
-        lin.restype = None
-        self._linear = lin
+        self._linear = lib.fuselm_linear_bf16_small_m
         # AVX-512 BF16 linear for up to small_m_max rows (the portable C loop is too slow to use)
         self.has_small_m_linear = bool(lib.fuselm_has_small_m_linear())
         self.small_m_max = lib.fuselm_small_m_max()
-        norm = lib.fuselm_rms_norm
-        norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        norm.restype = None
-        self._rms_norm = norm
-        ql = lib.fuselm_qlinear
-        ql.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        ql.restype = None
-        self._qlinear = ql
+        self._rms_norm = lib.fuselm_rms_norm
+        self._qlinear = lib.fuselm_qlinear
         self.has_simd_qlinear = bool(lib.fuselm_qlinear_has_simd())  # AVX2+FMA+F16C; else a scalar C loop
-        deq = lib.fuselm_dequantize
-        deq.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        deq.restype = None
-        self._dequantize = deq
+        self._dequantize = lib.fuselm_dequantize
         self._scratch = torch.empty(0)  # one layer's dequantised weight at a time, reused (see dequantize)
-        pack = lib.fuselm_dense_pack  # fp32 panel-packed GEMM (dense_linear.c, dense_linear.py)
-        pack.argtypes = [p, p, i64, i64, ctypes.c_int]
-        pack.restype = None
-        self._dense_pack = pack
-        lib.fuselm_dense_packed_size.argtypes = [i64, i64]
-        lib.fuselm_dense_packed_size.restype = i64
+        self._dense_pack = lib.fuselm_dense_pack  # fp32 panel-packed GEMM (dense_linear.c, dense_linear.py)
         self._dense_size = lib.fuselm_dense_packed_size
-        dense = lib.fuselm_dense_linear
-        dense.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int]
-        dense.restype = None
-        self._dense = dense
+        self._dense = lib.fuselm_dense_linear
         self.has_simd_dense = bool(lib.fuselm_dense_has_simd())  # AVX2+FMA; the scalar fallback is not used
-        layers = lib.fuselm_decode_layers  # every layer of a decode step (decode_layers.c, fused_decode.py)
-        layers.argtypes = [p, i64, p, p, i64, i64, p, p, p, p]
-        layers.restype = None
-        self.decode_layers_fn = layers
-        half = lib.fuselm_layer_attention_inputs  # a layer in halves around attention (steps with prompt chunks)
-        half.argtypes = [p, i64, p, p, i64, p, p, p, p, p]
-        half.restype = None
-        self.layer_attention_inputs_fn = half
-        half = lib.fuselm_layer_attention_outputs
-        half.argtypes = [p, i64, p, p, p, i64]
-        half.restype = None
-        self.layer_attention_outputs_fn = half
+        # every layer of a decode step (decode_layers.c, fused_decode.py), and a layer in halves around
+        # attention (steps with prompt chunks)
+        self.decode_layers_fn = lib.fuselm_decode_layers
+        self.layer_attention_inputs_fn = lib.fuselm_layer_attention_inputs
+        self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
         self.has_decode_layers = True
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
@@ -135,7 +88,7 @@ class CpuKernels:
         m, k = x.shape
         n = weight.out_features
         y = torch.empty((m, n), dtype=torch.float32)
-        sdt = {torch.float32: 0, torch.float16: 1}[weight.scales.dtype]
+        sdt = DTYPE_CODES[weight.scales.dtype]
         self._qlinear(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
                       None if weight.mins is None else weight.mins.data_ptr(), None if bias is None else bias.data_ptr(),
                       y.data_ptr(), m, n, k, weight.group_size, weight.bits, sdt, int(float_activations),
@@ -183,7 +136,7 @@ class CpuKernels:
         if self._scratch.numel() < n * k:
             self._scratch = torch.empty(n * k, dtype=torch.float32)
         out = self._scratch[: n * k].view(n, k)
-        sdt = {torch.float32: 0, torch.float16: 1}[weight.scales.dtype]
+        sdt = DTYPE_CODES[weight.scales.dtype]
         self._dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(),
                          None if weight.mins is None else weight.mins.data_ptr(), out.data_ptr(), n, k,
                          weight.group_size, weight.bits, sdt, torch.get_num_threads())
@@ -191,17 +144,17 @@ class CpuKernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm of the rows of x [M, D] (float32 or bfloat16, HF's rounding)."""
-        assert x.dtype == weight.dtype and x.dtype in _DTYPES and x.dim() == 2
+        assert x.dtype == weight.dtype and x.dtype in _ACTIVATION_DTYPES and x.dim() == 2
         x = x.contiguous()
         out = torch.empty_like(x)
         self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
-                       _DTYPES[x.dtype], torch.get_num_threads())
+                       DTYPE_CODES[x.dtype], torch.get_num_threads())
         return out
 
     def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:
-        return (dtype in _DTYPES and kv_dtype in _DTYPES and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
-                and block_size <= self.max_block)
+        return (dtype in _ACTIVATION_DTYPES and kv_dtype in _ACTIVATION_DTYPES and num_heads // num_kv_heads <= self.max_group
+                and head_dim <= self.max_dim and block_size <= self.max_block)
 
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
@@ -226,19 +179,43 @@ class CpuKernels:
             new_k, new_v = k_new.data_ptr(), v_new.data_ptr()
         self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), new_k, new_v, num_write,
                      block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
-                     head_dim, k_cache.shape[1], scale, _DTYPES[q.dtype], _DTYPES[k_cache.dtype],
+                     head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype],
                      torch.get_num_threads())
+
+
+def load_kernels(isa: str | None = None, directory: Path | None = None) -> CpuKernels | None:
+    """The kernels built for `isa` (default: FUSELM_CPU_ISA, else the best variant this CPU supports,
+    falling back to the next one if a build fails), or None when they cannot be built or loaded.
+    An ISA this CPU lacks is an error. `directory` replaces the cache directory."""
+    choices = [(build.require(isa), f"requested {isa}")] if isa is not None else build.candidates()
+    compiler = build.find_compiler()
+    if compiler is None:
+        logger.warning("no C compiler found; using the portable torch path on CPU")
+        return None
+    failed = []
+    for variant, reason in choices:
+        try:
+            built = build.build(variant, compiler, directory)
+        except build.BuildError as exc:
+            logger.warning("building the %s CPU kernels failed (%s)", variant.name, exc)
+            failed.append(variant.name)
+            continue
+        try:
+            kernels = CpuKernels(built)
+        except (OSError, abi.AbiVersionMismatch, LibraryMismatch) as exc:
+            logger.warning("not using the CPU kernels %s (%s); using the torch path", built.path, exc)
+            return None
+        why = reason if not failed else f"{reason}; {', '.join(failed)} failed to build"
+        how = "cache hit" if built.cache_hit else f"built in {built.seconds:.1f} s"
+        logger.info("CPU kernels: %s (%s), %s", kernels.isa, why, how)
+        return kernels
+    logger.warning("no CPU kernel variant could be built; using the torch path")
+    return None
 
 
 @lru_cache(maxsize=1)
 def get_kernels() -> CpuKernels | None:
+    """The process's kernels (see load_kernels), or None with FUSELM_CPU_KERNELS=0."""
     if os.environ.get("FUSELM_CPU_KERNELS", "1") == "0":
         return None
-    path = _build()
-    if path is None:
-        return None
-    try:
-        return CpuKernels(path)
-    except OSError as exc:
-        logger.warning("loading the CPU attention kernel failed (%s); using the torch path", exc)
-        return None
+    return load_kernels()

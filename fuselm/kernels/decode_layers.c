@@ -21,50 +21,7 @@
 #include <string.h>
 
 #include "bf16_simd.h"
-
-void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
-                       float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
-                       int float_activations, int num_threads);
-void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                         int64_t M, int64_t N, int64_t K, int num_threads);
-void fuselm_rms_norm(const void *x, const void *weight, void *out, int64_t M, int64_t D, float eps, int dtype,
-                     int num_threads);
-void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
-                                   const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
-                                   int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
-                                   int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
-                                   int num_threads);
-void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
-                          int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
-                          int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);
-
-#define FL_MAX_PARTS 3
-
-/* One weight: a QuantWeight (bits 4 or 8), or a float32 weight in dense_linear.c's panel layout (bits 32,
- * qweight = the packed floats, no scales). A projection is up to three of them side by side. */
-typedef struct {
-    const void *qweight, *scales, *mins;
-    int64_t n, k, group;
-    int32_t bits, scale_dtype;
-} QPart;
-
-typedef struct {
-    QPart parts[FL_MAX_PARTS];
-    int64_t num_parts;
-    const float *bias; /* [sum of n] or NULL */
-} QProj;
-
-typedef struct {
-    QProj qkv, o, gate_up, down;
-    const float *input_norm, *post_norm; /* [hidden] */
-    void *k_cache, *v_cache;
-} QLayer;
-
-typedef struct {
-    int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, max_blocks;
-    float eps, scale;
-    int32_t kv_dtype, num_threads;
-} QModelDims;
+#include "fuselm_kernels.h"
 
 static void project(const QProj *p, const float *x, float *y, int64_t M, int num_threads) {
     int64_t total = 0, col = 0;
@@ -76,7 +33,7 @@ static void project(const QProj *p, const float *x, float *y, int64_t M, int num
             fuselm_dense_linear(x, w->k, (const float *)w->qweight, bias, y + col, total, M, w->n, w->k, num_threads);
         else
             fuselm_qlinear_ld(x, w->qweight, w->scales, w->mins, bias, y + col, total, M, w->n, w->k, w->group, w->bits,
-                              w->scale_dtype, 0, num_threads);
+                              w->scale_dtype, 0 /* int16 activations */, num_threads);
         col += w->n;
     }
 }
@@ -129,7 +86,7 @@ static void attention_inputs(const QLayer *L, const QModelDims *dims, const floa
                              const float *sin, float *h, float *qkv, float *q, float *k, float *v) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
     const int64_t qkv_dim = (Hq + 2 * Hkv) * D;
-    fuselm_rms_norm(x, L->input_norm, h, M, H, dims->eps, 0, dims->num_threads);
+    fuselm_rms_norm(x, L->input_norm, h, M, H, dims->eps, FUSELM_F32, dims->num_threads);
     project(&L->qkv, h, qkv, M, dims->num_threads);
 #pragma omp parallel for schedule(static) num_threads(dims->num_threads) if (M >= 64)
     for (int64_t m = 0; m < M; m++) {
@@ -150,7 +107,7 @@ static void attention_outputs(const QLayer *L, const QModelDims *dims, float *x,
     const int threads = dims->num_threads;
     project(&L->o, attn, out, M, threads);
     for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
-    fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, 0, threads);
+    fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, FUSELM_F32, threads);
     project(&L->gate_up, h, gu, M, threads);
     silu_mul(gu, act, M, I, threads);
     project(&L->down, act, out, M, threads);
@@ -202,9 +159,9 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
         attention_inputs(L, dims, x, M, cos, sin, h, qkv, q, k, v);
         if (num_single < M)
             fuselm_store_kv_rows(L->k_cache, L->v_cache, k, v, num_single, M, block_table, ctx_lens, dims->max_blocks,
-                                 Hkv * D, dims->block_size, 0, dims->kv_dtype);
+                                 Hkv * D, dims->block_size, FUSELM_F32, dims->kv_dtype);
         fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M, dims->max_blocks,
-                                      Hq, Hkv, D, dims->block_size, dims->scale, 0, dims->kv_dtype, dims->num_threads);
+                                      Hq, Hkv, D, dims->block_size, dims->scale, FUSELM_F32, dims->kv_dtype, dims->num_threads);
         attention_outputs(L, dims, x, attn, M, h, gu, act, out);
     }
     free(h), free(qkv), free(q), free(k), free(v), free(attn), free(gu), free(act), free(out);

@@ -12,8 +12,13 @@
  * so decode streams the weight at memory speed. K is blocked by KC so the panel slice and the x
  * tile stay in L1; panels are split between threads.
  */
-#include <stdint.h>
 #include <stddef.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fuselm_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -169,8 +174,6 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
 #pragma omp parallel num_threads(num_threads)
         {
 #ifdef _OPENMP
-            extern int omp_get_thread_num(void);
-            extern int omp_get_num_threads(void);
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
 #else
             const int64_t t = 0, T = 1;

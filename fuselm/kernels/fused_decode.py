@@ -17,31 +17,11 @@ import ctypes
 
 import torch
 
-_MAX_PARTS = 3
-_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+from fuselm.kernels.abi import DTYPE_CODES, MAX_PARTS as _MAX_PARTS
+from fuselm.kernels.abi import QLayer as _QLayer, QModelDims as _QModelDims, QPart as _QPart, QProj as _QProj
 
-
-class _QPart(ctypes.Structure):
-    _fields_ = [("qweight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64),
-                ("bits", ctypes.c_int32), ("scale_dtype", ctypes.c_int32)]
-
-
-class _QProj(ctypes.Structure):
-    _fields_ = [("parts", _QPart * _MAX_PARTS), ("num_parts", ctypes.c_int64), ("bias", ctypes.c_void_p)]
-
-
-class _QLayer(ctypes.Structure):
-    _fields_ = [("qkv", _QProj), ("o", _QProj), ("gate_up", _QProj), ("down", _QProj),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
-
-
-class _QModelDims(ctypes.Structure):
-    _fields_ = [("hidden", ctypes.c_int64), ("num_heads", ctypes.c_int64), ("num_kv_heads", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("block_size", ctypes.c_int64),
-                ("max_blocks", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
-                ("kv_dtype", ctypes.c_int32), ("num_threads", ctypes.c_int32)]
+# the structures mirror fuselm_kernels.h (fuselm/kernels/abi.py); their layout is checked when the library loads
+_KV_DTYPES = {dtype: DTYPE_CODES[dtype] for dtype in (torch.float32, torch.bfloat16)}
 
 
 def _proj(module) -> _QProj:
@@ -57,7 +37,7 @@ def _proj(module) -> _QProj:
     for i, p in enumerate(module.parts):
         proj.parts[i] = _QPart(p.qweight.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
                                p.out_features, p.in_features, p.group_size, p.bits,
-                               1 if p.scales.dtype == torch.float16 else 0)
+                               DTYPE_CODES[p.scales.dtype])
     proj.bias = None if module.bias is None else module.bias.data_ptr()
     return proj
 

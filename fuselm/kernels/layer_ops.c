@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bf16_simd.h"
+#include "fuselm_kernels.h"
 
 #define SMALL_M_MAX 4
 
@@ -93,13 +94,13 @@ void fuselm_linear_bf16_small_m(const uint16_t *x, const uint16_t *w, const uint
 }
 #endif
 
-/* out[M, D] = weight * cast(x * rsqrt(mean(x^2) + eps)); dtype 0 = float32, 1 = bfloat16 (x, weight, out). */
+/* out[M, D] = weight * cast(x * rsqrt(mean(x^2) + eps)); dtype FUSELM_F32 or FUSELM_BF16 (x, weight, out). */
 void fuselm_rms_norm(const void *x, const void *weight, void *out, int64_t M, int64_t D, float eps, int dtype,
                      int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (M >= 64)
     for (int64_t m = 0; m < M; m++) {
         float ss = 0.0f;
-        if (dtype == 0) {
+        if (dtype == FUSELM_F32) {
             const float *xr = (const float *)x + m * D;
             const float *wr = (const float *)weight;
             float *o = (float *)out + m * D;

@@ -12,7 +12,7 @@
  *               just before it is read. Rows from num_write on (several query rows of one
  *               sequence, e.g. speculative tokens being verified) must have their K/V stored
  *               before the call: a row reads slots that other rows of its sequence fill.
- * dtype (q, out) and kv_dtype (the caches): 0 = float32, 1 = bfloat16.
+ * dtype (q, out) and kv_dtype (the caches): FUSELM_F32 or FUSELM_BF16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,13 +20,14 @@
 #include <string.h>
 
 #include "bf16_simd.h"
+#include "fuselm_kernels.h"
 
 #define MAX_GROUP 16
 #define MAX_DIM 256
 #define MAX_BLOCK 64
 
 static inline void load_row(const void *base, int64_t index, int64_t dim, int dtype, float *dst) {
-    if (dtype == 0) {
+    if (dtype == FUSELM_F32) {
         memcpy(dst, (const float *)base + index * dim, (size_t)dim * sizeof(float));
     } else {
         const uint16_t *src = (const uint16_t *)base + index * dim;
@@ -340,15 +341,15 @@ int fuselm_has_bf16_fast_path(void) {
 static inline void store_row(void *cache, int64_t slot, const void *src, int64_t index, int64_t elems, int src_dtype,
                              int kv_dtype) {
     if (src_dtype == kv_dtype) {
-        const size_t width = kv_dtype == 0 ? sizeof(float) : sizeof(uint16_t);
+        const size_t width = kv_dtype == FUSELM_F32 ? sizeof(float) : sizeof(uint16_t);
         memcpy((char *)cache + (size_t)(slot * elems) * width, (const char *)src + (size_t)(index * elems) * width,
                (size_t)elems * width);
-    } else if (src_dtype == 0) { /* float32 -> bfloat16 */
+    } else if (src_dtype == FUSELM_F32) { /* float32 -> bfloat16 */
         const float *s = (const float *)src + index * elems;
         uint16_t *d = (uint16_t *)cache + slot * elems;
         for (int64_t i = 0; i < elems; i++) d[i] = f32_to_bf16(s[i]);
     } else { /* bfloat16 -> float32 */
-        load_row(src, index, elems, 1, (float *)cache + slot * elems);
+        load_row(src, index, elems, FUSELM_BF16, (float *)cache + slot * elems);
     }
 }
 
@@ -398,7 +399,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                 store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
             }
 #ifdef HAVE_BF16_FAST_PATH
-            if (dtype == 1 && kv_dtype == 1 && head_dim % 32 == 0 && block_size % 16 == 0) {
+            if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) {
 #define SEQ_ATTENTION_BF16(D)                                                                                   \
     seq_attention_bf16((const uint16_t *)q + n * num_heads * head_dim, (uint16_t *)out + n * num_heads * head_dim, \
                        (const uint16_t *)k_cache, (const uint16_t *)v_cache, block_table + n * max_blocks,         \
@@ -415,19 +416,19 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
             }
 #endif
 #ifdef HAVE_F32_FAST_PATH
-            if (dtype == 0 && head_dim % 8 == 0 && block_size % 8 == 0) {
+            if (dtype == FUSELM_F32 && head_dim % 8 == 0 && block_size % 8 == 0) {
 #define SEQ_ATTENTION_F32(D, BF16)                                                                          \
     seq_attention_f32((const float *)q + n * num_heads * head_dim, (float *)out + n * num_heads * head_dim, \
                       k_cache, v_cache, block_table + n * max_blocks, ctx_lens[n], num_heads, num_kv_heads, D, \
                       block_size, scale, acc, scores, m, l, BF16)
                 /* constant head sizes and cache type let the compiler unroll and keep V in registers */
-                if (head_dim == 64 && kv_dtype == 0)
+                if (head_dim == 64 && kv_dtype == FUSELM_F32)
                     SEQ_ATTENTION_F32(64, 0);
                 else if (head_dim == 64)
                     SEQ_ATTENTION_F32(64, 1);
-                else if (head_dim == 128 && kv_dtype == 0)
+                else if (head_dim == 128 && kv_dtype == FUSELM_F32)
                     SEQ_ATTENTION_F32(128, 0);
-                else if (kv_dtype == 0)
+                else if (kv_dtype == FUSELM_F32)
                     SEQ_ATTENTION_F32(head_dim, 0);
                 else
                     SEQ_ATTENTION_F32(head_dim, 1);
@@ -444,7 +445,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                 const int64_t count = len - start < block_size ? len - start : block_size;
                 for (int64_t t = 0; t < count; t++) {
                     const float *k;
-                    if (kv_dtype == 0) {
+                    if (kv_dtype == FUSELM_F32) {
                         k = (const float *)k_cache + (block * block_size + t) * row_elems;
                     } else {
                         load_row(k_cache, block * block_size + t, row_elems, kv_dtype, row);
@@ -479,7 +480,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                 }
                 for (int64_t t = 0; t < count; t++) {
                     const float *v;
-                    if (kv_dtype == 0) {
+                    if (kv_dtype == FUSELM_F32) {
                         v = (const float *)v_cache + (block * block_size + t) * row_elems;
                     } else {
                         load_row(v_cache, block * block_size + t, row_elems, kv_dtype, row);
@@ -497,7 +498,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
             for (int64_t j = 0; j < num_heads; j++) {
                 const float inv = 1.0f / l[j];
                 const int64_t o = (n * num_heads + j) * head_dim;
-                if (dtype == 0) {
+                if (dtype == FUSELM_F32) {
                     for (int64_t d = 0; d < head_dim; d++) ((float *)out)[o + d] = acc[j * head_dim + d] * inv;
                 } else {
                     for (int64_t d = 0; d < head_dim; d++)

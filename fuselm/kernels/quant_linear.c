@@ -13,7 +13,8 @@
  *   group of G (a multiple of 32) along K; scales and mins [N, K/G].
  * - int8: qweight int8 [N, K], weight = q * scale per group of G (a multiple of 16; G = K is per
  *   output channel); scales [N, K/G].
- * Scales and mins are float16 (scale_dtype 1) or float32 (0; GGUF's Q4_K/Q6_K need it to stay exact).
+ * Scales and mins are float16 (scale_dtype FUSELM_F16) or float32 (FUSELM_F32; GGUF's Q4_K/Q6_K need it to
+ * stay exact).
  *
  * For int4 the min term is factored out of the inner loop: sum_k x_k (q_k s + m) over a group is
  * s * sum_k x_k q_k + m * sum_k x_k, and the per-group sums of x are computed once per call.
@@ -22,6 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "fuselm_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -61,7 +64,7 @@ static inline float half_to_float(uint16_t h) {
 }
 
 static inline float load_scale(const void *p, int64_t i, int dtype) {
-    return dtype == 1 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return dtype == FUSELM_F16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 #if QL_AVX2
@@ -191,10 +194,10 @@ static void quantize_activations(const float *x, int64_t M, int64_t K, int16_t *
     }
 }
 
-/* n scales (float16 when dtype is 1, else float32) -> float, 8 at a time. */
+/* n scales (float16 when dtype is FUSELM_F16, else float32) -> float, 8 at a time. */
 static inline void to_float(const void *src, int64_t n, int dtype, float *dst) {
     int64_t i = 0;
-    if (dtype == 1)
+    if (dtype == FUSELM_F16)
         for (; i + 8 <= n; i += 8)
             _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))));
     for (; i < n; i++) dst[i] = load_scale(src, i, dtype);
@@ -315,8 +318,11 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
                                                        int64_t K, int64_t G, int bits, int sdt, int64_t m0, int64_t n0,
                                                        int64_t n1, const int MT) {
     const int64_t groups = K / G;
-    const int64_t scale_row = groups * (sdt ? 2 : 4);
+    const int64_t scale_row = groups * (sdt == FUSELM_F16 ? 2 : 4);
     float out[QL_TILE_M];
+#if !QL_AVX2
+    (void)xq, (void)xs; /* the integer path they feed needs AVX2: this build always takes the float one */
+#endif
     for (int64_t n = n0; n < n1; n++) {
         const char *sc = (const char *)scales + n * scale_row, *mn = mins ? (const char *)mins + n * scale_row : NULL;
 #if QL_AVX2

@@ -1,0 +1,116 @@
+/* The interface of fuselm's CPU kernel library, written once: every function the library exports,
+ * the structures fuselm/kernels/fused_decode.py hands to decode_layers.c, and the element type codes.
+ * Every kernel source includes it, and no source declares another's functions.
+ *
+ * Python mirrors this file in fuselm/kernels/abi.py (ctypes signatures, structures, codes). The
+ * library reports what it was built from (abi.c: the ABI version, and the size and offset of every
+ * mirrored field and the value of every code), and fuselm/kernels/cpu.py refuses a library that
+ * disagrees with the mirror. Raise FUSELM_ABI_VERSION with any change to a signature, structure or
+ * code below, and update abi.py with it.
+ */
+#ifndef FUSELM_KERNELS_H
+#define FUSELM_KERNELS_H
+#include <stdint.h>
+
+#define FUSELM_ABI_VERSION 1
+
+/* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
+enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2 };
+
+/* ---- the build itself (abi.c) ---- */
+
+typedef struct {
+    const char *name; /* "sizeof(QPart)", "offsetof(QPart, bits)", "sizeof(QPart.bits)", "FUSELM_BF16", ... */
+    int64_t value;
+} FuselmAbiEntry;
+
+int fuselm_abi_version(void);
+const char *fuselm_build_key(void); /* the cache key fuselm/kernels/build.py compiled this library under */
+const char *fuselm_isa(void);       /* its ISA variant: "generic", "avx2", "avx512", "avx512bf16" */
+const FuselmAbiEntry *fuselm_abi_table(int64_t *count);
+
+/* ---- paged decode attention (paged_attention.c) ---- */
+
+int fuselm_max_group(void); /* most query heads per KV head */
+int fuselm_max_dim(void);   /* largest head_dim */
+int fuselm_max_block(void); /* largest block_size */
+int fuselm_has_bf16_fast_path(void);
+/* q, out [num_seqs, num_heads, head_dim] (dtype); caches [blocks, block_size, num_kv_heads, head_dim]
+ * (kv_dtype); block_table [num_seqs, max_blocks]; k_new/v_new [num_write, num_kv_heads, head_dim] or NULL. */
+void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                                   const void *v_new, int64_t num_write, const int64_t *block_table,
+                                   const int64_t *ctx_lens, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
+                                   int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
+                                   int kv_dtype, int num_threads);
+void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
+                          int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
+                          int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);
+
+/* ---- per-layer ops (layer_ops.c) ---- */
+
+int fuselm_small_m_max(void);
+int fuselm_has_small_m_linear(void);
+void fuselm_linear_bf16_small_m(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                                int64_t N, int64_t K, int num_threads);
+void fuselm_rms_norm(const void *x, const void *weight, void *out, int64_t M, int64_t D, float eps, int dtype,
+                     int num_threads);
+
+/* ---- quantised linear layers (quant_linear.c); scale_dtype FUSELM_F32 or FUSELM_F16 ---- */
+
+int fuselm_qlinear_has_simd(void);
+void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
+                       float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
+                       int float_activations, int num_threads);
+void fuselm_qlinear(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
+                    float *y, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
+                    int float_activations, int num_threads);
+void fuselm_dequantize(const void *qweight, const void *scales, const void *mins, float *out, int64_t N, int64_t K,
+                       int64_t G, int bits, int scale_dtype, int num_threads);
+
+/* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
+
+int fuselm_dense_has_simd(void);
+int64_t fuselm_dense_packed_size(int64_t N, int64_t K);
+void fuselm_dense_pack(const float *w, float *packed, int64_t N, int64_t K, int num_threads);
+void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
+                         int64_t M, int64_t N, int64_t K, int num_threads);
+
+/* ---- whole decoder layers (decode_layers.c) ---- */
+
+#define FUSELM_MAX_PARTS 3
+
+/* One weight: a QuantWeight (bits 4 or 8), or a float32 weight in dense_linear.c's panel layout (bits 32,
+ * qweight = the packed floats, no scales). A projection is up to FUSELM_MAX_PARTS of them side by side. */
+typedef struct {
+    const void *qweight, *scales, *mins;
+    int64_t n, k, group;
+    int32_t bits, scale_dtype;
+} QPart;
+
+typedef struct {
+    QPart parts[FUSELM_MAX_PARTS];
+    int64_t num_parts;
+    const float *bias; /* [sum of n] or NULL */
+} QProj;
+
+typedef struct {
+    QProj qkv, o, gate_up, down;
+    const float *input_norm, *post_norm; /* [hidden] */
+    void *k_cache, *v_cache;
+} QLayer;
+
+typedef struct {
+    int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, max_blocks;
+    float eps, scale;
+    int32_t kv_dtype, num_threads;
+} QModelDims;
+
+void fuselm_layer_attention_inputs(const QLayer *layers, int64_t l, const QModelDims *dims, const float *x, int64_t M,
+                                   const float *cos, const float *sin, float *q, float *k, float *v);
+void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QModelDims *dims, float *x,
+                                    const float *attn, int64_t M);
+void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
+                          int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
+                          const int64_t *ctx_lens);
+
+#endif
