@@ -80,6 +80,7 @@ class Timers:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import fuselm.layers.attention as layer_attention_module
     import fuselm.models.llama as llama_module
     import fuselm.runner.attention as attention_module
     from fuselm.bench.throughput import run_throughput
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     timers.wrap(model, "compute_logits", "LM head")
     timers.wrap(runner, "_sample_one", "sample")
     timers.wrap(engine, "_update", "update")
-    timers.wrap(llama_module, "paged_attention", "attention (all)")
+    timers.wrap(llama_module, "paged_attention", "attention (all)")  # between the C layer halves
+    timers.wrap(layer_attention_module, "paged_attention", "attention (all)")  # inside the torch layers
     timers.wrap(attention_module, "write_kv", "  K/V writes (torch)")
     timers.wrap(attention_module.F, "scaled_dot_product_attention", "  torch SDPA")
     if runner.cpu_kernels is not None:

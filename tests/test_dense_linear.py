@@ -12,7 +12,7 @@ from conftest import random_prompts
 from fuselm import LLM, SamplingParams
 from fuselm.kernels.cpu import get_kernels
 from fuselm.kernels.dense_linear import DenseLinear
-from fuselm.linear import TorchLinear
+from fuselm.layers.linear import TorchLinear
 from fuselm.runner.execution_plan import choose_linear
 
 kernels = get_kernels()

@@ -11,7 +11,7 @@ import pytest
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
 from fuselm.kernels.cpu import get_kernels
-from fuselm.linear import LinearMethod
+from fuselm.layers.linear import LinearMethod
 
 CONFIGS = [
     dict(dtype="float32"),

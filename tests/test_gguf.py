@@ -249,7 +249,7 @@ def test_tiny_model_roundtrip_f32(tmp_path, name):
         assert got.dtype == torch.float32 and got.shape == ref.shape, key
         assert torch.equal(got, ref), key
     if loaded.config.rope_scaling is not None:  # the model's frequencies are HF's
-        from fuselm.models.llama import rope_inv_freq
+        from fuselm.layers.rotary import rope_inv_freq
 
         torch.testing.assert_close(rope_inv_freq(loaded.config), model.model.rotary_emb.inv_freq.float(),
                                    rtol=1e-5, atol=0)

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
 from fuselm.kernels.onednn import PACKED_MAX_ROWS, OneDNNLinear, pack_weight
-from fuselm.linear import TorchLinear
+from fuselm.layers.linear import TorchLinear
 from fuselm.runner.execution_plan import choose_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fuselm.linear.method import LinearMethod
+from fuselm.layers.linear import LinearMethod
 
 
 def dense_kernels(kernels, weight: torch.Tensor):

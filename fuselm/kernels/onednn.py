@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fuselm.linear.method import LinearMethod
+from fuselm.layers.linear import LinearMethod
 
 PACKED_MAX_ROWS = 256  # bf16: above this many rows F.linear is as fast (measured, see the docstring)
 SMALL_M_ROWS = 1  # rows that take fuselm's C linear: at 1 row 16.2 vs 13.4 GB/s, at 4 rows slower than oneDNN

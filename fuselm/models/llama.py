@@ -8,124 +8,16 @@ reads the rest of the batch layout from the forward context (fuselm.runner.atten
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fuselm.config import ModelConfig
-from fuselm.linear.method import TorchLinear
+from fuselm.layers.attention import Attention
+from fuselm.layers.linear import TorchLinear
+from fuselm.layers.mlp import MLP
+from fuselm.layers.norm import RMSNorm
+from fuselm.layers.rotary import RotaryEmbedding
 from fuselm.runner.attention import get_attention_metadata, paged_attention
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # [D/2]
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low_freq_factor = scaling.get("low_freq_factor", 1.0)
-        high_freq_factor = scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        low_freq_wavelen = old_len / low_freq_factor
-        high_freq_wavelen = old_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    elif rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type not in ("default", None):
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
-    return inv_freq.float()
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, HF rotate-half layout, in the model dtype (as HF applies them).
-
-    The tables are gathered once per forward (`tables`), not once per layer: with the KV cache
-    streaming through the CPU caches, each per-layer gather missed to DRAM (measured ~160 us per
-    call at 128 rows). The sin table carries rotate-half's sign: x*cos + swap_halves(x)*signed_sin.
-    """
-
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        inv_freq = rope_inv_freq(config)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [P, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # [P, D]
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("signed_sin", signed_sin.to(dtype), persistent=False)
-
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, signed sin), each [T, 1, D]."""
-        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, H, D] (q and k heads side by side) -> rotated x."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.qkv_proj = TorchLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = TorchLinear(self.q_size, config.hidden_size, bias=False)
-        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
-        self.v_cache: torch.Tensor | None = None
-        self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
-        self.v_scale: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, q_size + 2 kv_size]
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads are adjacent in the fused projection: rotate them in one go.
-        qk = RotaryEmbedding.apply(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # [T, Hq+Hkv, D]
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale)  # [T, Hq, D]
-        return self.o_proj(o.reshape(-1, self.q_size))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = TorchLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = TorchLinear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.cpu_kernels = None  # fuselm.kernels.cpu.CpuKernels: one C pass per row (3-10x faster, measured)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
-            return self.cpu_kernels.rms_norm(x, self.weight, self.eps)
-        # Like HF: normalise in float32, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):

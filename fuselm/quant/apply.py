@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from fuselm.linear.method import TorchLinear
+from fuselm.layers.linear import TorchLinear
 from fuselm.quant.formats import QuantWeight, quantize, quantize_int8
 from fuselm.quant.linear import QuantEmbedding, QuantLinear
 

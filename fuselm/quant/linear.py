@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.linear.method import LinearMethod
+from fuselm.layers.linear import LinearMethod
 from fuselm.quant.formats import QuantWeight, stack_rows
 
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a

@@ -5,7 +5,7 @@ here, in one place, and logged in one line:
 
 - attention: fuselm's C kernel over the paged cache (which ISA variant), or torch SDPA (portable);
 - RMSNorm: one C pass per row, or torch ops;
-- the linear method of each projection kind (qkv, o, gate_up, down, lm_head; see fuselm/linear);
+- the linear method of each projection kind (qkv, o, gate_up, down, lm_head; see fuselm/layers/linear.py);
 - whether the layers' math runs as C calls (kernels/fused_decode.py `CLayers`: one call per step
   of query rows, two per layer for steps with prompt chunks) or as torch ops per layer;
 - and why, wherever a faster path was not taken.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuselm.linear.method import LinearMethod, TorchLinear
+from fuselm.layers.linear import LinearMethod, TorchLinear
 
 
 @dataclass
@@ -120,7 +120,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     plan.linear = {role: "|".join(k) for role, k in kinds.items()}
 
     if attention_kernels is not None:
-        from fuselm.models.llama import RMSNorm
+        from fuselm.layers.norm import RMSNorm
 
         for module in model.modules():
             if isinstance(module, RMSNorm):

@@ -7,7 +7,7 @@ method that stores and multiplies it best on this machine:
 
 | method         | file                      | storage                                 | multiply            |
 |----------------|---------------------------|-----------------------------------------|---------------------|
-| `TorchLinear`  | linear/method.py          | float [out, in]                         | F.linear            |
+| `TorchLinear`  | layers/linear.py          | float [out, in]                         | F.linear            |
 | `OneDNNLinear` | kernels/onednn.py         | oneDNN's blocked layout (fp32, bf16)    | oneDNN              |
 | `DenseLinear`  | kernels/dense_linear.py   | fuselm's fp32 panel layout              | fuselm's C GEMM     |
 | `QuantLinear`  | quant/linear.py           | int4/int8 groups (QuantWeight parts)    | C kernel, or dequantise per call |

@@ -1,0 +1,40 @@
+"""Self-attention over the paged KV cache: a fused q/k/v projection, rotary embeddings on q and k,
+attention through the runner's paged attention (fuselm/runner/attention.py), the o projection.
+The KV cache tensors are attached by the model runner."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fuselm.config import ModelConfig
+from fuselm.layers.linear import TorchLinear
+from fuselm.layers.rotary import RotaryEmbedding
+from fuselm.runner.attention import paged_attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = TorchLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = TorchLinear(self.q_size, config.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
+        self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
+        self.v_scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 kv_size]
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads are adjacent in the fused projection: rotate them in one go.
+        qk = RotaryEmbedding.apply(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # [T, Hq+Hkv, D]
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(-1, self.q_size))
