@@ -12,12 +12,6 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-}
-
 
 @dataclass(slots=True)
 class ModelConfig:
@@ -40,16 +34,17 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # The whole config.json (or, for GGUF, the HF-named equivalent the loader builds): fields that only
+    # one family reads (experts, q/k norms, sliding-window layouts) are read by that family's file.
+    hf_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         archs = d.get("architectures") or []
         arch = archs[0] if archs else ""
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; fuselm supports "
-                f"{sorted(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2, SmolLM2)"
-            )
+        from fuselm.models.registry import check_architecture
+
+        check_architecture(arch)
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -79,6 +74,7 @@ class ModelConfig:
             sliding_window=sliding,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hf_config=dict(d),
         )
 
 

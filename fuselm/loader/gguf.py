@@ -23,10 +23,11 @@ import torch
 from fuselm.config import ModelConfig
 from fuselm.loader.gguf_tokenizer import build_gguf_tokenizer
 from fuselm.loader.types import LoadedModel
+from fuselm.models.registry import GGUF_ARCHITECTURES as _ARCHITECTURES
+from fuselm.models.registry import supported_architectures
 from fuselm.tokenizer import Tokenizer
 
 _MAGIC = b"GGUF"
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # GGUF value types: struct format of each scalar type, numpy dtype of arrays of them.
 _STRING, _ARRAY = 8, 9
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -399,7 +400,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
         if arch not in _ARCHITECTURES:
             raise ValueError(
                 f"{path}: GGUF architecture {arch!r} is not supported; fuselm loads GGUF architectures "
-                f"{sorted(_ARCHITECTURES)} (Llama 2/3, Mistral, SmolLM2, Qwen2/2.5). Use such a model, "
+                f"{sorted(_ARCHITECTURES)} ({supported_architectures()}). Use such a model, "
                 "or its HF directory if its architecture is supported there"
             )
         try:

@@ -1,16 +1,44 @@
-"""Architecture name (config.json `architectures[0]`) -> model class."""
+"""Architecture name -> model family: the one table that says what fuselm can run.
+
+A family is a file in fuselm/models/ that composes the shared blocks of fuselm/layers and names its
+weights. Adding one is a new file plus an entry here: `ARCHITECTURES` maps the HF `architectures[0]`
+name to (module, class, what it covers), and `GGUF_ARCHITECTURES` maps a GGUF
+`general.architecture` to the HF name whose class loads it. Nothing here imports a family until it
+is built.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING
 
-from fuselm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fuselm.config import ModelConfig
+
+# HF architecture -> (module, class, the models it covers)
+ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "LlamaForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Llama 2/3, SmolLM2"),
+    "MistralForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Mistral"),
+    "Qwen2ForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Qwen2/2.5"),
+}
+
+# GGUF general.architecture -> HF architecture
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def build_model(config: ModelConfig, max_positions: int) -> nn.Module:
-    family = SUPPORTED_ARCHITECTURES.get(config.architecture)
-    if family == "llama":
-        from fuselm.models.llama import LlamaForCausalLM
+def supported_architectures() -> str:
+    """One line naming every architecture and what it covers (for errors and --help)."""
+    return ", ".join(f"{arch} ({covers})" for arch, (_, _, covers) in ARCHITECTURES.items())
 
-        return LlamaForCausalLM(config, max_positions)
-    raise ValueError(f"unsupported architecture {config.architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+
+def check_architecture(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; fuselm supports {supported_architectures()}")
+
+
+def build_model(config: "ModelConfig", max_positions: int) -> "nn.Module":
+    check_architecture(config.architecture)
+    module, cls, _ = ARCHITECTURES[config.architecture]
+    return getattr(importlib.import_module(module), cls)(config, max_positions)
