@@ -90,6 +90,8 @@ class CLayers:
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import QuantLinear
 
+        if not getattr(model, "supports_c_layers", False):
+            return f"{type(model).__name__}'s layers have blocks the C layers do not implement"
         if model.norm.weight.dtype != torch.float32:
             return f"activations are {str(model.norm.weight.dtype).removeprefix('torch.')}, the C layers run float32"
         for layer in model.layers:
