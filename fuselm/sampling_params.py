@@ -1,12 +1,14 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM / OpenAI names).
 
-Validation happens here, at construction, so a bad value becomes a ValueError that names the
-parameter before the request ever reaches the engine.
+Validation happens here, at construction, so a bad value becomes an InvalidRequestError (a
+ValueError) whose `param` names the field before the request ever reaches the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from fuselm.errors import InvalidRequestError
 
 
 @dataclass(slots=True)
@@ -32,8 +34,8 @@ class SamplingParams:
     _stop_list: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        def bad(name: str, rule: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} {rule}, got {getattr(self, name)!r}", param=name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
@@ -58,7 +60,8 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                                      param="min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be in [0, 20]")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
@@ -75,6 +78,12 @@ class SamplingParams:
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Whether sampling looks at the tokens generated so far: a penalty, or min_tokens' EOS ban."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.min_tokens > 0)
 
     @property
     def greedy(self) -> bool:

@@ -20,7 +20,7 @@ def packed_last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     out = engine.scheduler.schedule()
     assert len(out.scheduled) == len(prompts), "all prompts must fit in one step for this test"
     last = engine.runner.last_token_logits(out)  # rows in scheduled order
-    row_of = {row.request.request_id: j for j, row in enumerate(out.scheduled)}
+    row_of = {row.request_id: j for j, row in enumerate(out.scheduled)}
     logits = last[[row_of[f"logits-{i}"] for i in range(len(prompts))]]
     for i in range(len(prompts)):
         engine.abort_request(f"logits-{i}")

@@ -98,9 +98,10 @@ def test_scheduler_never_leaks_and_always_finishes(workload):
             assert row.num_new_tokens >= 1
             assert len(row.block_ids) * block_size >= row.num_computed_tokens + row.num_new_tokens
         check_pool(kv, [r for r in live if not r.is_finished])
+        requests = sched.requests_of(out)
+        assert [req.seq_id for req in requests] == [row.seq_id for row in out.scheduled]
         sched.update_from_output(out)
-        for row in out.scheduled:
-            req = row.request
+        for row, req in zip(out.scheduled, requests):
             if req.is_finished or not row.needs_sample:
                 continue
             req.append_token(rng.randrange(100))

@@ -5,11 +5,15 @@ There are no prefill/decode phases: a request has `all_token_ids` (prompt + outp
 some of the remaining tokens to compute; when it has computed all of them, the last one's logits
 are sampled. Chunked prefill, prefix-cache hits and preemption are all just changes to
 `num_computed_tokens`.
+
+A request with n > 1 is n Requests sharing a request_id; `seq_id` tells them (and every other
+sequence in the process) apart. The scheduler's output names rows by it.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 
 import torch
@@ -24,11 +28,14 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_seq_ids = itertools.count()
+
+
 class Request:
     __slots__ = (
-        "request_id", "prompt", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
+        "seq_id", "request_id", "prompt", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
         "num_computed_tokens", "block_ids", "block_hashes", "status", "finish_reason", "stop_reason",
-        "priority", "arrival_seq", "generator", "metrics", "output_text", "decode_stream",
+        "priority", "arrival_seq", "metrics", "output_text", "decode_stream",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
         "num_registered_blocks", "spec_token_ids", "spec_draft_probs",
     )
@@ -36,6 +43,7 @@ class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, *, arrival_seq: int, priority: int = 0, sample_index: int = 0,
                  group_leader: "Request | None" = None, arrival_time: float | None = None) -> None:
+        self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -52,9 +60,6 @@ class Request:
         self.stop_reason: int | str | None = None
         self.priority = priority  # lower value = served first (vLLM's convention)
         self.arrival_seq = arrival_seq
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + sample_index)
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.output_text = ""
         self.decode_stream = None

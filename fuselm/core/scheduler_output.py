@@ -1,24 +1,41 @@
-"""What the scheduler decided for one step: the model runner's only input.
+"""What the scheduler decided for one step: the model runner's only input, as plain data.
 
 It lives below the engine so that the runner (which executes it) and the draft-model proposer
 (which builds its own for the draft's runner) read the same types without importing the engine.
+Nothing here refers to the engine's live Request objects: a SchedulerOutput holds ints, tuples,
+SamplingParams and at most one tensor per row, so it pickles and could be executed by a runner in
+another process. Rows name their sequence by `seq_id`; the engine maps results back to its
+Requests by position, and the runner keeps what must outlive a step (seeded generators) by seq_id
+until the sequence appears in `finished_seq_ids`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuselm.core.request import Request
+import torch
+
+from fuselm.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
-    request: Request
+    """One sequence's share of a step and the facts about it that the runner's sampling reads."""
+
+    seq_id: int  # unique per sequence: each of a request's n samples has its own
+    request_id: str
     num_computed_tokens: int  # K/V already in the cache before this step
     token_ids: tuple[int, ...]  # the tokens to compute this step
     block_ids: tuple[int, ...]
-    needs_sample: bool  # True when this step reaches the request's last token
+    needs_sample: bool  # True when this step reaches the sequence's last token
+    params: SamplingParams
+    num_prompt_tokens: int
+    sample_index: int = 0  # which of the request's n samples; a seeded generator starts at seed + sample_index
     num_spec_tokens: int = 0  # trailing token_ids that are speculative (proposed, to be verified)
+    # Token histories, only on the rows whose sampling reads them (see SamplingParams.reads_*):
+    prompt_token_ids: tuple[int, ...] | None = None  # repetition penalty, or prompt logprobs still to score
+    output_token_ids: tuple[int, ...] | None = None  # tokens generated before this step: penalties, min_tokens
+    draft_probs: torch.Tensor | None = None  # [num_spec_tokens, V]: a sampling draft model's q of each guess
 
     @property
     def num_new_tokens(self) -> int:
@@ -30,6 +47,7 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]  # single-token rows first, then multi-token rows
     num_batched_tokens: int
     preempted_ids: tuple[str, ...]
+    finished_seq_ids: tuple[int, ...] = ()  # sequences finished since the last output: the runner drops their state
 
     @property
     def is_empty(self) -> bool:

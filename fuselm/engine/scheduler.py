@@ -9,7 +9,8 @@ cannot stall the decodes beyond that factor. Speculative tokens proposed for a d
 are extra tokens of its row, scheduled last, only from the budget and KV blocks left over after
 decodes, prompt chunks and admissions: speculation never delays or preempts anyone. When the KV pool runs dry, the newest running request is preempted by
 recompute (its blocks freed, its tokens computed again later). The result is one immutable
-SchedulerOutput (core/scheduler_output.py), the model runner's only input.
+SchedulerOutput (core/scheduler_output.py) of plain data, the model runner's only input; the
+scheduler keeps its Requests by seq_id so the engine can map each row back to its Request.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []  # sorted by (priority, arrival)
         self.num_preemptions = 0
+        self._unfinished: dict[int, Request] = {}  # seq_id -> every waiting or running request
+        self._finished_seq_ids: list[int] = []  # finished since the last output that had rows
 
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         bisect.insort(self.waiting, request, key=Request.sort_key)
+        self._unfinished[request.seq_id] = request
+
+    def requests_of(self, output: SchedulerOutput) -> list[Request]:
+        """The Request behind each of `output`'s rows, in row order (call before any of them finishes)."""
+        return [self._unfinished[row.seq_id] for row in output.scheduled]
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -51,6 +59,8 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        del self._unfinished[request.seq_id]
+        self._finished_seq_ids.append(request.seq_id)
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
@@ -138,21 +148,15 @@ class Scheduler:
                     num_spec[key] = s
                     budget -= s
 
-        rows = []
-        for key, (req, n) in chosen.items():
-            start = req.num_computed_tokens
-            tokens = req.all_token_ids[start:start + n]
-            s = num_spec.get(key, 0)
-            if s:
-                tokens = tokens + req.spec_token_ids[:s]
-            rows.append(ScheduledRequest(
-                request=req, num_computed_tokens=start, token_ids=tuple(tokens),
-                block_ids=tuple(req.block_ids), needs_sample=start + n == req.num_tokens, num_spec_tokens=s,
-            ))
+        rows = [_row(req, n, num_spec.get(key, 0)) for key, (req, n) in chosen.items()]
         rows.sort(key=lambda r: r.num_new_tokens != 1)  # stable: single-token rows first
+        finished: tuple[int, ...] = ()
+        if rows:  # a step that runs carries them to the runner; an empty one keeps them for the next
+            finished = tuple(self._finished_seq_ids)
+            self._finished_seq_ids.clear()
         return SchedulerOutput(
             scheduled=tuple(rows), num_batched_tokens=self.max_num_batched_tokens - budget,
-            preempted_ids=tuple(preempted),
+            preempted_ids=tuple(preempted), finished_seq_ids=finished,
         )
 
     def _shared_prefix(self, req: Request) -> list[int]:
@@ -172,8 +176,8 @@ class Scheduler:
         Speculative tokens do not count yet: `accept_speculative` adds the accepted ones.
         """
         for row in output.scheduled:
-            req = row.request
-            if req.is_finished or req.status is not RequestStatus.RUNNING:
+            req = self._unfinished.get(row.seq_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens - row.num_spec_tokens
             self.kv.cache_full_blocks(req)
@@ -186,3 +190,32 @@ class Scheduler:
         req.num_computed_tokens += num_accepted
         self.kv.trim(req)
         self.kv.cache_full_blocks(req)
+
+
+def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
+    """The plain-data row for `req` computing its next n tokens plus num_spec speculative ones.
+
+    Token histories are copied only for the rows whose sampling reads them: the prompt for a
+    repetition penalty or for prompt logprobs still to be scored, the output so far for penalties
+    and min_tokens. Other rows (the common case) carry no list longer than this step's tokens.
+    """
+    start = req.num_computed_tokens
+    tokens = req.all_token_ids[start:start + n]
+    if num_spec:
+        tokens = tokens + req.spec_token_ids[:num_spec]
+    needs_sample = start + n == req.num_tokens
+    params = req.params
+    prompt_ids = output_ids = draft_probs = None
+    if (needs_sample and params.repetition_penalty != 1.0) or \
+            (params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1):
+        prompt_ids = tuple(req.prompt_token_ids)
+    if needs_sample and params.reads_output_tokens:
+        output_ids = tuple(req.output_token_ids)
+    if num_spec and req.spec_draft_probs is not None:
+        draft_probs = req.spec_draft_probs[:num_spec]  # [num_spec, V]
+    return ScheduledRequest(
+        seq_id=req.seq_id, request_id=req.request_id, num_computed_tokens=start, token_ids=tuple(tokens),
+        block_ids=tuple(req.block_ids), needs_sample=needs_sample, params=params,
+        num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
+        prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs,
+    )

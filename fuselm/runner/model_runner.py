@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
-from fuselm.core.scheduler_output import SchedulerOutput
+from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
+from fuselm.runner.seeded import SeededGenerators
 from fuselm.runner.verify import verify_speculative
 
 logger = logging.getLogger("fuselm")
@@ -84,6 +85,7 @@ class ModelRunner:
             quantize_model(model, config.quantization, config.quantization_group_size, config.quantize_lm_head)
         self.model = model.eval()
         self.sampler = Sampler()
+        self.generators = SeededGenerators()  # seeded sequences' generators, by seq_id
         self.num_blocks = self._kv_cache_blocks(max_model_len)
         # One extra block at the end stays all zeros: padded context positions point at it, so
         # masked-out positions never read uninitialised memory (0 * NaN would poison the output).
@@ -229,6 +231,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
+        self.generators.release(out.finished_seq_ids)
         hidden, row_start = self._forward(out)
 
         # Which hidden states need logits: the last token of rows that sample (and, with
@@ -240,11 +243,10 @@ class ModelRunner:
         prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (row, first logits index, count, prompt start)
         for i, r in enumerate(out.scheduled):
             n = r.num_new_tokens
-            req = r.request
             start = row_start[i]
-            if req.params.prompt_logprobs is not None and r.num_computed_tokens < req.num_prompt_tokens - 1:
+            if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens - 1:
                 # logits at position p score prompt token p + 1
-                count = min(n, req.num_prompt_tokens - 1 - r.num_computed_tokens)
+                count = min(n, r.num_prompt_tokens - 1 - r.num_computed_tokens)
                 prompt_lp_spans.append((i, len(logit_index), count, r.num_computed_tokens + 1))
                 logit_index.extend(range(start, start + count))
             if r.needs_sample:
@@ -260,8 +262,8 @@ class ModelRunner:
 
         for row, first, count, start in prompt_lp_spans:
             r = out.scheduled[row]
-            targets = list(r.request.prompt_token_ids[start:start + count])
-            num_top = r.request.params.prompt_logprobs
+            targets = list(r.prompt_token_ids[start:start + count])
+            num_top = r.params.prompt_logprobs
             lp, rank, top_ids, top_lp = compute_logprobs(
                 logits[first:first + count], torch.tensor(targets, device=self.device), num_top)
             prompt_lps[row] = PromptLogprobsChunk(
@@ -274,20 +276,22 @@ class ModelRunner:
             if len(sample_logit_pos) != logits.shape[0]:
                 sample_logits = logits[torch.tensor(sample_logit_pos, device=self.device)]
             rows = [out.scheduled[i] for i in sample_rows]
+            generators = [self.generators.for_row(r) for r in rows]
             if any(r.num_spec_tokens for r in rows):
-                tokens = verify_speculative(self.sampler, sample_logits, rows, self.eos_token_ids)
+                tokens = verify_speculative(self.sampler, sample_logits, rows, generators, self.eos_token_ids)
             else:
-                tokens = self._sample_one(sample_logits, [r.request for r in rows])
+                tokens = self._sample_one(sample_logits, rows, generators)
             for i, toks in zip(sample_rows, tokens):
                 sampled[i] = toks
         return ModelOutput(sampled, prompt_lps)
 
-    def _sample_one(self, logits: torch.Tensor, reqs: list) -> list[list[SampledToken]]:
+    def _sample_one(self, logits: torch.Tensor, rows: list[ScheduledRequest],
+                    generators: list[torch.Generator | None]) -> list[list[SampledToken]]:
         """One token per row (no speculation): the sampler's batched path."""
         batch = SamplingBatch(
-            params=[q.params for q in reqs], generators=[q.generator for q in reqs],
-            prompt_token_ids=[q.prompt_token_ids for q in reqs],
-            output_token_ids=[q.output_token_ids for q in reqs], eos_token_ids=self.eos_token_ids,
+            params=[r.params for r in rows], generators=generators,
+            prompt_token_ids=[r.prompt_token_ids or () for r in rows],
+            output_token_ids=[r.output_token_ids or () for r in rows], eos_token_ids=self.eos_token_ids,
         )
         result = self.sampler(logits, batch)
         token_ids = result.token_ids.tolist()
@@ -295,9 +299,9 @@ class ModelRunner:
             lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
             tops = result.top_ids.tolist(), result.top_logprobs.tolist()
         tokens = []
-        for j, req in enumerate(reqs):
+        for j, r in enumerate(rows):
             tok = SampledToken(token_ids[j])
-            n_top = req.params.logprobs
+            n_top = r.params.logprobs
             if n_top is not None:
                 tok.logprob, tok.rank = lps[j], ranks[j]
                 tok.top = list(zip(tops[0][j][:n_top], tops[1][j][:n_top]))

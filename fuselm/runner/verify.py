@@ -12,33 +12,35 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, _is_greedy, compute_logprobs
+from fuselm.core.scheduler_output import ScheduledRequest
+from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs, _is_greedy
 from fuselm.runner.rejection import greedy_accept, rejection_sample
 
 
-def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list, eos_token_ids: list[int]
-                       ) -> list[list[SampledToken]]:
-    """logits: [sum(1 + s_i), V], rows' positions in order. rows: the ScheduledRequests that sample."""
-    direct: list[tuple[int, int, list[int]]] = []  # (logits row, request index, output history)
-    dist: list[tuple[int, int, list[int]]] = []
+def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledRequest],
+                       generators: list[torch.Generator | None], eos_token_ids: list[int]) -> list[list[SampledToken]]:
+    """logits: [sum(1 + s_i), V], rows' positions in order. rows: the ScheduledRequests that sample;
+    generators: each row's seeded generator, or None."""
+    direct: list[tuple[int, int, tuple[int, ...]]] = []  # (logits row, row index, output history)
+    dist: list[tuple[int, int, tuple[int, ...]]] = []
     offsets: list[int] = []
     row_drafts: list[list[int]] = []  # each row's speculative tokens
     cursor = 0
     for ri, r in enumerate(rows):
-        req = r.request
         s = r.num_spec_tokens
         drafts = list(r.token_ids[len(r.token_ids) - s:]) if s else []
         row_drafts.append(drafts)
-        target = direct if (s == 0 or _is_greedy(req.params)) else dist
+        target = direct if (s == 0 or _is_greedy(r.params)) else dist
+        history = r.output_token_ids or ()  # the row carries it when its sampling reads it
         for j in range(s + 1):
-            target.append((cursor + j, ri, req.output_token_ids + drafts[:j]))
+            target.append((cursor + j, ri, history + tuple(drafts[:j])))
         offsets.append(cursor)
         cursor += s + 1
 
     def batch_of(entries):
-        reqs = [rows[ri].request for _, ri, _ in entries]
-        return SamplingBatch(params=[q.params for q in reqs], generators=[q.generator for q in reqs],
-                             prompt_token_ids=[q.prompt_token_ids for q in reqs],
+        picked = [rows[ri] for _, ri, _ in entries]
+        return SamplingBatch(params=[r.params for r in picked], generators=[generators[ri] for _, ri, _ in entries],
+                             prompt_token_ids=[r.prompt_token_ids or () for r in picked],
                              output_token_ids=[h for _, _, h in entries], eos_token_ids=eos_token_ids)
 
     def select(entries):
@@ -53,17 +55,15 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list, eos_t
 
     emitted: list[list[int]] = []
     for ri, r in enumerate(rows):
-        req = r.request
         s, start, drafts = r.num_spec_tokens, offsets[ri], row_drafts[ri]
         if start in chosen:
             emitted.append(greedy_accept([chosen[start + j] for j in range(s + 1)], drafts))
         else:
             first = prob_row[start]
-            q = req.spec_draft_probs[:s] if req.spec_draft_probs is not None else None
-            emitted.append(rejection_sample(probs[first:first + s + 1], drafts, q, req.generator))
+            emitted.append(rejection_sample(probs[first:first + s + 1], drafts, r.draft_probs, generators[ri]))
 
     tokens = [[SampledToken(t) for t in toks] for toks in emitted]
-    wanted = [(ri, r.request.params.logprobs) for ri, r in enumerate(rows) if r.request.params.logprobs is not None]
+    wanted = [(ri, r.params.logprobs) for ri, r in enumerate(rows) if r.params.logprobs is not None]
     if wanted:  # raw logprobs of every emitted token, one call for all rows that asked
         index = [offsets[ri] + j for ri, _ in wanted for j in range(len(emitted[ri]))]
         ids = torch.tensor([t for ri, _ in wanted for t in emitted[ri]], device=logits.device)

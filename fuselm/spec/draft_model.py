@@ -48,6 +48,7 @@ class DraftModelProposer:
         self.last_catch_up_tokens = 0
         self.prompt_cost = PerTokenCost(decay=0.7)  # seconds per token of catch-up rounds (new prompts)
         self._shadows: dict[int, tuple[Request, Request]] = {}  # id(target request) -> (target, shadow)
+        self._generators: dict[int, tuple[Request, torch.Generator]] = {}  # seq_id -> (target, draft's generator)
         logger.info("draft model %s: weights %.1f MiB, KV cache %d blocks", loaded.source,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
 
@@ -87,6 +88,21 @@ class DraftModelProposer:
         for key in [key for key, (req, _) in self._shadows.items() if req.is_finished]:
             _, shadow = self._shadows.pop(key)
             self.kv.free(shadow)
+        for seq_id in [seq_id for seq_id, (req, _) in self._generators.items() if req.is_finished]:
+            del self._generators[seq_id]
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        """A seeded request's generator for the draft's guesses. The target runner verifies with one
+        seeded seed + sample_index; this one starts from a different seed (odd multiplier, odd
+        offset: never the same low 32 bits that torch seeds from), so guesses and their acceptance
+        draws stay independent, as rejection sampling needs."""
+        if req.params.seed is None:
+            return None
+        entry = self._generators.get(req.seq_id)
+        if entry is None:
+            seed = ((req.params.seed + req.sample_index) * 0x9E3779B1 + 0x7F4A7C15) % 2**64
+            entry = self._generators[req.seq_id] = (req, torch.Generator().manual_seed(seed))
+        return entry[1]
 
     def _sync(self, req: Request, k: int) -> Request | None:
         """Roll the shadow back to what it shares with the target, and give it slots for this round."""
@@ -126,9 +142,11 @@ class DraftModelProposer:
         for _ in range(k):
             if not active:
                 break
-            rows = tuple(ScheduledRequest(request=sh, num_computed_tokens=sh.num_computed_tokens,
+            rows = tuple(ScheduledRequest(seq_id=sh.seq_id, request_id=sh.request_id,
+                                          num_computed_tokens=sh.num_computed_tokens,
                                           token_ids=tuple(sh.all_token_ids[sh.num_computed_tokens:]),
-                                          block_ids=tuple(sh.block_ids), needs_sample=True) for _, sh in active)
+                                          block_ids=tuple(sh.block_ids), needs_sample=True, params=sh.params,
+                                          num_prompt_tokens=sh.num_prompt_tokens) for _, sh in active)
             t0 = time.perf_counter()
             logits = self.runner.last_token_logits(SchedulerOutput(rows, sum(r.num_new_tokens for r in rows), ()))
             tokens = self._choose(logits, active, drafts, probs)
@@ -148,7 +166,7 @@ class DraftModelProposer:
 
     def _choose(self, logits: torch.Tensor, active, drafts, probs) -> list[int]:
         reqs = [req for req, _ in active]
-        batch = SamplingBatch(params=[r.params for r in reqs], generators=[r.generator for r in reqs],
+        batch = SamplingBatch(params=[r.params for r in reqs], generators=[self._generator(r) for r in reqs],
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids + d for r, d in zip(reqs, drafts)],
                               eos_token_ids=self.eos_token_ids)
@@ -162,7 +180,7 @@ class DraftModelProposer:
                                 eos_token_ids=self.eos_token_ids)
             q = self.sampler.probabilities(logits[torch.tensor(sampled, device=logits.device)], sub)  # [S, V]
             for row, j in enumerate(sampled):
-                gen = reqs[j].generator
+                gen = batch.generators[j]
                 qj = q[row].to(gen.device) if gen is not None else q[row]
                 tokens[j] = int(torch.multinomial(qj, 1, generator=gen))
                 probs[j].append(q[row])
