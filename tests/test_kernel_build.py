@@ -184,3 +184,19 @@ def test_python_structure_that_differs_from_the_c_layout_is_an_error(monkeypatch
     monkeypatch.setattr(abi, "QPart", WrongPart)
     with pytest.raises(abi.AbiLayoutMismatch, match=r"offsetof\(QPart, scale_dtype\)"):
         load_kernels("generic")
+
+
+def test_sources_that_warn_under_another_compiler_still_build_without_werror(tmp_path, monkeypatch, caplog):
+    """-Werror guards fuselm's own builds; a user's newer compiler that finds something to warn about
+    still gets the kernels (built without -Werror, the warning logged), not the slow torch path."""
+    sources = tmp_path / "src"
+    sources.mkdir()
+    for name in (*build.SOURCES, *build.HEADERS):
+        (sources / name).write_text((build.KERNEL_DIR / name).read_text())
+    with open(sources / "abi.c", "a") as f:
+        f.write("static int never_called(void) { return 0; }\n")  # -Wunused-function
+    monkeypatch.setattr(build, "KERNEL_DIR", sources)
+    with caplog.at_level(logging.WARNING, logger="fuselm"):
+        built = build.build(build.VARIANTS["generic"], COMPILER, tmp_path)
+    assert "-Werror" not in build.read_record(built.path)["flags"]
+    assert any("never_called" in r.getMessage() for r in caplog.records)

@@ -1,12 +1,11 @@
 """Python's mirror of fuselm_kernels.h, the C kernel library's interface, kept in one place.
 
 ctypes cannot read a C header, so the signatures, structures and codes the library exports are
-written again here, once, and checked instead of trusted: the loader compares the library's
-own report (abi.c: its ABI version, the offset and size of every structure field, the value of
-every code) with the structures below when the library is loaded (`check_version`, `check_layout`), and
+written again here, once, and checked instead of trusted: when the library is loaded,
+`check_version` and `check_layout` compare its own report (abi.c: its ABI version, the offset and
+size of every structure field, the value of every code) with the definitions below, and
 tests/test_kernel_build.py compares SIGNATURES with the header's declarations. Change this file
-together with fuselm_kernels.h and its FUSELM_ABI_VERSION.
-"""
+together with fuselm_kernels.h and its FUSELM_ABI_VERSION."""
 
 from __future__ import annotations
 

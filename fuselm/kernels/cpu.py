@@ -39,6 +39,9 @@ class LibraryMismatch(RuntimeError):
 
 
 class CpuKernels:
+    """One loaded build of the library (`isa`: its variant), with typed wrappers around its functions.
+    Construction refuses a library whose ABI version, recorded build or structure layout differs."""
+
     def __init__(self, built: build.Built) -> None:
         lib = ctypes.CDLL(str(built.path))
         abi.check_version(lib)
