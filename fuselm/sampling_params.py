@@ -85,10 +85,6 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
                 or self.min_tokens > 0)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
     def clone(self, **changes: object) -> "SamplingParams":
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
         values.update(changes)

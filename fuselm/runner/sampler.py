@@ -77,7 +77,9 @@ def compute_logprobs(
     return chosen.squeeze(1), ranks, top_ids, top_logprobs
 
 
-def _is_greedy(p: SamplingParams) -> bool:
+def is_greedy(p: SamplingParams) -> bool:
+    """The one rule for which requests take the argmax (the sampler, verification and the draft model
+    all ask here): temperature 0 (or too small to divide by) or top_k = 1."""
     return p.temperature < _MIN_TEMPERATURE or p.top_k == 1
 
 
@@ -100,7 +102,7 @@ class Sampler:
         params = batch.params
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [B, V] with B={len(params)} rows, got {tuple(logits.shape)}")
-        sample_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]
+        sample_rows = [i for i, p in enumerate(params) if not is_greedy(p)]
         if not sample_rows and not self._needs_penalize(batch):
             token_ids = logits.max(dim=-1).indices  # [B]; max() is ~3x faster than argmax() on CPU, same first-index ties
         else:
@@ -199,7 +201,7 @@ class Sampler:
         Penalties, temperature, top_k, top_p and min_p applied, as in sampling. Speculative
         rejection sampling needs these probabilities rather than one draw. Rows must not be greedy.
         """
-        assert not any(_is_greedy(p) for p in batch.params), "greedy rows have no distribution: use the argmax"
+        assert not any(is_greedy(p) for p in batch.params), "greedy rows have no distribution: use the argmax"
         probs = self._distribution(self.penalize(logits, batch), batch.params)  # [B, V]
         return probs.div_(probs.sum(dim=-1, keepdim=True))
 

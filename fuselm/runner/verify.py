@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fuselm.core.scheduler_output import ScheduledRequest
-from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs, _is_greedy
+from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs, is_greedy
 from fuselm.runner.rejection import greedy_accept, rejection_sample
 
 
@@ -30,7 +30,7 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list[Schedu
         s = r.num_spec_tokens
         drafts = list(r.token_ids[len(r.token_ids) - s:]) if s else []
         row_drafts.append(drafts)
-        target = direct if (s == 0 or _is_greedy(r.params)) else dist
+        target = direct if (s == 0 or is_greedy(r.params)) else dist
         history = r.output_token_ids or ()  # the row carries it when its sampling reads it
         for j in range(s + 1):
             target.append((cursor + j, ri, history + tuple(drafts[:j])))

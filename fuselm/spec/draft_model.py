@@ -27,7 +27,7 @@ from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PerTokenCost, StepCostModel
 from fuselm.loader import load_model
 from fuselm.runner.model_runner import ModelRunner
-from fuselm.runner.sampler import Sampler, SamplingBatch, _is_greedy
+from fuselm.runner.sampler import Sampler, SamplingBatch, is_greedy
 
 logger = logging.getLogger("fuselm")
 
@@ -170,7 +170,7 @@ class DraftModelProposer:
                               prompt_token_ids=[r.prompt_token_ids for r in reqs],
                               output_token_ids=[r.output_token_ids + d for r, d in zip(reqs, drafts)],
                               eos_token_ids=self.eos_token_ids)
-        sampled = [j for j, r in enumerate(reqs) if not _is_greedy(r.params)]
+        sampled = [j for j, r in enumerate(reqs) if not is_greedy(r.params)]
         tokens = self.sampler(logits, batch).token_ids.tolist() if len(sampled) < len(reqs) else [0] * len(reqs)
         if sampled:
             sub = SamplingBatch(params=[batch.params[j] for j in sampled],
