@@ -14,8 +14,9 @@ from fuselm.kernels.build import find_compiler, supported_variants
 from fuselm.kernels.cpu import get_kernels, load_kernels
 from fuselm.quant.formats import QuantWeight, quantize_int4, quantize_int8
 
-pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the torch path is used and tested elsewhere")
-VARIANTS = supported_variants() if find_compiler() is not None else []
+HAVE_COMPILER = find_compiler() is not None
+pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler: the torch path is used and tested elsewhere")
+VARIANTS = supported_variants() if HAVE_COMPILER else []
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

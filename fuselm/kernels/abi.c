@@ -25,7 +25,8 @@ const char *fuselm_isa(void) { return FUSELM_ISA; }
 #define CODE(name) {#name, (int64_t)(name)}
 #define SIZE(T) {"sizeof(" #T ")", (int64_t)sizeof(T)}
 /* a field's offset and its size (sizeof does not evaluate the null pointer it is applied to) */
-#define FIELD(T, f) {"offsetof(" #T ", " #f ")", (int64_t)offsetof(T, f)}, {"sizeof(" #T "." #f ")", (int64_t)sizeof(((T *)0)->f)}
+#define FIELD(T, f) \
+    {"offsetof(" #T ", " #f ")", (int64_t)offsetof(T, f)}, {"sizeof(" #T "." #f ")", (int64_t)sizeof(((T *)0)->f)}
 
 static const FuselmAbiEntry abi_table[] = {
     CODE(FUSELM_F32),

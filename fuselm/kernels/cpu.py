@@ -48,7 +48,8 @@ class CpuKernels:
         abi.bind(lib)
         inside = (lib.fuselm_isa().decode(), lib.fuselm_build_key().decode())
         if inside != (built.variant.name, built.key):
-            raise LibraryMismatch(f"{built.path} holds build {inside}, its record says {(built.variant.name, built.key)}")
+            recorded = (built.variant.name, built.key)
+            raise LibraryMismatch(f"{built.path} holds build {inside}, its record says {recorded}")
         abi.check_layout(lib)  # fuselm_decode_layers reads the ctypes structures fused_decode.py fills
         self._lib = lib
         self.isa = built.variant.name  # the ISA variant loaded: generic, avx2, avx512 or avx512bf16
@@ -156,8 +157,9 @@ class CpuKernels:
 
     def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:
-        return (dtype in _ACTIVATION_DTYPES and kv_dtype in _ACTIVATION_DTYPES and num_heads // num_kv_heads <= self.max_group
-                and head_dim <= self.max_dim and block_size <= self.max_block)
+        return (dtype in _ACTIVATION_DTYPES and kv_dtype in _ACTIVATION_DTYPES
+                and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
+                and block_size <= self.max_block)
 
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
