@@ -10,12 +10,17 @@ one SDPA call over its cached prefix plus its new tokens, causal inside the chun
 
 The batch metadata reaches every layer through a module-level "forward context" set by the runner
 around the model call, so the model code does not thread it through each layer.
+
+A sliding-window layer (`window=W`) lets the query at position p see positions p-W+1..p only:
+the query rows' padded mask and each prompt chunk's mask leave out what lies before the window,
+and a chunk reads only the context slots its window can reach. Windowed layers take the torch
+path (the C decode kernel reads every position; the execution plan does not hand it such a model).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +54,8 @@ class AttentionMetadata:
     decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padding -> null slot)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool, True = attend
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
+    # sliding-window masks built once per step and shared by the layers of one window size
+    window_masks: dict = field(default_factory=dict)
 
 
 _current: AttentionMetadata | None = None
@@ -94,17 +101,49 @@ def read_kv(flat: torch.Tensor, flat_scale: torch.Tensor | None, slots: torch.Te
     return dequantize_rows(flat[slots], flat_scale[slots], dtype)
 
 
+def query_rows_window_mask(meta: AttentionMetadata, window: int) -> torch.Tensor:
+    """The query rows' mask [nd, 1, 1, L] (True = attend) restricted to the last `window` positions of each row."""
+    key = ("query", window)
+    if key not in meta.window_masks:
+        valid = meta.decode_mask  # [nd, 1, 1, L]: position < context length
+        lens = valid.sum(-1, keepdim=True)  # [nd, 1, 1, 1]
+        pos = torch.arange(valid.shape[-1], device=valid.device)  # [L]
+        meta.window_masks[key] = valid & (pos >= lens - window)
+    return meta.window_masks[key]
+
+
+def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, window: int,
+                       dtype: torch.dtype) -> tuple[int, torch.Tensor | None]:
+    """(first context position the row's window reaches, float mask [n, ctx - first] or None for plain
+    causal) for prompt chunk `index` of the step under a sliding window."""
+    key = ("prefill", index, window)
+    if key not in meta.window_masks:
+        n, c = row.end - row.start, row.num_cached
+        first = max(0, c + 1 - window)  # the chunk's first query (position c) sees back to c - window + 1
+        if c == 0 and n <= window:
+            meta.window_masks[key] = (0, None)  # the window never cuts: plain causal
+        else:
+            q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
+            k_pos = torch.arange(first, c + n).unsqueeze(0)  # [1, ctx - first]
+            allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [n, ctx - first]
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+            meta.window_masks[key] = (first, mask.to(meta.slot_mapping.device))
+    return meta.window_masks[key]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D].
 
     k_scale/v_scale: the per-token, per-head scales of an int8 cache (None otherwise).
+    window: a sliding-window layer's window in positions (None: the whole context).
     """
     meta = get_attention_metadata()
     nd = meta.num_query_rows
     nw = nd if meta.num_single_rows < 0 else meta.num_single_rows
     kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the single rows' K/V itself
+    assert not (kernel_writes and window is not None), "the C decode kernel has no sliding window"
     if kernel_writes:
         if nw < k.shape[0]:
             write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
@@ -128,14 +167,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qd = q[:nd].reshape(nd, kv_heads, group, head_dim)
         ctx_k = read_kv(flat_k, flat_ks, meta.decode_context_slots, q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
         ctx_v = read_kv(flat_v, flat_vs, meta.decode_context_slots, q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
-        od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=meta.decode_mask, scale=scale)
+        mask = meta.decode_mask if window is None else query_rows_window_mask(meta, window)  # [nd, 1, 1, L]
+        od = F.scaled_dot_product_attention(qd, ctx_k, ctx_v, attn_mask=mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim)
 
     # 4-D inputs ([1, H, n, D]) let torch pick its flash kernel on CPU; 3-D ones fall back to the
     # much slower math path (measured 3-5x).
-    for row in meta.prefill_rows:
+    for index, row in enumerate(meta.prefill_rows):
         qr = q[row.start:row.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        if row.context_slots is None:
+        first, window_mask = (0, None) if window is None else prefill_row_window(meta, index, row, window, q.dtype)
+        if row.context_slots is None and window_mask is None:
             kr, vr = k[row.start:row.end], v[row.start:row.end]  # [n, Hkv, D]
             if k_scale is not None:  # attend to what the int8 cache holds, so chunking never changes results
                 kr = dequantize_rows(*quantize_rows(kr), q.dtype)
@@ -144,9 +185,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vr = vr.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
-            kr = read_kv(flat_k, flat_ks, row.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vr = read_kv(flat_v, flat_vs, row.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.causal_mask, scale=scale,
-                                               enable_gqa=group > 1)
+            slots = row.context_slots
+            if slots is None:  # a first chunk longer than the window: its own new tokens are the context
+                slots = meta.slot_mapping[row.start:row.end]
+            slots = slots[first:]  # [ctx - first]: what the window reaches
+            mask = row.causal_mask if window_mask is None else window_mask
+            kr = read_kv(flat_k, flat_ks, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vr = read_kv(flat_v, flat_vs, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[row.start:row.end] = o[0].transpose(0, 1)
     return out
