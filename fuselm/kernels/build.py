@@ -59,7 +59,7 @@ _X86_64_V4 = _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx51
 # From the most portable to the fastest. x86-64-v3 defines __AVX2__, __FMA__ and __F16C__ (every
 # AVX2 path); the BF16 paths also need __AVX512BF16__.
 VARIANTS = {v.name: v for v in (
-    IsaVariant("generic", (), frozenset(), "no avx2"),
+    IsaVariant("generic", (), frozenset(), ""),  # chosen when the CPU lacks x86-64-v3
     IsaVariant("avx2", ("-march=x86-64-v3",), _X86_64_V3, "avx2"),
     IsaVariant("avx512", ("-march=x86-64-v4",), _X86_64_V4, "avx512f"),
     IsaVariant("avx512bf16", ("-march=x86-64-v4", "-mavx512bf16"), _X86_64_V4 | {"avx512_bf16"}, "avx512_bf16"),
@@ -82,8 +82,8 @@ def cpu_features() -> frozenset[str]:
     return {"AVX512": _X86_64_V4, "AVX2": _X86_64_V3}.get(torch.backends.cpu.get_cpu_capability(), frozenset())
 
 
-def supported(variant: IsaVariant, features: frozenset[str] | None = None) -> bool:
-    return variant.cpu_flags <= (cpu_features() if features is None else features)
+def supported(variant: IsaVariant) -> bool:
+    return variant.cpu_flags <= cpu_features()
 
 
 def supported_variants() -> list[str]:
@@ -98,7 +98,12 @@ def candidates() -> list[tuple[IsaVariant, str]]:
     if forced:
         return [(require(forced), f"FUSELM_CPU_ISA={forced}")]
     best_first = [VARIANTS[name] for name in reversed(supported_variants())]
-    return [(v, f"cpu has {v.marker}" if v.cpu_flags else "cpu lacks avx2") for v in best_first]
+    return [(v, f"cpu has {v.marker}" if v.cpu_flags else _why_generic()) for v in best_first]
+
+
+def _why_generic() -> str:
+    missing = VARIANTS["avx2"].cpu_flags - cpu_features()
+    return "cpu lacks avx2" if "avx2" in missing else f"cpu lacks {', '.join(sorted(missing))}"
 
 
 def require(name: str) -> IsaVariant:
