@@ -1,8 +1,13 @@
-"""Bad input gets a clear ValueError/FileNotFoundError, and nothing else is lost."""
+"""Bad input gets a clear ValueError/FileNotFoundError, and nothing else is lost.
+
+Request validation raises InvalidRequestError, a ValueError that names the field at fault in
+`param` (and an OpenAI-style `code` where one applies), so nobody reads the field out of a message.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import pytest
@@ -10,6 +15,7 @@ import pytest
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
 from fuselm.engine.engine import LLMEngine
+from fuselm.errors import InvalidRequestError
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,46 @@ def llm(tiny_llama):
 def test_invalid_sampling_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("field, kwargs", [
+    ("n", {"n": 0}), ("temperature", {"temperature": -1}), ("top_p", {"top_p": 1.5}), ("top_k", {"top_k": -2}),
+    ("min_p", {"min_p": -0.1}), ("repetition_penalty", {"repetition_penalty": 0}),
+    ("presence_penalty", {"presence_penalty": 3}), ("frequency_penalty", {"frequency_penalty": -2.5}),
+    ("max_tokens", {"max_tokens": 0}), ("min_tokens", {"min_tokens": -1}),
+    ("min_tokens", {"min_tokens": 5, "max_tokens": 2}), ("logprobs", {"logprobs": 21}),
+    ("prompt_logprobs", {"prompt_logprobs": -1}), ("seed", {"seed": 1.5}), ("stop", {"stop": ["ok", ""]}),
+    ("stop_token_ids", {"stop_token_ids": [3, -1]}),
+])
+def test_sampling_errors_name_their_field(field, kwargs):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == field and isinstance(info.value, ValueError)
+    copy = pickle.loads(pickle.dumps(info.value))  # the attributes survive a process boundary
+    assert (copy.param, copy.code, str(copy)) == (field, None, str(info.value))
+
+
+def test_engine_errors_name_their_field(llm):
+    cases = [
+        ("", "prompt", None),
+        ([[]], "prompt", None),
+        ([[1, 2, 10**6]], "prompt", None),
+        ({"prompt": "a", "prompt_token_ids": [1]}, "prompt", None),
+        (random_prompts([300])[0], "prompt", "context_length_exceeded"),
+    ]
+    for prompt, field, code in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            llm.generate(prompt, use_tqdm=False)
+        assert (info.value.param, info.value.code) == (field, code), prompt
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(random_prompts([200])[0], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
+    llm.engine.add_request("taken", [5, 6])
+    with pytest.raises(InvalidRequestError) as info:
+        llm.engine.add_request("taken", [5, 6])
+    assert info.value.param == "request_id"
+    llm.engine.abort_request("taken")
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_empty_and_too_long_prompts(llm):

@@ -119,6 +119,48 @@ def test_invalid_requests_get_400(http, reference, path, body, param):
     assert_still_serving(http, reference)
 
 
+# Every check that raises InvalidRequestError, one case per field: the body's `param` and `code` are the
+# error's attributes (some differ from the message's first word: max_tokens, max_completion_tokens, messages).
+FIELD_CASES = [
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature", None),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, "top_p", None),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k", None),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p", None),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", None),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": -3}, "presence_penalty", None),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 5, "max_tokens": 2}, "min_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ok", ""]}, "stop", None),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": TOO_LONG}, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, "max_tokens", "context_length_exceeded"),
+    ("/v1/completions", {"prompt": [[5, 99999]]}, "prompt", None),
+    ("/v1/completions", {"prompt": []}, "prompt", None),
+    ("/v1/completions", {"prompt": "hi", "model": "nope"}, "model", "model_not_found"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": TOO_LONG}]}, "messages",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 5000}, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 5000}, "max_completion_tokens",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens", None),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": -0.5}, "temperature", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", None),
+    ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, "model", "model_not_found"),
+    ("/detokenize", {"tokens": [1, 100000]}, "tokens", None),
+]
+
+
+@pytest.mark.parametrize("path,body,param,code", FIELD_CASES,
+                         ids=[f"{c[2]}-{i}" for i, c in enumerate(FIELD_CASES)])
+def test_error_param_is_the_field(http, path, body, param, code):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code), error
+
+
 def test_specific_error_details(http):
     long = http.post("/v1/completions", json={"prompt": TOO_LONG}).json()["error"]
     assert long["code"] == "context_length_exceeded" and "max_model_len" in long["message"]

@@ -176,6 +176,15 @@ class AsyncLLMEngine:
         return self.engine.model_name
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def generation_defaults(self) -> dict:
+        """The model's generation_config.json sampling defaults (a copy)."""
+        return dict(self.engine.generation_defaults or {})
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -202,7 +211,7 @@ class AsyncLLMEngine:
                           priority: int = 0, arrival_time: float | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
-        Raises the engine's ValueError when the request is invalid (bad prompt, too long, ...).
+        Raises the engine's InvalidRequestError (a ValueError) when the request is invalid (bad prompt, too long, ...).
         """
         if not self.is_running:
             if self._stop.is_set():

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fuselm.engine.async_engine import AsyncLLMEngine
+from fuselm.errors import InvalidRequestError
 from fuselm.server import protocol as P
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.serving import APIError, OpenAIServing
@@ -91,6 +92,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error_response(400, exc.message, param=exc.param, code=exc.code)  # the attributes, never the text
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
@@ -147,10 +152,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     @api.post("/detokenize")
     async def detokenize(body: P.DetokenizeRequest) -> dict:
         serving.check_model(body.model)
-        vocab = engine.engine.model_config.vocab_size
+        vocab = engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     app.include_router(api)

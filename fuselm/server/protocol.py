@@ -1,7 +1,7 @@
 """The OpenAI-compatible wire format: pydantic models for requests and responses.
 
 Types and simple ranges are checked here (a violation becomes HTTP 400); value rules shared with
-the offline API live in SamplingParams, whose ValueErrors also become 400s.
+the offline API live in SamplingParams, whose InvalidRequestErrors also become 400s.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from fuselm.errors import InvalidRequestError
 
 _INT64 = 2 ** 63
 
@@ -64,7 +66,7 @@ class CompletionRequest(SamplingRequest):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         if not p:
-            raise ValueError("prompt is empty; give a string, a list of strings, or token ids")
+            raise InvalidRequestError("prompt is empty; give a string, a list of strings, or token ids", param="prompt")
         return list(p)
 
 
@@ -83,7 +85,8 @@ class ChatMessage(_Request):
         if isinstance(content, list):
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise ValueError(f"content part of type {part.type!r} is not supported; only text parts are")
+                    raise InvalidRequestError(f"content part of type {part.type!r} is not supported; only text parts are",
+                                              param="messages")
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": content or ""}

@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from fuselm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailed, RequestStream
+from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fuselm.sampling_params import SamplingParams
 from fuselm.server import protocol as P
@@ -28,7 +29,7 @@ logger = logging.getLogger("fuselm")
 
 
 class APIError(Exception):
-    """Becomes an OpenAI-shaped error response with this status."""
+    """Becomes an OpenAI-shaped error response with this status (a bad request is an InvalidRequestError)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:
@@ -36,15 +37,12 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-def bad_request(exc: Exception, fields: set[str], prompt_field: str = "prompt") -> APIError:
-    """A ValueError from validation -> 400, naming the parameter when the message starts with one."""
-    message = str(exc)
-    first = message.split(" ", 1)[0].strip("(),:'\"")
-    param = first if first in fields else None
-    if param == "prompt":
-        param = "max_tokens" if "+ max_tokens" in message else prompt_field
-    code = "context_length_exceeded" if "max_model_len" in message else None
-    return APIError(400, message, param=param, code=code)
+def in_request_terms(exc: InvalidRequestError, fields: dict[str, str]) -> InvalidRequestError:
+    """The same error with `param` spelled as this request spells the field: `fields` maps engine and
+    SamplingParams names to the request's (a chat request's prompt is its `messages`)."""
+    if exc.param not in fields:
+        return exc
+    return InvalidRequestError(exc.message, fields[exc.param], exc.code)
 
 
 def _finite(x: float) -> float:
@@ -81,17 +79,18 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str) -> None:
         self.engine = engine
         self.model_name = served_model_name
-        self.defaults = dict(getattr(engine.engine, "generation_defaults", {}) or {})
+        self.defaults = engine.generation_defaults
 
     # ---- shared pieces ----------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise InvalidRequestError(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                                      param="model", code="model_not_found")
 
-    def sampling_params(self, req: P.SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, req: P.SamplingRequest, fields: dict[str, str], max_tokens: int | None,
+                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's SamplingParams; `fields` names the request fields that some of them come from."""
         if req.model_extra:
             logger.warning("ignoring unsupported request fields: %s", sorted(req.model_extra))
 
@@ -109,11 +108,11 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
             )
-        except ValueError as exc:
-            raise bad_request(exc, set(type(req).model_fields)) from exc
+        except InvalidRequestError as exc:
+            raise in_request_terms(exc, fields) from exc
 
     async def submit(self, base_id: str, prompts: list[str | list[int]], params: SamplingParams, priority: int,
-                     prompt_field: str) -> list[RequestStream]:
+                     fields: dict[str, str]) -> list[RequestStream]:
         """Queue every prompt at once; if any is rejected, abort the others and raise 400."""
         arrival = time.time()
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
@@ -126,8 +125,10 @@ class OpenAIServing:
             for s in streams:
                 s.abort()
             exc = errors[0]
-            if isinstance(exc, ValueError):
-                raise bad_request(exc, {"prompt", "max_tokens", "n"}, prompt_field) from exc
+            if isinstance(exc, InvalidRequestError):
+                raise in_request_terms(exc, fields) from exc
+            if isinstance(exc, ValueError):  # rejected without naming a field (e.g. by the tokenizer)
+                raise InvalidRequestError(str(exc)) from exc
             if isinstance(exc, EngineDeadError):
                 raise APIError(503, str(exc), type="server_error") from exc
             raise exc
@@ -218,14 +219,12 @@ class OpenAIServing:
 
     async def completions(self, req: P.CompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
-        try:
-            prompts = req.prompts()
-        except ValueError as exc:
-            raise bad_request(exc, {"prompt"}) from exc
+        prompts = req.prompts()
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
-        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_lp)
+        fields = {"prompt_logprobs": "logprobs"}
+        params = self.sampling_params(req, fields, req.max_tokens, req.logprobs, prompt_lp)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self.submit(request_id, prompts, params, req.priority, "prompt")
+        streams = await self.submit(request_id, prompts, params, req.priority, fields)
         if req.stream:
             return self.stream_response(self._completion_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)
@@ -299,19 +298,22 @@ class OpenAIServing:
 
     def chat_prompt(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
         tok = self.engine.tokenizer
+        conversation = [m.as_template_dict() for m in messages]
         try:
-            text = tok.apply_chat_template([m.as_template_dict() for m in messages], add_generation_prompt)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
+            text = tok.apply_chat_template(conversation, add_generation_prompt)
+        except ValueError as exc:  # the template refused these messages
+            raise InvalidRequestError(str(exc), param="messages") from exc
         return tok.encode(text, add_special_tokens=False)
 
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
         prompt = self.chat_prompt(req.messages, req.add_generation_prompt)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling_params(req, req.output_limit, top_n)
+        fields = {"prompt": "messages", "logprobs": "top_logprobs",
+                  "max_tokens": "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"}
+        params = self.sampling_params(req, fields, req.output_limit, top_n)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.submit(request_id, [prompt], params, req.priority, "messages")
+        streams = await self.submit(request_id, [prompt], params, req.priority, fields)
         if req.stream:
             return self.stream_response(self._chat_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)
