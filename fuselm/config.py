@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fuselm.errors import InvalidConfigError
+
 
 @dataclass(slots=True)
 class ModelConfig:
@@ -189,36 +191,41 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+            raise InvalidConfigError(f"block_size must be a positive power of two, got {self.block_size}",
+                                     option="block_size")
         if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
+            raise InvalidConfigError("max_num_batched_tokens must be >= 1", option="max_num_batched_tokens")
         if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
+            raise InvalidConfigError("max_num_seqs must be >= 1", option="max_num_seqs")
         if self.max_decode_slowdown is not None and not self.max_decode_slowdown > 1.0:
-            raise ValueError(f"max_decode_slowdown must be > 1 (e.g. 2: a step with prompt chunks may take twice a "
-                             f"decode step), got {self.max_decode_slowdown}")
+            raise InvalidConfigError(f"max_decode_slowdown must be > 1 (e.g. 2: a step with prompt chunks may take "
+                                     f"twice a decode step), got {self.max_decode_slowdown}",
+                                     option="max_decode_slowdown")
         if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError("max_model_len must be >= 1")
+            raise InvalidConfigError("max_model_len must be >= 1", option="max_model_len")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError("kv_cache_memory_bytes must be > 0")
+            raise InvalidConfigError("kv_cache_memory_bytes must be > 0", option="kv_cache_memory_bytes")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+            raise InvalidConfigError("kv_cache_memory_fraction must be in (0, 1]", option="kv_cache_memory_fraction")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, got {self.kv_cache_dtype!r}")
+            raise InvalidConfigError(f"kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, "
+                                     f"got {self.kv_cache_dtype!r}", option="kv_cache_dtype")
         if self.quantization not in (None, *QUANTIZATION_METHODS):
-            raise ValueError(f"quantization must be int8, int4, none or unset (a GGUF file keeps its own), "
-                             f"got {self.quantization!r}")
+            raise InvalidConfigError(f"quantization must be int8, int4, none or unset (a GGUF file keeps its own), "
+                                     f"got {self.quantization!r}", option="quantization")
         group = self.quantization_group_size
         if group is not None:
             if self.quantization == "int4" and group not in (32, 64, 128):
-                raise ValueError(f"quantization_group_size for int4 must be 32, 64 or 128, got {group}")
+                raise InvalidConfigError(f"quantization_group_size for int4 must be 32, 64 or 128, got {group}",
+                                         option="quantization_group_size")
             if self.quantization == "int8" and group != -1 and (group <= 0 or group % 16):
-                raise ValueError(f"quantization_group_size for int8 must be a multiple of 16 or -1 (per output "
-                                 f"channel), got {group}")
+                raise InvalidConfigError(f"quantization_group_size for int8 must be a multiple of 16 or -1 (per output "
+                                         f"channel), got {group}", option="quantization_group_size")
             if self.quantization not in ("int8", "int4"):
-                raise ValueError("quantization_group_size needs quantization='int8' or 'int4'")
+                raise InvalidConfigError("quantization_group_size needs quantization='int8' or 'int4'",
+                                         option="quantization_group_size")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+            raise InvalidConfigError("gpu_memory_utilization must be in (0, 1]", option="gpu_memory_utilization")
         from fuselm.spec.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
@@ -228,5 +235,6 @@ class EngineConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ValueError(f"unknown engine option(s) {unknown}; known options: {sorted(names)}")
+            raise InvalidConfigError(f"unknown engine option(s) {unknown}; known options: {sorted(names)}",
+                                     option=unknown[0])
         return cls(model=model, **kwargs)

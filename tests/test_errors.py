@@ -14,8 +14,9 @@ import pytest
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
+from fuselm.config import EngineConfig
 from fuselm.engine.engine import LLMEngine
-from fuselm.errors import InvalidRequestError
+from fuselm.errors import InvalidConfigError, InvalidRequestError
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,21 @@ def test_unknown_model_path_and_architecture(tmp_path, tiny_llama):
         LLM(str(bad), device="cpu")
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(tiny_llama[0], max_num_seq=3)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("block_size", 24), ("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("max_decode_slowdown", 1.0),
+    ("max_model_len", 0), ("kv_cache_memory_bytes", 0), ("kv_cache_memory_fraction", 1.5),
+    ("kv_cache_dtype", "int4"), ("quantization", "fp8"), ("gpu_memory_utilization", 0), ("max_num_seq", 3),
+])
+def test_config_errors_name_their_option(option, value):
+    with pytest.raises(InvalidConfigError) as info:
+        EngineConfig.from_kwargs(None, **{option: value})
+    assert info.value.option == option and isinstance(info.value, ValueError)
+    for quantization, group in (("int4", 48), ("int8", 24), (None, 32)):
+        with pytest.raises(InvalidConfigError) as info:
+            EngineConfig(quantization=quantization, quantization_group_size=group)
+        assert info.value.option == "quantization_group_size"
 
 
 def test_truncated_safetensors(tmp_path, tiny_llama):

@@ -85,8 +85,8 @@ class ChatMessage(_Request):
         if isinstance(content, list):
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise InvalidRequestError(f"content part of type {part.type!r} is not supported; only text parts are",
-                                              param="messages")
+                    raise InvalidRequestError(f"content part of type {part.type!r} is not supported; only text "
+                                              "parts are", param="messages")
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": content or ""}
