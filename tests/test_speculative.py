@@ -214,7 +214,7 @@ def test_verification_steps_take_the_c_layers(tiny_llama, prompts, reference):
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=4096, speculative_config=NGRAM)
     model = llm.engine.runner.model
     if model.c_layers is None:
-        pytest.skip("the fused decode step needs the C kernels and fuselm's fp32 GEMM (AVX2+FMA)")
+        pytest.skip("the C layers need the C kernels and fuselm's fp32 GEMM (AVX2+FMA)")
     multi_row_calls = []
     run = model.c_layers.run
 

@@ -50,7 +50,7 @@ class CpuKernels:
         if inside != (built.variant.name, built.key):
             recorded = (built.variant.name, built.key)
             raise LibraryMismatch(f"{built.path} holds build {inside}, its record says {recorded}")
-        abi.check_layout(lib)  # fuselm_decode_layers reads the ctypes structures fused_decode.py fills
+        abi.check_layout(lib)  # fuselm_decode_layers reads the ctypes structures c_layers.py fills
         self._lib = lib
         self.isa = built.variant.name  # the ISA variant loaded: generic, avx2, avx512 or avx512bf16
         self.build_key = built.key
@@ -74,12 +74,11 @@ class CpuKernels:
         self._dense_size = lib.fuselm_dense_packed_size
         self._dense = lib.fuselm_dense_linear
         self.has_simd_dense = bool(lib.fuselm_dense_has_simd())  # AVX2+FMA; the scalar fallback is not used
-        # every layer of a decode step (decode_layers.c, fused_decode.py), and a layer in halves around
+        # every layer of a decode step (decode_layers.c, c_layers.py), and a layer in halves around
         # attention (steps with prompt chunks)
         self.decode_layers_fn = lib.fuselm_decode_layers
         self.layer_attention_inputs_fn = lib.fuselm_layer_attention_inputs
         self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
-        self.has_decode_layers = True
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.

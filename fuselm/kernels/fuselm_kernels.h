@@ -1,5 +1,5 @@
 /* The interface of fuselm's CPU kernel library, written once: every function the library exports,
- * the structures fuselm/kernels/fused_decode.py hands to decode_layers.c, and the element type codes.
+ * the structures fuselm/kernels/c_layers.py hands to decode_layers.c, and the element type codes.
  * Every kernel source includes it, and no source declares another's functions.
  *
  * Python mirrors this file in fuselm/kernels/abi.py (ctypes signatures, structures, codes). The

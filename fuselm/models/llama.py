@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    supports_c_layers = True  # decode_layers.c implements exactly this layer (kernels/fused_decode.py)
+    supports_c_layers = True  # decode_layers.c implements exactly this layer (kernels/c_layers.py)
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ here, in one place, and logged in one line:
 - attention: fuselm's C kernel over the paged cache (which ISA variant), or torch SDPA (portable);
 - RMSNorm: one C pass per row, or torch ops;
 - the linear method of each projection kind (qkv, o, gate_up, down, lm_head; see fuselm/layers/linear.py);
-- whether the layers' math runs as C calls (kernels/fused_decode.py `CLayers`: one call per step
+- whether the layers' math runs as C calls (kernels/c_layers.py `CLayers`: one call per step
   of query rows, two per layer for steps with prompt chunks) or as torch ops per layer;
 - and why, wherever a faster path was not taken.
 
@@ -129,7 +129,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.cpu_kernels = attention_kernels
-        from fuselm.kernels.fused_decode import CLayers
+        from fuselm.kernels.c_layers import CLayers
 
         why_not = CLayers.unsupported_reason(model)
         if why_not is None:
