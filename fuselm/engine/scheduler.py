@@ -3,14 +3,15 @@
 Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
 (decodes) are served first, then running requests part-way through their prompt continue, then
 waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
-budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (core/step_cost.py) also
-caps the prompt tokens of a step that has decodes, from measured step costs, so a prompt chunk
-cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding request (Request.spec_token_ids)
-are extra tokens of its row, scheduled last, only from the budget and KV blocks left over after
-decodes, prompt chunks and admissions: speculation never delays or preempts anyone. When the KV pool runs dry, the newest running request is preempted by
-recompute (its blocks freed, its tokens computed again later). The result is one immutable
-SchedulerOutput (core/scheduler_output.py) of plain data, the model runner's only input; the
-scheduler keeps its Requests by seq_id so the engine can map each row back to its Request.
+budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (core/step_cost.py)
+also caps the prompt tokens of a step that has decodes, from measured step costs, so a prompt
+chunk cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding
+request (Request.spec_token_ids) are extra tokens of its row, scheduled last, only from the budget
+and KV blocks left over after decodes, prompt chunks and admissions: speculation never delays or
+preempts anyone. When the KV pool runs dry, the newest running request is preempted by recompute
+(its blocks freed, its tokens computed again later). The result is one immutable SchedulerOutput
+(core/scheduler_output.py) of plain data, the model runner's only input; the scheduler keeps its
+Requests by seq_id so the engine can map each row back to its Request.
 """
 
 from __future__ import annotations
