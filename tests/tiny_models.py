@@ -45,7 +45,8 @@ def save_tokenizer(path: Path, vocab_size: int = 384) -> None:
 
 def make_tiny_model(path: Path, kind: str = "llama", tie: bool = False, seed: int = 0,
                     vocab_size: int = 384, layers: int = 2, hidden: int = 64, dtype=torch.float32):
-    """Save a tiny random model of `kind` (llama | qwen2 | mistral) at `path`; return the HF model (eval, fp32)."""
+    """Save a tiny random model of `kind` (llama | llama3 | qwen2 | mistral | qwen3 | gemma3) at `path`;
+    return the HF model (eval, fp32)."""
     import transformers
 
     path.mkdir(parents=True, exist_ok=True)
@@ -65,18 +66,43 @@ def make_tiny_model(path: Path, kind: str = "llama", tie: bool = False, seed: in
         config = transformers.Qwen2Config(rope_theta=1000000.0, **common)
     elif kind == "mistral":
         config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=4096, **common)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(rope_theta=1000000.0, head_dim=24, **common)
+    elif kind == "gemma3":
+        config = gemma3_tiny_config(common)
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
     cls = {"llama": transformers.LlamaForCausalLM, "llama3": transformers.LlamaForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM, "mistral": transformers.MistralForCausalLM}[kind]
+           "qwen2": transformers.Qwen2ForCausalLM, "mistral": transformers.MistralForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM}[kind]
     model = cls(config).to(dtype)
     with torch.no_grad():  # random biases so Qwen2's q/k/v biases are really tested
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif kind in ("qwen3", "gemma3") and name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)  # norms away from their init (1, or Gemma's 0)
     model.save_pretrained(path, safe_serialization=True)
     return model.float().eval()
+
+
+# The tiny Gemma 3's sliding window: shorter than most test prompts, so the window changes results.
+GEMMA3_WINDOW = 24
+
+
+def gemma3_tiny_config(common: dict):
+    """Gemma3TextConfig with sliding (local rope 10k) and full layers (rope 1e6, linear scaling x2),
+    a query_pre_attn_scalar other than head_dim and final logit soft-capping, so each is tested."""
+    import transformers
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+    options = dict(common, num_hidden_layers=4)
+    return transformers.Gemma3TextConfig(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters=rope, pad_token_id=0, **options)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The gated MLP (SwiGLU): down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
+"""The gated MLP: down(act(gate(x)) * up(x)), gate and up fused into one projection; act is SiLU
+(SwiGLU, the default) or tanh-approximated GELU (GeGLU: Gemma's gelu_pytorch_tanh)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ from fuselm.config import ModelConfig
 from fuselm.layers.linear import TorchLinear
 
 
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, activation: str = "silu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
+        self.act = ACTIVATIONS[activation]
         self.intermediate = config.intermediate_size
         self.gate_up_proj = TorchLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = TorchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)

@@ -1,4 +1,5 @@
-"""RMSNorm with HF's rounding, one C pass per row when the execution plan hands it the CPU kernels."""
+"""RMSNorm with HF's rounding, one C pass per row when the execution plan hands it the CPU kernels;
+Gemma's variant (scale by 1 + weight, all in float32)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), computed in float32 and rounded once at the end
+    (Llama rounds before scaling). The weight is stored as the offset from 1, as HF stores it."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)

@@ -22,10 +22,17 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "LlamaForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Llama 2/3, SmolLM2"),
     "MistralForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Mistral"),
     "Qwen2ForCausalLM": ("fuselm.models.llama", "LlamaForCausalLM", "Qwen2/2.5"),
+    "MixtralForCausalLM": ("fuselm.models.mixtral", "MixtralForCausalLM", "Mixtral 8x7B/8x22B, MoE"),
+    "Qwen2MoeForCausalLM": ("fuselm.models.qwen2_moe", "Qwen2MoeForCausalLM", "Qwen1.5/Qwen2-MoE, shared expert"),
+    "Qwen3MoeForCausalLM": ("fuselm.models.qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3-MoE"),
+    "OlmoeForCausalLM": ("fuselm.models.olmoe", "OlmoeForCausalLM", "OLMoE"),
+    "Qwen3ForCausalLM": ("fuselm.models.qwen3", "Qwen3ForCausalLM", "Qwen3 dense"),
+    "Gemma3ForCausalLM": ("fuselm.models.gemma3", "Gemma3ForCausalLM", "Gemma 3 text"),
 }
 
 # GGUF general.architecture -> HF architecture
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                      "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 def supported_architectures() -> str:
