@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 1  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 2  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -86,6 +86,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_layer_attention_inputs": ([_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_layer_attention_outputs": ([_P, _I64, _P, _P, _P, _I64], None),
     "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P], None),
+    "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
 }
 
 

@@ -79,6 +79,8 @@ class CpuKernels:
         self.decode_layers_fn = lib.fuselm_decode_layers
         self.layer_attention_inputs_fn = lib.fuselm_layer_attention_inputs
         self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
+        # every routed expert of an MoE layer in one call (moe.c; fuselm/layers/moe.py builds its QParts)
+        self.moe_experts_fn = lib.fuselm_moe_experts
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.

@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 1
+#define FUSELM_ABI_VERSION 2
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2 };
@@ -112,5 +112,14 @@ void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QMode
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
                           const int64_t *ctx_lens);
+
+/* ---- mixture-of-experts feed-forward, every routed expert of a step in one call (moe.c) ---- */
+
+/* out [T, hidden] = sum over each token's top_k (expert, weight) pairs of weight * down(silu(gate(x)) * up(x)).
+ * gate/up/down: every expert's weight end to end, one QPart each (n, k per expert; bits 4/8 quantised rows,
+ * bits 32 dense_linear.c panels of fuselm_dense_packed_size(n, k) floats per expert). */
+void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
+                        int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
+                        int float_activations, int num_threads);
 
 #endif

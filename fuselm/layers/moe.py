@@ -88,7 +88,7 @@ class ExpertWeights:
     def label(self) -> str:
         if self.quant is not None:
             return f"int{self.quant.bits}g{self.quant.group_size}"
-        return str(self.dense.dtype).removeprefix("torch.")
+        return "float32" if self.dense is None else str(self.dense.dtype).removeprefix("torch.")  # None: packed
 
 
 class GroupedExperts(LinearMethod):

@@ -6,6 +6,8 @@ here, in one place, and logged in one line:
 - attention: fuselm's C kernel over the paged cache (which ISA variant), or torch SDPA (portable);
 - RMSNorm: one C pass per row, or torch ops;
 - the linear method of each projection kind (qkv, o, gate_up, down, lm_head; see fuselm/layers/linear.py);
+- how each MoE layer's experts run (role `experts`: one C call per layer, kernels/moe.c, or torch;
+  fuselm/layers/moe.py);
 - whether the layers' math runs as C calls (kernels/c_layers.py `CLayers`: one call per step
   of query rows, two per layer for steps with prompt chunks) or as torch ops per layer;
 - and why, wherever a faster path was not taken.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fuselm.layers.linear import LinearMethod, TorchLinear
+from fuselm.layers.moe import GroupedExperts, choose_experts
 
 
 @dataclass
@@ -117,7 +120,11 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     kinds: dict[str, dict[str, None]] = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)
-        if device.type == "cpu" and use_cpu_kernels:
+        if isinstance(module, GroupedExperts):  # an MoE layer's experts: one C call, or the torch path
+            why = choose_experts(module, kernels, dtype)
+            if kernels is not None and why is not None and f"torch experts: {why}" not in plan.reasons:
+                plan.reasons.append(f"torch experts: {why}")
+        elif device.type == "cpu" and use_cpu_kernels:
             module = choose_linear(module, kernels, onednn, role)
             setattr(parent, attr, module)
         kinds.setdefault(role, {})[module.kind] = None

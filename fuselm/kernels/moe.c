@@ -1,0 +1,137 @@
+/* Mixture-of-experts feed-forward on CPU: every routed expert of one step in one call.
+ *
+ * Each token picks top_k experts; run naively (a loop over experts in Python, or per token), an
+ * expert's weights are read once per token that chose it, or the step pays one framework call per
+ * expert. Here the step's (token, slot) assignments are grouped by expert with a counting sort, the
+ * tokens of each expert are gathered into consecutive rows, and each active expert's gate, up and
+ * down weights are read once for all its rows (a grouped GEMM). Work is cut into items of one
+ * expert x MOE_CHUNK output rows of one projection, handed to the threads dynamically, so an expert
+ * with every token and an expert with none cost what their rows cost. The routing weight multiplies
+ * the down projection's rows as they are written (its epilogue); the combine sums each token's
+ * top_k rows in slot order, so a token's output does not depend on what else is in the batch.
+ *
+ * Weights: one QPart per projection describes all experts laid end to end (expert e's rows follow
+ * expert e - 1's): bits 4/8 are quant_linear.c's formats (a stacked QuantWeight of num_experts * n
+ * rows, as GGUF stores ffn_*_exps), bits 32 is dense_linear.c's panel layout packed per expert
+ * (fuselm_dense_packed_size(n, k) floats each). Each item calls those kernels single-threaded on
+ * its rows, so the arithmetic of one row is theirs exactly.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "fuselm_kernels.h"
+
+#define MOE_CHUNK 64 /* output rows per work item: a multiple of dense_linear.c's 16-column panels */
+
+typedef struct {
+    int64_t expert, proj, n0, n1; /* proj 0 gate, 1 up, 2 down */
+} MoeItem;
+
+/* Rows [row0, row0 + M) of the sorted batch (x, row stride ldx) times expert e's rows [n0, n1) of w,
+ * written to columns [n0, n1) of y (row stride ldy). */
+static void expert_rows(const QPart *w, int64_t e, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
+                        int64_t n0, int64_t n1, int float_activations) {
+    if (w->bits == 32) {
+        const float *packed = (const float *)w->qweight + e * fuselm_dense_packed_size(w->n, w->k) + n0 * w->k;
+        fuselm_dense_linear(x, ldx, packed, NULL, y + n0, ldy, M, n1 - n0, w->k, 1);
+        return;
+    }
+    const int64_t groups = w->k / w->group, scale_size = w->scale_dtype == FUSELM_F16 ? 2 : 4;
+    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k, row = e * w->n + n0;
+    const char *q = (const char *)w->qweight + row * row_bytes;
+    const char *s = (const char *)w->scales + row * groups * scale_size;
+    const char *m = w->mins != NULL ? (const char *)w->mins + row * groups * scale_size : NULL;
+    fuselm_qlinear_ld(x, q, s, m, NULL, y + n0, ldy, M, n1 - n0, w->k, w->group, w->bits, w->scale_dtype,
+                      float_activations, 1);
+}
+
+/* Items for the given projections of every expert with rows: MOE_CHUNK output rows each. */
+static int64_t make_items(MoeItem *items, const int64_t *offsets, int64_t num_experts, const int64_t *projs,
+                          int64_t num_projs, int64_t n) {
+    int64_t count = 0;
+    for (int64_t e = 0; e < num_experts; e++) {
+        if (offsets[e + 1] == offsets[e]) continue;
+        for (int64_t p = 0; p < num_projs; p++)
+            for (int64_t n0 = 0; n0 < n; n0 += MOE_CHUNK) {
+                const MoeItem item = {e, projs[p], n0, n0 + MOE_CHUNK < n ? n0 + MOE_CHUNK : n};
+                items[count++] = item;
+            }
+    }
+    return count;
+}
+
+/* out [T, hidden] = sum over each token's top_k slots of weight * down(silu(gate(x)) * up(x)) of the
+ * slot's expert. topk_ids/topk_weights [T, top_k]; ids must lie in [0, num_experts). gate/up: n =
+ * intermediate, k = hidden; down: n = hidden, k = intermediate. */
+void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
+                        int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
+                        int float_activations, int num_threads) {
+    const int64_t H = gate->k, I = gate->n, A = T * top_k;
+    if (A == 0) return;
+    int64_t *offsets = (int64_t *)calloc((size_t)(num_experts + 1), sizeof(int64_t));
+    int64_t *cursor = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t));
+    int64_t *pos = (int64_t *)malloc((size_t)A * sizeof(int64_t)); /* assignment -> sorted row */
+    int64_t *src = (int64_t *)malloc((size_t)A * sizeof(int64_t)); /* sorted row -> assignment */
+    for (int64_t a = 0; a < A; a++) offsets[topk_ids[a] + 1]++;
+    for (int64_t e = 0; e < num_experts; e++) offsets[e + 1] += offsets[e], cursor[e] = offsets[e];
+    for (int64_t a = 0; a < A; a++) {
+        const int64_t p = cursor[topk_ids[a]]++;
+        pos[a] = p, src[p] = a;
+    }
+    float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));      /* [A, H] tokens by expert */
+    float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float));  /* [A, 2I] gate | up */
+    float *act = (float *)malloc((size_t)(A * I) * sizeof(float));     /* [A, I] silu(gate) * up */
+    float *yd = (float *)malloc((size_t)(A * H) * sizeof(float));      /* [A, H] weighted expert outputs */
+    const int64_t most_rows = H > I ? H : I;
+    MoeItem *items = (MoeItem *)malloc((size_t)(num_experts * 2 * ((most_rows + MOE_CHUNK - 1) / MOE_CHUNK)) *
+                                       sizeof(MoeItem));
+
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t p = 0; p < A; p++) {
+        const float *row = x + (src[p] / top_k) * H;
+        for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
+    }
+
+    const int64_t gate_up[2] = {0, 1}, down_only[1] = {2};
+    int64_t num_items = make_items(items, offsets, num_experts, gate_up, 2, I);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t i = 0; i < num_items; i++) {
+        const MoeItem it = items[i];
+        const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
+        expert_rows(it.proj == 0 ? gate : up, it.expert, xs + r0 * H, H, rows, gu + r0 * 2 * I + it.proj * I, 2 * I,
+                    it.n0, it.n1, float_activations);
+    }
+
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t p = 0; p < A; p++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = gu[p * 2 * I + i];
+            act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
+        }
+
+    num_items = make_items(items, offsets, num_experts, down_only, 1, H);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t i = 0; i < num_items; i++) {
+        const MoeItem it = items[i];
+        const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
+        expert_rows(down, it.expert, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
+        for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
+            const float w = topk_weights[src[p]];
+            for (int64_t h = it.n0; h < it.n1; h++) yd[p * H + h] *= w;
+        }
+    }
+
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        const float *first = yd + pos[t * top_k] * H;
+        for (int64_t h = 0; h < H; h++) o[h] = first[h];
+        for (int64_t j = 1; j < top_k; j++) {
+            const float *y = yd + pos[t * top_k + j] * H;
+            for (int64_t h = 0; h < H; h++) o[h] += y[h];
+        }
+    }
+    free(items), free(yd), free(act), free(gu), free(xs);
+    free(src), free(pos), free(cursor), free(offsets);
+}
