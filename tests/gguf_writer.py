@@ -5,8 +5,10 @@ so the GGUF loader can be checked weight by weight and, in model tests, logit by
 
     write_gguf_from_hf(model, tokenizer_source, out_path, quantize=None) -> Path
 
-- model: a `LlamaForCausalLM` (written as arch "llama", q/k rows permuted as llama.cpp does) or a
-  `Qwen2ForCausalLM` (arch "qwen2", q/k/v biases, no permutation). Llama 3 rope scaling becomes a
+- model: a `LlamaForCausalLM` (written as arch "llama", q/k rows permuted as llama.cpp does), a
+  `Qwen2ForCausalLM` (arch "qwen2", q/k/v biases, no permutation), a `Qwen3ForCausalLM` (arch
+  "qwen3", q/k norms) or a `Gemma3ForCausalLM` (arch "gemma3": norms stored as 1 + weight, the
+  sliding window; llama.cpp assumes every 6th layer global and query_pre_attn_scalar = head_dim). Llama 3 rope scaling becomes a
   `rope_freqs.weight` tensor, linear rope scaling the `rope.scaling.*` keys, as in the converter.
 - tokenizer_source: a .gguf file whose `tokenizer.*` metadata is copied (e.g. the embedded
   SmolLM2, vocab 49152: the model's vocab_size must then match), an HF directory with a byte-level
@@ -50,13 +52,22 @@ _LAYER = {  # HF suffix after "model.layers.{i}." -> GGUF suffix after "blk.{i}.
 }
 
 
-def gguf_name(hf_name: str) -> str:
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_ARCH_LAYER = {  # families with other or more layer tensors than Llama's, on top of _LAYER
+    "qwen3": _QK_NORMS,
+    "gemma3": {**_QK_NORMS, "post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+}
+
+
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     if hf_name in top:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{_LAYER[rest]}"
+    return f"blk.{layer}.{_ARCH_LAYER.get(arch, {}).get(rest) or _LAYER[rest]}"
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -157,10 +168,12 @@ def write_gguf_from_hf(model, tokenizer_source: str | Path | None, out_path: str
                        tokenizer_pre: str | None = None) -> Path:
     """See the module docstring. Returns out_path."""
     cfg = model.config
-    arch = {"llama": "llama", "qwen2": "qwen2"}[cfg.model_type]
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}[cfg.model_type]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if "full_attention" in rope:  # Gemma 3: the file holds the global layers' rope; local is llama.cpp's 10000
+        rope = dict(rope["full_attention"])
     theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
 
@@ -178,7 +191,11 @@ def write_gguf_from_hf(model, tokenizer_source: str | Path | None, out_path: str
     w.add_file_type(0)
     if arch == "llama":
         w.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // heads:
+    if head_dim != cfg.hidden_size // heads and arch != "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "gemma3":  # as the converter: the window; the layer pattern (every 6th global) is llama.cpp's
+        w.add_sliding_window(cfg.sliding_window)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if rope_type == "linear":
@@ -197,12 +214,14 @@ def write_gguf_from_hf(model, tokenizer_source: str | Path | None, out_path: str
             t = llama_cpp_permute(t, heads)
         elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
             t = llama_cpp_permute(t, kv_heads)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1  # the converter stores Gemma's norms as 1 + weight
         data = t.numpy()
         if name in quantize:
             qtype = quantize[name]
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
-            w.add_tensor(gguf_name(name), data)
+            w.add_tensor(gguf_name(name, arch), data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -68,20 +68,21 @@ def make_tiny_model(path: Path, kind: str = "llama", tie: bool = False, seed: in
         config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=4096, **common)
     elif kind == "qwen3":
         config = transformers.Qwen3Config(rope_theta=1000000.0, head_dim=24, **common)
-    elif kind == "gemma3":
-        config = gemma3_tiny_config(common)
+    elif kind in ("gemma3", "gemma3_llamacpp"):
+        config = gemma3_tiny_config(common, llama_cpp_layout=kind == "gemma3_llamacpp")
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
     cls = {"llama": transformers.LlamaForCausalLM, "llama3": transformers.LlamaForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "mistral": transformers.MistralForCausalLM,
-           "qwen3": transformers.Qwen3ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM}[kind]
+           "qwen3": transformers.Qwen3ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
+           "gemma3_llamacpp": transformers.Gemma3ForCausalLM}[kind]
     model = cls(config).to(dtype)
     with torch.no_grad():  # random biases so Qwen2's q/k/v biases are really tested
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
-            elif kind in ("qwen3", "gemma3") and name.endswith("norm.weight"):
+            elif kind.startswith(("qwen3", "gemma3")) and name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.3)  # norms away from their init (1, or Gemma's 0)
     model.save_pretrained(path, safe_serialization=True)
     return model.float().eval()
@@ -91,18 +92,25 @@ def make_tiny_model(path: Path, kind: str = "llama", tie: bool = False, seed: in
 GEMMA3_WINDOW = 24
 
 
-def gemma3_tiny_config(common: dict):
+def gemma3_tiny_config(common: dict, llama_cpp_layout: bool = False):
     """Gemma3TextConfig with sliding (local rope 10k) and full layers (rope 1e6, linear scaling x2),
-    a query_pre_attn_scalar other than head_dim and final logit soft-capping, so each is tested."""
+    a query_pre_attn_scalar other than head_dim and final logit soft-capping, so each is tested.
+
+    llama_cpp_layout: what a GGUF can hold instead (llama.cpp fixes these for gemma3): 6 layers with
+    the 6th global, query_pre_attn_scalar = head_dim, no soft-capping."""
     import transformers
 
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
-    options = dict(common, num_hidden_layers=4)
-    return transformers.Gemma3TextConfig(
-        head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW, final_logit_softcapping=30.0,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-        rope_parameters=rope, pad_token_id=0, **options)
+    sliding, full = "sliding_attention", "full_attention"
+    if llama_cpp_layout:
+        options = dict(common, num_hidden_layers=6, query_pre_attn_scalar=16, final_logit_softcapping=None,
+                       layer_types=[sliding] * 5 + [full])
+    else:
+        options = dict(common, num_hidden_layers=4, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+                       layer_types=[sliding, full, sliding, sliding])
+    return transformers.Gemma3TextConfig(head_dim=16, sliding_window=GEMMA3_WINDOW, rope_parameters=rope,
+                                         pad_token_id=0, **options)
 
 
 @torch.no_grad()

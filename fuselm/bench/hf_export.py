@@ -23,7 +23,8 @@ from fuselm.loader.types import LoadedModel
 
 MARKER = ".fuselm_export.json"
 _FORMAT_VERSION = 1  # bump when the files written change, so old exports are redone
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -86,7 +87,11 @@ def _config_json(model: LoadedModel, dtype: torch.dtype) -> dict:
         "use_cache": True,
         "torch_dtype": _dtype_name(dtype),
     }
-    if cfg["model_type"] == "qwen2":  # Qwen2 always has q/k/v biases; only its windowing is configurable
+    if cfg["model_type"] == "gemma3_text":  # the family's own settings, as the GGUF loader named them
+        cfg.pop("hidden_act")
+        cfg.update({k: v for k, v in c.hf_config.items() if k not in ("rope_theta", "rope_scaling")},
+                   attention_bias=False, attn_logit_softcapping=None)
+    elif cfg["model_type"] == "qwen2":  # Qwen2 always has q/k/v biases; only its windowing is configurable
         cfg.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                    max_window_layers=c.num_hidden_layers)
     else:

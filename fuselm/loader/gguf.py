@@ -206,14 +206,27 @@ _LAYER_NAMES = {  # GGUF "blk.{i}.<key>" -> HF "model.layers.{i}.<value>"
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
+_QK_NORM_NAMES = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+# Families whose layers have more (or other) tensors than Llama's: their names on top of _LAYER_NAMES.
+_ARCH_LAYER_NAMES = {
+    "qwen3": _QK_NORM_NAMES,
+    "gemma3": {**_QK_NORM_NAMES, "post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+}
+# llama.cpp's converter stores Gemma's norm weights as 1 + weight (its RMSNorm multiplies by the
+# stored weight); HF stores the offset from 1.
+_NORM_PLUS_ONE = {"gemma3"}
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        table = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+        if parts[2] in table:
+            return f"model.layers.{parts[1]}.{table[parts[2]]}"
     return None
 
 
@@ -282,6 +295,15 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict[str, _TensorInfo], bu
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                   "tokenizer.ggml.eom_token_id") if k in meta]
+    hf_config: dict[str, Any] = {}
+    if arch == "gemma3":  # HF-named settings models/gemma3.py reads; llama.cpp fixes the pattern at 6
+        hf_config = {"sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": 6,
+                     "rope_theta": theta, "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
+                     "rope_scaling": scaling, "query_pre_attn_scalar": head_dim,
+                     "final_logit_softcapping": get("final_logit_softcapping"),
+                     "hidden_activation": "gelu_pytorch_tanh"}
+        if tokens and "<end_of_turn>" in tokens:  # the end of a chat turn ends generation, as in HF's config
+            eos.append(tokens.index("<end_of_turn>"))
     return ModelConfig(
         architecture=_ARCHITECTURES[arch],
         vocab_size=int(vocab),
@@ -299,13 +321,15 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict[str, _TensorInfo], bu
         attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=list(dict.fromkeys(eos)),
+        hf_config=hf_config,
     )
 
 
-def _expected_names(config: ModelConfig) -> set[str]:
+def _expected_names(config: ModelConfig, arch: str = "llama") -> set[str]:
     per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                  "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.weight"]
     per_layer += [f"self_attn.{p}_proj.weight" for p in "qkv"]
+    per_layer += list(_ARCH_LAYER_NAMES.get(arch, {}).values())
     if config.attention_bias:
         per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
     names = {f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer}
@@ -319,13 +343,13 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
                   dtype: torch.dtype, keep_quantized: bool) -> dict[str, torch.Tensor]:
     mapping: dict[str, str] = {}
     for name in tensors:
-        hf = _hf_name(name)
+        hf = _hf_name(name, arch)
         if hf is None and name != "rope_freqs.weight":
             raise _Corrupt(f"it has tensor {name!r}, which a plain {arch} model does not have "
                            "(an unsupported variant of the architecture?)")
         if hf is not None:
             mapping[name] = hf
-    missing = sorted(_expected_names(config) - set(mapping.values()))
+    missing = sorted(_expected_names(config, arch) - set(mapping.values()))
     if missing:
         raise _Corrupt(f"it lacks the weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
@@ -337,6 +361,8 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
                 t = _unpermute(t, config.num_attention_heads)
             elif arch == "llama" and ".self_attn.k_proj." in hf:
                 t = _unpermute(t, config.num_key_value_heads)
+            elif arch in _NORM_PLUS_ONE and hf.endswith("norm.weight"):
+                t = t - 1
         except (ValueError, RuntimeError) as exc:  # a shape that does not fit the config
             raise _Corrupt(f"tensor {name!r} {tensors[name].shape} cannot be read as {hf} ({exc})") from None
         return hf, t
@@ -390,7 +416,7 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False) -> LoadedModel:
-    """Config, HF-named weights in `dtype` and tokenizer of a llama or qwen2 GGUF file. With
+    """Config, HF-named weights in `dtype` and tokenizer of a GGUF file of a registered architecture. With
     keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights."""
     path = Path(path)
     buf = _open(path)
@@ -418,5 +444,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
             pass
     if not config.eos_token_ids:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
+    if arch == "gemma3" and tokenizer.chat_template is None:  # Gemma 3 GGUFs (the base model's) carry none
+        from fuselm.models.gemma3 import CHAT_TEMPLATE
+
+        tokenizer.chat_template = CHAT_TEMPLATE
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, generation_defaults={},
                        source=str(path))

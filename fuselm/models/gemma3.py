@@ -29,6 +29,20 @@ from fuselm.layers.rotary import RotaryEmbedding
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
+# Gemma's turn format, for files that carry no template (the GGUF of the base model): a system
+# message opens the first user turn; the assistant's turns are the "model" role.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if loop.first %}{{ system }}{% endif %}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 
 def layer_types(hf: dict, num_layers: int) -> list[str]:
     if hf.get("layer_types"):
