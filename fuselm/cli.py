@@ -28,7 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field: its name, type, choices, default and help text (the field's
     `help` metadata in fuselm/config.py, the only place an option is documented)."""
     from fuselm.config import EngineConfig
+    from fuselm.models.registry import models_help
 
+    parser.add_argument_group("models", models_help().replace("%", "%%"))
     group = parser.add_argument_group("engine options", "the options of fuselm.config.EngineConfig (LLM(...) "
                                                         "takes the same names)")
     for f in dataclasses.fields(EngineConfig):
@@ -148,7 +150,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuselm", description="fuselm: fast LLM inference and serving")
+    from fuselm.models.registry import models_help
+
+    parser = argparse.ArgumentParser(prog="fuselm", description="fuselm: fast LLM inference and serving",
+                                     epilog=models_help())
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
     sub = parser.add_subparsers(dest="command", required=True)
 

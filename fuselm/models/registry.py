@@ -40,6 +40,14 @@ def supported_architectures() -> str:
     return ", ".join(f"{arch} ({covers})" for arch, (_, _, covers) in ARCHITECTURES.items())
 
 
+def models_help() -> str:
+    """What `fuselm --help` and the engine commands' help say about models: every architecture and format."""
+    gguf = ", ".join(f"{name} ({arch})" for name, arch in GGUF_ARCHITECTURES.items())
+    return (f"Supported models: an HF directory (config.json + *.safetensors) of architecture "
+            f"{supported_architectures()}; or a GGUF file (llama.cpp) of architecture {gguf}, whose "
+            f"Q4_0/Q4_1/Q4_K/Q6_K/Q8_0 weights stay quantised and other types are dequantised at load.")
+
+
 def check_architecture(arch: str) -> None:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; fuselm supports {supported_architectures()}")
