@@ -172,10 +172,10 @@ def _read_tensor(buf: mmap.mmap, info: _TensorInfo, dtype: torch.dtype, keep_qua
     block, type_size = GGML_QUANT_SIZES[qtype]
     row_bytes = info.shape[-1] // block * type_size
     data = np.frombuffer(buf, np.uint8, info.nbytes, info.offset).reshape(-1, row_bytes)  # [rows, bytes]
-    if keep_quantized and len(info.shape) == 2:
+    if keep_quantized and len(info.shape) in (2, 3):  # 3-D: stacked experts [E, N, K], kept as E * N rows
         from fuselm.quant.gguf_quants import to_quant_weight
 
-        kept = to_quant_weight(data, info.ggml_type, info.shape)
+        kept = to_quant_weight(data, info.ggml_type, (int(np.prod(info.shape[:-1])), info.shape[-1]))
         if kept is not None:
             return kept
     try:
@@ -208,7 +208,19 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 _QK_NORM_NAMES = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
 # Families whose layers have more (or other) tensors than Llama's: their names on top of _LAYER_NAMES.
+_MOE_NAMES = {  # experts stacked [E, N, K] under one name each (models/mixtral.py reads them), the router,
+    # Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    **{f"ffn_{p}_exps.weight": f"mlp.experts.{p}_proj.weight" for p in ("gate", "up", "down")},
+    **{f"ffn_{p}_shexp.weight": f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")},
+}
+# whether each MoE architecture renormalises the top-k routing weights when the file does not say
+_MOE_RENORMALIZE = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 _ARCH_LAYER_NAMES = {
+    "llama": _MOE_NAMES,  # Mixtral
+    "qwen2moe": _MOE_NAMES,
+    "qwen3moe": {**_QK_NORM_NAMES, **_MOE_NAMES},
+    "olmoe": {**_QK_NORM_NAMES, **_MOE_NAMES},
     "qwen3": _QK_NORM_NAMES,
     "gemma3": {**_QK_NORM_NAMES, "post_attention_norm.weight": "post_attention_layernorm.weight",
                "ffn_norm.weight": "pre_feedforward_layernorm.weight",
@@ -304,8 +316,10 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict[str, _TensorInfo], bu
                      "hidden_activation": "gelu_pytorch_tanh"}
         if tokens and "<end_of_turn>" in tokens:  # the end of a chat turn ends generation, as in HF's config
             eos.append(tokens.index("<end_of_turn>"))
+    if get("expert_count"):
+        hf_config = _moe_hf_config(get, arch, tensors)
     return ModelConfig(
-        architecture=_ARCHITECTURES[arch],
+        architecture="MixtralForCausalLM" if arch == "llama" and hf_config else _ARCHITECTURES[arch],
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", required=True)),
@@ -325,14 +339,35 @@ def _config(meta: dict[str, Any], arch: str, tensors: dict[str, _TensorInfo], bu
     )
 
 
+def _moe_hf_config(get, arch: str, tensors: dict[str, _TensorInfo]) -> dict[str, Any]:
+    """The HF-named MoE settings the MoE families read (models/mixtral.py and the files built on it)."""
+    layers = int(get("block_count", required=True))
+    experts = int(get("expert_count"))
+    return {"num_experts": experts, "num_local_experts": experts, "num_experts_per_tok": int(get("expert_used_count")),
+            "moe_intermediate_size": int(get("expert_feed_forward_length") or get("feed_forward_length")),
+            "shared_expert_intermediate_size": get("expert_shared_feed_forward_length"),
+            "norm_topk_prob": bool(get("expert_weights_norm", _MOE_RENORMALIZE.get(arch, False))),
+            "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+            "qkv_bias": "blk.0.attn_q.bias" in tensors, "clip_qkv": get("attention.clamp_kqv")}
+
+
 def _expected_names(config: ModelConfig, arch: str = "llama") -> set[str]:
     per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                  "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.weight"]
     per_layer += [f"self_attn.{p}_proj.weight" for p in "qkv"]
-    per_layer += list(_ARCH_LAYER_NAMES.get(arch, {}).values())
+    per_layer += [n for n in _ARCH_LAYER_NAMES.get(arch, {}).values() if n not in _MOE_NAMES.values()]
     if config.attention_bias:
         per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
     names = {f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer}
+    moe = config.hf_config if "num_experts_per_tok" in config.hf_config else None
+    for i in range(config.num_hidden_layers if moe else 0):  # sparse layers: the router and experts, no MLP
+        if i not in moe["mlp_only_layers"]:
+            p = f"model.layers.{i}.mlp."
+            names -= {p + f"{n}_proj.weight" for n in ("gate", "up", "down")}
+            names |= {p + "gate.weight", *(p + f"experts.{n}_proj.weight" for n in ("gate", "up", "down"))}
+            if moe["shared_expert_intermediate_size"]:
+                shared = (p + f"shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))
+                names |= {p + "shared_expert_gate.weight", *shared}
     names |= {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         names.add("lm_head.weight")

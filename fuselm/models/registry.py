@@ -32,7 +32,9 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
 
 # GGUF general.architecture -> HF architecture
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                      "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+                                      "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                                      "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                                      "olmoe": "OlmoeForCausalLM"}  # llama with expert tensors: Mixtral
 
 
 def supported_architectures() -> str:
