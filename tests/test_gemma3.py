@@ -107,7 +107,8 @@ def test_real_gemma3_270m_greedy_matches_hf(tmp_path_factory):
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     assert hf.config.layer_types.count("full_attention") == 3 and hf.config.sliding_window == 512
     tokenizer = llm.engine.tokenizer
-    texts = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, " * 40]  # the last passes 512
+    counting = ", ".join(str(i) for i in range(200))  # ~800 tokens: past the 512-token window
+    texts = ["The capital of France is", "def fibonacci(n):\n", counting]
     prompts = [tokenizer.encode(t) for t in texts]
     assert len(prompts[-1]) > 512
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
