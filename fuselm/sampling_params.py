@@ -1,14 +1,24 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM / OpenAI names).
 
 Validation happens here, at construction, so a bad value becomes an InvalidRequestError (a
-ValueError) whose `param` names the field before the request ever reaches the engine.
+ValueError) whose `param` names the field before the request ever reaches the engine. The rules
+are strict, as OpenAI's API is: numbers must be finite (NaN would silently empty or loop a
+completion), integer fields take integers only (no bools, no strings, no floats), flags take
+bools, and stop strings must be text that UTF-8 can encode (no lone surrogates). The stop strings'
+matcher (fuselm.stop_strings) is built here too, so its cost lands where the request is made
+rather than on the engine's step thread.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
-from fuselm.errors import InvalidRequestError
+from fuselm.errors import InvalidRequestError, check_text
+from fuselm.stop_strings import StopMatcher, stop_matcher_for
+
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer, as OpenAI's and vLLM's seed
 
 
 @dataclass(slots=True)
@@ -32,12 +42,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     _stop_list: list[str] = field(default_factory=list, repr=False)
+    _stop_matcher: StopMatcher | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         def bad(name: str, rule: str) -> InvalidRequestError:
             return InvalidRequestError(f"{name} {rule}, got {getattr(self, name)!r}", param=name)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
@@ -45,7 +58,7 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1]")
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0 (0 or -1 disables it)")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
@@ -55,7 +68,7 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be an integer >= 1")
         if self.min_tokens < 0:
             raise bad("min_tokens", "must be >= 0")
@@ -66,18 +79,37 @@ class SamplingParams:
             raise bad("logprobs", "must be in [0, 20]")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise bad("prompt_logprobs", "must be in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise bad("stop", "must be a non-empty string or a list of non-empty strings")
-        self._stop_list = stops
-        if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise bad("seed", f"must be a 64-bit signed integer, in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        self._stop_list = _checked_stop_strings(self.stop)
+        self._stop_matcher = stop_matcher_for(tuple(self._stop_list)) if self._stop_list else None
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = _checked_token_ids(self.stop_token_ids)
+
+    def _check_types(self) -> None:
+        """Finite numbers for the float fields, true integers for the int fields, bools for the flags;
+        numbers are normalised to plain float / int."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, _finite_float(name, getattr(self, name)))
+        for name in ("n", "top_k", "min_tokens"):
+            setattr(self, name, _strict_int(name, getattr(self, name)))
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _strict_int(name, value, "or None"))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise InvalidRequestError(f"{name} must be true or false (a bool), got {value!r}", param=name)
 
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
+
+    @property
+    def stop_matcher(self) -> StopMatcher | None:
+        """The automaton over the stop strings (shared by every SamplingParams with the same list); None without any."""
+        return self._stop_matcher
 
     @property
     def reads_output_tokens(self) -> bool:
@@ -89,3 +121,49 @@ class SamplingParams:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
         values.update(changes)
         return SamplingParams(**values)
+
+
+def _finite_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r} ({type(value).__name__}); "
+                                  f"pass an int or a float", param=name)
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}; NaN and infinities are not "
+                                  f"sampling values", param=name)
+    return number
+
+
+def _strict_int(name: str, value: object, alternative: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        also = f" {alternative}" if alternative else ""
+        raise InvalidRequestError(f"{name} must be an integer{also}, got {value!r} ({type(value).__name__}); "
+                                  f"pass a whole number such as {name}=1, not a bool, string or float", param=name)
+    return int(value)
+
+
+def _checked_stop_strings(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, (list, tuple)):
+        stops = list(stop)
+    else:
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}",
+                                  param="stop")
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise InvalidRequestError(f"stop must be a non-empty string or a list of non-empty strings, got {s!r} "
+                                      f"({type(s).__name__}) among them", param="stop")
+        check_text(s, "stop")
+    return stops
+
+
+def _checked_token_ids(ids: object) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+                                                 for t in ids):
+        raise InvalidRequestError(f"stop_token_ids must be a list of non-negative token ids, got {ids!r}",
+                                  param="stop_token_ids")
+    return [int(t) for t in ids]
+

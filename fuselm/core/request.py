@@ -35,7 +35,7 @@ class Request:
     __slots__ = (
         "seq_id", "request_id", "prompt", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
         "num_computed_tokens", "block_ids", "block_hashes", "status", "finish_reason", "stop_reason",
-        "priority", "arrival_seq", "metrics", "output_text", "decode_stream",
+        "priority", "arrival_seq", "metrics", "output_text", "decode_stream", "stop_scan",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
         "num_registered_blocks", "spec_token_ids", "spec_draft_probs",
     )
@@ -63,6 +63,7 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.output_text = ""
         self.decode_stream = None
+        self.stop_scan = None  # where the stop-string automaton stands in output_text (engine.detokenizer)
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         self.group_leader = group_leader  # for n > 1: the sample whose prompt KV the others share

@@ -2,10 +2,12 @@
 
 `tokenizers.decoders.DecodeStream` holds back bytes until they form whole characters, so a
 multi-byte character split across tokens never reaches the user half-written. Stop strings are
-searched only in the tail that the new text could complete, and are cut from the returned text.
+matched by the request's automaton (fuselm.stop_strings, shared by its SamplingParams), which each
+sequence runs over its new text only, keeping its state in `request.stop_scan`: the cost per
+token does not grow with the number of stop strings. A stop string is cut from the returned text.
 While a request runs, `visible_text` also holds back the tail that a stop string could still
-complete (and so cut): every unfinished output shows a prefix of the final text, so a stream of
-deltas never prints what is cut later.
+complete (and so cut), which the automaton's state gives directly: every unfinished output shows a
+prefix of the final text, so a stream of deltas never prints what is cut later.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from tokenizers.decoders import DecodeStream
 
 from fuselm.core.request import Request
+from fuselm.stop_strings import StopMatcher, stop_matcher_for
 from fuselm.tokenizer import Tokenizer
 
 _CONTEXT_TOKENS = 4  # prompt tokens given to the stream so the first output token decodes in context
@@ -29,24 +32,43 @@ def append_text(tokenizer: Tokenizer, request: Request, token_id: int) -> str:
     return piece
 
 
-def find_stop_string(request: Request, new_text_len: int) -> str | None:
-    """If a stop string now appears in the output, cut the text there and return it."""
-    stops = request.params.stop_strings
-    if not stops or not new_text_len:
-        return None
+class StopScan:
+    """One sequence's automaton state and how many characters of its output_text it has read."""
+
+    __slots__ = ("state", "scanned")
+
+    def __init__(self) -> None:
+        self.state = 0
+        self.scanned = 0
+
+
+def _scan(request: Request, matcher: StopMatcher, report_from: int) -> tuple[int, int] | None:
+    """Feed the automaton the output text it has not read; the first stop occurrence ending at or
+    after `report_from`, as (start, index of the stop string)."""
+    scan = request.stop_scan
     text = request.output_text
-    longest = max(len(s) for s in stops)
-    search_from = max(0, len(text) - new_text_len - longest + 1)
-    best_pos, best_stop = -1, None
-    for stop in stops:
-        pos = text.find(stop, search_from)
-        if pos != -1 and (best_pos == -1 or pos < best_pos):
-            best_pos, best_stop = pos, stop
-    if best_stop is None:
+    if scan is None or scan.scanned > len(text):  # first text, or text replaced: read it all again
+        scan = request.stop_scan = StopScan()
+    scan.state, match = matcher.feed(scan.state, text, scan.scanned, report_from)
+    scan.scanned = len(text)
+    return match
+
+
+def find_stop_string(request: Request, new_text_len: int) -> str | None:
+    """If a stop string now ends in the last `new_text_len` characters of the output, cut the text at
+    the one that starts first (the earliest in the list on a tie) and return it. Text added before
+    (while min_tokens held stop strings off) is read for the automaton's state but not matched."""
+    matcher = request.params.stop_matcher
+    if matcher is None or not new_text_len:
         return None
-    keep = best_pos + len(best_stop) if request.params.include_stop_str_in_output else best_pos
-    request.output_text = text[:keep]
-    return best_stop
+    match = _scan(request, matcher, len(request.output_text) - new_text_len)
+    if match is None:
+        return None
+    start, index = match
+    stop = matcher.stops[index]
+    keep = start + len(stop) if request.params.include_stop_str_in_output else start
+    request.output_text = request.output_text[:keep]
+    return stop
 
 
 def flush_text(tokenizer: Tokenizer, request: Request) -> None:
@@ -64,13 +86,11 @@ def flush_text(tokenizer: Tokenizer, request: Request) -> None:
 def stop_string_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string: the
     characters a later token could turn into a stop string, which would then be cut."""
-    held = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:length]):
-                held = length
-                break
-    return held
+    if not stops:
+        return 0
+    matcher = stop_matcher_for(tuple(stops))
+    state, _ = matcher.feed(0, text)
+    return matcher.holdback(state)
 
 
 def visible_text(request: Request) -> str:
@@ -81,4 +101,5 @@ def visible_text(request: Request) -> str:
     params = request.params
     if request.is_finished or params.include_stop_str_in_output or not params.stop_strings:
         return text
-    return text[:len(text) - stop_string_holdback(text, params.stop_strings)]
+    _scan(request, params.stop_matcher, len(text))
+    return text[:len(text) - params.stop_matcher.holdback(request.stop_scan.state)]
