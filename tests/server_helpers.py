@@ -63,3 +63,53 @@ def server(engine):
     srv = ServerThread(build_app(engine, MODEL)).start()
     yield srv
     srv.stop()
+
+
+def pool_is_full(engine) -> bool:
+    """Every KV block back in the pool and nothing left queued or running."""
+    e = engine.engine
+    return e.kv.num_free_blocks == e.runner.num_blocks and not e.has_unfinished_requests()
+
+
+class BackgroundStream:
+    """Long streamed completions, one after another, from their own client and thread, recording when each
+    event arrives; leaving the `with` block closes the current one (the server aborts it)."""
+
+    def __init__(self, base_url: str, max_tokens: int = 900) -> None:
+        self.base_url = base_url
+        self.body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": max_tokens, "ignore_eos": True,
+                     "stream": True}
+        self.times: list[float] = []
+        self.completed = 0  # streams that ran to their [DONE]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.base_url, timeout=60) as c:
+            while not self._stop.is_set():
+                with c.stream("POST", "/v1/completions", json=self.body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            self.times.append(time.monotonic())
+                            self.completed += line == "data: [DONE]"
+                        if self._stop.is_set():
+                            return
+
+    def __enter__(self) -> "BackgroundStream":
+        self._thread.start()
+        assert wait_until(lambda: len(self.times) >= 3, 30), "the background stream did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def events_after(self, moment: float) -> int:
+        return sum(t > moment for t in self.times)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest wait for an event between `start` and `end` (monotonic times)."""
+        inside = [start] + [t for t in self.times if start < t < end] + [end]
+        return max(b - a for a, b in zip(inside, inside[1:]))

@@ -7,6 +7,11 @@ the next step. Every request gets a RequestStream: the engine thread pushes each
 RequestOutput into the stream's asyncio.Queue with loop.call_soon_threadsafe. Model compute
 releases the GIL, so the event loop keeps serving HTTP while the engine thread steps.
 
+Text is tokenised (and chat templates rendered) in small worker pools, never on the event loop or
+the engine thread, so one long prompt delays only its own request: `tokenizers` releases the GIL
+while it encodes. Short texts and long ones have separate pools, so a queue of long prompts
+never holds up a short one.
+
 from_options loads the model on the engine thread too, so only that thread ever runs OpenMP
 parallel regions. libgomp keeps a team of worker threads for every thread that has started a
 region; once those outnumber the CPUs it stops spinning between regions and parks its workers after
@@ -20,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
 from fuselm.config import EngineConfig
 from fuselm.spec.speculator import SpecStats
@@ -34,6 +40,9 @@ from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fuselm")
+
+T = TypeVar("T")
+SHORT_TEXT_CHARS = 16384  # texts up to this long go to the short-text tokenizer pool
 
 
 class RequestFailed(RuntimeError):
@@ -135,6 +144,8 @@ class AsyncLLMEngine:
         self._start_lock = threading.Lock()
         self._last_log = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens)
         self._active_since_log = False
+        self._short_text_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fuselm-tokenize")
+        self._long_text_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fuselm-tokenize-long")
 
     @classmethod
     def from_options(cls, model: str | None = None, log_stats_interval: float = 10.0, log_requests: bool = True,
@@ -204,6 +215,28 @@ class AsyncLLMEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout)
+        self._short_text_pool.shutdown(wait=False, cancel_futures=True)
+        self._long_text_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- tokenizer work (worker pools, never the event loop or the engine thread) -----------
+
+    async def in_tokenizer_pool(self, size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) on a tokenizer worker; `size` (characters or tokens) picks the pool."""
+        pool = self._short_text_pool if size <= SHORT_TEXT_CHARS else self._long_text_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.in_tokenizer_pool(len(text), self.tokenizer.encode, text,
+                                            add_special_tokens=add_special_tokens)
+
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self.in_tokenizer_pool(len(ids), self.tokenizer.decode, ids,
+                                            skip_special_tokens=skip_special_tokens)
+
+    async def render_chat(self, conversation: list[dict], add_generation_prompt: bool, size: int) -> str:
+        """The chat template applied to `conversation` (`size`: its characters, to pick the pool)."""
+        return await self.in_tokenizer_pool(size, self.tokenizer.apply_chat_template, conversation,
+                                            add_generation_prompt)
 
     # ---- requests (event loop side) ---------------------------------------------------------
 
@@ -211,14 +244,25 @@ class AsyncLLMEngine:
                           priority: int = 0, arrival_time: float | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
-        Raises the engine's InvalidRequestError (a ValueError) when the request is invalid (bad prompt, too long, ...).
+        A text prompt is tokenised here, in a tokenizer pool, and reaches the engine thread as token
+        ids with its text. Raises the engine's InvalidRequestError (a ValueError) when the request is
+        invalid (bad prompt, too long, ...).
         """
         if not self.is_running:
             if self._stop.is_set():
                 raise EngineDeadError("the engine is shut down")
             self.start()
+        arrival_time = arrival_time or time.time()
+        text = None
+        if isinstance(prompt, dict) and set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str) and prompt:
+            try:
+                text, prompt = prompt, await self.encode(prompt)
+            except (TypeError, ValueError):  # text the tokenizer refuses: the engine's check says why
+                text = None
         stream = RequestStream(request_id, asyncio.get_running_loop(), self)
-        self._commands.put(("add", stream, prompt, params, priority, arrival_time or time.time()))
+        self._commands.put(("add", stream, prompt, params, priority, arrival_time, text))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -302,7 +346,7 @@ class AsyncLLMEngine:
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, stream, prompt, params, priority, arrival = command
+            _, stream, prompt, params, priority, arrival, text = command
             try:
                 self.engine.add_request(stream.request_id, prompt, params, priority=priority, arrival_time=arrival)
             except Exception as exc:  # ValueError: bad request; anything else: our bug, still this request's
@@ -310,6 +354,9 @@ class AsyncLLMEngine:
                     logger.exception("add_request(%s) raised", stream.request_id)
                 stream.resolve(exc)
                 return
+            if text is not None:  # tokenised in the pool: the outputs still carry the prompt's text
+                for request in self.engine.groups[stream.request_id]:
+                    request.prompt = text
             self._streams[stream.request_id] = stream
             self._active_since_log = True
             stream.resolve(None)

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, API-key check and OpenAI-shaped errors around one AsyncLLMEngine.
+"""The FastAPI application: routes, API-key check, body size limit and OpenAI-shaped errors around one
+AsyncLLMEngine.
 
 build_app() wires an already-loaded AsyncLLMEngine into a fresh app with its own Prometheus
 registry, so several apps (e.g. in tests) can live in one process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fuselm.engine.async_engine import AsyncLLMEngine
 from fuselm.errors import InvalidRequestError
 from fuselm.server import protocol as P
+from fuselm.server.limits import BodySizeLimitMiddleware, ServerLimits, chat_chars
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.serving import APIError, OpenAIServing
 
@@ -28,6 +31,16 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
                    code: str | None = None) -> JSONResponse:
     body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def reject_too_large(scope, receive, send, message: str) -> None:
+    await error_response(413, message, code="request_too_large")(scope, receive, send)
+
+
+def short_model_name(source: str) -> str:
+    """A model's display name from where it was loaded: the file or directory name, never the host path."""
+    parts = [part for part in re.split(r"[/\\]", source) if part]
+    return parts[-1].removesuffix(".gguf") if parts else "model"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -43,10 +56,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class APIKeyMiddleware:
-    """Pure ASGI (streaming-safe) check of 'Authorization: Bearer KEY' on the OpenAI routes, before
-    anything else looks at the request; /health and /metrics stay open."""
+    """Pure ASGI (streaming-safe) check of 'Authorization: Bearer KEY' on the OpenAI routes and the API
+    docs, before anything else looks at the request; /health and /metrics stay open."""
 
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json")
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
@@ -64,9 +77,13 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    name = served_model_name or engine.model_name
-    serving = OpenAIServing(engine, name)
+def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+              limits: ServerLimits | None = None, enable_docs: bool = True) -> FastAPI:
+    """`served_model_name` defaults to the model's file or directory name; `enable_docs=False` turns off
+    /docs, /redoc and /openapi.json (with `api_key` they need the key)."""
+    limits = limits or ServerLimits()
+    name = served_model_name or short_model_name(engine.model_name)
+    serving = OpenAIServing(engine, name, limits)
     metrics = ServerMetrics(name)
     if metrics not in engine.observers:
         engine.observers.append(metrics)
@@ -78,12 +95,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         with contextlib.suppress(ValueError):
             engine.observers.remove(metrics)
 
-    app = FastAPI(title="fuselm", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="fuselm", summary="OpenAI-compatible LLM server", lifespan=lifespan, **docs)
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.served_model_name = name
+    app.state.limits = limits
 
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_request_body_bytes, reject=reject_too_large)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     # ---- errors -------------------------------------------------------------------------------
@@ -129,7 +149,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
 
     @api.get("/v1/models", response_model=P.ModelList)
     async def models() -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=name, root=engine.model_name, max_model_len=engine.max_model_len)])
+        return P.ModelList(data=[P.ModelCard(id=name, root=name, max_model_len=engine.max_model_len)])
 
     @api.post("/v1/completions", response_model=None)
     async def completions(body: P.CompletionRequest, request: Request):
@@ -142,11 +162,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     @api.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest) -> dict:
         serving.check_model(body.model)
-        tok = engine.tokenizer
         if body.messages is not None:
-            ids = serving.chat_prompt(body.messages, body.add_generation_prompt)
+            serving.limiter.check_prompt_chars(chat_chars(body.messages), "messages")
+            ids = await serving.chat_prompt(body.messages, body.add_generation_prompt)
         else:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            serving.limiter.check_prompt_chars(len(body.prompt), "prompt")
+            ids = await engine.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @api.post("/detokenize")
@@ -156,7 +177,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": await engine.decode(body.tokens, skip_special_tokens=False)}
 
     app.include_router(api)
     return app

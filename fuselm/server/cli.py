@@ -14,6 +14,7 @@ logger = logging.getLogger("fuselm")
 
 def register(subparsers) -> None:
     from fuselm.cli import add_engine_args
+    from fuselm.server.limits import PRIORITY_RANGE, ServerLimits
 
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (continuous batching across requests)",
@@ -26,7 +27,24 @@ def register(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                         "(default: $FUSELM_API_KEY, else no key)")
     g.add_argument("--served-model-name", default=None,
-                   help="the model name clients send and /v1/models lists (default: the --model value)")
+                   help="the model name clients send and /v1/models lists (default: the --model file or "
+                        "directory name)")
+    g.add_argument("--disable-docs", action="store_true",
+                   help="turn off /docs, /redoc and /openapi.json (with --api-key they need the key)")
+    d = ServerLimits()
+    g.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies get 413 before they are parsed (default %(default)s)")
+    g.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences_per_request,
+                   help="most sequences (prompts x n) one request may ask for (default %(default)s)")
+    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="most stop strings per request (default %(default)s)")
+    g.add_argument("--max-stop-string-chars", type=int, default=d.max_stop_string_chars,
+                   help="longest stop string in characters (default %(default)s)")
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help="largest logprobs / top_logprobs a request may ask for, at most 20 (default %(default)s)")
+    g.add_argument("--allow-request-priority", action="store_true",
+                   help=f"accept a per-request 'priority' in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}] (lower is "
+                        "served first); without it a non-zero priority gets 400")
     g.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between engine status lines")
     g.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request")
     g.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own log level (access log at info)")
@@ -39,15 +57,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from fuselm.cli import engine_kwargs
     from fuselm.engine.async_engine import AsyncLLMEngine
-    from fuselm.server.app import build_app
+    from fuselm.server.app import build_app, short_model_name
+    from fuselm.server.limits import ServerLimits
 
     fuselm_logger = logging.getLogger("fuselm")
     if fuselm_logger.getEffectiveLevel() > logging.INFO and args.log_level.upper() == "WARNING":
         fuselm_logger.setLevel(logging.INFO)  # the server's request/status lines are its default output
+    limits = ServerLimits(
+        max_request_body_bytes=args.max_request_body_bytes, max_sequences_per_request=args.max_sequences_per_request,
+        max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+        max_logprobs=args.max_logprobs, allow_request_priority=args.allow_request_priority)
     engine = AsyncLLMEngine.from_options(log_stats_interval=args.log_stats_interval,
                                          log_requests=not args.disable_log_requests, **engine_kwargs(args))
-    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
-    app = build_app(engine, served_model_name=name, api_key=args.api_key)
+    name = args.served_model_name or (short_model_name(args.model) if args.model else "SmolLM2-135M-Instruct")
+    app = build_app(engine, served_model_name=name, api_key=args.api_key, limits=limits,
+                    enable_docs=not args.disable_docs)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
                 ", API key required" if args.api_key else "")
     try:

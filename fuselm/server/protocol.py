@@ -2,23 +2,40 @@
 
 Types and simple ranges are checked here (a violation becomes HTTP 400); value rules shared with
 the offline API live in SamplingParams, whose InvalidRequestErrors also become 400s.
+
+Validation is strict, as OpenAI's is: no bool for a number (`"max_tokens": true`), no numeric
+strings (`"max_tokens": "5"`), no string for a bool (`"stream": "yes"`), finite numbers only (Python's
+JSON parser accepts NaN and Infinity literals), and every text field valid Unicode (JSON's "\ud800"
+escape decodes to a lone surrogate, which no tokenizer can encode).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from fuselm.errors import InvalidRequestError
 
 _INT64 = 2 ** 63
 
 
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text has a lone UTF-16 surrogate at character {exc.start}; send valid Unicode "
+                         "(a surrogate pair's two halves together, or the character itself)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 class _Request(BaseModel):
     # Unknown fields are kept (and logged) rather than rejected: clients send many optional extras.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -28,17 +45,17 @@ class StreamOptions(_Request):
 class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM-style extras)."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = None  # None: the model's generation_config default, else 1.0
     top_p: float | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # extras
     top_k: int | None = None
     min_p: float | None = None
@@ -48,7 +65,7 @@ class SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0  # lower is served first
+    priority: int = 0  # lower is served first; only with --allow-request-priority
 
     @property
     def include_usage(self) -> bool:
@@ -56,7 +73,7 @@ class SamplingRequest(_Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -71,14 +88,14 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(_Request):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -115,8 +132,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -129,7 +146,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

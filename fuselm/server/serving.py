@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import jinja2
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -24,6 +25,7 @@ from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fuselm.sampling_params import SamplingParams
 from fuselm.server import protocol as P
+from fuselm.server.limits import RequestLimiter, ServerLimits, chat_chars, max_chars_per_token
 
 logger = logging.getLogger("fuselm")
 
@@ -76,10 +78,12 @@ class _ChoiceState:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.model_name = served_model_name
         self.defaults = engine.generation_defaults
+        self.limiter = RequestLimiter(limits or ServerLimits(), engine.max_model_len,
+                                      max_chars_per_token(engine.tokenizer))
 
     # ---- shared pieces ----------------------------------------------------------------------
 
@@ -92,7 +96,7 @@ class OpenAIServing:
                         logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's SamplingParams; `fields` names the request fields that some of them come from."""
         if req.model_extra:
-            logger.warning("ignoring unsupported request fields: %s", sorted(req.model_extra))
+            logger.warning("ignoring unsupported request fields: %s", ascii(sorted(req.model_extra)))
 
         def pick(name: str, fallback: float) -> float:
             value = getattr(req, name)
@@ -220,6 +224,7 @@ class OpenAIServing:
     async def completions(self, req: P.CompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
         prompts = req.prompts()
+        self.limiter.check_completion(req, prompts)
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
         fields = {"prompt_logprobs": "logprobs"}
         params = self.sampling_params(req, fields, req.max_tokens, req.logprobs, prompt_lp)
@@ -296,18 +301,20 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
-        tok = self.engine.tokenizer
+    async def chat_prompt(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+        """The messages rendered by the chat template and tokenised, both in the tokenizer pool."""
         conversation = [m.as_template_dict() for m in messages]
+        size = chat_chars(messages)
         try:
-            text = tok.apply_chat_template(conversation, add_generation_prompt)
-        except ValueError as exc:  # the template refused these messages
+            text = await self.engine.render_chat(conversation, add_generation_prompt, size)
+        except (ValueError, jinja2.TemplateError) as exc:  # the template refused these messages
             raise InvalidRequestError(str(exc), param="messages") from exc
-        return tok.encode(text, add_special_tokens=False)
+        return await self.engine.encode(text, add_special_tokens=False)
 
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
-        prompt = self.chat_prompt(req.messages, req.add_generation_prompt)
+        self.limiter.check_chat(req)
+        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         fields = {"prompt": "messages", "logprobs": "top_logprobs",
                   "max_tokens": "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"}
