@@ -1,7 +1,12 @@
-"""LLM: the offline batch API (vLLM's names): generate() and chat() over many prompts at once."""
+"""LLM: the offline batch API (vLLM's names): generate() and chat() over many prompts at once.
+
+Arguments are checked before any work: a wrong type gets a TypeError that says what to pass, a bad
+value an InvalidRequestError / InvalidConfigError (ValueErrors) naming the field.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Sequence
 
@@ -9,6 +14,7 @@ from tqdm.auto import tqdm
 
 from fuselm.config import EngineConfig
 from fuselm.engine.engine import LLMEngine
+from fuselm.errors import InvalidConfigError
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
@@ -23,6 +29,10 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        if model is not None and (not isinstance(model, (str, os.PathLike)) or not os.fspath(model).strip()):
+            raise InvalidConfigError(f"model must be the path of an HF model directory or a .gguf file, got {model!r}; "
+                                     "leave it out (or pass None) to load the embedded SmolLM2-135M-Instruct",
+                                     option="model")
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_options))
         self._next_id = 0
 
@@ -42,16 +52,22 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a text, token ids, a prompt dict or a list of them, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in sampling_params):
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; "
                                  "give one, or one per prompt")
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+                            f"{type(sampling_params).__name__}; e.g. SamplingParams(temperature=0) for greedy")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError("priority needs one value per prompt")
         return self._run(prompts, params_list, use_tqdm, priority)
@@ -65,6 +81,9 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError('chat() takes a conversation, a list of {"role": ..., "content": ...} dicts, or a list '
+                            f"of conversations; got {type(messages).__name__}. For plain text use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         prompts = [

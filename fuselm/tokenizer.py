@@ -3,6 +3,9 @@
 We use the `tokenizers` library directly (not transformers) because importing transformers costs
 ~2 s and the embedded model must load in under 5 s. The chat template is rendered with jinja2 the
 same way transformers does (sandboxed, trim_blocks/lstrip_blocks, raise_exception, tojson).
+Messages are checked before rendering (check_messages), so a missing 'content', a bad role or a
+lone surrogate is an InvalidRequestError naming the message, not jinja2's UndefinedError or the
+tokenizer's TypeError.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
+
+from fuselm.errors import InvalidRequestError, check_text
 
 
 def _raise_exception(message: str) -> None:
@@ -32,6 +37,49 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def check_messages(messages: object) -> None:
+    """A conversation the chat template can render: a list of dicts, each with a non-empty string
+    'role' and a 'content' that is a string, a list of content parts ({"type": "text", "text": ...}
+    and the like; templates that take lists read them) or None beside 'tool_calls'; no lone
+    surrogate in any string. Raises InvalidRequestError (a ValueError) naming the message."""
+    if not isinstance(messages, (list, tuple)):
+        raise InvalidRequestError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                                  f"{type(messages).__name__}", param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"{where} must be a dict with 'role' and 'content', got {message!r:.80}",
+                                      param="messages")
+        role = message.get("role")
+        if not isinstance(role, str) or not role.strip():
+            raise InvalidRequestError(f"{where} needs a 'role' that is a non-empty string such as 'user', 'assistant' "
+                                      f"or 'system', got {role!r:.80}", param="messages")
+        if "content" not in message:
+            raise InvalidRequestError(f"{where} has no 'content'; give the message text as 'content'",
+                                      param="messages")
+        content = message["content"]
+        if content is None and "tool_calls" not in message:
+            raise InvalidRequestError(f"{where}['content'] is None; give the message text (None only goes with "
+                                      "'tool_calls')", param="messages")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequestError(f"{where}['content'] must be a string or a list of content parts, got "
+                                      f"{type(content).__name__}", param="messages")
+        _check_strings(message, where)
+
+
+def _check_strings(value: object, where: str) -> None:
+    """Every string inside a message (keys included) must be valid Unicode text."""
+    if isinstance(value, str):
+        check_text(value, "messages", where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, where)
+            _check_strings(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for j, item in enumerate(value):
+            _check_strings(item, f"{where}[{j}]")
 
 
 class Tokenizer:
@@ -85,16 +133,18 @@ class Tokenizer:
             raise ValueError(
                 "this model has no chat template; pass chat_template=... or use generate() with a plain prompt"
             )
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m:
-                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+        check_messages(messages)
         special = {
             "bos_token": self.token_to_str(self.bos_token_id) if self.bos_token_id is not None else "",
             "eos_token": self.token_to_str(self.eos_token_id) if self.eos_token_id is not None else "",
         }
-        return _compile_template(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special, **extra
-        )
+        try:
+            return _compile_template(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **special, **extra
+            )
+        except jinja2.TemplateError as exc:  # e.g. the template reads a message key that is not there
+            raise InvalidRequestError(f"the chat template could not render these messages: {exc}",
+                                      param="messages") from exc
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "Tokenizer":

@@ -50,6 +50,9 @@ def test_invalid_sampling_values(kwargs, words):
     ("min_tokens", {"min_tokens": 5, "max_tokens": 2}), ("logprobs", {"logprobs": 21}),
     ("prompt_logprobs", {"prompt_logprobs": -1}), ("seed", {"seed": 1.5}), ("stop", {"stop": ["ok", ""]}),
     ("stop_token_ids", {"stop_token_ids": [3, -1]}),
+    ("temperature", {"temperature": float("nan")}), ("top_p", {"top_p": float("inf")}),
+    ("max_tokens", {"max_tokens": True}), ("max_tokens", {"max_tokens": "5"}), ("n", {"n": 2.0}),
+    ("stop", {"stop": ["ok", "\ud800"]}), ("stop", {"stop": [7]}), ("ignore_eos", {"ignore_eos": "yes"}),
 ])
 def test_sampling_errors_name_their_field(field, kwargs):
     with pytest.raises(InvalidRequestError) as info:
@@ -65,6 +68,8 @@ def test_engine_errors_name_their_field(llm):
         ([[]], "prompt", None),
         ([[1, 2, 10**6]], "prompt", None),
         ({"prompt": "a", "prompt_token_ids": [1]}, "prompt", None),
+        ("a lone \udfff surrogate", "prompt", None),
+        ({"prompt": "\ud800"}, "prompt", None),
         (random_prompts([300])[0], "prompt", "context_length_exceeded"),
     ]
     for prompt, field, code in cases:

@@ -9,6 +9,7 @@ import torch
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
+from fuselm.errors import InvalidConfigError, InvalidRequestError
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,70 @@ def test_vllm_prompt_dicts(llm):
         with pytest.raises(ValueError, match="prompt"):
             llm.generate(bad, greedy, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", "ok \udfff then", {"prompt": "a\udc00"}])
+def test_prompts_with_lone_surrogates_are_refused_by_name(llm, prompt):
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert info.value.param == "prompt" and "surrogate" in str(info.value)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([{"role": "user"}], "no 'content'"),
+    ([{"content": "hi"}], "'role'"),
+    ([{"role": None, "content": "hi"}], "'role'"),
+    ([{"role": "", "content": "hi"}], "'role'"),
+    ([{"role": 3, "content": "hi"}], "'role'"),
+    ([{"role": "user", "content": None}], "None"),
+    ([{"role": "user", "content": 5}], "content"),
+    ([{"role": "user", "content": "fine"}, "not a dict"], r"messages\[1\]"),
+    ([{"role": "user", "content": "a\ud800"}], "surrogate"),
+    ([{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}], "surrogate"),
+    ([{"role": "user\ud800", "content": "hi"}], "surrogate"),
+])
+def test_chat_refuses_malformed_messages_by_name(llm, messages, words):
+    """A clear ValueError naming the message instead of jinja2's UndefinedError or a TypeError."""
+    with pytest.raises(InvalidRequestError, match=words) as info:
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert info.value.param == "messages"
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_template_errors_become_request_errors(llm):
+    template = "{{ messages[0]['name'] + '!' }}"  # reads a key these messages lack
+    with pytest.raises(InvalidRequestError, match="chat template") as info:
+        llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2), use_tqdm=False,
+                 chat_template=template)
+    assert info.value.param == "messages"
+
+
+def test_wrong_argument_types_say_what_to_pass(llm):
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
+        llm.generate("a", "greedy", use_tqdm=False)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate(["a", "b"], [SamplingParams(), "greedy"], use_tqdm=False)
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(TypeError, match="prompts must be"):
+        llm.generate(5, use_tqdm=False)
+    with pytest.raises(TypeError, match="conversation"):
+        llm.chat("hello", use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="integers in the vocabulary"):
+        llm.generate([[1, True]], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("model", ["", "   ", 5])
+def test_an_empty_model_path_is_refused_not_replaced_by_the_embedded_model(model):
+    with pytest.raises(InvalidConfigError) as info:
+        LLM(model)
+    assert info.value.option == "model" and "leave it out" in str(info.value)
+
+
+def test_no_model_loads_the_embedded_one():
+    from fuselm.loader.defaults import default_model_path
+
+    for llm in (LLM(max_model_len=64), LLM(None, max_model_len=64)):
+        assert llm.engine.model_name == default_model_path()
