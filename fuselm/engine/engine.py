@@ -24,7 +24,7 @@ from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
-from fuselm.errors import InvalidRequestError
+from fuselm.errors import InvalidRequestError, check_text
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
@@ -98,20 +98,21 @@ class LLMEngine:
                 raise InvalidRequestError(f"a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids', "
                                           f"got keys {sorted(prompt)}", param="prompt")
             prompt = prompt[keys.pop()]
-            if not isinstance(prompt, (str, list, tuple)):
-                raise InvalidRequestError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}",
-                                          param="prompt")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InvalidRequestError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}",
+                                      param="prompt")
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; give at least one token of text", param="prompt")
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt token list is empty; give at least one token id", param="prompt")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+            raise InvalidRequestError(f"prompt token ids must be integers in the vocabulary [0, {vocab}), got {bad[:5]}",
                                       param="prompt")
         return None, ids
 
