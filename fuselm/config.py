@@ -134,6 +134,7 @@ def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 QUANTIZATION_METHODS = ("none", "int8", "int4")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass(slots=True)
@@ -184,6 +185,15 @@ class EngineConfig:
     cpu_kernels: bool = _option(True, "CPU: fuselm's C kernels (attention, RMSNorm, packed GEMMs, quantised "
                                       "matmuls, the one-call layer stack) and oneDNN-packed bf16 weights; off: the "
                                       "portable torch path")
+    tensor_parallel_size: int = _option(
+        1, "split the model over this many processes (Megatron-style: attention heads, the MLP and the vocabulary "
+           "sliced, one all-reduce after o and after down); each holds its shard of the weights and of the KV "
+           "cache, reads only that shard from the file, and on CPU pins its own cores (num_threads each); "
+           "docs/parallel.md")
+    distributed_executor_backend: str = _option(
+        "mp", "how the other tensor-parallel ranks start: mp (local worker processes) or ray (Ray actors in a "
+              "placement group, so the ranks may span the machines of a Ray cluster; needs `pip install ray` and a "
+              "running cluster, or starts a local one)", DISTRIBUTED_EXECUTOR_BACKENDS)
     speculative_config: Any = _option(
         None, 'speculative decoding, a dict or its JSON: {"method": "ngram", "num_speculative_tokens": 4} '
               '(prompt lookup) or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; other '
@@ -226,6 +236,17 @@ class EngineConfig:
                                          option="quantization_group_size")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidConfigError("gpu_memory_utilization must be in (0, 1]", option="gpu_memory_utilization")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise InvalidConfigError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}",
+                                     option="tensor_parallel_size")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise InvalidConfigError(f"distributed_executor_backend must be mp or ray, got "
+                                     f"{self.distributed_executor_backend!r}", option="distributed_executor_backend")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise InvalidConfigError("speculative_config is not supported with tensor_parallel_size > 1 (the draft "
+                                     "and the verification run in one process); leave one of them unset",
+                                     option="speculative_config")
         from fuselm.spec.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

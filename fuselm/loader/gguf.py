@@ -375,7 +375,7 @@ def _expected_names(config: ModelConfig, arch: str = "llama") -> set[str]:
 
 
 def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: ModelConfig, arch: str,
-                  dtype: torch.dtype, keep_quantized: bool) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, keep_quantized: bool, rank_shard=None) -> dict[str, torch.Tensor]:
     mapping: dict[str, str] = {}
     for name in tensors:
         hf = _hf_name(name, arch)
@@ -398,6 +398,8 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
                 t = _unpermute(t, config.num_key_value_heads)
             elif arch in _NORM_PLUS_ONE and hf.endswith("norm.weight"):
                 t = t - 1
+            if rank_shard is not None:  # a tensor-parallel rank keeps its part; the whole tensor goes
+                t = rank_shard.apply(hf, t)
         except (ValueError, RuntimeError) as exc:  # a shape that does not fit the config
             raise _Corrupt(f"tensor {name!r} {tensors[name].shape} cannot be read as {hf} ({exc})") from None
         return hf, t
@@ -450,9 +452,10 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
         buf.close()
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False) -> LoadedModel:
+def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False, shard=None) -> LoadedModel:
     """Config, HF-named weights in `dtype` and tokenizer of a GGUF file of a registered architecture. With
-    keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights."""
+    keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights. With
+    `shard` (a tensor-parallel rank's TensorShard), each weight is cut to the rank's part as it is read."""
     path = Path(path)
     buf = _open(path)
     try:
@@ -468,7 +471,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
             config = _config(meta, arch, tensors, buf)
         except (TypeError, ValueError, KeyError) as exc:
             raise _Corrupt(f"its {arch} metadata is invalid ({type(exc).__name__}: {exc})") from None
-        weights = _load_weights(buf, tensors, config, arch, dtype, keep_quantized)
+        rank_shard = shard.bind(config) if shard is not None else None
+        weights = _load_weights(buf, tensors, config, arch, dtype, keep_quantized, rank_shard)
         tokenizer = _tokenizer(meta, path)
     except _Corrupt as exc:
         raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None

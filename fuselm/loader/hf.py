@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fuselm.config import ModelConfig
@@ -31,7 +32,14 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf_dir(path: str | Path, dtype: torch.dtype) -> LoadedModel:
+def _read_shard(file: Path, rank_shard) -> dict[str, torch.Tensor]:
+    """Only this tensor-parallel rank's part of each tensor of `file` (safetensors reads slices)."""
+    with safe_open(str(file), framework="pt") as f:
+        return {name: rank_shard.read(name, f.get_slice(name)) for name in f.keys()}
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype, shard=None) -> LoadedModel:
+    """`shard`: a tensor-parallel rank's TensorShard (fuselm/parallel/sharding.py), or None for every weight."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -41,14 +49,15 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype) -> LoadedModel:
     except (json.JSONDecodeError, KeyError) as exc:
         raise ValueError(f"{cfg_file} is not a valid model config ({exc}); re-download the model") from exc
     weights: dict[str, torch.Tensor] = {}
+    rank_shard = shard.bind(config) if shard is not None else None
     for file in _safetensors_files(path):
         try:
-            shard = load_file(str(file))
+            found = load_file(str(file)) if rank_shard is None else _read_shard(file, rank_shard)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(
                 f"{file} is truncated or corrupt ({exc}); re-download or re-save the weights"
             ) from exc
-        for name, tensor in shard.items():
+        for name, tensor in found.items():
             weights[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     gen_file = path / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}

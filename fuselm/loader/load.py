@@ -11,8 +11,11 @@ from fuselm.loader.types import LoadedModel
 
 
 def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = None,
-               keep_quantized: bool = False) -> LoadedModel:
-    """keep_quantized: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K tensors come back as QuantWeights."""
+               keep_quantized: bool = False, shard=None) -> LoadedModel:
+    """keep_quantized: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K tensors come back as QuantWeights.
+
+    shard: a tensor-parallel rank's fuselm.parallel.sharding.TensorShard; the weights are then only
+    that rank's part of each tensor, cut as it is read (the config stays the whole model's)."""
     path = Path(model) if model else Path(default_model_path())
     if not path.exists():
         raise FileNotFoundError(
@@ -24,11 +27,11 @@ def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = No
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model directory")
         from fuselm.loader.gguf import load_gguf
 
-        loaded = load_gguf(path, dtype, keep_quantized=keep_quantized)
+        loaded = load_gguf(path, dtype, keep_quantized=keep_quantized, shard=shard)
     else:
         from fuselm.loader.hf import load_hf_dir
 
-        loaded = load_hf_dir(path, dtype)
+        loaded = load_hf_dir(path, dtype, shard=shard)
     if tokenizer:
         from fuselm.tokenizer import Tokenizer
 

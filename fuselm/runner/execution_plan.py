@@ -77,10 +77,13 @@ def choose_linear(module: LinearMethod, kernels, onednn: bool, role: str) -> Lin
     return OneDNNLinear(weight, module.bias, packed, small_m_kernels(weight, kernels))
 
 
-def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype: torch.dtype) -> ExecutionPlan:
+def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype: torch.dtype,
+                   parallel=None) -> ExecutionPlan:
     """Choose every code path for `model` (loaded, KV caches attached) and install the choices.
 
-    With `plan.attention == "c-paged"` the runner hands `plan.attention_kernels` to the attention layers."""
+    With `plan.attention == "c-paged"` the runner hands `plan.attention_kernels` to the attention layers.
+    `parallel` (a fuselm.parallel.group.TensorParallelGroup): `model` is one rank's shard; the chosen
+    methods of o, down and the LM head, and the embedding, are wrapped with their collectives."""
     from fuselm.kernels.onednn import onednn_available
 
     cfg = model.config
@@ -126,9 +129,18 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                 plan.reasons.append(f"torch experts: {why}")
         elif device.type == "cpu" and use_cpu_kernels:
             module = choose_linear(module, kernels, onednn, role)
-            setattr(parent, attr, module)
+        if parallel is not None:
+            from fuselm.parallel.layers import wrap_linear
+
+            module = wrap_linear(module, role, parallel)
+        setattr(parent, attr, module)
         kinds.setdefault(role, {})[module.kind] = None
     plan.linear = {role: "|".join(k) for role, k in kinds.items()}
+    if parallel is not None:
+        from fuselm.parallel.layers import wrap_embedding
+
+        wrap_embedding(model, parallel)
+        plan.reasons.append(f"tensor parallel over {parallel.world_size} ranks (this is rank {parallel.rank})")
 
     if attention_kernels is not None:
         from fuselm.layers.norm import RMSNorm
@@ -138,7 +150,8 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                 module.cpu_kernels = attention_kernels
         from fuselm.kernels.c_layers import CLayers
 
-        why_not = CLayers.unsupported_reason(model)
+        why_not = CLayers.unsupported_reason(model) if parallel is None else \
+            "tensor parallelism (the C layers do not all-reduce after o and down)"
         if why_not is None:
             model.c_layers = CLayers(model, kernels)
             plan.layers = "c"

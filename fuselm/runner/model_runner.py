@@ -60,8 +60,12 @@ def available_memory_bytes() -> int:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 device: str, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
+                 device: str, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
+                 parallel=None) -> None:
+        """`parallel`: a fuselm.parallel.group.TensorParallelGroup when this runner is one rank of a
+        tensor-parallel engine (`model_config` and `weights` are then that rank's shard)."""
         self.config = config
+        self.parallel = parallel
         self.model_config = model_config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -87,6 +91,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators = SeededGenerators()  # seeded sequences' generators, by seq_id
         self.num_blocks = self._kv_cache_blocks(max_model_len)
+        if parallel is not None:  # every rank's cache holds the same blocks: as many as the smallest
+            self.num_blocks = parallel.min_over_ranks(self.num_blocks)
         # One extra block at the end stays all zeros: padded context positions point at it, so
         # masked-out positions never read uninitialised memory (0 * NaN would poison the output).
         shape = (self.num_blocks + 1, self.block_size, model_config.num_key_value_heads, model_config.head_dim)
@@ -99,7 +105,7 @@ class ModelRunner:
             if self.kv_dtype == torch.int8:
                 for name in ("k_scale", "v_scale"):
                     setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
-        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype)
+        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
         logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
@@ -259,6 +265,8 @@ class ModelRunner:
         if not logit_index:
             return ModelOutput(sampled, prompt_lps)
         logits = self.model.compute_logits(hidden[torch.tensor(logit_index, device=self.device)])  # [S, V]
+        if self.parallel is not None and not self.parallel.is_driver:
+            return ModelOutput(sampled, prompt_lps)  # only rank 0 has the gathered logits and samples
 
         for row, first, count, start in prompt_lp_spans:
             r = out.scheduled[row]
