@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -179,11 +180,12 @@ def main() -> None:
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     result = {"shape": shape, "cpu": model_name, "threads": torch.get_num_threads(), "python": platform.python_version(),
               "torch": torch.__version__, "command": " ".join(sys.argv),
-              "read_bandwidth_gb_s": round(read_bandwidth(), 2)}
+              "load_average_at_start": os.getloadavg()[0], "read_bandwidth_gb_s": round(read_bandwidth(), 2)}
     result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens)
     result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens)
     if not args.skip_hf:
         result["hf_transformers_float32"] = hf_figures(hf_dir, batches, args.hf_tokens)
+    result["load_average_at_end"] = os.getloadavg()[0]  # other processes on these cores skew every figure
     for name in ("fuselm_float32", "fuselm_gguf_q4_0"):
         r = result[name]
         r["moe_layer_share_of_bandwidth"] = round(r["moe_layer_batch1_gb_s"] / result["read_bandwidth_gb_s"], 3)
