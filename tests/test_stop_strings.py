@@ -9,6 +9,9 @@ and are prefixes of one another, and splits them into random increments as detok
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,6 +147,15 @@ def test_equal_stop_lists_share_one_automaton():
     a = SamplingParams(stop=["x", "yz"])
     assert a.stop_matcher is SamplingParams(stop=["x", "yz"]).stop_matcher is a.clone(temperature=0).stop_matcher
     assert SamplingParams().stop_matcher is None
+
+
+def test_a_large_stop_list_is_not_kept_after_its_last_user():
+    params = SamplingParams(stop=[f"{i:07d}" for i in range(20_000)])
+    assert params.clone(n=2).stop_matcher is params.stop_matcher
+    alive = weakref.ref(params.stop_matcher)
+    del params
+    gc.collect()
+    assert alive() is None
 
 
 @pytest.fixture(scope="module")
