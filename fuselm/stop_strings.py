@@ -15,8 +15,10 @@ precomputed per node, making the hold-back a table lookup.
 Building costs one pass over the stop strings plus the failure links, both linear in their total
 length (the server caps count and length): about 4 us and 250 bytes per stop-string character in
 CPython (100,000 random strings of 6-12 characters: 0.9 M characters, 0.64 M nodes, 160 MB).
-The automaton is written here because no library the project uses offers an incremental
-Aho-Corasick with access to its state.
+The automaton is written here because no available library offers an incremental Aho-Corasick
+with access to its state: pyahocorasick's search iterator can continue across chunks, but it
+exposes neither the current node's depth (the hold-back) nor a state small enough to keep per
+sequence, and would add a compiled dependency for a loop of a few dict lookups per character.
 """
 
 from __future__ import annotations
