@@ -120,15 +120,16 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantW
     """Symmetric int8 per output channel (group_size None or -1) or per group, round to nearest.
     Grouped scales are stored as float16 (half the bytes, Q8_0's choice) when they fit."""
     n, k = weight.shape
-    g = k if group_size in (None, -1) else group_size
+    grouped = group_size not in (None, -1)  # even a layer one group wide: a tensor-parallel rank's slice
+    g = group_size if grouped else k
     w = weight.detach().float().reshape(n, k // g, g)
     scale = w.abs().amax(dim=-1) / 127.0  # [N, K/G]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale gives q = 0
-    if g < k and _scale_dtype(scale) == torch.float16:
+    if grouped and _scale_dtype(scale) == torch.float16:
         scale = scale.half().float()  # levels from the stored scale
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8).reshape(n, k)
-    stored = scale.half() if g < k and _scale_dtype(scale) == torch.float16 else scale
+    stored = scale.half() if grouped and _scale_dtype(scale) == torch.float16 else scale
     return QuantWeight(8, g, (n, k), q.contiguous(), stored.contiguous(), None)
 
 
@@ -171,7 +172,7 @@ def quantize(weight: torch.Tensor, method: str, group_size: int | None = None) -
     """Round-to-nearest `method` quantisation with the group size fit_group_size() picks."""
     group = fit_group_size(method, group_size, weight.shape[1])
     if method == "int8":
-        return quantize_int8(weight, group)
+        return quantize_int8(weight, -1 if group_size == -1 else group)
     if method == "int4":
         return quantize_int4(weight, group)
     raise ValueError(f"unknown quantization {method!r}; use int8 or int4")
