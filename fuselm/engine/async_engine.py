@@ -37,6 +37,7 @@ from fuselm.config import EngineConfig
 from fuselm.spec.speculator import SpecStats
 from fuselm.engine.engine import LLMEngine
 from fuselm.outputs import RequestOutput
+from fuselm.parallel.group import WorkerFailedError
 from fuselm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fuselm")
@@ -314,6 +315,7 @@ class AsyncLLMEngine:
                 self._fail_all("internal engine error")
                 idle_wait = 0.01
         self._fail_all("the engine is shutting down")
+        self.engine.shutdown()  # tensor-parallel workers, from the thread that started them
         for command in self._next_commands(False):  # requests that arrived during shutdown
             if command[0] == "add":
                 command[1].resolve(EngineDeadError("the engine is shut down"))
@@ -334,6 +336,8 @@ class AsyncLLMEngine:
                 logger.exception("engine step raised; failing %d in-flight requests", len(self._streams))
                 self._fail_all(f"internal engine error: {exc}")
                 outputs = []
+                if isinstance(exc, WorkerFailedError):  # no later step can run: stop (503 from now on)
+                    self._stop.set()
             now = time.time()
             for output in outputs:
                 self._dispatch(output, now)

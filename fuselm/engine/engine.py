@@ -27,6 +27,7 @@ from fuselm.core.step_cost import PromptChunkLimiter
 from fuselm.errors import InvalidRequestError, check_text
 from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from fuselm.parallel.group import WorkerFailedError
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
 from fuselm.runner.sampler import SampledToken
 from fuselm.sampling_params import SamplingParams
@@ -51,7 +52,13 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = parse_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, self.dtype, config.tokenizer, keep_quantized=config.quantization is None)
+        shard = None
+        if config.tensor_parallel_size > 1:  # this process is rank 0: it loads only its shard
+            from fuselm.parallel.sharding import TensorShard
+
+            shard = TensorShard.of(config, 0)
+        loaded = load_model(config.model, self.dtype, config.tokenizer, keep_quantized=config.quantization is None,
+                            shard=shard)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.generation_defaults = loaded.generation_defaults
@@ -64,7 +71,13 @@ class LLMEngine:
         max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
         eos = list(dict.fromkeys(mc.eos_token_ids + self.tokenizer.eos_token_ids))
         self.eos_token_ids = eos
-        self.runner = ModelRunner(config, mc, loaded.weights, self.device, self.dtype, max_model_len, eos)
+        if shard is not None:  # the runner interface over N processes (fuselm/parallel/executor.py)
+            from fuselm.parallel.executor import TensorParallelExecutor
+
+            self.runner = TensorParallelExecutor(config, mc, loaded.weights, self.device, self.dtype, max_model_len,
+                                                 eos)
+        else:
+            self.runner = ModelRunner(config, mc, loaded.weights, self.device, self.dtype, max_model_len, eos)
         del loaded
         pool_tokens = self.runner.num_blocks * config.block_size
         if pool_tokens < max_model_len:
@@ -185,6 +198,8 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
         try:
             result = self.runner.execute(out)
+        except WorkerFailedError:  # a tensor-parallel rank is gone: the engine cannot go on
+            raise
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return self._fail_step(out, f"internal error during the model step: {exc}")
@@ -194,6 +209,12 @@ class LLMEngine:
         if spec is not None:  # the whole step: proposing, scheduling, the forward, verifying, appending
             spec.observe_step(out, time.perf_counter() - t0)
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a one-process engine holds nothing to stop)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def _observe_step_cost(self, out: SchedulerOutput, seconds: float) -> None:
         """Feed the prompt-chunk limiter: decoding rows, prompt tokens and the step's duration."""
