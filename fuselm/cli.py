@@ -179,12 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands whose modules exist (server, bench)."""
+    """Subcommands whose modules exist (server, bench) and `placement` (expert placement)."""
     import importlib
     import importlib.util
 
     found = []
-    for module in ("fuselm.server.cli", "fuselm.bench.cli"):
+    for module in ("fuselm.server.cli", "fuselm.bench.cli", "fuselm.parallel.placement"):
         if importlib.util.find_spec(module) is not None:
             found.append(importlib.import_module(module).register)
     return found

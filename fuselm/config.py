@@ -39,6 +39,9 @@ class ModelConfig:
     # The whole config.json (or, for GGUF, the HF-named equivalent the loader builds): fields that only
     # one family reads (experts, q/k norms, sliding-window layouts) are read by that family's file.
     hf_config: dict[str, Any] = field(default_factory=dict)
+    # Expert parallelism: the global ids of the experts this rank holds, per layer (None for a dense
+    # layer); None: every expert (fuselm/parallel/expert_parallel.py)
+    local_experts: list[list[int] | None] | None = None
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -194,6 +197,14 @@ class EngineConfig:
         "mp", "how the other tensor-parallel ranks start: mp (local worker processes) or ray (Ray actors in a "
               "placement group, so the ranks may span the machines of a Ray cluster; needs `pip install ray` and a "
               "running cluster, or starts a local one)", DISTRIBUTED_EXECUTOR_BACKENDS)
+    enable_expert_parallel: bool = _option(
+        False, "with tensor_parallel_size > 1 and a mixture-of-experts model: each rank holds whole experts (an "
+               "equal share, round-robin or per expert_placement) instead of a slice of every expert; attention "
+               "stays tensor-parallel; each rank runs its experts for the tokens routed to them and one all-reduce "
+               "per layer sums the results; docs/expert_parallel.md")
+    expert_placement: str | None = _option(
+        None, "with enable_expert_parallel: a JSON file saying which rank holds each expert of each MoE layer, as "
+              "`fuselm placement` writes it from recorded routing statistics; unset: expert e on rank e mod N")
     speculative_config: Any = _option(
         None, 'speculative decoding, a dict or its JSON: {"method": "ngram", "num_speculative_tokens": 4} '
               '(prompt lookup) or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; other '
@@ -243,6 +254,14 @@ class EngineConfig:
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise InvalidConfigError(f"distributed_executor_backend must be mp or ray, got "
                                      f"{self.distributed_executor_backend!r}", option="distributed_executor_backend")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise InvalidConfigError(f"enable_expert_parallel must be true or false, got "
+                                     f"{self.enable_expert_parallel!r}", option="enable_expert_parallel")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise InvalidConfigError("enable_expert_parallel needs tensor_parallel_size > 1 (the experts are spread "
+                                     "over the tensor-parallel ranks)", option="enable_expert_parallel")
+        if self.expert_placement is not None and not self.enable_expert_parallel:
+            raise InvalidConfigError("expert_placement needs enable_expert_parallel", option="expert_placement")
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:
             raise InvalidConfigError("speculative_config is not supported with tensor_parallel_size > 1 (the draft "
                                      "and the verification run in one process); leave one of them unset",

@@ -39,6 +39,16 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def dump_expert_stats(self, path: str | os.PathLike) -> dict:
+        """Write the routing statistics of an MoE model (tokens per expert per layer, and between
+        consecutive MoE layers; fuselm/runner/expert_stats.py) as JSON to `path`, the file
+        `fuselm placement --stats` reads; returns what was written."""
+        stats = getattr(self.engine.runner, "expert_stats", None)  # the runner's, or rank 0's under parallelism
+        if stats is None:
+            raise InvalidConfigError(f"{self.engine.model_name} has no experts: there are no routing statistics",
+                                     option="model")
+        return stats.dump(path, self.engine.model_name)
+
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() overlaid with the model's generation_config.json defaults."""
         return SamplingParams(**self.engine.generation_defaults)

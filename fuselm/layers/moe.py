@@ -11,6 +11,12 @@
 - Qwen2-MoE's shared expert is a gated MLP every token goes through, scaled by sigmoid(a [1, hidden]
   linear gate).
 
+Under expert parallelism (fuselm/parallel/expert_parallel.py) a block holds only its rank's experts
+(`local_experts`, global ids): the router still scores every expert, each rank runs its experts
+for the (token, slot) pairs routed to them, adds its slice of the shared expert, and `reduce` (the
+rank group's all-reduce, installed by the execution plan) sums the ranks' partial outputs. A
+`recorder` (the runner's routing statistics, fuselm/runner/expert_stats.py) sees each step's ids.
+
 How the experts run is the execution plan's choice (`choose_experts`): the portable torch path sorts
 the step's (token, slot) pairs by expert and runs each active expert once over all its tokens (the
 reference, and what other devices run); on CPU with fuselm's kernels the whole block's experts run in
@@ -221,17 +227,46 @@ class SharedExpert(nn.Module):
 
 
 class MoEBlock(nn.Module):
+    """`local_experts`: the global ids of the experts this block holds (expert parallelism), in the
+    order its GroupedExperts stores them; None: all `num_experts`."""
+
     def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, renormalize: bool,
-                 shared_intermediate: int | None = None) -> None:
+                 shared_intermediate: int | None = None, local_experts: list[int] | None = None) -> None:
         super().__init__()
-        self.top_k, self.renormalize = top_k, renormalize
-        self.gate = TorchLinear(hidden, num_experts)  # the router
-        self.experts = GroupedExperts(num_experts, hidden, intermediate)
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.local_experts = None if local_experts is None else list(local_experts)
+        self.gate = TorchLinear(hidden, num_experts)  # the router, over every expert
+        held = num_experts if local_experts is None else len(local_experts)
+        self.experts = GroupedExperts(held, hidden, intermediate)
         self.shared_expert = SharedExpert(hidden, shared_intermediate) if shared_intermediate else None
+        self.reduce = None  # expert parallelism: sums the ranks' partial outputs (the plan installs it)
+        self.recorder = None  # called with each step's expert ids [T, k] (routing statistics)
+        self._local_index: torch.Tensor | None = None  # [num_experts]: global id -> local index, -1 elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)  # [T, k] each
-        y = self.experts(x, ids, weights)  # [T, H]
+        if self.recorder is not None:
+            self.recorder(ids)
+        if self.local_experts is None:
+            y = self.experts(x, ids, weights)  # [T, H]
+        else:
+            y = self._held_experts(x, ids, weights)  # [T, H]: only this rank's experts' share
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
+        if self.reduce is not None:
+            y = self.reduce(y.contiguous())
+        return y
+
+    def _held_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The (token, slot) pairs routed to the experts held here, run as T' tokens of one slot each."""
+        if self._local_index is None or self._local_index.device != x.device:
+            index = torch.full((self.num_experts,), -1, dtype=torch.long)
+            index[torch.tensor(self.local_experts, dtype=torch.long)] = torch.arange(len(self.local_experts))
+            self._local_index = index.to(x.device)
+        local = self._local_index[ids]  # [T, k]
+        token, slot = (local >= 0).nonzero(as_tuple=True)  # [P] each
+        y = torch.zeros_like(x)  # [T, H]
+        if token.numel():
+            part = self.experts(x[token], local[token, slot].unsqueeze(1), weights[token, slot].unsqueeze(1))  # [P, H]
+            y.index_add_(0, token, part)
         return y

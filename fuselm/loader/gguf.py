@@ -410,7 +410,7 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        weights = dict(one(name) for name in mapping)
+        weights = {hf: t for hf, t in map(one, mapping) if t is not None}  # None: another rank's expert
     finally:
         torch.set_num_threads(threads)
     if keep_quantized:

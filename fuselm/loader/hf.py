@@ -33,9 +33,11 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _read_shard(file: Path, rank_shard) -> dict[str, torch.Tensor]:
-    """Only this tensor-parallel rank's part of each tensor of `file` (safetensors reads slices)."""
+    """Only this tensor-parallel rank's part of each tensor of `file` (safetensors reads slices); a
+    tensor the rank holds none of (another rank's expert) is not read at all."""
     with safe_open(str(file), framework="pt") as f:
-        return {name: rank_shard.read(name, f.get_slice(name)) for name in f.keys()}
+        parts = {name: rank_shard.read(name, f.get_slice(name)) for name in f.keys()}
+    return {name: part for name, part in parts.items() if part is not None}
 
 
 def load_hf_dir(path: str | Path, dtype: torch.dtype, shard=None) -> LoadedModel:

@@ -10,7 +10,8 @@ Weights are read under one naming scheme, the one Qwen2-MoE/Qwen3-MoE/OLMoE chec
 (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`, `mlp.shared_expert.*`); Mixtral's own names
 (`block_sparse_moe.gate`, `experts.{e}.w1/w3/w2`) are renamed to it first. The GGUF loader hands
 stacked experts as `mlp.experts.{gate,up,down}_proj.weight` ([E, N, K] floats, or a QuantWeight of
-E * N rows), which load as they are.
+E * N rows), which load as they are. Under expert parallelism a rank's config lists the experts it
+holds (`ModelConfig.local_experts`): it reads only those, and stacked tensors arrive cut to them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class MoESettings:
 
 
 class MoEDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: nn.Module, settings: MoESettings | None) -> None:
+    def __init__(self, config: ModelConfig, attention: nn.Module, settings: MoESettings | None,
+                 local_experts: list[int] | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attention
@@ -56,7 +58,7 @@ class MoEDecoderLayer(nn.Module):
             self.mlp = MLP(config)
         else:
             self.mlp = MoEBlock(config.hidden_size, settings.num_experts, settings.top_k, settings.intermediate,
-                                settings.renormalize, settings.shared_intermediate)
+                                settings.renormalize, settings.shared_intermediate, local_experts)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope)
@@ -71,8 +73,10 @@ class MoEForCausalLM(LlamaForCausalLM):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(config, max_positions, dtype)
         settings = self.moe_settings(config)
+        held = config.local_experts or [None] * config.num_hidden_layers  # expert parallelism: this rank's experts
         self.layers = nn.ModuleList(
-            MoEDecoderLayer(config, self.make_attention(config), settings if self.is_sparse_layer(config, i) else None)
+            MoEDecoderLayer(config, self.make_attention(config), settings if self.is_sparse_layer(config, i) else None,
+                            held[i])
             for i in range(config.num_hidden_layers))
 
     # ---- what a family overrides ----
@@ -159,8 +163,9 @@ class MoEForCausalLM(LlamaForCausalLM):
         projections = []
         for proj in ("gate_proj", "up_proj", "down_proj"):
             stacked = weights.pop(prefix + f"{proj}.weight", None)
-            if stacked is None:  # one tensor per expert (HF checkpoints)
-                names = [prefix + f"{e}.{proj}.weight" for e in range(experts.num_experts)]
+            if stacked is None:  # one tensor per expert (HF checkpoints); under expert parallelism only those held
+                held = block.local_experts if block.local_experts is not None else range(experts.num_experts)
+                names = [prefix + f"{e}.{proj}.weight" for e in held]
                 missing = [n for n in names if n not in weights]
                 if missing:
                     raise ValueError(f"weight {missing[0]!r} is missing from the checkpoint; the file is incomplete")

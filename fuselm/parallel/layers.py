@@ -22,6 +22,9 @@ from fuselm.layers.linear import LinearMethod
 from fuselm.parallel.group import TensorParallelGroup
 
 ROW_PARALLEL_ROLES = ("o", "down")
+# an expert-parallel MoE block's projections: the block sums its partial output once, after the shared
+# expert's slice is added (fuselm/parallel/expert_parallel.py)
+EXPERT_PARALLEL_ROLES = ("router", "experts", "shared_gate_up", "shared_down", "shared_gate")
 
 
 class RowParallelLinear(LinearMethod):
@@ -84,7 +87,7 @@ def wrap_linear(module: LinearMethod, role: str, group: TensorParallelGroup) -> 
         return RowParallelLinear(module, group)
     if role == "lm_head":
         return VocabParallelLMHead(module, group)
-    if role in ("qkv", "gate_up"):
+    if role in ("qkv", "gate_up") or role in EXPERT_PARALLEL_ROLES:
         return module
     raise ValueError(f"tensor parallelism does not know how to split a {role!r} projection")
 

@@ -139,8 +139,12 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     if parallel is not None:
         from fuselm.parallel.layers import wrap_embedding
 
+        from fuselm.parallel.expert_parallel import install_expert_parallel
+
         wrap_embedding(model, parallel)
         plan.reasons.append(f"tensor parallel over {parallel.world_size} ranks (this is rank {parallel.rank})")
+        if install_expert_parallel(model, parallel):
+            plan.reasons.append("expert parallel: this rank holds whole experts, one all-reduce per MoE layer")
 
     if attention_kernels is not None:
         from fuselm.layers.norm import RMSNorm

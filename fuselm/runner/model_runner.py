@@ -17,6 +17,7 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
@@ -107,6 +108,8 @@ class ModelRunner:
                     setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
         self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
+        # an MoE model's routing counts, kept by the driver (every rank routes every token)
+        self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
         logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.bytes_per_block

@@ -141,7 +141,16 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
 
     @app.get("/metrics")
     async def scrape() -> Response:
-        return Response(metrics.render(engine.snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(engine.snapshot, getattr(engine.engine.runner, "expert_stats", None)),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/expert_stats")
+    async def expert_stats() -> Response:
+        """An MoE model's routing statistics as JSON (the file `fuselm placement --stats` reads)."""
+        stats = getattr(engine.engine.runner, "expert_stats", None)  # an MoE model's routing counts
+        if stats is None:
+            return error_response(404, f"{name} has no experts: there are no routing statistics", code=None)
+        return JSONResponse(stats.to_json(engine.engine.model_name))
 
     # ---- OpenAI routes (behind the API key) -------------------------------------------------------
 

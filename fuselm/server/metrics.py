@@ -31,6 +31,10 @@ METRIC_NAMES = (
     "fuselm_spec_decode_num_accepted_tokens", "fuselm_spec_decode_acceptance_rate",
     "fuselm_spec_decode_mean_acceptance_length",
 )
+# MoE models only (fuselm/runner/expert_stats.py): tokens per layer and the load imbalance of its experts;
+# tokens per expert too while layers x experts stays under MAX_EXPERT_SERIES (series, not a summary)
+MOE_METRIC_NAMES = ("fuselm_moe_layer_tokens", "fuselm_moe_expert_load_max_over_mean", "fuselm_moe_expert_tokens")
+MAX_EXPERT_SERIES = 2048
 
 
 class ServerMetrics:
@@ -77,6 +81,15 @@ class ServerMetrics:
                                labels, registry=registry)
         self.spec_length = Gauge("fuselm_spec_decode_mean_acceptance_length", "Tokens emitted per verification, the "
                                  "bonus token included", labels, registry=registry)
+        self.moe_layer_tokens = Gauge("fuselm_moe_layer_tokens", "Token-to-expert assignments (tokens x top-k) of "
+                                      "an MoE layer since start", labels + ["layer"], registry=registry)
+        self.moe_imbalance = Gauge("fuselm_moe_expert_load_max_over_mean", "An MoE layer's most loaded expert's "
+                                   "assignments over the mean expert's, since start (1 = even)", labels + ["layer"],
+                                   registry=registry)
+        self.moe_expert_tokens = Gauge("fuselm_moe_expert_tokens", "Token assignments of one expert of an MoE layer "
+                                       "since start (absent for models with more than "
+                                       f"{MAX_EXPERT_SERIES} layer x expert pairs: see /expert_stats)",
+                                       labels + ["layer", "expert"], registry=registry)
         self._lock = threading.Lock()
         self._progress: dict[str, tuple[int, float]] = {}  # request id -> (tokens seen, time of the last)
 
@@ -108,8 +121,11 @@ class ServerMetrics:
             self.queue_time.labels(name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
         self.e2e.labels(name).observe(max(0.0, (m.finished_time or now) - m.arrival_time))
 
-    def render(self, snapshot: EngineSnapshot) -> bytes:
+    def render(self, snapshot: EngineSnapshot, expert_stats=None) -> bytes:
+        """`expert_stats`: the engine's fuselm.runner.expert_stats.ExpertStats (MoE models), or None."""
         name = self.model_name
+        if expert_stats is not None:
+            self._render_experts(expert_stats)
         self.running.labels(name).set(snapshot.num_running)
         self.waiting.labels(name).set(snapshot.num_waiting)
         self.kv_usage.labels(name).set(snapshot.kv_usage)
@@ -122,3 +138,15 @@ class ServerMetrics:
         self.spec_rate.labels(name).set(spec.acceptance_rate)
         self.spec_length.labels(name).set(spec.mean_acceptance_length)
         return generate_latest(self.registry)
+
+    def _render_experts(self, stats) -> None:
+        name = self.model_name
+        loads = stats.load_counts()
+        per_expert = len(stats.layers) * stats.num_experts <= MAX_EXPERT_SERIES
+        for layer, load in zip(stats.layers, loads):
+            total = sum(load)
+            self.moe_layer_tokens.labels(name, str(layer)).set(total)
+            self.moe_imbalance.labels(name, str(layer)).set(max(load) * len(load) / total if total else 1.0)
+            if per_expert:
+                for expert, count in enumerate(load):
+                    self.moe_expert_tokens.labels(name, str(layer), str(expert)).set(count)

@@ -1,0 +1,101 @@
+"""Routing statistics of a mixture-of-experts model: how many tokens each expert receives, per layer.
+
+Placing experts over ranks so that no rank is the straggler (`fuselm placement`,
+fuselm/parallel/placement.py) needs the load each expert actually gets, and, to keep tokens on one
+rank from one layer to the next, which experts a token goes to in consecutive MoE layers. The
+runner of the driver (rank 0 under tensor/expert parallelism; every rank routes every token, so one
+is enough) gives each MoE block a recorder, called with the step's expert ids [T, k]:
+
+- `load[p, e]`: (token, slot) assignments to expert e in the p-th MoE layer, summed over steps;
+- `co_occurrence[p, a, b]`: pairs (a token's slot in MoE layer p on expert a, its slot in MoE layer
+  p + 1 on expert b); a row sums to k times load[p, a].
+
+Each record is a bincount on the device the model runs on, added to a running total there: no copy
+to the host and no synchronisation per step. Every token the forward computes counts (prompt chunks,
+decodes, recomputation after preemption; prefix-cache hits are not computed, so not counted): that
+is the work the experts do. `to_json` is the file `fuselm placement --stats` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from pathlib import Path
+
+import torch
+
+STATS_FORMAT = "fuselm-expert-stats"
+
+
+class ExpertStats:
+    def __init__(self, layers: list[int], num_experts: int, top_k: int, device: torch.device) -> None:
+        self.layers, self.num_experts, self.top_k = list(layers), num_experts, top_k
+        e = num_experts
+        self.load = torch.zeros(len(layers), e, dtype=torch.long, device=device)  # [L, E]
+        self.co_occurrence = torch.zeros(max(len(layers) - 1, 0), e, e, dtype=torch.long, device=device)  # [L-1, E, E]
+        self.steps = 0
+        self.tokens = 0
+        self._previous: torch.Tensor | None = None  # the last MoE layer's ids of this forward
+        self._lock = threading.Lock()  # a reader (the server's /metrics) copies a consistent total
+
+    @classmethod
+    def attach(cls, model) -> "ExpertStats | None":
+        """Give every MoE block of `model` a recorder; None when the model has no experts."""
+        from fuselm.layers.moe import MoEBlock
+
+        blocks = [(i, layer.mlp) for i, layer in enumerate(getattr(model, "layers", ()))
+                  if isinstance(getattr(layer, "mlp", None), MoEBlock)]
+        if not blocks:
+            return None
+        first = blocks[0][1]
+        stats = cls([i for i, _ in blocks], first.num_experts, first.top_k, model.norm.weight.device)
+        for position, (_, block) in enumerate(blocks):
+            block.recorder = functools.partial(stats.record, position)
+        return stats
+
+    def record(self, position: int, ids: torch.Tensor) -> None:
+        """The expert ids [T, k] the `position`-th MoE layer chose this step."""
+        e = self.num_experts
+        counts = torch.bincount(ids.reshape(-1), minlength=e)  # [E]
+        pairs = None
+        previous = self._previous
+        if position > 0 and previous is not None and previous.shape[0] == ids.shape[0]:
+            joint = previous.unsqueeze(2) * e + ids.unsqueeze(1)  # [T, k, k]: (expert before, expert now)
+            pairs = torch.bincount(joint.reshape(-1), minlength=e * e).view(e, e)  # [E, E]
+        with self._lock:
+            self.load[position] += counts
+            if pairs is not None:
+                self.co_occurrence[position - 1] += pairs
+            if position == 0:
+                self.steps += 1
+                self.tokens += ids.shape[0]
+        self._previous = ids if position + 1 < len(self.layers) else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self.load.zero_()
+            self.co_occurrence.zero_()
+            self.steps = self.tokens = 0
+
+    def load_counts(self) -> list[list[int]]:
+        """load as lists, [MoE layer][expert]."""
+        with self._lock:
+            return self.load.tolist()
+
+    def load_imbalance(self) -> list[float]:
+        """Per MoE layer: the most loaded expert's tokens over the mean (1.0 = perfectly even)."""
+        return [max(row) * len(row) / sum(row) if sum(row) else 1.0 for row in self.load_counts()]
+
+    def to_json(self, model: str | None = None) -> dict:
+        with self._lock:
+            load, co = self.load.tolist(), self.co_occurrence.tolist()
+            steps, tokens = self.steps, self.tokens
+        return {"format": STATS_FORMAT, "version": 1, "model": model, "num_experts": self.num_experts,
+                "top_k": self.top_k, "steps": steps, "tokens": tokens, "layers": self.layers, "load": load,
+                "co_occurrence": co}
+
+    def dump(self, path: str | Path, model: str | None = None) -> dict:
+        data = self.to_json(model)
+        Path(path).write_text(json.dumps(data))
+        return data
