@@ -66,7 +66,7 @@ def check_shardable(config: ModelConfig, tp: int) -> None:
     why = None
     if is_moe(config):
         why = (f"{config.architecture} is a mixture-of-experts model; tensor parallelism shards dense models "
-               "(Llama, Mistral, Qwen2, Qwen3, Gemma 3) only")
+               "(Llama, Mistral, Qwen2, Qwen3, Gemma 3) only: add enable_expert_parallel to spread its experts")
     elif heads % tp:
         why = f"the model's {heads} query heads do not split evenly over {tp} ranks"
     elif kv % tp and tp % kv:
@@ -87,13 +87,28 @@ def rank_model_config(config: ModelConfig, tp: int) -> ModelConfig:
 
 
 class TensorShard:
-    """A rank's place among `size` ranks; `bind` it to the model's config to cut tensors."""
+    """A rank's place among `size` ranks; `bind` it to the model's config to cut tensors.
 
-    def __init__(self, rank: int, size: int) -> None:
+    `quantization`/`group_size`: the engine's round-to-nearest options, checked against the cut."""
+
+    def __init__(self, rank: int, size: int, quantization: str | None = None, group_size: int | None = None) -> None:
         self.rank, self.size = rank, size
+        self.quantization, self.group_size = quantization, group_size
+
+    @classmethod
+    def of(cls, engine_config, rank: int):
+        """Rank `rank`'s shard for the engine's options (an ExpertShard with enable_expert_parallel)."""
+        if getattr(engine_config, "enable_expert_parallel", False):
+            from fuselm.parallel.expert_parallel import ExpertShard
+
+            return ExpertShard(rank, engine_config.tensor_parallel_size, engine_config.expert_placement)
+        return cls(rank, engine_config.tensor_parallel_size, engine_config.quantization,
+                   engine_config.quantization_group_size)
 
     def bind(self, config: ModelConfig) -> "RankShard":
         check_shardable(config, self.size)
+        if self.quantization in ("int8", "int4"):
+            check_rtn_groups(config, self.size, self.quantization, self.group_size)
         return RankShard(config, self.rank, self.size)
 
 
@@ -110,7 +125,7 @@ class RankShard:
 
     def __init__(self, config: ModelConfig, rank: int, size: int) -> None:
         self.config, self.rank, self.size = config, rank, size
-        local = rank_model_config(config, size)
+        self.local_config = local = rank_model_config(config, size)
         d = config.head_dim
         q = local.num_attention_heads
         self.q_rows = (rank * q * d, (rank + 1) * q * d)

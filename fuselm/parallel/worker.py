@@ -68,15 +68,15 @@ def rank_device(device: str, local_rank: int) -> str:
 def build_rank_runner(spec: WorkerSpec, group, weights: dict | None = None, model_config=None):
     """This rank's ModelRunner over its shard (read from the file unless rank 0 passes what it loaded)."""
     from fuselm.loader import load_model
-    from fuselm.parallel.sharding import TensorShard, rank_model_config
+    from fuselm.parallel.sharding import TensorShard
     from fuselm.runner.model_runner import ModelRunner
 
     config = spec.config
     if weights is None:
         loaded = load_model(config.model, spec.dtype, config.tokenizer, keep_quantized=config.quantization is None,
-                            shard=TensorShard(spec.rank, spec.world_size))
+                            shard=TensorShard.of(config, spec.rank))
         weights, model_config = loaded.weights, loaded.config
-    local = rank_model_config(model_config, spec.world_size)
+    local = TensorShard.of(config, spec.rank).bind(model_config).local_config  # the shape of this rank's shard
     return ModelRunner(config, local, weights, str(group.device), spec.dtype, spec.max_model_len,
                        spec.eos_token_ids, parallel=group)
 
