@@ -6,7 +6,10 @@ are strict, as OpenAI's API is: numbers must be finite (NaN would silently empty
 completion), integer fields take integers only (no bools, no strings, no floats), flags take
 bools, and stop strings must be text that UTF-8 can encode (no lone surrogates). The stop strings'
 matcher (fuselm.stop_strings) is built here too, so its cost lands where the request is made
-rather than on the engine's step thread.
+rather than on the engine's step thread. Token constraints (logit_bias, allowed_token_ids,
+bad_words) and structured_outputs (fuselm.structured_outputs) are checked for shape here; token
+ids against the vocabulary, bad words' tokenisation and the grammar itself in the engine's
+add_request, which knows the model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from fuselm.errors import InvalidRequestError, check_text
 from fuselm.stop_strings import StopMatcher, stop_matcher_for
+from fuselm.structured_outputs import StructuredOutputsParams
 
 SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer, as OpenAI's and vLLM's seed
 
@@ -41,6 +45,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM)
+    bad_words: list[str] | None = None  # never completed in the output (vLLM)
+    _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
     _stop_list: list[str] = field(default_factory=list, repr=False)
     _stop_matcher: StopMatcher | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -85,6 +94,17 @@ class SamplingParams:
         self._stop_matcher = stop_matcher_for(tuple(self._stop_list)) if self._stop_list else None
         if self.stop_token_ids is not None:
             self.stop_token_ids = _checked_token_ids(self.stop_token_ids)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _checked_token_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not self.allowed_token_ids:
+                raise InvalidRequestError("allowed_token_ids is empty; give at least one token id or leave it out",
+                                          param="allowed_token_ids")
+        if self.bad_words is not None:
+            self.bad_words = _checked_bad_words(self.bad_words)
 
     def _check_types(self) -> None:
         """Finite numbers for the float fields, true integers for the int fields, bools for the flags;
@@ -115,7 +135,12 @@ class SamplingParams:
     def reads_output_tokens(self) -> bool:
         """Whether sampling looks at the tokens generated so far: a penalty, or min_tokens' EOS ban."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or bool(self.bad_words))
+
+    @property
+    def bad_words_token_ids(self) -> list[tuple[int, ...]] | None:
+        """Each bad word's token sequences (set by the engine, which has the tokenizer)."""
+        return self._bad_words_token_ids
 
     def clone(self, **changes: object) -> "SamplingParams":
         values = {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
@@ -160,10 +185,39 @@ def _checked_stop_strings(stop: object) -> list[str]:
     return stops
 
 
-def _checked_token_ids(ids: object) -> list[int]:
+def _checked_token_ids(ids: object, name: str = "stop_token_ids") -> list[int]:
     if not isinstance(ids, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
                                                  for t in ids):
-        raise InvalidRequestError(f"stop_token_ids must be a list of non-negative token ids, got {ids!r}",
-                                  param="stop_token_ids")
+        raise InvalidRequestError(f"{name} must be a list of non-negative token ids, got {ids!r:.200}", param=name)
     return [int(t) for t in ids]
+
+
+def _checked_logit_bias(bias: object) -> dict[int, float]:
+    """token id (an int, or its decimal text as JSON object keys are) -> a finite bias in [-100, 100]."""
+    if not isinstance(bias, dict):
+        raise InvalidRequestError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}",
+                                  param="logit_bias")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str) and key.strip().isdecimal():
+            token = int(key)
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise InvalidRequestError(f"logit_bias keys must be token ids (non-negative integers), got {key!r:.80}",
+                                      param="logit_bias")
+        number = _finite_float("logit_bias", value)
+        if not -100.0 <= number <= 100.0:
+            raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value!r} for token {key}",
+                                      param="logit_bias")
+        checked[int(token)] = number
+    return checked
+
+
+def _checked_bad_words(words: object) -> list[str]:
+    if not isinstance(words, (list, tuple)) or any(not isinstance(w, str) or not w.strip() for w in words):
+        raise InvalidRequestError(f"bad_words must be a list of non-empty strings, got {words!r:.200}",
+                                  param="bad_words")
+    for word in words:
+        check_text(word, "bad_words")
+    return list(words)
 

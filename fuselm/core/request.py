@@ -37,7 +37,7 @@ class Request:
         "num_computed_tokens", "block_ids", "block_hashes", "status", "finish_reason", "stop_reason",
         "priority", "arrival_seq", "metrics", "output_text", "decode_stream", "stop_scan",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
-        "num_registered_blocks", "spec_token_ids", "spec_draft_probs",
+        "num_registered_blocks", "spec_token_ids", "spec_draft_probs", "grammar",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -73,6 +73,9 @@ class Request:
         # and, for a draft model with temperature > 0, the draft's distribution q of each [k, V].
         self.spec_token_ids: list[int] = []
         self.spec_draft_probs: torch.Tensor | None = None
+        # Structured output: this sequence's grammar matcher (engine/structured_output.py's
+        # SequenceGrammar), advanced with every appended token; None for unconstrained requests.
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

@@ -3,10 +3,11 @@
 It lives below the engine so that the runner (which executes it) and the draft-model proposer
 (which builds its own for the draft's runner) read the same types without importing the engine.
 Nothing here refers to the engine's live Request objects: a SchedulerOutput holds ints, tuples,
-SamplingParams and at most one tensor per row, so it pickles and could be executed by a runner in
-another process. Rows name their sequence by `seq_id`; the engine maps results back to its
-Requests by position, and the runner keeps what must outlive a step (seeded generators) by seq_id
-until the sequence appears in `finished_seq_ids`.
+SamplingParams and at most two tensors per row (a draft model's probabilities, a grammar's token
+bitmask), so it pickles and could be executed by a runner in another process. Rows name their
+sequence by `seq_id`; the engine maps results back to its Requests by position, and the runner
+keeps what must outlive a step (seeded generators) by seq_id until the sequence appears in
+`finished_seq_ids`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class ScheduledRequest:
     prompt_token_ids: tuple[int, ...] | None = None  # repetition penalty, or prompt logprobs still to score
     output_token_ids: tuple[int, ...] | None = None  # tokens generated before this step: penalties, min_tokens
     draft_probs: torch.Tensor | None = None  # [num_spec_tokens, V]: a sampling draft model's q of each guess
+    # Structured output, on sampling rows with a grammar: [num_spec_tokens + 1, ceil(V / 32)] int32,
+    # bit t of row j set when token t may be sampled at the row's j-th sampled position.
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def num_new_tokens(self) -> int:

@@ -23,6 +23,7 @@ from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text,
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
+from fuselm.engine.structured_output import StructuredOutputManager, prepare_token_constraints, trim_speculation
 from fuselm.core.step_cost import PromptChunkLimiter
 from fuselm.errors import InvalidRequestError, check_text
 from fuselm.loader import load_model
@@ -90,6 +91,7 @@ class LLMEngine:
             limiter = PromptChunkLimiter(config.max_decode_slowdown)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter)
         self.groups: dict[str, list[Request]] = {}
+        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, eos)  # grammars, on first use
         self.stats = EngineStats()
         self._arrival = itertools.count()
         self.speculator = None
@@ -146,12 +148,18 @@ class LLMEngine:
                                       f"max_model_len ({self.max_model_len}); lower max_tokens to at most {room}",
                                       param="max_tokens", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
+        prepare_token_constraints(params, self.tokenizer, self.model_config.vocab_size)
+        grammars = None
+        if params.structured_outputs is not None:  # parsed now (a bad spec raises), compiled in the background
+            grammars = self.structured.new_sequences(params.structured_outputs, params.n)
         seq = next(self._arrival)
         arrival = arrival_time or time.time()
         group: list[Request] = []
         for i in range(params.n):
             group.append(Request(request_id, text, ids, params, max_tokens, arrival_seq=seq, priority=priority,
                                  sample_index=i, group_leader=group[0] if group else None, arrival_time=arrival))
+            if grammars is not None:
+                group[-1].grammar = grammars[i]
         self.groups[request_id] = group
         for req in group:
             self.scheduler.add_request(req)
@@ -180,6 +188,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         spec = self.speculator
         t0 = time.perf_counter()
+        failed = self._fail_grammar_errors()
         if spec is not None:
             try:
                 spec.propose(self.scheduler.running, len(self.scheduler.waiting))
@@ -188,9 +197,12 @@ class LLMEngine:
                 for req in self.scheduler.running:
                     req.spec_token_ids = []
                     req.spec_draft_probs = None
+            trim_speculation(self.scheduler.running)  # guesses a grammar rejects are not worth verifying
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            if not failed and self.structured.compiling:
+                self.structured.wait(0.05)  # only compiling requests are left: wait for one, don't spin
+            return failed
         requests = self.scheduler.requests_of(out)  # row i's Request: the runner sees only the plain rows
         now = time.time()
         for req in requests:
@@ -202,8 +214,8 @@ class LLMEngine:
             raise
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
-            return self._fail_step(out, f"internal error during the model step: {exc}")
-        outputs = self._update(out, requests, result)
+            return failed + self._fail_step(out, f"internal error during the model step: {exc}")
+        outputs = failed + self._update(out, requests, result)
         if self.scheduler.prompt_limiter is not None:
             self._observe_step_cost(out, time.perf_counter() - t0)
         if spec is not None:  # the whole step: proposing, scheduling, the forward, verifying, appending
@@ -227,6 +239,19 @@ class LLMEngine:
             else:
                 prompt += row.num_new_tokens
         self.scheduler.prompt_limiter.observe(decodes, prompt, seconds)
+
+    def _fail_grammar_errors(self) -> list[RequestOutput]:
+        """Fail the requests whose structured-output grammar did not compile (whole n>1 groups)."""
+        outputs = []
+        for req in self.structured.failed_requests(self.scheduler.waiting):
+            group = self.groups.pop(req.request_id, None)
+            if group:
+                for member in group:
+                    self.scheduler.finish_request(member, "error")
+                o = self._make_output(group)
+                o.error = req.grammar.error
+                outputs.append(o)
+        return outputs
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
         """Fail the requests scheduled in the failed step (whole n>1 groups) and return their blocks."""
@@ -279,6 +304,8 @@ class LLMEngine:
     def _append(self, req: Request, sampled: SampledToken, now: float) -> None:
         token = sampled.token_id
         req.append_token(token)
+        if req.grammar is not None and not req.grammar.accept(token):
+            logger.warning("request %s: token %d is outside its grammar", req.request_id, token)
         self.stats.num_generation_tokens += 1
         m = req.metrics
         if m.first_token_time is None:
@@ -298,6 +325,8 @@ class LLMEngine:
                 stop = find_stop_string(req, len(piece))
                 if stop is not None:
                     reason = "stop"
+        if reason is None and req.grammar is not None and req.grammar.is_terminated:
+            reason = "stop"  # the grammar is complete and took its stop token (ignore_eos cannot go on)
         if reason is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

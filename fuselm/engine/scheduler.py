@@ -8,8 +8,10 @@ also caps the prompt tokens of a step that has decodes, from measured step costs
 chunk cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding
 request (Request.spec_token_ids) are extra tokens of its row, scheduled last, only from the budget
 and KV blocks left over after decodes, prompt chunks and admissions: speculation never delays or
-preempts anyone. When the KV pool runs dry, the newest running request is preempted by recompute
-(its blocks freed, its tokens computed again later). The result is one immutable SchedulerOutput
+preempts anyone. A request whose structured-output grammar is still compiling waits unscheduled
+(Request.grammar.ready); a sampling row with a grammar carries its token bitmask. When the KV
+pool runs dry, the newest running request is preempted by recompute (its blocks freed, its
+tokens computed again later). The result is one immutable SchedulerOutput
 (core/scheduler_output.py) of plain data, the model runner's only input; the scheduler keeps its
 Requests by seq_id so the engine can map each row back to its Request.
 """
@@ -121,6 +123,9 @@ class Scheduler:
             if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
                 skipped.append(self.waiting.pop(0))  # let the first sample compute the shared prompt
                 continue
+            if req.grammar is not None and not req.grammar.ready:
+                skipped.append(self.waiting.pop(0))  # its grammar is still compiling
+                continue
             shared = self._shared_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size,
                     budget if prompt_budget is None else prompt_budget)
@@ -214,9 +219,12 @@ def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
         output_ids = tuple(req.output_token_ids)
     if num_spec and req.spec_draft_probs is not None:
         draft_probs = req.spec_draft_probs[:num_spec]  # [num_spec, V]
+    bitmask = None
+    if needs_sample and req.grammar is not None:
+        bitmask = req.grammar.token_bitmask(req.spec_token_ids[:num_spec])  # [num_spec + 1, ceil(V / 32)]
     return ScheduledRequest(
         seq_id=req.seq_id, request_id=req.request_id, num_computed_tokens=start, token_ids=tuple(tokens),
         block_ids=tuple(req.block_ids), needs_sample=needs_sample, params=params,
         num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
-        prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs,
+        prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs, grammar_bitmask=bitmask,
     )

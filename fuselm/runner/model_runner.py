@@ -303,6 +303,7 @@ class ModelRunner:
             params=[r.params for r in rows], generators=generators,
             prompt_token_ids=[r.prompt_token_ids or () for r in rows],
             output_token_ids=[r.output_token_ids or () for r in rows], eos_token_ids=self.eos_token_ids,
+            token_bitmasks=[None if r.grammar_bitmask is None else r.grammar_bitmask[0] for r in rows],
         )
         result = self.sampler(logits, batch)
         token_ids = result.token_ids.tolist()

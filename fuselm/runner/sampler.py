@@ -7,6 +7,8 @@ its own generator, so a seeded request samples the same tokens whatever else sha
 
 Order of processing (vLLM semantics):
   raw logprobs (log_softmax of the untouched logits, only when some row asks)
+  -> token constraints (runner/logits_processors.py): grammar bitmask, allowed_token_ids,
+     bad_words, logit_bias
   -> min_tokens ban of EOS + stop_token_ids -> repetition penalty -> frequency/presence penalty
   -> greedy rows: argmax
   -> other rows: temperature -> top_k -> top_p -> min_p -> exponential-race sample.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fuselm.runner.logits_processors import apply_token_constraints, needs_token_constraints
 from fuselm.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -36,6 +39,7 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]  # per row
     output_token_ids: list[list[int]]  # per row: tokens generated before this step
     eos_token_ids: list[int]  # the model's EOS ids (banned while len(output) < min_tokens)
+    token_bitmasks: list[torch.Tensor | None] | None = None  # per row: a grammar's packed [ceil(V/32)] int32 mask
 
 
 @dataclass(slots=True)
@@ -120,18 +124,22 @@ class Sampler:
 
     @staticmethod
     def _needs_penalize(batch: SamplingBatch) -> bool:
-        for p, out in zip(batch.params, batch.output_token_ids):
-            if _has_penalty(p) or len(out) < p.min_tokens:
+        masks = batch.token_bitmasks or [None] * len(batch.params)
+        for p, out, mask in zip(batch.params, batch.output_token_ids, masks):
+            if _has_penalty(p) or len(out) < p.min_tokens or needs_token_constraints(p, mask):
                 return True
         return False
 
     def penalize(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Return a float32 copy of `logits` with the min_tokens ban and all penalties applied.
+        """Return a float32 copy of `logits` with the token constraints, the min_tokens ban and all
+        penalties applied.
 
         Penalties only touch ids a row has seen, so they are applied sparsely: gather those
         logits, penalise them, scatter them back (no dense [B, V] pass beyond the copy).
         """
         x = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # [B, V]
+        if batch.token_bitmasks is not None or any(needs_token_constraints(p, None) for p in batch.params):
+            apply_token_constraints(x, batch.params, batch.output_token_ids, batch.token_bitmasks)
         vocab, dev = x.shape[1], x.device
         bans: list[tuple[int, int]] = []
         rep_lists: list[list[int]] = []  # prompt + output ids of repetition-penalty rows

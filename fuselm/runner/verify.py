@@ -1,11 +1,11 @@
 """Verify one step's speculative tokens: turn the target's logits into each row's emitted tokens.
 
 A row with s speculative tokens brings s + 1 logits rows: at its last real token and at each
-speculative token. Position j is scored as if the first j speculative tokens were already
-output (penalties and min_tokens see them), which is what plain decoding would have seen had it
-produced them. Greedy rows and rows without speculation go through the sampler's batched path
-in one call; sampled rows with speculation get their target distributions in one call and then
-rejection sampling (runner/rejection.py).
+speculative token. Position j is scored as if the first j speculative tokens were already output
+(penalties, min_tokens and bad_words see them; a grammar row brings one bitmask per position),
+which is what plain decoding would have seen had it produced them. Greedy rows and rows without
+speculation go through the sampler's batched path in one call; sampled rows with speculation get
+their target distributions in one call and then rejection sampling (runner/rejection.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list[Schedu
     """logits: [sum(1 + s_i), V], rows' positions in order. rows: the ScheduledRequests that sample;
     generators: each row's seeded generator, or None."""
     direct: list[tuple[int, int, tuple[int, ...]]] = []  # (logits row, row index, output history)
+    position: dict[int, int] = {}  # logits row -> its position j within the row (its grammar bitmask row)
     dist: list[tuple[int, int, tuple[int, ...]]] = []
     offsets: list[int] = []
     row_drafts: list[list[int]] = []  # each row's speculative tokens
@@ -34,6 +35,7 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list[Schedu
         history = r.output_token_ids or ()  # the row carries it when its sampling reads it
         for j in range(s + 1):
             target.append((cursor + j, ri, history + tuple(drafts[:j])))
+            position[cursor + j] = j
         offsets.append(cursor)
         cursor += s + 1
 
@@ -41,7 +43,9 @@ def verify_speculative(sampler: Sampler, logits: torch.Tensor, rows: list[Schedu
         picked = [rows[ri] for _, ri, _ in entries]
         return SamplingBatch(params=[r.params for r in picked], generators=[generators[ri] for _, ri, _ in entries],
                              prompt_token_ids=[r.prompt_token_ids or () for r in picked],
-                             output_token_ids=[h for _, _, h in entries], eos_token_ids=eos_token_ids)
+                             output_token_ids=[h for _, _, h in entries], eos_token_ids=eos_token_ids,
+                             token_bitmasks=[None if rows[ri].grammar_bitmask is None else
+                                             rows[ri].grammar_bitmask[position[i]] for i, ri, _ in entries])
 
     def select(entries):
         return logits[torch.tensor([i for i, _, _ in entries], device=logits.device)]
