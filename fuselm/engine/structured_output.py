@@ -52,8 +52,8 @@ def _xgrammar():
     try:
         import xgrammar
     except ImportError as exc:
-        raise InvalidRequestError("structured output needs the xgrammar package; install it with "
-                                  "`pip install --no-deps xgrammar apache-tvm-ffi` (see scripts/setup.sh)",
+        raise InvalidRequestError("structured output needs the xgrammar package: `pip install --no-deps "
+                                  "xgrammar==0.2.9` plus fuselm's `structured` extra (scripts/setup.sh does both)",
                                   param="structured_outputs") from exc
     return xgrammar
 
