@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fuselm.engine.async_engine import AsyncLLMEngine
 from fuselm.errors import InvalidRequestError
 from fuselm.server import protocol as P
+from fuselm.server.clients import API_KEY_INDEX
 from fuselm.server.limits import BodySizeLimitMiddleware, ServerLimits, chat_chars
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.serving import APIError, OpenAIServing
@@ -57,27 +58,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 class APIKeyMiddleware:
     """Pure ASGI (streaming-safe) check of 'Authorization: Bearer KEY' on the OpenAI routes and the API
-    docs, before anything else looks at the request; /health and /metrics stay open."""
+    docs, before anything else looks at the request; /health and /metrics stay open. With several keys
+    (one per client), the index of the key that matched identifies the client (server/clients.py)."""
 
     PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json")
 
-    def __init__(self, app, api_key: str) -> None:
+    def __init__(self, app, api_key: str | list[str]) -> None:
         self.app = app
-        self.key = api_key.encode()
+        self.keys = [k.encode() for k in ([api_key] if isinstance(api_key, str) else api_key)]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            token = token.strip()
+            matches = [hmac.compare_digest(token, key) for key in self.keys]  # every key, in constant time each
+            if scheme.lower() != b"bearer" or not any(matches):
                 response = error_response(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                                           type="authentication_error", code="invalid_api_key")
                 await response(scope, receive, send)
                 return
+            if len(self.keys) > 1:
+                scope[API_KEY_INDEX] = matches.index(True)
         await self.app(scope, receive, send)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | list[str] | None = None,
               limits: ServerLimits | None = None, enable_docs: bool = True) -> FastAPI:
     """`served_model_name` defaults to the model's file or directory name; `enable_docs=False` turns off
     /docs, /redoc and /openapi.json (with `api_key` they need the key)."""

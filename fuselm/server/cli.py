@@ -23,9 +23,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("server options")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("FUSELM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
-                        "(default: $FUSELM_API_KEY, else no key)")
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: "
+                        "$FUSELM_API_KEY, else no key); give it once per client to accept several keys, each "
+                        "key then being one client for fair scheduling")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the --model file or "
                         "directory name)")
@@ -70,10 +71,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_options(log_stats_interval=args.log_stats_interval,
                                          log_requests=not args.disable_log_requests, **engine_kwargs(args))
     name = args.served_model_name or (short_model_name(args.model) if args.model else "SmolLM2-135M-Instruct")
-    app = build_app(engine, served_model_name=name, api_key=args.api_key, limits=limits,
+    api_key = args.api_key or os.environ.get("FUSELM_API_KEY")
+    app = build_app(engine, served_model_name=name, api_key=api_key, limits=limits,
                     enable_docs=not args.disable_docs)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
-                ", API key required" if args.api_key else "")
+                ", API key required" if api_key else "")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
     finally:
