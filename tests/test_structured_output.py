@@ -236,12 +236,32 @@ def tiny_reference(tiny_llama):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_ngram_speculation_gives_the_same_greedy_output(tiny_llama, tiny_reference):
-    spec = LLM(tiny_llama[0], dtype="float32", device="cpu", speculative_config=NGRAM)
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_gives_the_same_greedy_output(tiny_llama, tiny_reference, method):
+    config = NGRAM if method == "ngram" else \
+        {"method": "draft_model", "model": tiny_llama[0], "num_speculative_tokens": 3, "adaptive": False}
+    spec = LLM(tiny_llama[0], dtype="float32", device="cpu", speculative_config=config)
     prompts, params = constrained_batch(spec)
     outs = spec.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == tiny_reference
     assert sum(o.metrics.spec_num_accepted_tokens for o in outs) > 0  # guesses were verified under the grammar
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_random_model_sampling_stays_valid(tiny_llama, speculate):
+    """A random model at temperature 1 writes control characters, odd bytes and long strings
+    whenever the grammar lets it: bounded strings must still be JSON and within their bounds."""
+    config = {"method": "draft_model", "model": tiny_llama[0], "num_speculative_tokens": 3, "adaptive": False}
+    spec = LLM(tiny_llama[0], dtype="float32", device="cpu", speculative_config=config if speculate else None)
+    prompts, _ = constrained_batch(spec)
+    params = [SamplingParams(temperature=1.0, seed=10 * s, n=2, max_tokens=400,
+                             structured_outputs={"json": SPEC_SCHEMA, "disable_any_whitespace": True})
+              for s in range(3)]
+    outs = spec.generate(prompts[:3], params, use_tqdm=False)
+    for completion in (c for o in outs for c in o.outputs):
+        assert completion.finish_reason == "stop", completion.text
+        jsonschema.validate(json.loads(completion.text), SPEC_SCHEMA)
+    assert sum(o.metrics.spec_num_accepted_tokens for o in outs) > 0 or not speculate
 
 
 def test_chunked_prefill_and_preemption_keep_greedy_output(tiny_llama, tiny_reference):

@@ -201,7 +201,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             if not failed and self.structured.compiling:
-                self.structured.wait(0.05)  # only compiling requests are left: wait for one, don't spin
+                self.structured.wait(0.02)  # only compiling requests are left: wait for one, don't spin
             return failed
         requests = self.scheduler.requests_of(out)  # row i's Request: the runner sees only the plain rows
         now = time.time()

@@ -68,6 +68,21 @@ def choice_grammar(choices: tuple[str, ...]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+# xgrammar 0.2.9 writes a string with minLength/maxLength as `"\"" X_characters{min, max} "\""` with
+# X_characters ::= [^\"\\\r\n], which lets raw control characters (U+0000-U+001F but CR and LF) into
+# the string: not JSON. Its unbounded strings exclude them; the bounded ones are given the same class.
+_BOUNDED_STRING_CLASS = r'[^\"\\\r\n]'
+_JSON_STRING_CLASS = r'[^\0-\x1f\"\\\r\n]'
+
+
+def _json_safe(grammar):
+    """The JSON-schema grammar with its bounded strings' character class fixed (see above)."""
+    text = str(grammar)
+    if _BOUNDED_STRING_CLASS not in text:
+        return grammar
+    return _xgrammar().Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CLASS, _JSON_STRING_CLASS))
+
+
 def parse_spec(spec: StructuredOutputsParams):
     """The spec as an xgrammar Grammar; raises InvalidRequestError naming the key when it is invalid."""
     xgr = _xgrammar()
@@ -76,8 +91,8 @@ def parse_spec(spec: StructuredOutputsParams):
         if kind in ("json", "json_object"):
             import json
             schema = json.dumps(spec.json) if kind == "json" else '{"type": "object"}'
-            return xgr.Grammar.from_json_schema(schema, any_whitespace=not spec.disable_any_whitespace,
-                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+            return _json_safe(xgr.Grammar.from_json_schema(schema, any_whitespace=not spec.disable_any_whitespace,
+                                                           max_whitespace_cnt=MAX_JSON_WHITESPACE))
         if kind == "regex":
             return xgr.Grammar.from_regex(spec.regex)
         if kind == "choice":
@@ -102,13 +117,14 @@ def tokenizer_vocabulary(tokenizer) -> tuple[list[str], str]:
 class SequenceGrammar:
     """One sequence's matcher over a compiled grammar (compiled in the background: see `ready`)."""
 
-    __slots__ = ("_compiled", "_matcher", "_vocab_size", "_spec")
+    __slots__ = ("_compiled", "_matcher", "_vocab_size", "_spec", "_never")
 
-    def __init__(self, compiled: Future, vocab_size: int, spec: StructuredOutputsParams) -> None:
+    def __init__(self, compiled: Future, vocab_size: int, spec: StructuredOutputsParams, never: frozenset[int]) -> None:
         self._compiled = compiled
         self._matcher = None
         self._vocab_size = vocab_size
         self._spec = spec
+        self._never = never  # special tokens: no grammar takes them (xgrammar warns on stderr when offered one)
 
     @property
     def ready(self) -> bool:
@@ -143,7 +159,7 @@ class SequenceGrammar:
         matcher = self._get_matcher()
         count = 0
         for token in tokens:
-            if matcher.is_terminated() or not matcher.accept_token(token):
+            if token in self._never or matcher.is_terminated() or not matcher.accept_token(token):
                 break
             count += 1
         if count:
@@ -184,6 +200,7 @@ class StructuredOutputManager:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: set[Future] = set()
         self._failed = False  # some compile raised since the engine last looked (failed_requests)
+        self._special_ids: frozenset[int] | None = None
         self.num_compiles = 0
 
     def _get_compiler(self):
@@ -240,7 +257,10 @@ class StructuredOutputManager:
     def new_sequences(self, spec: StructuredOutputsParams, count: int) -> list[SequenceGrammar]:
         """One matcher holder per sample of a request, sharing the compiled grammar."""
         compiled = self.grammar_for(spec)
-        return [SequenceGrammar(compiled, self.vocab_size, spec) for _ in range(count)]
+        if self._special_ids is None:
+            decoder = self._tokenizer.hf.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, t in decoder.items() if t.special) - set(self._eos_token_ids)
+        return [SequenceGrammar(compiled, self.vocab_size, spec, self._special_ids) for _ in range(count)]
 
     @property
     def compiling(self) -> bool:
