@@ -70,7 +70,7 @@ def random_value_schema(rng: random.Random, depth: int) -> dict:
     return random_schema(rng, depth + 1)
 
 
-@pytest.mark.parametrize("schema_seed", range(6))
+@pytest.mark.parametrize("schema_seed", range(4))
 def test_random_schemas_validate(llm, schema_seed):
     rng = random.Random(schema_seed)
     schemas = [random_schema(rng) for _ in range(3)]
