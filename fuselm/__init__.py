@@ -7,8 +7,10 @@ does not load the engine above it.
 from fuselm.config import EngineConfig
 from fuselm.outputs import CompletionOutput, Logprob, RequestOutput
 from fuselm.sampling_params import SamplingParams
+from fuselm.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "Logprob"]
 __version__ = "0.1.0"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -328,3 +329,43 @@ def test_invalid_spec_names_the_field(llm, spec, param):
         llm.generate(["hi"], SamplingParams(structured_outputs=spec), use_tqdm=False)
     assert info.value.param == param
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_compiling_request_waits_while_others_run_and_a_failed_compile_fails_only_it(tiny_llama):
+    tiny = LLM(tiny_llama[0], dtype="float32", device="cpu")
+    engine = tiny.engine
+    release = threading.Event()
+    compile_grammar = engine.structured._compile
+
+    def slow_then_fail(grammar):
+        release.wait(timeout=30)
+        if slow_then_fail.fail:
+            raise RuntimeError("compiler broke")
+        return compile_grammar(grammar)
+
+    slow_then_fail.fail = False
+    engine.structured._compile = slow_then_fail
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    schema = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": SPEC_SCHEMA})
+    engine.add_request("constrained", "hello", schema)
+    engine.add_request("plain", "hello", plain)
+    finished = {}
+    while "plain" not in finished:  # the plain request runs to the end while the grammar compiles
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.groups["constrained"][0].num_computed_tokens == 0
+    release.set()
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished["constrained"].outputs[0].finish_reason in ("stop", "length")
+
+    release.clear()
+    slow_then_fail.fail = True
+    other = {"json": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}}
+    engine.add_request("broken", "hello", SamplingParams(temperature=0, max_tokens=8, structured_outputs=other))
+    engine.add_request("fine", "hello", plain)
+    release.set()
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["broken"].outputs[0].finish_reason == "error" and "compiler broke" in outs["broken"].error
+    assert outs["fine"].outputs[0].finish_reason == "length"
