@@ -159,6 +159,12 @@ class EngineConfig:
     max_num_batched_tokens: int = _option(512, "token budget of one step: decodes, prompt chunks and speculative "
                                                "tokens together")
     max_num_seqs: int = _option(128, "most requests running at once")
+    max_num_seqs_per_client: int | None = _option(
+        None, "most sequences one client may have running while another client has requests waiting or "
+              "running, or had within the last second (its others wait; admission is fair between clients "
+              "either way); unset: no cap. "
+              "Clients are told apart by API key, X-Client-Id header, the request's user field or the peer "
+              "address (docs/server.md)")
     max_decode_slowdown: float | None = _option(
         None, "cap the prompt tokens of a step that has running decodes so that it takes at most this many times "
               "a decode-only step (costs measured online, fuselm/core/step_cost.py); unset: the token budget alone")
@@ -218,6 +224,9 @@ class EngineConfig:
             raise InvalidConfigError("max_num_batched_tokens must be >= 1", option="max_num_batched_tokens")
         if self.max_num_seqs < 1:
             raise InvalidConfigError("max_num_seqs must be >= 1", option="max_num_seqs")
+        if self.max_num_seqs_per_client is not None and self.max_num_seqs_per_client < 1:
+            raise InvalidConfigError(f"max_num_seqs_per_client must be >= 1 (or unset for no cap), got "
+                                     f"{self.max_num_seqs_per_client}", option="max_num_seqs_per_client")
         if self.max_decode_slowdown is not None and not self.max_decode_slowdown > 1.0:
             raise InvalidConfigError(f"max_decode_slowdown must be > 1 (e.g. 2: a step with prompt chunks may take "
                                      f"twice a decode step), got {self.max_decode_slowdown}",

@@ -129,3 +129,25 @@ def test_models_shows_the_short_name_never_the_path(engine, tiny_llama):
                                          ("C:\\models\\qwen", "qwen"), ("relative/dir", "dir")])
 def test_short_model_name(source, name):
     assert short_model_name(source) == name
+
+
+def test_final_only_stream_hands_over_one_finished_output(engine):
+    """A non-streaming request's stream gets the finished output only, equal to the last of a full stream."""
+    import asyncio
+
+    from fuselm import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def outputs(request_id: str, final_only: bool) -> list:
+        stream = await engine.add_request(request_id, "It was the best of times", params, final_only=final_only)
+        return [out async for out in stream]
+
+    async def both():
+        return await asyncio.gather(outputs("full", False), outputs("final", True))
+
+    full, final = asyncio.run(both())
+    assert len(full) > 1 and len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == full[-1].outputs[0].token_ids
+    assert final[0].outputs[0].text == full[-1].outputs[0].text
+    assert wait_until(lambda: pool_is_full(engine))

@@ -38,11 +38,13 @@ class Request:
         "priority", "arrival_seq", "metrics", "output_text", "decode_stream", "stop_scan",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
         "num_registered_blocks", "spec_token_ids", "spec_draft_probs", "grammar",
+        "client_id",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, *, arrival_seq: int, priority: int = 0, sample_index: int = 0,
-                 group_leader: "Request | None" = None, arrival_time: float | None = None) -> None:
+                 group_leader: "Request | None" = None, arrival_time: float | None = None,
+                 client_id: str = "") -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.prompt = prompt
@@ -59,6 +61,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.priority = priority  # lower value = served first (vLLM's convention)
+        self.client_id = client_id  # who sent it: the scheduler shares admissions fairly between clients
         self.arrival_seq = arrival_seq
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         self.output_text = ""

@@ -77,9 +77,11 @@ class EngineSnapshot:
 class RequestStream:
     """The async iterator of one request's cumulative RequestOutputs; its last item is finished."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, owner: "AsyncLLMEngine") -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, owner: "AsyncLLMEngine",
+                 final_only: bool = False) -> None:
         self.request_id = request_id
         self.loop = loop
+        self.final_only = final_only  # hand over only the finished output (a caller that does not stream)
         self.accepted: asyncio.Future = loop.create_future()
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -242,8 +244,10 @@ class AsyncLLMEngine:
     # ---- requests (event loop side) ---------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          priority: int = 0, arrival_time: float | None = None) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it.
+                          priority: int = 0, arrival_time: float | None = None,
+                          final_only: bool = False, client_id: str = "") -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it (with `final_only`, a stream
+        that yields only the finished output: no event-loop work per generated token).
 
         A text prompt is tokenised here, in a tokenizer pool, and reaches the engine thread as token
         ids with its text. Raises the engine's InvalidRequestError (a ValueError) when the request is
@@ -262,8 +266,8 @@ class AsyncLLMEngine:
                 text, prompt = prompt, await self.encode(prompt)
             except (TypeError, ValueError):  # text the tokenizer refuses: the engine's check says why
                 text = None
-        stream = RequestStream(request_id, asyncio.get_running_loop(), self)
-        self._commands.put(("add", stream, prompt, params, priority, arrival_time, text))
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self, final_only)
+        self._commands.put(("add", stream, prompt, params, priority, arrival_time, text, client_id))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -350,9 +354,10 @@ class AsyncLLMEngine:
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, stream, prompt, params, priority, arrival, text = command
+            _, stream, prompt, params, priority, arrival, text, client_id = command
             try:
-                self.engine.add_request(stream.request_id, prompt, params, priority=priority, arrival_time=arrival)
+                self.engine.add_request(stream.request_id, prompt, params, priority=priority, arrival_time=arrival,
+                                        client_id=client_id)
             except Exception as exc:  # ValueError: bad request; anything else: our bug, still this request's
                 if not isinstance(exc, ValueError):
                     logger.exception("add_request(%s) raised", stream.request_id)
@@ -380,7 +385,7 @@ class AsyncLLMEngine:
             self._streams.pop(output.request_id, None)
             if self.log_requests:
                 self._log_request(output)
-        if stream is not None:
+        if stream is not None and (output.finished or output.error or not stream.final_only):
             stream.push(RequestFailed(output.error) if output.error else output)
 
     def _fail_all(self, message: str) -> None:

@@ -89,7 +89,8 @@ class LLMEngine:
         limiter = None
         if config.max_decode_slowdown is not None:
             limiter = PromptChunkLimiter(config.max_decode_slowdown)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter,
+                                   config.max_num_seqs_per_client)
         self.groups: dict[str, list[Request]] = {}
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, eos)  # grammars, on first use
         self.stats = EngineStats()
@@ -132,8 +133,9 @@ class LLMEngine:
         return None, ids
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Validate and queue a request. Raises InvalidRequestError (a ValueError naming the field) for bad input."""
+                    priority: int = 0, arrival_time: float | None = None, client_id: str = "") -> None:
+        """Validate and queue a request (`client_id`: who sent it, for fair admission between clients).
+        Raises InvalidRequestError (a ValueError naming the field) for bad input."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -157,7 +159,8 @@ class LLMEngine:
         group: list[Request] = []
         for i in range(params.n):
             group.append(Request(request_id, text, ids, params, max_tokens, arrival_seq=seq, priority=priority,
-                                 sample_index=i, group_leader=group[0] if group else None, arrival_time=arrival))
+                                 sample_index=i, group_leader=group[0] if group else None, arrival_time=arrival,
+                                 client_id=client_id))
             if grammars is not None:
                 group[-1].grammar = grammars[i]
         self.groups[request_id] = group

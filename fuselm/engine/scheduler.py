@@ -2,13 +2,17 @@
 
 Each step has one budget of `max_num_batched_tokens`. Running requests that need one token
 (decodes) are served first, then running requests part-way through their prompt continue, then
-waiting requests are admitted in (priority, arrival) order with their prompts chunked so the
-budget is filled exactly. With `max_decode_slowdown` set, a PromptChunkLimiter (core/step_cost.py)
-also caps the prompt tokens of a step that has decodes, from measured step costs, so a prompt
-chunk cannot stall the decodes beyond that factor. Speculative tokens proposed for a decoding
-request (Request.spec_token_ids) are extra tokens of its row, scheduled last, only from the budget
-and KV blocks left over after decodes, prompt chunks and admissions: speculation never delays or
-preempts anyone. A request whose structured-output grammar is still compiling waits unscheduled
+waiting requests are admitted with their prompts chunked so the budget is filled exactly. The
+admission order is (priority, client's attained service, arrival): among equal priorities the
+client the engine has served fewest tokens goes first (core/fair_share.py), so one client's
+backlog never holds another's requests back; with one client it is plain (priority, arrival).
+With `max_num_seqs_per_client` set, a client already running that many sequences admits no more
+while another client has requests waiting or running (or had, within the last second). With `max_decode_slowdown` set, a
+PromptChunkLimiter (core/step_cost.py) also caps the prompt tokens of a step that has decodes,
+from measured step costs, so a prompt chunk cannot stall the decodes beyond that factor.
+Speculative tokens proposed for a decoding request (Request.spec_token_ids) are extra tokens of
+its row, scheduled last, only from the budget and KV blocks left over after decodes, prompt
+chunks and admissions: speculation never delays or preempts anyone. A request whose structured-output grammar is still compiling waits unscheduled
 (Request.grammar.ready); a sampling row with a grammar carries its token bitmask. When the KV
 pool runs dry, the newest running request is preempted by recompute (its blocks freed, its
 tokens computed again later). The result is one immutable SchedulerOutput
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 
+from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -28,11 +33,13 @@ from fuselm.core.step_cost import PromptChunkLimiter
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 prompt_limiter: PromptChunkLimiter | None = None) -> None:
+                 prompt_limiter: PromptChunkLimiter | None = None, max_num_seqs_per_client: int | None = None) -> None:
         self.kv = kv
         self.prompt_limiter = prompt_limiter  # caps prompt tokens in steps with decodes (max_decode_slowdown)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_num_seqs_per_client = max_num_seqs_per_client  # None: no cap
+        self.fair = FairShare()
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []  # sorted by (priority, arrival)
         self.num_preemptions = 0
@@ -40,6 +47,10 @@ class Scheduler:
         self._finished_seq_ids: list[int] = []  # finished since the last output that had rows
 
     def add_request(self, request: Request) -> None:
+        self.fair.arrive(request.client_id)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         bisect.insort(self.waiting, request, key=Request.sort_key)
         self._unfinished[request.seq_id] = request
@@ -60,6 +71,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
+        self.fair.leave(request.client_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._unfinished[request.seq_id]
@@ -72,7 +84,7 @@ class Scheduler:
         victim.spec_token_ids = []
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.add_request(victim)
+        self._enqueue(victim)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -115,33 +127,35 @@ class Scheduler:
                 if not want_decode and prompt_budget is not None:
                     prompt_budget -= n
 
-        # 3) admit waiting requests while budget, sequence slots and blocks last.
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and prompt_budget != 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        # 3) admit waiting requests while budget, sequence slots and blocks last, in fair order.
+        for req, n in chosen.values():
+            self.fair.charge(req.client_id, n)
+        blocked = self._capped_clients()
+        for req in self.fair.order(self.waiting, blocked):
+            if budget == 0 or prompt_budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
             leader = req.group_leader
             if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
-                skipped.append(self.waiting.pop(0))  # let the first sample compute the shared prompt
-                continue
+                continue  # let the first sample compute the shared prompt
             if req.grammar is not None and not req.grammar.ready:
-                skipped.append(self.waiting.pop(0))  # its grammar is still compiling
-                continue
+                continue  # its grammar is still compiling
             shared = self._shared_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size,
                     budget if prompt_budget is None else prompt_budget)
             if not self.kv.allocate_slots(req, n, shared):
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             if req.metrics.first_scheduled_time is None:
                 req.num_cached_tokens = len(shared) * self.kv.block_size
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=Request.sort_key)
             chosen[id(req)] = (req, n)
+            self.fair.charge(req.client_id, n)
             budget -= n
             if prompt_budget is not None:
                 prompt_budget -= n
-        for req in skipped:
-            bisect.insort(self.waiting, req, key=Request.sort_key)
+            if self._at_cap(req.client_id):
+                blocked.add(req.client_id)
 
         # 4) speculative tokens of the decodes, from what is left (never preempting for them).
         num_spec: dict[int, int] = {}
@@ -153,6 +167,7 @@ class Scheduler:
                 if self.kv.allocate_slots(req, 1 + s):
                     num_spec[key] = s
                     budget -= s
+                    self.fair.charge(req.client_id, s)
 
         rows = [_row(req, n, num_spec.get(key, 0)) for key, (req, n) in chosen.items()]
         rows.sort(key=lambda r: r.num_new_tokens != 1)  # stable: single-token rows first
@@ -164,6 +179,18 @@ class Scheduler:
             scheduled=tuple(rows), num_batched_tokens=self.max_num_batched_tokens - budget,
             preempted_ids=tuple(preempted), finished_seq_ids=finished,
         )
+
+    def _capped_clients(self) -> set[str]:
+        """Clients at max_num_seqs_per_client while another client is present (they admit no more)."""
+        if self.max_num_seqs_per_client is None:
+            return set()
+        return {client for client in {r.client_id for r in self.running} if self._at_cap(client)}
+
+    def _at_cap(self, client: str) -> bool:
+        if self.max_num_seqs_per_client is None:
+            return False
+        running = sum(r.client_id == client for r in self.running)
+        return running >= self.max_num_seqs_per_client and self.fair.others_present(client)
 
     def _shared_prefix(self, req: Request) -> list[int]:
         """Blocks this request can reuse: its n>1 group leader's prompt blocks, else the prefix cache."""

@@ -25,6 +25,7 @@ from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fuselm.sampling_params import SamplingParams
 from fuselm.server import protocol as P
+from fuselm.server.clients import client_identity
 from fuselm.server.limits import RequestLimiter, ServerLimits, chat_chars, max_chars_per_token
 
 logger = logging.getLogger("fuselm")
@@ -116,12 +117,15 @@ class OpenAIServing:
             raise in_request_terms(exc, fields) from exc
 
     async def submit(self, base_id: str, prompts: list[str | list[int]], params: SamplingParams, priority: int,
-                     fields: dict[str, str]) -> list[RequestStream]:
-        """Queue every prompt at once; if any is rejected, abort the others and raise 400."""
+                     fields: dict[str, str], stream: bool, client_id: str) -> list[RequestStream]:
+        """Queue every prompt at once, as `client_id`'s; if any is rejected, abort the others and raise 400.
+        Without `stream` only the final outputs are handed over."""
         arrival = time.time()
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, p, params, priority, arrival) for rid, p in zip(ids, prompts)),
+            *(self.engine.add_request(rid, p, params, priority, arrival, final_only=not stream,
+                                      client_id=client_id)
+              for rid, p in zip(ids, prompts)),
             return_exceptions=True)
         streams = [r for r in results if isinstance(r, RequestStream)]
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -154,6 +158,9 @@ class OpenAIServing:
             watch.cancel()
             if not work.done():
                 work.cancel()
+                # a cancelled gather ends with CancelledError as its exception: retrieve it, or asyncio
+                # logs "_GatheringFuture exception was never retrieved" for every abandoned request
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())
             for s in streams:
                 s.abort()
         if not work.done() or work.cancelled():
@@ -229,7 +236,8 @@ class OpenAIServing:
         fields = {"prompt_logprobs": "logprobs"}
         params = self.sampling_params(req, fields, req.max_tokens, req.logprobs, prompt_lp)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self.submit(request_id, prompts, params, req.priority, fields)
+        streams = await self.submit(request_id, prompts, params, req.priority, fields, req.stream,
+                                    client_identity(raw, req.user))
         if req.stream:
             return self.stream_response(self._completion_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)
@@ -320,7 +328,8 @@ class OpenAIServing:
                   "max_tokens": "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"}
         params = self.sampling_params(req, fields, req.output_limit, top_n)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.submit(request_id, [prompt], params, req.priority, fields)
+        streams = await self.submit(request_id, [prompt], params, req.priority, fields, req.stream,
+                                    client_identity(raw, req.user))
         if req.stream:
             return self.stream_response(self._chat_chunks(req, request_id, streams), streams)
         finals = await self.collect(streams, raw)

@@ -1,0 +1,183 @@
+"""Fairness between clients over a real socket: a flooding client cannot make a well-behaved one wait
+behind its backlog, and with `max_num_seqs_per_client` it cannot hold every seat while the other is
+present. Clients are told apart by the X-Client-Id header, the user field, the peer, or one of
+several API keys (server/clients.py).
+
+The checks count what happened in between rather than milliseconds (the cores are shared): how
+many of the flood's requests finished before the well-behaved request's first token (before per-
+client fair admission: all of them, the whole backlog), and how many seats the flooder held while
+the well-behaved client was there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from starlette.requests import Request
+
+from fuselm.server.app import build_app
+from fuselm.server.clients import API_KEY_INDEX, client_identity
+from server_helpers import MODEL, ServerThread, pool_is_full, wait_until
+
+SEATS = 4
+FLOOD = 24  # the flooder's requests: SEATS running, the rest waiting
+FLOOD_TOKENS = 48
+
+
+def make_engine(tiny_llama, **options):
+    from fuselm.engine.async_engine import AsyncLLMEngine
+
+    return AsyncLLMEngine.from_options(tiny_llama[0], dtype="float32", device="cpu", max_num_seqs=SEATS,
+                                       log_stats_interval=0, **options)
+
+
+class Flood:
+    """FLOOD non-streaming completions from the client 'flooder', sent at once from their own threads;
+    records when each finished. Leaving the `with` block disconnects the ones still going."""
+
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+        self.finished: list[float] = []
+        self.body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": FLOOD_TOKENS, "ignore_eos": True}
+        self.client = httpx.Client(base_url=base_url, timeout=120, headers=headers,
+                                   limits=httpx.Limits(max_connections=FLOOD))
+        self.threads = [threading.Thread(target=self._one, daemon=True) for _ in range(FLOOD)]
+
+    def _one(self) -> None:
+        try:
+            if self.client.post("/v1/completions", json=self.body).status_code == 200:
+                self.finished.append(time.monotonic())
+        except httpx.HTTPError:  # closed when the test is done with it
+            pass
+
+    def __enter__(self) -> "Flood":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()  # the server aborts what is left of the flood
+        for t in self.threads:
+            t.join(120)
+
+    def finished_before(self, moment: float) -> int:
+        return sum(t < moment for t in self.finished)
+
+
+def first_token_time(base_url: str, headers: dict[str, str], user: str | None = None) -> float:
+    """Send one streamed 2-token completion; the monotonic time its first token arrived."""
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 2, "ignore_eos": True, "stream": True}
+    if user is not None:
+        body["user"] = user
+    first = None
+    with httpx.Client(base_url=base_url, timeout=120, headers=headers) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.monotonic()
+    assert first is not None
+    return first
+
+
+def running_of(engine, client: str) -> int:
+    return sum(r.client_id == client for r in list(engine.engine.scheduler.running))
+
+
+@pytest.fixture(scope="module")
+def fair_server(tiny_llama):
+    engine = make_engine(tiny_llama)
+    srv = ServerThread(build_app(engine, MODEL)).start()
+    yield srv, engine
+    srv.stop()
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("identify", ["header", "user"])
+def test_a_newcomer_does_not_wait_behind_a_floods_backlog(fair_server, identify):
+    srv, engine = fair_server
+    flooder = {"X-Client-Id": "flooder"}
+    with Flood(srv.base_url, flooder) as flood:
+        assert wait_until(lambda: engine.engine.num_running == SEATS and engine.engine.num_waiting >= FLOOD - SEATS
+                          - 2, 30), "the flood did not fill the engine"
+        if identify == "header":
+            first = first_token_time(srv.base_url, {"X-Client-Id": "newcomer"})
+        else:  # the OpenAI `user` field (the flood's requests have none: their header names them)
+            first = first_token_time(srv.base_url, {}, user="newcomer")
+        ahead = flood.finished_before(first)
+        # One wave of the flood's running requests may finish first (the seats must free up); the rest of
+        # its backlog, FLOOD - SEATS more requests, must not be served before the newcomer.
+        assert ahead <= 2 * SEATS, f"{ahead} of the flood's {FLOOD} requests finished before the newcomer's first token"
+    assert wait_until(lambda: pool_is_full(engine), 30)
+
+
+def test_the_per_client_cap_keeps_seats_for_a_present_client(tiny_llama):
+    cap = 2
+    engine = make_engine(tiny_llama, max_num_seqs_per_client=cap)
+    srv = ServerThread(build_app(engine, MODEL)).start()
+    try:
+        with Flood(srv.base_url, {"X-Client-Id": "flooder"}) as flood:
+            assert wait_until(lambda: engine.engine.num_waiting >= FLOOD - SEATS - 2, 30)
+            assert running_of(engine, "id:flooder") == SEATS  # alone, the flooder may use every seat
+            # The cap never preempts: the flooder keeps the seats it took while alone until those requests
+            # finish, and admits no more meanwhile, while the steady client keeps coming back.
+            deadline = time.monotonic() + 40
+            while running_of(engine, "id:flooder") > cap:
+                assert time.monotonic() < deadline, "the flooder kept more seats than the cap"
+                first_token_time(srv.base_url, {"X-Client-Id": "steady"})
+            seats_held = []
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    seats_held.append(running_of(engine, "id:flooder"))
+                    time.sleep(0.005)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            waits = []
+            for _ in range(3):  # one request after another: present all along
+                sent = time.monotonic()
+                waits.append(flood.finished_before(first_token_time(srv.base_url, {"X-Client-Id": "steady"}))
+                             - flood.finished_before(sent))
+            sampling.set()
+            sampler.join()
+            assert max(seats_held) <= cap, f"the flooder held {max(seats_held)} seats while another client was there"
+            assert max(waits) <= cap, f"the steady client waited for {waits} of the flood's requests to finish"
+            assert len(flood.finished) < FLOOD  # the flood was still going on throughout
+    finally:
+        srv.stop()
+        assert wait_until(lambda: pool_is_full(engine), 30)
+        engine.shutdown()
+
+
+def test_several_api_keys_each_are_a_client(tiny_llama):
+    engine = make_engine(tiny_llama)
+    srv = ServerThread(build_app(engine, MODEL, api_key=["key-a", "key-b"])).start()
+    try:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        for key, status in (("key-a", 200), ("key-b", 200), ("key-c", 401)):
+            r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60,
+                           headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status, (key, r.text)
+    finally:
+        srv.stop()
+        engine.shutdown()
+
+
+def _request(headers: dict[str, str], scope_extra: dict | None = None, peer: str = "10.0.0.7") -> Request:
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": (peer, 5555),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()], **(scope_extra or {})}
+    return Request(scope)
+
+
+def test_client_identity_order():
+    keyed = {API_KEY_INDEX: 1}
+    assert client_identity(_request({"X-Client-Id": "x"}, keyed), "u") == "key:1"  # a key beats what a client says
+    assert client_identity(_request({"X-Client-Id": "x"}), "u") == "id:x"
+    assert client_identity(_request({}), "u") == "user:u"
+    assert client_identity(_request({}), None) == "addr:10.0.0.7"  # the host, whatever the connection's port
+    assert client_identity(_request({"X-Client-Id": "key:1"}), None) != "key:1"  # a header cannot pose as a key
+    assert len(client_identity(_request({"X-Client-Id": "x" * 10_000}), None)) < 200
