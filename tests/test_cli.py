@@ -41,13 +41,17 @@ def test_help_documents_every_engine_option(command, capsys):
 
 NON_DEFAULT = {
     "model": "some/model.gguf", "tokenizer": "some/tokenizer", "dtype": "bfloat16", "device": "cpu",
-    "max_model_len": 1024, "max_num_batched_tokens": 256, "max_num_seqs": 8, "max_decode_slowdown": 1.5,
+    "max_model_len": 1024, "max_num_batched_tokens": 256, "max_num_seqs": 8, "max_num_seqs_per_client": 3,
+    "max_decode_slowdown": 1.5,
     "block_size": 32, "enable_prefix_caching": False, "kv_cache_memory_bytes": 1 << 20,
     "kv_cache_memory_fraction": 0.5, "gpu_memory_utilization": 0.5, "seed": 7, "num_threads": 3,
     "kv_cache_dtype": "int8", "quantization": "int8", "quantization_group_size": 64, "quantize_lm_head": False,
     "cpu_kernels": False,
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5},
 }
+# The parallel options go in a set of their own: tensor parallelism refuses speculative decoding.
+NON_DEFAULT_PARALLEL = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray",
+                        "enable_expert_parallel": True, "expert_placement": "placement.json"}
 
 
 def as_flags(options: dict) -> list[str]:
@@ -63,13 +67,15 @@ def as_flags(options: dict) -> list[str]:
 
 @pytest.mark.parametrize("command", ENGINE_COMMANDS, ids=" ".join)
 def test_engine_flags_round_trip_into_engine_config(command):
-    assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(EngineConfig)}, "a field without a test value"
-    assert all(NON_DEFAULT[f.name] != f.default for f in dataclasses.fields(EngineConfig))
+    every = {**NON_DEFAULT, **NON_DEFAULT_PARALLEL}
+    assert set(every) == {f.name for f in dataclasses.fields(EngineConfig)}, "a field without a test value"
+    assert all(every[f.name] != f.default for f in dataclasses.fields(EngineConfig))
     parser = build_parser()
     defaults = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args(command)))
     assert defaults == EngineConfig()
-    parsed = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([*command, *as_flags(NON_DEFAULT)])))
-    assert parsed == EngineConfig(**NON_DEFAULT)
+    for options in (NON_DEFAULT, NON_DEFAULT_PARALLEL):
+        parsed = EngineConfig.from_kwargs(**engine_kwargs(parser.parse_args([*command, *as_flags(options)])))
+        assert parsed == EngineConfig(**options)
 
 
 def test_choices_come_from_the_config(capsys):
