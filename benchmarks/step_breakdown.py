@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import fuselm.layers.attention as layer_attention_module
     import fuselm.models.llama as llama_module
-    import fuselm.runner.attention as attention_module
+    import fuselm.layers.paged_attention as attention_module
     from fuselm.bench.throughput import run_throughput
     from fuselm.bench.workloads import Request, load_text, make_workload
     from fuselm.llm import LLM

@@ -110,7 +110,7 @@ def gloo_all_reduce_cost(iters: int = 200) -> dict:
     """Seconds per all-reduce of 2 local gloo ranks by message size, and the fitted latency and bandwidth."""
     import multiprocessing as mp
 
-    from fuselm.parallel.executor import free_port
+    from fuselm.executor.executor import free_port
 
     sizes = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
     ctx = mp.get_context("spawn")

@@ -12,7 +12,7 @@ import torch
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.runner.kv_quant import dequantize_rows, quantize_rows
+from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
 TEXT = Path(__file__).with_name("data") / "public_domain_text.txt"
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

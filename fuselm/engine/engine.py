@@ -72,8 +72,8 @@ class LLMEngine:
         max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
         eos = list(dict.fromkeys(mc.eos_token_ids + self.tokenizer.eos_token_ids))
         self.eos_token_ids = eos
-        if shard is not None:  # the runner interface over N processes (fuselm/parallel/executor.py)
-            from fuselm.parallel.executor import TensorParallelExecutor
+        if shard is not None:  # the runner interface over N processes (fuselm/executor/executor.py)
+            from fuselm.executor.executor import TensorParallelExecutor
 
             self.runner = TensorParallelExecutor(config, mc, loaded.weights, self.device, self.dtype, max_model_len,
                                                  eos)

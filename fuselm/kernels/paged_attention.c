@@ -1,7 +1,7 @@
 /* Paged decode attention for CPU: one query token per sequence, keys/values read in place from the
  * block-paged cache (no gather copy), online softmax, float accumulation, OpenMP over
  * sequences. Built at run time by fuselm/kernels/cpu.py; the torch path in
- * fuselm/runner/attention.py is the reference it is tested against.
+ * fuselm/layers/paged_attention.py is the reference it is tested against.
  *
  * Layouts (all contiguous):
  *   q, out      [num_seqs, num_heads, head_dim]

@@ -1,5 +1,5 @@
 """Self-attention over the paged KV cache: a fused q/k/v projection, rotary embeddings on q and k,
-attention through the runner's paged attention (fuselm/runner/attention.py), the o projection.
+attention through the runner's paged attention (fuselm/layers/paged_attention.py), the o projection.
 The KV cache tensors are attached by the model runner.
 
 Options a family sets (Llama sets none of them):
@@ -18,7 +18,7 @@ from torch import nn
 from fuselm.config import ModelConfig
 from fuselm.layers.linear import TorchLinear
 from fuselm.layers.rotary import RotaryEmbedding
-from fuselm.runner.attention import paged_attention
+from fuselm.layers.paged_attention import paged_attention
 
 
 class Attention(nn.Module):

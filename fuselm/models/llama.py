@@ -3,7 +3,7 @@
 Differences inside the family are config switches: q/k/v biases (Qwen2), GQA, tied embeddings,
 rope_theta and Llama 3 rope scaling. q/k/v and gate/up projections are fused into one matmul each.
 Input is `input_ids [T]` and `positions [T]` for all tokens of all requests in the step; attention
-reads the rest of the batch layout from the forward context (fuselm.runner.attention).
+reads the rest of the batch layout from the forward context (fuselm.layers.paged_attention).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fuselm.layers.linear import TorchLinear
 from fuselm.layers.mlp import MLP
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import RotaryEmbedding
-from fuselm.runner.attention import get_attention_metadata, paged_attention
+from fuselm.layers.paged_attention import get_attention_metadata, paged_attention
 
 
 class DecoderLayer(nn.Module):

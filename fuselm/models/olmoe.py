@@ -12,7 +12,7 @@ from fuselm.layers.attention import Attention
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import RotaryEmbedding
 from fuselm.models.mixtral import MoEForCausalLM, MoESettings
-from fuselm.runner.attention import paged_attention
+from fuselm.layers.paged_attention import paged_attention
 
 
 class OlmoeAttention(Attention):

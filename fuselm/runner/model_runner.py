@@ -16,10 +16,10 @@ import torch
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
-from fuselm.runner.attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
-from fuselm.runner.kv_quant import SCALE_DTYPE
+from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.runner.seeded import SeededGenerators
 from fuselm.runner.verify import verify_speculative
@@ -71,7 +71,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         if config.kv_cache_dtype == "int8":
-            self.kv_dtype = torch.int8  # with per-token, per-head scales (runner/kv_quant.py)
+            self.kv_dtype = torch.int8  # with per-token, per-head scales (layers/kv_quant.py)
         else:
             self.kv_dtype = dtype if config.kv_cache_dtype == "auto" else parse_dtype(config.kv_cache_dtype, device)
         self.block_size = config.block_size

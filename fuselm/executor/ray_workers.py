@@ -5,7 +5,7 @@ HEAD:6379` on the others); fuselm connects to it with `ray.init()` (RAY_ADDRESS,
 running on this machine, or else a new local instance). The workers are placed by a placement group
 of N-1 bundles of num_threads CPUs (one when unset), packed onto as few machines as have room; rank
 0 is the engine's own process. Ranks on one machine split its cores as the mp backend does. Each
-actor runs fuselm.parallel.worker.run_worker; a thread waits on those calls, so an actor that dies
+actor runs fuselm.executor.worker.run_worker; a thread waits on those calls, so an actor that dies
 (or a call that raises) is logged at once and reported by `failure()`.
 """
 
@@ -31,7 +31,7 @@ class RankActor:
         return ray.get_runtime_context().get_node_id()
 
     def run(self, spec) -> int:
-        from fuselm.parallel.worker import run_worker
+        from fuselm.executor.worker import run_worker
 
         run_worker(spec)
         return spec.rank

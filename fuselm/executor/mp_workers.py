@@ -1,6 +1,6 @@
 """The `mp` backend: tensor-parallel ranks 1..N-1 as local processes.
 
-Each worker is a fresh interpreter (`python -m fuselm.parallel.worker`) reading its pickled
+Each worker is a fresh interpreter (`python -m fuselm.executor.worker`) reading its pickled
 WorkerSpec from stdin, so the user's script is never re-imported (no `if __name__ == "__main__"`
 guard is needed, unlike multiprocessing's spawn). Its stderr passes through to ours, and the last
 lines are kept to say why it died. One thread per worker waits for it to exit: a worker that exits
@@ -31,7 +31,7 @@ class _Process:
         env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
         if spec.cores:  # OpenMP must not spin up more threads than the rank's cores before torch is told
             env["OMP_NUM_THREADS"] = str(spec.config.num_threads or len(spec.cores))
-        self.proc = subprocess.Popen([sys.executable, "-m", "fuselm.parallel.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "fuselm.executor.worker"], stdin=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         self.tail: collections.deque[str] = collections.deque(maxlen=_ERROR_LINES)
         self.stopping = False

@@ -30,7 +30,7 @@ import torch
 from fuselm.config import EngineConfig, ModelConfig
 from fuselm.parallel.cpu_affinity import core_slices, pin
 from fuselm.parallel.group import TensorParallelGroup, WorkerFailedError, destroy_group, init_group
-from fuselm.parallel.worker import RankInfo, WorkerSpec, build_rank_runner, describe_rank
+from fuselm.executor.worker import RankInfo, WorkerSpec, build_rank_runner, describe_rank
 
 logger = logging.getLogger("fuselm")
 
@@ -45,10 +45,10 @@ def free_port(address: str) -> int:
 
 def start_workers(config: EngineConfig):
     if config.distributed_executor_backend == "ray":
-        from fuselm.parallel.ray_workers import RayWorkers
+        from fuselm.executor.ray_workers import RayWorkers
 
         return RayWorkers(config)
-    from fuselm.parallel.mp_workers import ProcessWorkers
+    from fuselm.executor.mp_workers import ProcessWorkers
 
     return ProcessWorkers()
 

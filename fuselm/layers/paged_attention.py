@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fuselm.runner.kv_quant import dequantize_rows, quantize_rows
+from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
 
 @dataclass(slots=True)
@@ -82,7 +82,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """Scatter new keys/values into their cache slots. k_cache: [num_blocks, block_size, kv_heads, head_dim].
 
     An int8 cache comes with k_scale/v_scale [num_blocks, block_size, kv_heads]: rows are quantised
-    on the way in (runner/kv_quant.py).
+    on the way in (layers/kv_quant.py).
     """
     kv_heads, head_dim = k_cache.shape[-2:]
     for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):

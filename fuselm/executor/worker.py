@@ -5,7 +5,7 @@ fuselm/core/scheduler_output.py) on the control group, and every rank runs the s
 shard, taking part in the all-reduces and in the gather of the logits; only rank 0 samples. A
 `None` step is the order to stop. A worker whose rank 0 dies sees its sockets close and exits.
 
-Started as `python -m fuselm.parallel.worker` with a pickled WorkerSpec on stdin (the mp backend;
+Started as `python -m fuselm.executor.worker` with a pickled WorkerSpec on stdin (the mp backend;
 a fresh interpreter, so the user's script is never re-imported) or inside a Ray actor.
 """
 
@@ -125,7 +125,7 @@ def main() -> None:
     run_worker(spec)
 
 
-if __name__ == "__main__":  # run by its module name, so what it pickles names fuselm.parallel.worker
-    from fuselm.parallel.worker import main as worker_main
+if __name__ == "__main__":  # run by its module name, so what it pickles names fuselm.executor.worker
+    from fuselm.executor.worker import main as worker_main
 
     worker_main()
