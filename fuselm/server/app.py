@@ -61,7 +61,7 @@ class APIKeyMiddleware:
     docs, before anything else looks at the request; /health and /metrics stay open. With several keys
     (one per client), the index of the key that matched identifies the client (server/clients.py)."""
 
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json")
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
 
     def __init__(self, app, api_key: str | list[str]) -> None:
         self.app = app
@@ -84,12 +84,14 @@ class APIKeyMiddleware:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | list[str] | None = None,
-              limits: ServerLimits | None = None, enable_docs: bool = True) -> FastAPI:
+              limits: ServerLimits | None = None, enable_docs: bool = True,
+              tool_call_parser: str | None = None) -> FastAPI:
     """`served_model_name` defaults to the model's file or directory name; `enable_docs=False` turns off
-    /docs, /redoc and /openapi.json (with `api_key` they need the key)."""
+    /docs, /redoc and /openapi.json (with `api_key` they need the key); `tool_call_parser` (a name in
+    tool_parsers.PARSERS) defaults to the one the chat template's tool format calls for."""
     limits = limits or ServerLimits()
     name = served_model_name or short_model_name(engine.model_name)
-    serving = OpenAIServing(engine, name, limits)
+    serving = OpenAIServing(engine, name, limits, tool_call_parser)
     metrics = ServerMetrics(name)
     if metrics not in engine.observers:
         engine.observers.append(metrics)
@@ -165,6 +167,22 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     @api.get("/v1/models", response_model=P.ModelList)
     async def models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=name, root=name, max_model_len=engine.max_model_len)])
+
+    @api.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
+    async def model(model_id: str) -> P.ModelCard:
+        if model_id != name:
+            return error_response(404, f"the model {model_id!r} does not exist; this server serves {name!r}",
+                                  param="model", code="model_not_found")
+        return P.ModelCard(id=name, root=name, max_model_len=engine.max_model_len)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """vLLM's tokenizer description (lm-eval reads it instead of downloading the tokenizer)."""
+        tok = engine.tokenizer
+        special = {"bos_token": tok.bos_token_id, "eos_token": tok.eos_token_id, "pad_token": tok.pad_token_id}
+        info = {key: tok.token_to_str(tid) for key, tid in special.items() if tid is not None}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": engine.max_model_len,
+                "vocab_size": tok.vocab_size, "chat_template": tok.chat_template, **info}
 
     @api.post("/v1/completions", response_model=None)
     async def completions(body: P.CompletionRequest, request: Request):

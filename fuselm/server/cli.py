@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     g.add_argument("--allow-request-priority", action="store_true",
                    help=f"accept a per-request 'priority' in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}] (lower is "
                         "served first); without it a non-zero priority gets 400")
+    g.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+                   help="how tool calls are read from the output (default: from the chat template's tool format, "
+                        "hermes when it has none)")
     g.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between engine status lines")
     g.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request")
     g.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own log level (access log at info)")
@@ -73,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (short_model_name(args.model) if args.model else "SmolLM2-135M-Instruct")
     api_key = args.api_key or os.environ.get("FUSELM_API_KEY")
     app = build_app(engine, served_model_name=name, api_key=api_key, limits=limits,
-                    enable_docs=not args.disable_docs)
+                    enable_docs=not args.disable_docs, tool_call_parser=args.tool_call_parser)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
                 ", API key required" if api_key else "")
     try:

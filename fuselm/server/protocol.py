@@ -11,6 +11,7 @@ escape decodes to a lone surrogate, which no tokenizer can encode).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,63 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Request):
+    name: Text
+    arguments: Text
+
+
+class MessageToolCall(_Request):
+    """A call in an assistant message of the conversation (as a response gave it)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+# Fields of OpenAI's or vLLM's API that would change what a request means and that fuselm does not
+# implement: a 400 naming the field, never a silently different answer. Other unknown fields are logged.
+UNSUPPORTED_FIELDS = frozenset({
+    "functions", "function_call", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort",
+    "best_of", "suffix", "use_beam_search", "length_penalty", "prompt_logprobs", "truncate_prompt_tokens",
+    "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag", "chat_template",
+    "chat_template_kwargs", "continue_final_message", "documents", "return_tokens_as_token_ids",
+    "mm_processor_kwargs", "logits_processors", "bad_words_token_ids", "allowed_token_ids_text",
+})
+
+
 class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM-style extras)."""
 
@@ -66,6 +124,16 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower is served first; only with --allow-request-priority
+    # constrained output (one source at most) and token constraints
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys are) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[Text] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -93,9 +161,19 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: Text | None = None  # the call a tool message answers
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -106,10 +184,24 @@ class ChatMessage(_Request):
                                               "parts are", param="messages")
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        message: dict[str, Any] = {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ("" if not self.tool_calls else None)}
         if self.name:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # HF templates read arguments as a mapping (they print it with tojson)
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments_value(c.function.arguments)}}
+                for c in self.tool_calls]
         return message
+
+
+def _arguments_value(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -119,6 +211,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -202,9 +297,39 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+
+class _DropNone(BaseModel):
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):  # stream deltas carry only what they set
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaOut(_DropNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatChoice(BaseModel):
@@ -225,13 +350,10 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_DropNone):  # OpenAI sends {"role": ..}, {"content": ..}, {"tool_calls": ..} or {} deltas
     role: str | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):  # OpenAI sends {"role": ..}, {"content": ..} or {} deltas
-        return {k: v for k, v in handler(self).items() if v is not None}
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -24,7 +24,9 @@ from fuselm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestF
 from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fuselm.sampling_params import SamplingParams
+from fuselm.server import constraints as C
 from fuselm.server import protocol as P
+from fuselm.server.tool_parsers import PARSERS, parser_for_template
 from fuselm.server.clients import client_identity
 from fuselm.server.limits import RequestLimiter, ServerLimits, chat_chars, max_chars_per_token
 
@@ -79,7 +81,11 @@ class _ChoiceState:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None,
+                 tool_call_parser: str | None = None) -> None:
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r}; the parsers are {sorted(PARSERS)}")
+        self.tool_call_parser = tool_call_parser or parser_for_template(engine.tokenizer.chat_template)
         self.engine = engine
         self.model_name = served_model_name
         self.defaults = engine.generation_defaults
@@ -94,10 +100,17 @@ class OpenAIServing:
                                       param="model", code="model_not_found")
 
     def sampling_params(self, req: P.SamplingRequest, fields: dict[str, str], max_tokens: int | None,
-                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        constraint: C.Constraint | None = None) -> SamplingParams:
         """The request's SamplingParams; `fields` names the request fields that some of them come from."""
-        if req.model_extra:
-            logger.warning("ignoring unsupported request fields: %s", ascii(sorted(req.model_extra)))
+        extra = sorted(req.model_extra or ())
+        refused = [name for name in extra if name in P.UNSUPPORTED_FIELDS]
+        if refused:
+            raise InvalidRequestError(f"{refused[0]} is not supported by this server; leave it out",
+                                      param=refused[0], code="unsupported_field")
+        if extra:
+            logger.warning("ignoring unknown request fields: %s", ascii(extra))
+        constraint = constraint or C.Constraint()
 
         def pick(name: str, fallback: float) -> float:
             value = getattr(req, name)
@@ -112,6 +125,8 @@ class OpenAIServing:
                 ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                structured_outputs=constraint.spec, logit_bias=req.logit_bias,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
             )
         except InvalidRequestError as exc:
             raise in_request_terms(exc, fields) from exc
@@ -233,8 +248,9 @@ class OpenAIServing:
         prompts = req.prompts()
         self.limiter.check_completion(req, prompts)
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
-        fields = {"prompt_logprobs": "logprobs"}
-        params = self.sampling_params(req, fields, req.max_tokens, req.logprobs, prompt_lp)
+        constraint = C.request_constraint(req)
+        fields = {"prompt_logprobs": "logprobs", **constraint.fields}
+        params = self.sampling_params(req, fields, req.max_tokens, req.logprobs, prompt_lp, constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, prompts, params, req.priority, fields, req.stream,
                                     client_identity(raw, req.user))
@@ -309,12 +325,22 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
-    async def chat_prompt(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """The messages rendered by the chat template and tokenised, both in the tokenizer pool."""
+    async def chat_prompt(self, messages: list[P.ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> list[int]:
+        """The messages (and tools) rendered by the chat template and tokenised, both in the tokenizer pool.
+        A template that knows nothing of tools gets them, and the calls and results, written as text."""
         conversation = [m.as_template_dict() for m in messages]
         size = chat_chars(messages)
+        tokenizer = self.engine.tokenizer
+        extra = {}
+        if C.template_takes_tools(tokenizer.chat_template):
+            if tools:
+                extra["tools"] = tools
+        elif tools or any(m.role == "tool" or m.tool_calls for m in messages):
+            conversation = C.conversation_in_text(conversation, tools)
         try:
-            text = await self.engine.render_chat(conversation, add_generation_prompt, size)
+            text = await self.engine.in_tokenizer_pool(size, tokenizer.apply_chat_template, conversation,
+                                                       add_generation_prompt, **extra)
         except (ValueError, jinja2.TemplateError) as exc:  # the template refused these messages
             raise InvalidRequestError(str(exc), param="messages") from exc
         return await self.engine.encode(text, add_special_tokens=False)
@@ -322,26 +348,30 @@ class OpenAIServing:
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
         self.limiter.check_chat(req)
-        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt)
+        plan = C.tool_plan(req, self.tool_call_parser)
+        constraint = C.request_constraint(req, plan)
+        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, plan.tools)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        fields = {"prompt": "messages", "logprobs": "top_logprobs",
+        fields = {"prompt": "messages", "logprobs": "top_logprobs", **constraint.fields,
                   "max_tokens": "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"}
-        params = self.sampling_params(req, fields, req.output_limit, top_n)
+        params = self.sampling_params(req, fields, req.output_limit, top_n, constraint=constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, [prompt], params, req.priority, fields, req.stream,
                                     client_identity(raw, req.user))
         if req.stream:
-            return self.stream_response(self._chat_chunks(req, request_id, streams), streams)
+            return self.stream_response(self._chat_chunks(req, request_id, streams, plan), streams)
         finals = await self.collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
         out = finals[0]
-        choices = [
-            P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.text),
-                         logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if top_n is not None else None,
-                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for c in out.outputs
-        ]
+        choices = []
+        for c in out.outputs:
+            parser = plan.make_parser()
+            message = P.ChatResponseMessage(content=c.text) if parser is None else C.response_message(parser.parse(c.text))
+            choices.append(P.ChatChoice(
+                index=c.index, message=message, stop_reason=c.stop_reason,
+                logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if top_n is not None else None,
+                finish_reason=C.finish_reason(c.finish_reason, bool(message.tool_calls))))
         return P.ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                         usage=self.usage(finals))
 
@@ -358,8 +388,8 @@ class OpenAIServing:
                                            bytes=list(e.decoded_token.encode())) for e in ranked]))
         return P.ChatLogprobs(content=content)
 
-    async def _chat_chunks(self, req: P.ChatCompletionRequest, request_id: str,
-                           streams: list[RequestStream]) -> AsyncIterator[str]:
+    async def _chat_chunks(self, req: P.ChatCompletionRequest, request_id: str, streams: list[RequestStream],
+                           plan: C.ToolPlan) -> AsyncIterator[str]:
         created = int(time.time())
         top_n = (req.top_logprobs or 0) if req.logprobs else None
 
@@ -370,6 +400,7 @@ class OpenAIServing:
         for i in range(req.n):
             yield chunk(i, P.DeltaMessage(role="assistant", content=""))
         states: dict[int, _ChoiceState] = {}
+        parsers = {i: plan.make_parser() for i in range(req.n)}
         final = None
         async for _, out in self.events(streams):
             final = out
@@ -378,11 +409,14 @@ class OpenAIServing:
                 if state.done:
                     continue
                 text, ids, lps, finished = state.advance(c)
-                if text or (ids and top_n is not None):
+                parser = parsers[c.index]
+                delta = P.DeltaMessage(content=text) if parser is None else C.delta_message(*parser.feed(c.text, finished))
+                if delta.content or delta.tool_calls or (ids and top_n is not None):
                     lp = self._chat_logprobs(ids, lps, top_n) if top_n is not None else None
-                    yield chunk(c.index, P.DeltaMessage(content=text), logprobs=lp)
+                    yield chunk(c.index, delta, logprobs=lp)
                 if finished:
-                    yield chunk(c.index, P.DeltaMessage(), finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    reason = C.finish_reason(c.finish_reason, bool(parser and parser.calls))
+                    yield chunk(c.index, P.DeltaMessage(), finish_reason=reason, stop_reason=c.stop_reason)
         if req.include_usage and final is not None:
             yield sse(P.ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[],
                                             usage=self.usage([final])))
