@@ -46,6 +46,20 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
     return condition()
 
 
+def slow_down_steps(engine, seconds: float = 0.005):
+    """Make each engine step take at least `seconds` (returns the undo): on the tiny model a step is a
+    fraction of a millisecond, so without this a test's long request can finish before the test gets to
+    disconnect it, and a flood can drain before the test sees it queued."""
+    step = engine.engine.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+
+    engine.engine.step = slow_step
+    return lambda: setattr(engine.engine, "step", step)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
     """One AsyncLLMEngine per test module on the tiny Llama (float32, CPU)."""

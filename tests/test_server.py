@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fuselm import LLM, SamplingParams
 from fuselm.server.metrics import METRIC_NAMES
-from server_helpers import MODEL, wait_until
+from server_helpers import MODEL, slow_down_steps, wait_until
 
 WORDS = "the quick brown fox jumps over lazy dog it was best of times Paris is capital France".split()
 
@@ -188,7 +188,16 @@ def _pool_is_full(engine) -> bool:
     return e.kv.num_free_blocks == e.runner.num_blocks and not e.has_unfinished_requests()
 
 
-def test_disconnect_mid_stream_aborts(server, engine):
+@pytest.fixture
+def slow_steps(engine):
+    """On the tiny model a 900-token request would otherwise finish in well under the 0.3 s a test
+    waits before it disconnects."""
+    undo = slow_down_steps(engine)
+    yield
+    undo()
+
+
+def test_disconnect_mid_stream_aborts(server, engine, slow_steps):
     before = scrape(server.base_url)
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.base_url, timeout=30) as c:
@@ -207,7 +216,7 @@ def test_disconnect_mid_stream_aborts(server, engine):
     assert 3 <= generated < 900
 
 
-def test_disconnect_while_waiting_non_streaming_aborts(server, engine):
+def test_disconnect_while_waiting_non_streaming_aborts(server, engine, slow_steps):
     key = ("fuselm_requests_total", (("finish_reason", "abort"),))
     before = scrape(server.base_url).get(key, 0)
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True}

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from fuselm.server.app import build_app
 from fuselm.server.clients import API_KEY_INDEX, client_identity
-from server_helpers import MODEL, ServerThread, pool_is_full, wait_until
+from server_helpers import MODEL, ServerThread, pool_is_full, slow_down_steps, wait_until
 
 SEATS = 4
 FLOOD = 24  # the flooder's requests: SEATS running, the rest waiting
@@ -30,8 +30,10 @@ FLOOD_TOKENS = 48
 def make_engine(tiny_llama, **options):
     from fuselm.engine.async_engine import AsyncLLMEngine
 
-    return AsyncLLMEngine.from_options(tiny_llama[0], dtype="float32", device="cpu", max_num_seqs=SEATS,
-                                       log_stats_interval=0, **options)
+    engine = AsyncLLMEngine.from_options(tiny_llama[0], dtype="float32", device="cpu", max_num_seqs=SEATS,
+                                         log_stats_interval=0, **options)
+    slow_down_steps(engine)  # a flood that drains in milliseconds cannot be seen queued
+    return engine
 
 
 class Flood:

@@ -118,12 +118,20 @@ def test_prompt_chars_refused_before_tokenising(server, engine, monkeypatch):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "c" * too_many}]}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "d" * too_many}]}]},
          "messages"),
-        ("/tokenize", {"prompt": "e" * too_many}, "prompt"),
     ]:
         calls.clear()
         error = refused_while_serving(server, engine, path, body, 400, param, "context_length_exceeded")
         assert "max_model_len" in error["message"]
         assert max(calls, default=0) < too_many, f"{path} tokenised the over-long text before refusing it"
+
+
+def test_tokenize_is_bounded_by_the_body_size_not_the_context(server, engine):
+    """/tokenize only counts: a text longer than any prompt could be (a benchmark client tokenising its
+    corpus) is tokenised in the pool, bounded by the body size limit, not refused by max_model_len."""
+    text = "It was the best of times, it was the worst of times. " * (max_prompt_chars(engine) // 40)
+    assert len(text) > max_prompt_chars(engine)
+    r = httpx.post(f"{server.base_url}/tokenize", json={"prompt": text}, timeout=60)
+    assert r.status_code == 200 and r.json()["tokens"] == engine.tokenizer.encode(text)
 
 
 def test_prompt_at_the_bound_is_tokenised_then_measured(server, engine):

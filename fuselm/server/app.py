@@ -21,7 +21,7 @@ from fuselm.engine.async_engine import AsyncLLMEngine
 from fuselm.errors import InvalidRequestError
 from fuselm.server import protocol as P
 from fuselm.server.clients import API_KEY_INDEX
-from fuselm.server.limits import BodySizeLimitMiddleware, ServerLimits, chat_chars
+from fuselm.server.limits import BodySizeLimitMiddleware, ServerLimits
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.serving import APIError, OpenAIServing
 
@@ -195,11 +195,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
     @api.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest) -> dict:
         serving.check_model(body.model)
+        # Only counting, never generating: bounded by the request body size, not by max_model_len (a
+        # benchmark client tokenises its whole corpus here), and tokenised in the pool like any prompt.
         if body.messages is not None:
-            serving.limiter.check_prompt_chars(chat_chars(body.messages), "messages")
             ids = await serving.chat_prompt(body.messages, body.add_generation_prompt)
         else:
-            serving.limiter.check_prompt_chars(len(body.prompt), "prompt")
             ids = await engine.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
