@@ -187,7 +187,7 @@ class Llama3JsonParser(ToolCallParser):
             super()._text(text, finished, content, deltas)
             return
         body = text.removeprefix("<|python_tag|>").lstrip()
-        if not body and not finished:
+        if not finished and "<|python_tag|>".startswith(text.lstrip()):
             return  # nothing to judge the output by yet
         if body.startswith("{"):
             super()._text(text, finished, content, deltas)
