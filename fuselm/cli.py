@@ -53,14 +53,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling options")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    """Sampling flags. Those left out take the model's generation_config.json defaults (as vLLM does),
+    else SamplingParams' own; the demo batch is greedy unless a flag says otherwise."""
+    g = parser.add_argument_group("sampling options", "unset: the model's generation_config.json defaults, "
+                                                      "else SamplingParams' (the demo batch: greedy)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--min-tokens", type=int, default=0)
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -68,22 +71,33 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params(args: argparse.Namespace):
+_SAMPLING_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty"}
+
+
+def sampling_params(args: argparse.Namespace, defaults: dict | None = None):
+    """SamplingParams from the flags given, over `defaults` (the model's generation_config.json)."""
     from fuselm.sampling_params import SamplingParams
 
-    return SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        stop=args.stop, ignore_eos=args.ignore_eos,
-    )
+    values = dict(defaults or {})
+    values.update({name: getattr(args, flag) for name, flag in _SAMPLING_FLAGS.items()
+                   if getattr(args, flag, None) is not None})
+    return SamplingParams(n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=args.stop,
+                          ignore_eos=args.ignore_eos, **values)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fuselm.llm import LLM
 
-    params = sampling_params(args)
-    llm = LLM(**engine_kwargs(args))
+    options = engine_kwargs(args)
+    demo = not args.prompts
+    if demo and options["dtype"] == "auto":
+        options["dtype"] = "float32"  # the demo's answers then do not depend on whether the CPU has bf16
+    llm = LLM(**options)
+    # The demo batch is greedy (the same answers on every run); prompts of one's own get the model's
+    # generation_config.json defaults; flags override either.
+    params = sampling_params(args, {"temperature": 0.0} if demo else llm.engine.generation_defaults)
     print(f"model: {llm.engine.model_name} ({llm.engine.device}, {llm.engine.dtype}), "
           f"loaded in {llm.engine.load_seconds:.2f} s", file=sys.stderr)
     prompts = args.prompts or DEMO_PROMPTS
@@ -109,11 +123,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from fuselm.llm import LLM
 
-    params = sampling_params(args)
-    if params.n != 1:
+    if args.n != 1:
         raise ValueError("chat streams one answer; use --n 1")
     llm = LLM(**engine_kwargs(args))
     engine, tok = llm.engine, llm.engine.tokenizer
+    params = sampling_params(args, engine.generation_defaults)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("fuselm chat: type a message, /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
     turn = 0
@@ -155,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description="fuselm: fast LLM inference and serving",
                                      epilog=models_help())
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"fuselm {version()}")
+    sub = parser.add_subparsers(dest="command")
 
     gen = sub.add_parser("generate", help="generate completions for prompts (offline batch)",
                          description="Run prompts through the engine in one continuous batch. "
@@ -190,9 +205,49 @@ def _optional_commands():
     return found
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("fuselm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def overview(parser: argparse.ArgumentParser) -> str:
+    """What `fuselm` with no command prints: the commands, the embedded model, one example each."""
+    from fuselm.loader.defaults import default_model_path
+
+    try:
+        embedded = default_model_path()
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        embedded = f"not installed ({exc})"
+    subcommands = parser._subparsers._group_actions[0]  # the registered commands, optional ones included
+    commands = {a.dest: a.help for a in subcommands._choices_actions}
+    examples = {
+        "generate": 'fuselm generate "The capital of France is" --max-tokens 20   # no prompt: a demo batch',
+        "chat": 'fuselm chat --system "You are terse."',
+        "serve": "fuselm serve --port 8000   # OpenAI-compatible: /v1/chat/completions, /v1/completions",
+        "bench": "fuselm bench throughput --workload chat --num-requests 64",
+        "placement": "fuselm placement --stats expert_stats.json --ranks 2 --out placement.json",
+    }
+    lines = [f"fuselm {version()}: fast LLM inference and serving on CPU", "",
+             f"Embedded default model (used when --model is not given): {embedded}", "", "Commands:"]
+    for name, summary in commands.items():
+        lines.append(f"  {name:<10} {summary or ''}".rstrip())
+        if name in examples:
+            lines.append(f"             e.g. {examples[name]}")
+    lines += ["", "`fuselm COMMAND --help` lists a command's options; `fuselm --help` the models it runs."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        print(overview(parser))
+        return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

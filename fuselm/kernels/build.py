@@ -22,8 +22,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -203,6 +205,17 @@ class BuildError(RuntimeError):
     pass
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "this CPU"
+
+
 def build(variant: IsaVariant, compiler: Compiler, directory: Path | None = None) -> Built:
     """The library for `variant`: from the cache when its record allows it, else compiled now."""
     key = build_key(variant, compiler)
@@ -213,6 +226,9 @@ def build(variant: IsaVariant, compiler: Compiler, directory: Path | None = None
             return Built(target, key, variant, cache_hit=True)
         logger.warning("not loading the cached CPU kernels %s: %s; rebuilding", target, problem)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # On stderr, not in the log: a first start pauses here for seconds, and should say why.
+    print(f"compiling CPU kernels for {cpu_model_name()} ({variant.name}; first run only)...", file=sys.stderr,
+          flush=True)
     start = time.perf_counter()
     flags = flags_for(variant)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
