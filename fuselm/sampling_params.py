@@ -77,8 +77,8 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise bad("max_tokens", "must be an integer >= 0 (0 scores the prompt only: prompt_logprobs, echo)")
         if self.min_tokens < 0:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

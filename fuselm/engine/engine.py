@@ -283,6 +283,9 @@ class LLMEngine:
             if prompt_lp is not None:
                 self._record_prompt_logprobs(req, prompt_lp)
             if sampled is None:
+                if req.max_tokens == 0 and req.num_computed_tokens >= req.num_prompt_tokens:
+                    self._finish_prompt_only(req, now)
+                    touched[req.request_id] = None
                 continue
             touched[req.request_id] = None
             for token in sampled:
@@ -303,6 +306,11 @@ class LLMEngine:
                 del self.groups[rid]
             outputs.append(output)
         return outputs
+
+    def _finish_prompt_only(self, req: Request, now: float) -> None:
+        """A max_tokens 0 request is done once its prompt is computed: nothing sampled, its blocks freed."""
+        req.metrics.finished_time = now
+        self.scheduler.finish_request(req, "length")
 
     def _append(self, req: Request, sampled: SampledToken, now: float) -> None:
         token = sampled.token_id

@@ -162,7 +162,7 @@ class Scheduler:
         for key, (req, n) in chosen.items():
             if budget == 0:
                 break
-            if req.spec_token_ids and n == 1 and req.num_tokens - req.num_computed_tokens == 1:
+            if req.spec_token_ids and req.max_tokens and n == 1 and req.num_tokens - req.num_computed_tokens == 1:
                 s = min(len(req.spec_token_ids), budget)
                 if self.kv.allocate_slots(req, 1 + s):
                     num_spec[key] = s
@@ -236,7 +236,7 @@ def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
     tokens = req.all_token_ids[start:start + n]
     if num_spec:
         tokens = tokens + req.spec_token_ids[:num_spec]
-    needs_sample = start + n == req.num_tokens
+    needs_sample = start + n == req.num_tokens and req.max_tokens > 0  # max_tokens 0: the prompt only
     params = req.params
     prompt_ids = output_ids = draft_probs = None
     if (needs_sample and params.repetition_penalty != 1.0) or \

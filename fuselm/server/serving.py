@@ -348,6 +348,9 @@ class OpenAIServing:
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response | BaseModel:
         self.check_model(req.model)
         self.limiter.check_chat(req)
+        if req.output_limit is not None and req.output_limit < 1:  # 0 only scores a prompt: completions with echo
+            field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+            raise InvalidRequestError(f"{field} must be an integer >= 1 for chat, got {req.output_limit}", param=field)
         plan = C.tool_plan(req, self.tool_call_parser)
         constraint = C.request_constraint(req, plan)
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, plan.tools)
