@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import fuselm.engine.structured_output as so_module
 import fuselm.runner.sampler as sampler_module
 from fuselm import LLM, SamplingParams
+from fuselm.bench.report import cpu_model
 
 TYPICAL = {
     "type": "object",
@@ -50,16 +50,6 @@ TYPICAL = {
 }
 LONG = {"type": "array", "items": TYPICAL, "minItems": 4, "maxItems": 8}
 PROMPT = [{"role": "user", "content": "List a few people you might know, with their contact details, as JSON."}]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class CpuTimer:
@@ -173,7 +163,7 @@ def main() -> None:
                   f"grammar CPU ms/step {constrained['grammar_cpu_ms_per_step']}")
 
     result = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_before:.1f} before / "
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, load average {load_before:.1f} before / "
                    f"{os.getloadavg()[0]:.1f} after",
         "model": "embedded SmolLM2-135M-Instruct Q4_1 GGUF",
         "command": f"benchmarks/structured_output.py --steps {args.steps}",
@@ -187,7 +177,7 @@ def main() -> None:
           f"TTFT ms (median): " + ", ".join(f"{k} {v['median']:.1f}" for k, v in result["ttft_ms"].items())
           + f"; first structured request after start {first_request_s:.2f} s")
     if not args.no_save:
-        slug = re.sub(r"[^a-z0-9]+", "-", cpu_name().lower()).strip("-")
+        slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
         path = Path(__file__).parent / "results" / f"structured-output-{slug}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print("wrote", path)

@@ -19,13 +19,9 @@ WIDTH = 50
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from fuselm.kernels.build import cpu_model_name
+
+    return cpu_model_name()
 
 
 def machine_info() -> dict:

@@ -213,7 +213,7 @@ def cpu_model_name() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "this CPU"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def build(variant: IsaVariant, compiler: Compiler, directory: Path | None = None) -> Built:

@@ -41,6 +41,13 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
         self.v_scale: torch.Tensor | None = None
 
+    def linear_sources(self, prefix: str):
+        """(self, attribute, HF weight names fused in output order, HF bias names or None) of the q/k/v
+        and o projections under `prefix` (e.g. "model.layers.3.self_attn.")."""
+        biases = [prefix + f"{n}_proj.bias" for n in "qkv"] if self.qkv_proj.bias is not None else None
+        yield self, "qkv_proj", [prefix + f"{n}_proj.weight" for n in "qkv"], biases
+        yield self, "o_proj", [prefix + "o_proj.weight"], None
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, q_size + 2 kv_size]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)

@@ -27,6 +27,12 @@ class MLP(nn.Module):
         self.gate_up_proj = TorchLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = TorchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def linear_sources(self, prefix: str):
+        """(self, attribute, HF weight names, None) of the fused gate/up and the down projection under
+        `prefix` (e.g. "model.layers.3.mlp.")."""
+        yield self, "gate_up_proj", [prefix + "gate_proj.weight", prefix + "up_proj.weight"], None
+        yield self, "down_proj", [prefix + "down_proj.weight"], None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # [T, I] each
         return self.down_proj(self.act(gate) * up)

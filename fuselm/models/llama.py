@@ -92,13 +92,8 @@ class LlamaForCausalLM(nn.Module):
         """(parent module, attribute, HF weight names fused in output order, HF bias names or None) for
         every projection of every layer: the one table weight loading and quantisation both follow."""
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
-            biases = [p + f"self_attn.{n}_proj.bias" for n in "qkv"] if attn.qkv_proj.bias is not None else None
-            yield attn, "qkv_proj", [p + f"self_attn.{n}_proj.weight" for n in "qkv"], biases
-            yield attn, "o_proj", [p + "self_attn.o_proj.weight"], None
-            yield mlp, "gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None
-            yield mlp, "down_proj", [p + "mlp.down_proj.weight"], None
+            yield from layer.self_attn.linear_sources(f"model.layers.{i}.self_attn.")
+            yield from layer.mlp.linear_sources(f"model.layers.{i}.mlp.")
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises ValueError on missing/mismatched tensors.

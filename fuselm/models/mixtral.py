@@ -125,10 +125,8 @@ class MoEForCausalLM(LlamaForCausalLM):
     def linear_sources(self):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
-            biases = [p + f"self_attn.{n}_proj.bias" for n in "qkv"] if attn.qkv_proj.bias is not None else None
-            yield attn, "qkv_proj", [p + f"self_attn.{n}_proj.weight" for n in "qkv"], biases
-            yield attn, "o_proj", [p + "self_attn.o_proj.weight"], None
+            mlp = layer.mlp
+            yield from layer.self_attn.linear_sources(p + "self_attn.")
             if isinstance(mlp, MoEBlock):
                 yield mlp, "gate", [p + "mlp.gate.weight"], None
                 if mlp.shared_expert is not None:
@@ -137,8 +135,7 @@ class MoEForCausalLM(LlamaForCausalLM):
                     yield mlp.shared_expert, "down_proj", [s + "down_proj.weight"], None
                     yield mlp.shared_expert, "expert_gate", [p + "mlp.shared_expert_gate.weight"], None
             else:
-                yield mlp, "gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None
-                yield mlp, "down_proj", [p + "mlp.down_proj.weight"], None
+                yield from mlp.linear_sources(p + "mlp.")
 
     def load_hf_weights(self, weights: dict) -> None:
         """Experts and extra weights first (taken out of `weights`), then everything Llama loads."""
