@@ -26,6 +26,7 @@ from fuselm.layers.linear import LinearMethod, TorchLinear
 from fuselm.layers.mlp import MLP
 from fuselm.layers.norm import GemmaRMSNorm
 from fuselm.layers.rotary import RotaryEmbedding
+from fuselm.models.llama import dense_linear_methods
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -144,12 +145,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def linear_methods(self):
         """(parent module, attribute, role) of every LinearMethod slot (see models/llama.py)."""
-        for layer in self.layers:
-            yield layer.self_attn, "qkv_proj", "qkv"
-            yield layer.self_attn, "o_proj", "o"
-            yield layer.mlp, "gate_up_proj", "gate_up"
-            yield layer.mlp, "down_proj", "down"
-        yield self, "lm_head", "lm_head"
+        return dense_linear_methods(self)
 
     def linear_sources(self):
         """(parent module, attribute, HF weight names fused in output order, HF bias names or None)."""

@@ -81,12 +81,7 @@ class LlamaForCausalLM(nn.Module):
     def linear_methods(self):
         """(parent module, attribute, role) of every LinearMethod slot: what the execution plan
         chooses a method for. Roles name the projection kind across layers."""
-        for layer in self.layers:
-            yield layer.self_attn, "qkv_proj", "qkv"
-            yield layer.self_attn, "o_proj", "o"
-            yield layer.mlp, "gate_up_proj", "gate_up"
-            yield layer.mlp, "down_proj", "down"
-        yield self, "lm_head", "lm_head"
+        return dense_linear_methods(self)
 
     def linear_sources(self):
         """(parent module, attribute, HF weight names fused in output order, HF bias names or None) for
@@ -141,3 +136,14 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected weights in the checkpoint: {leftovers[:5]}...; not a Llama-family model?")
         if self.lm_head is None:  # tied: the LM head multiplies by the embedding table
             self.lm_head = TorchLinear.sharing(self.embed_tokens.weight)
+
+
+def dense_linear_methods(model):
+    """The LinearMethod slots of a model whose layers have `self_attn` (qkv, o) and a dense `mlp`
+    (gate_up, down), and its `lm_head`: (parent module, attribute, role)."""
+    for layer in model.layers:
+        yield layer.self_attn, "qkv_proj", "qkv"
+        yield layer.self_attn, "o_proj", "o"
+        yield layer.mlp, "gate_up_proj", "gate_up"
+        yield layer.mlp, "down_proj", "down"
+    yield model, "lm_head", "lm_head"

@@ -63,11 +63,27 @@ def cross_rank_pairs(co_occurrence, placement: list[list[int]]) -> float:
     return moved
 
 
-def _milp(cost, integrality, rows, lower, upper, bounds, time_limit: float):
+class _Rows:
+    """The constraint rows of a MILP, built one row at a time: lo <= sum(val * x[col]) <= hi."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, int, float]] = []  # (row, column, value)
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+
+    def add(self, entries, lo: float, hi: float) -> None:
+        index = len(self.lower)
+        self.entries.extend((index, col, val) for col, val in entries)
+        self.lower.append(lo)
+        self.upper.append(hi)
+
+
+def _milp(cost, integrality, rows: _Rows, bounds, time_limit: float):
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
-    r, c, v = (np.asarray(a) for a in zip(*rows)) if rows else ([], [], [])
+    lower, upper = rows.lower, rows.upper
+    r, c, v = (np.asarray(a) for a in zip(*rows.entries)) if rows.entries else ([], [], [])
     matrix = coo_matrix((v, (r, c)), shape=(len(lower), len(cost))).tocsr()
     result = milp(cost, integrality=integrality, bounds=Bounds(*bounds),
                   constraints=LinearConstraint(matrix, lower, upper), options={"time_limit": time_limit})
@@ -80,13 +96,8 @@ def solve_layer(load, ranks: int, time_limit: float = 10.0) -> list[int]:
     experts = len(load)
     share = experts // ranks
     n = experts * ranks + 1  # x[e, r] at e * ranks + r, then M
-    rows, lower, upper = [], [], []
-
-    def row(entries, lo, hi) -> None:
-        index = len(lower)
-        rows.extend((index, col, val) for col, val in entries)
-        lower.append(lo)
-        upper.append(hi)
+    rows = _Rows()
+    row = rows.add
 
     for e in range(experts):
         row([(e * ranks + r, 1.0) for r in range(ranks)], 1, 1)
@@ -100,7 +111,7 @@ def solve_layer(load, ranks: int, time_limit: float = 10.0) -> list[int]:
     low[0] = 1.0  # expert 0 on rank 0: the ranks are interchangeable
     integrality = np.ones(n)
     integrality[-1] = 0
-    x = _milp(cost, integrality, rows, lower, upper, (low, high), time_limit)
+    x = _milp(cost, integrality, rows, (low, high), time_limit)
     if x is None:
         return round_robin(experts, ranks)
     owners = [int(np.argmax(x[e * ranks:(e + 1) * ranks])) for e in range(experts)]
@@ -131,13 +142,8 @@ def solve_traffic(loads, co_occurrence, first: list[list[int]], ranks: int, time
     nx = layers * experts * ranks
     x = lambda layer, e, r: (layer * experts + e) * ranks + r  # noqa: E731
     n = nx + len(pairs) * ranks
-    rows, lower, upper = [], [], []
-
-    def row(entries, lo, hi) -> None:
-        index = len(lower)
-        rows.extend((index, col, val) for col, val in entries)
-        lower.append(lo)
-        upper.append(hi)
+    rows = _Rows()
+    row = rows.add
 
     for layer in range(layers):
         for e in range(experts):
@@ -154,7 +160,7 @@ def solve_traffic(loads, co_occurrence, first: list[list[int]], ranks: int, time
             row([(y, 1.0), (x(p + 1, b, r), -1.0)], -np.inf, 0)
     low, high = np.zeros(n), np.ones(n)
     low[x(0, 0, 0)] = 1.0  # relabelling every layer's ranks alike changes nothing
-    solution = _milp(cost, np.ones(n), rows, lower, upper, (low, high), time_limit)
+    solution = _milp(cost, np.ones(n), rows, (low, high), time_limit)
     if solution is None:
         return first
     placement = [[int(np.argmax(solution[x(layer, e, 0):x(layer, e, 0) + ranks])) for e in range(experts)]
