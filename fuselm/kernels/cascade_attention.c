@@ -50,10 +50,15 @@ static inline v16f load16(const float *p) {
 
 static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* The sum of a vector's 16 lanes, by halving it four times. */
 static inline float lane_sum(v16f v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
+    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
 }
 
 /* exp(x) for x <= 0 (after max subtraction): 2^(x log2 e) = 2^n 2^f, f in [-0.5, 0.5], 2^f by its
@@ -116,23 +121,38 @@ static const float *head_rows(const void *cache, int kv_dtype, int64_t first_row
     return scratch;
 }
 
-/* S[i, t] = Q[i] . K[t] for M queries (Q [M, D], pre-scaled) and `count` keys (rows of K, `ks` apart).
- * Few queries: one dot product per pair. Many: K is transposed into kt [D, count rounded up to 16]
- * once (lanes past count hold stale values; their scores are never read) and each
- * 16-key row of it is multiplied against ROW_BLOCK broadcast queries, which reuses every loaded key
- * ROW_BLOCK times (the matrix-matrix form that makes reading a block once pay). */
+/* S[i, t] = Q[i] . K[t] for M queries (Q [M, D], pre-scaled) and `count` keys (rows of K, `ks` apart;
+ * the block holds rows up to the next multiple of 16, which may be read: their scores are never used).
+ * Few queries: dot products, 16 keys at a time summed with one shuffle tree (AVX-512). Many: K is
+ * transposed into kt [D, count rounded up to 16] once and each 16-key row of it is multiplied against
+ * ROW_BLOCK broadcast queries, which reuses every loaded key ROW_BLOCK times (the matrix-matrix form
+ * that makes reading a block once pay). */
 static void block_scores(const float *Q, int64_t M, const float *K, int64_t ks, int64_t count, int64_t D, float *S,
                          int64_t lds, float *kt) {
+    const int64_t ldk = (count + LANES - 1) / LANES * LANES;
     if (M < PANEL_MIN_ROWS) {
-        for (int64_t i = 0; i < M; i++)
+        for (int64_t i = 0; i < M; i++) {
+            const float *qi = Q + i * D;
+#if defined(__AVX512F__)
+            for (int64_t t0 = 0; t0 < count; t0 += LANES) {
+                __m512 part[LANES];
+                for (int t = 0; t < LANES; t++) {
+                    v16f a = load16(qi) * load16(K + (t0 + t) * ks);
+                    for (int64_t d = LANES; d < D; d += LANES) a += load16(qi + d) * load16(K + (t0 + t) * ks + d);
+                    part[t] = (__m512)a;
+                }
+                store16(S + i * lds + t0, (v16f)hsum16(part));
+            }
+#else
             for (int64_t t = 0; t < count; t++) {
                 v16f a = {0};
-                for (int64_t d = 0; d < D; d += LANES) a += load16(Q + i * D + d) * load16(K + t * ks + d);
+                for (int64_t d = 0; d < D; d += LANES) a += load16(qi + d) * load16(K + t * ks + d);
                 S[i * lds + t] = lane_sum(a);
             }
+#endif
+        }
         return;
     }
-    const int64_t ldk = (count + LANES - 1) / LANES * LANES;
     for (int64_t t = 0; t < count; t++)
         for (int64_t d = 0; d < D; d++) kt[d * ldk + t] = K[t * ks + d];
     for (int64_t t0 = 0; t0 < count; t0 += LANES) {
@@ -153,51 +173,55 @@ static void block_scores(const float *Q, int64_t M, const float *K, int64_t ks, 
     }
 }
 
+/* acc[i .. i + R) += P V for R (a constant where inlined) queries, one 16-wide slice of V at a time:
+ * each loaded slice of a V row feeds R independent accumulators. */
+static inline __attribute__((always_inline)) void add_pv(float *acc, int64_t i, int R, const float *P, int64_t ldp,
+                                                         int64_t count, const float *V, int64_t vs, int64_t D) {
+    for (int64_t c = 0; c < D; c += LANES) {
+        v16f a[ROW_BLOCK];
+        for (int r = 0; r < R; r++) a[r] = load16(acc + (i + r) * D + c);
+        for (int64_t t = 0; t < count; t++) {
+            const v16f v = load16(V + t * vs + c);
+            for (int r = 0; r < R; r++) a[r] += P[(i + r) * ldp + t] * v;
+        }
+        for (int r = 0; r < R; r++) store16(acc + (i + r) * D + c, a[r]);
+    }
+}
+
 /* The online-softmax step for `count` new scores of each of M queries: S becomes exp(S - new max),
- * l and acc are rescaled to the new max, then acc += P V (V rows `vs` apart), ROW_BLOCK queries per
- * loaded 16-wide slice of a V row. */
+ * l and acc are rescaled to the new max, then acc += P V (V rows `vs` apart). */
 static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t count, const float *V, int64_t vs,
                          int64_t D) {
+    const int64_t padded = (count + LANES - 1) / LANES * LANES;
     for (int64_t i = 0; i < M; i++) {
         float *s = S + i * lds;
         float block_max = s[0];
         for (int64_t t = 1; t < count; t++) block_max = s[t] > block_max ? s[t] : block_max;
         const float new_max = block_max > st.m[i] ? block_max : st.m[i];
         const float correction = exp_le0(st.m[i] - new_max);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < count; t++) {
-            s[t] = exp_le0(s[t] - new_max);
-            sum += s[t];
-        }
-        st.l[i] = st.l[i] * correction + sum;
+#pragma omp simd
+        for (int64_t t = 0; t < count; t++) s[t] = exp_le0(s[t] - new_max);
+        for (int64_t t = count; t < padded; t++) s[t] = 0.0f;
+        v16f sum = load16(s);
+        for (int64_t t0 = LANES; t0 < count; t0 += LANES) sum += load16(s + t0);
+        st.l[i] = st.l[i] * correction + lane_sum(sum);
         st.m[i] = new_max;
         if (correction != 1.0f) {
             float *a = st.acc + i * D;
-            for (int64_t d = 0; d < D; d++) a[d] *= correction;
+            for (int64_t d = 0; d < D; d += LANES) store16(a + d, load16(a + d) * correction);
         }
     }
-    for (int64_t c = 0; c < D; c += LANES) {
-        int64_t i = 0;
-        for (; i + ROW_BLOCK <= M; i += ROW_BLOCK) {
-            v16f a[ROW_BLOCK];
-            for (int r = 0; r < ROW_BLOCK; r++) a[r] = load16(st.acc + (i + r) * D + c);
-            for (int64_t t = 0; t < count; t++) {
-                const v16f v = load16(V + t * vs + c);
-                for (int r = 0; r < ROW_BLOCK; r++) a[r] += S[(i + r) * lds + t] * v;
-            }
-            for (int r = 0; r < ROW_BLOCK; r++) store16(st.acc + (i + r) * D + c, a[r]);
-        }
-        for (; i < M; i++) {
-            v16f a0 = load16(st.acc + i * D + c), a1 = {0};
-            int64_t t = 0;
-            for (; t + 1 < count; t += 2) { /* two chains: the FMA latency, not its throughput, bounds one */
-                a0 += S[i * lds + t] * load16(V + t * vs + c);
-                a1 += S[i * lds + t + 1] * load16(V + (t + 1) * vs + c);
-            }
-            if (t < count) a0 += S[i * lds + t] * load16(V + t * vs + c);
-            store16(st.acc + i * D + c, a0 + a1);
-        }
+    int64_t i = 0;
+    for (; i + ROW_BLOCK <= M; i += ROW_BLOCK) add_pv(st.acc, i, ROW_BLOCK, S, lds, count, V, vs, D);
+    switch (M - i) { /* the rest, with a constant row count so its accumulators stay in registers */
+    case 1: add_pv(st.acc, i, 1, S, lds, count, V, vs, D); break;
+    case 2: add_pv(st.acc, i, 2, S, lds, count, V, vs, D); break;
+    case 3: add_pv(st.acc, i, 3, S, lds, count, V, vs, D); break;
+    case 4: add_pv(st.acc, i, 4, S, lds, count, V, vs, D); break;
+    case 5: add_pv(st.acc, i, 5, S, lds, count, V, vs, D); break;
+    case 6: add_pv(st.acc, i, 6, S, lds, count, V, vs, D); break;
+    case 7: add_pv(st.acc, i, 7, S, lds, count, V, vs, D); break;
+    default: break;
     }
 }
 
@@ -205,6 +229,20 @@ static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t cou
 typedef struct {
     float *scores, *kt, *k_rows, *v_rows;
 } Scratch;
+
+/* Ask for head h's K and V rows of the block starting at cache row first_row (the hardware prefetcher
+ * cannot guess where the next block of a table lies). */
+static inline void prefetch_head_rows(const void *k_cache, const void *v_cache, int kv_dtype, int64_t first_row,
+                                      int64_t h, int64_t row_elems, int64_t bs, int64_t D) {
+    const int64_t width = kv_dtype == FUSELM_F32 ? 4 : 2;
+    for (int64_t t = 0; t < bs; t++) {
+        const int64_t at = ((first_row + t) * row_elems + h * D) * width;
+        for (int64_t off = 0; off < D * width; off += 64) {
+            __builtin_prefetch((const char *)k_cache + at + off);
+            __builtin_prefetch((const char *)v_cache + at + off);
+        }
+    }
+}
 
 /* Attend M queries of KV head h (Q [M, D], pre-scaled) to context positions [first_block * bs, len) of
  * one block table, continuing the state st. */
@@ -214,6 +252,8 @@ static void attend_span(const float *Q, int64_t M, State st, const void *k_cache
     for (int64_t b = first_block, start = first_block * bs; start < len; b++, start += bs) {
         const int64_t count = len - start < bs ? len - start : bs;
         const int64_t first_row = table[b] * bs;
+        if (start + bs < len) /* blocks sit anywhere in the pool: fetch the next one's rows of this head now */
+            prefetch_head_rows(k_cache, v_cache, kv_dtype, table[b + 1] * bs, h, row_elems, bs, D);
         int64_t ks, vs;
         const float *K = head_rows(k_cache, kv_dtype, first_row, h, row_elems, count, D, w.k_rows, &ks);
         const float *V = head_rows(v_cache, kv_dtype, first_row, h, row_elems, count, D, w.v_rows, &vs);

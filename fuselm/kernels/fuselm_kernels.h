@@ -123,9 +123,10 @@ void fuselm_layer_attention_inputs(const QLayer *layers, int64_t l, const QModel
                                    const float *cos, const float *sin, float *q, float *k, float *v);
 void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QModelDims *dims, float *x,
                                     const float *attn, int64_t M);
+/* shared: the step's shared-prefix groups (the cascade encoding above), or NULL for none */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
-                          const int64_t *ctx_lens, const int64_t *shared /* cascade groups, or NULL */);
+                          const int64_t *ctx_lens, const int64_t *shared);
 
 /* ---- mixture-of-experts feed-forward, every routed expert of a step in one call (moe.c) ---- */
 
