@@ -136,3 +136,38 @@ def test_capacity_with_a_given_slo_and_bad_flags(server, tmp_path, capsys):
     assert fuselm_main(["bench", "serve", "--base-url", srv.base_url, *SMALL, "--capacity",
                         "--sweep-rates", "1,2"]) != 0
     assert "--capacity chooses the rates" in capsys.readouterr().err
+
+
+# ---- benchmarks/run_all's capacity phase in the reports ----------------------------------------------------
+
+
+def capacity_phase_result() -> dict:
+    """A capacity phase as run_all records it (figures picked by hand)."""
+    derivation = {"rule": "...", "unloaded_p90_prompt_ttft_ms": 400.0, "p90_prompt_len": 346, "ttft_factor": 2.0,
+                  "unloaded_tpot_ms": 20.0, "tpot_factor": 5.0}
+
+    def engine(capacity, upper, probes):
+        return {"json": "x.json", "capacity_rps": capacity, "upper_rps": upper, "converged": True,
+                "probes": [{"rate": r, "attainment": a, "passed": a >= 0.9, "stopped_early": stop,
+                            "attainment_upper_bound": ub, "duration_s": 60.0} for r, a, stop, ub in probes]}
+
+    return {"workload": {"name": "chat", "requests_per_probe": 40, "seed": 0}, "slo_reference": "fuselm",
+            "slo": {"ttft_ms": 800.0, "tpot_ms": 100.0}, "slo_derivation": derivation, "plot": "res/t_capacity.png",
+            "engines": {"fuselm": engine(0.8, 0.9, [(0.8, 0.95, False, 0.95), (1.2, 0.1, True, 0.45)]),
+                        "vllm": engine(0.5, 0.6, [(0.5, 0.925, False, 0.925), (0.6, 0.8, False, 0.8)])}}
+
+
+def test_run_all_capacity_tables(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from run_all_report import readme_table, render_markdown
+
+    result = {"date": "2026-01-01T00:00:00", "machine": {"cpu_model": "AMD EPYC", "cpu_cores": 2, "torch_version": "2"},
+              "model": "SmolLM2", "dtype": "float32", "phases": {"capacity": capacity_phase_result()}}
+    md = render_markdown(result)
+    assert "TTFT ≤ 800 ms and TPOT ≤ 100 ms" in md and "2x the 400 ms unloaded TTFT of the p90 prompt, 346 tokens" in md
+    assert "| fuselm | 0.8 | 0.9 | 0.8 → 0.95, 1.2 → ≤0.45 | – |" in md  # the stopped probe shows its bound
+    assert "| vllm-cpu | 0.5 | 0.6 | 0.5 → 0.93, 0.6 → 0.80 | 1.60x |" in md  # 0.8 / 0.5
+    table = readme_table(result, "benchmarks/results/t.json")
+    assert "| vllm-cpu | 0.5 req/s | 1.60x |" in table and "AMD EPYC" in table
