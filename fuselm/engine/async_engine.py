@@ -292,6 +292,18 @@ class AsyncLLMEngine:
         """Abort a request from any thread; its blocks return to the pool before the next step."""
         self._commands.put(("abort", request_id))
 
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn() on the engine thread between steps (from any thread; its result and errors are dropped)."""
+        self._commands.put(("call", fn, None))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """fn() on the engine thread between steps, where the LLMEngine may be touched; returns its result."""
+        if not self.is_running:
+            raise EngineDeadError("the engine thread is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
+
     # ---- the engine thread --------------------------------------------------------------------
 
     def _next_commands(self, block: bool | float) -> list[tuple]:
@@ -323,6 +335,8 @@ class AsyncLLMEngine:
         for command in self._next_commands(False):  # requests that arrived during shutdown
             if command[0] == "add":
                 command[1].resolve(EngineDeadError("the engine is shut down"))
+            elif command[0] == "call" and command[2] is not None:
+                command[2].set_exception(EngineDeadError("the engine is shut down"))
         logger.info("engine thread stopped")
 
     def _iteration(self, idle_wait: bool | float) -> bool | float:
@@ -373,6 +387,18 @@ class AsyncLLMEngine:
             output = self.engine.abort_request(command[1])
             if output is not None:
                 self._dispatch(output, time.time())
+        elif kind == "call":
+            _, fn, done = command
+            try:
+                result = fn()
+            except Exception as exc:
+                if done is None:
+                    logger.exception("engine-thread call %r failed", fn)
+                else:
+                    done.set_exception(exc)
+                return
+            if done is not None:
+                done.set_result(result)
 
     def _dispatch(self, output: RequestOutput, now: float) -> None:
         stream = self._streams.get(output.request_id)

@@ -19,6 +19,7 @@ from fuselm.models.registry import build_model
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
+from fuselm.runner.kernel_choice import Override, choose_layer_step
 from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.runner.seeded import SeededGenerators
@@ -106,8 +107,12 @@ class ModelRunner:
             if self.kv_dtype == torch.int8:
                 for name in ("k_scale", "v_scale"):
                     setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
-        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel)
+        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel,
+                                   config.max_num_seqs, config.max_num_batched_tokens)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
+        layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
+        if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
+            self.plan.measured["layers"] = layer_step
         # an MoE model's routing counts, kept by the driver (every rank routes every token)
         self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
         logger.info("%s", self.plan.summary())
