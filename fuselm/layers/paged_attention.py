@@ -146,7 +146,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     assert not (kernel_writes and window is not None), "the C decode kernel has no sliding window"
     if kernel_writes:
         if nw < k.shape[0]:
-            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
+            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:], k_scale, v_scale)
     else:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
@@ -160,7 +160,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     if kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
-                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw])
+                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw],
+                                                k_scale, v_scale)
     elif nd:
         # Each query row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
