@@ -133,7 +133,9 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     measured = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     plan = measured.engine.runner.plan
-    assert set(plan.measured) >= {"qkv", "o", "gate_up", "down", "lm_head"} and "measured" in plan.summary()
+    # the C layers read only fuselm's layout: the layer roles keep it, and the C layer step is timed instead
+    assert set(plan.measured) == {"lm_head", "layers"} and "measured" in plan.summary()
+    assert all(plan.linear[role] == "fuselm-fp32-gemm" for role in ("qkv", "o", "gate_up", "down"))
     assert not any(t.cache_hit for t in plan.measured.values())
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
     for a, b in zip(measured.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
@@ -141,3 +143,16 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     again = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     assert all(t.cache_hit for t in again.engine.runner.plan.measured.values())
     assert again.engine.runner.plan.linear == plan.linear and again.engine.runner.plan.layers == plan.layers
+
+
+@pytest.mark.skipif(kernels is None or not onednn_available(), reason="needs the C kernels and oneDNN")
+def test_every_role_is_timed_where_the_c_layers_cannot_run(tiny_model_factory, monkeypatch, tmp_path):
+    """bfloat16 activations: no C layers, so each projection role is timed on its own."""
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    path, _ = tiny_model_factory("llama_untied")
+    llm = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
+    plan = llm.engine.runner.plan
+    assert set(plan.measured) == {"qkv", "o", "gate_up", "down", "lm_head"} and plan.layers == "torch"
+    assert all(plan.linear[role] == plan.measured[role].chosen for role in plan.measured)

@@ -14,7 +14,9 @@ start, on CPU with the C kernels, the execution plan (execution_plan.py) asks th
   reach it). Rounds interleave the candidates and keep each one's best time, so a noisy
   neighbour slows every candidate alike. A role takes the candidate with the smallest sum, over
   row counts, of its time relative to the fastest there; the rules' choice keeps the role unless
-  another beats it by MARGIN;
+  another beats it by MARGIN. Where the C layers can run (a float32 Llama-family model), q/k/v, o,
+  gate/up and down keep fuselm's layout untimed: it is the only one the C layers read, and what
+  they save (the eager layer's ~25 ops) is timed by the next point instead;
 - the C layer step against the per-layer torch path, by timing whole synthetic steps through the
   runner (`choose_layer_step`): a decode step of the decode batch, and a prompt-chunk step.
 
@@ -43,6 +45,7 @@ logger = logging.getLogger("fuselm")
 
 CHOICE_ENV = "FUSELM_KERNEL_CHOICE"
 ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
+LAYER_ROLES = ROLES[:4]  # the projections the C layers read
 LAYER_STEP_KINDS = ("c", "torch")
 PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
 LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms a row count: the decode step is timed at up to 64 rows
@@ -201,9 +204,11 @@ def measure_linear(candidates: dict[str, Callable[[], torch.nn.Module]], in_feat
 
 
 def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]]], kernels, override: Override | None,
-                        max_num_seqs: int, max_num_batched_tokens: int) -> tuple[dict[str, str], dict[str, Timings]]:
+                        max_num_seqs: int, max_num_batched_tokens: int,
+                        pinned: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, Timings]]:
     """The method kind per role from its candidates (the first is the rules' choice): forced, the
-    rules', or measured. `roles`: role -> (its first weight, candidate kind -> builder)."""
+    rules' (for `pinned` roles, untimed), or measured. `roles`: role -> (its first weight,
+    candidate kind -> builder)."""
     chosen: dict[str, str] = {}
     timings: dict[str, Timings] = {}
     env = environment_key(kernels)
@@ -216,7 +221,7 @@ def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]
                                  f"({str(weight.dtype).removeprefix('torch.')}); choose one of {', '.join(candidates)}")
             chosen[role] = kind
             continue
-        if len(candidates) == 1:
+        if len(candidates) == 1 or role in pinned:
             chosen[role] = default
             continue
         rows = row_counts(role, max_num_seqs, max_num_batched_tokens)
