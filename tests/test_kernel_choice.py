@@ -5,6 +5,8 @@ forces choices that an engine honours (its greedy output equal to the portable t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -76,9 +78,14 @@ def test_measured_choice_is_cached_and_busy_timings_are_not_trusted(monkeypatch,
         return {"slow-default": [2.0] * len(rows), "fast": [1.0] * len(rows), "torch": [1.9] * len(rows)}
 
     monkeypatch.setattr(kernel_choice, "measure_linear", fake_measure)
-    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: True)
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: True)  # busy already: nothing is timed
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == []
+    busy = iter([False, True])  # busy while timing: shown, neither trusted nor stored
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: next(busy))
     chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
     assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == [(1, 32, 256)]
+    assert "fast" in timings["qkv"].describe()
     monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
     chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
     assert chosen == {"qkv": "fast"} and not timings["qkv"].cache_hit and len(calls) == 2
@@ -86,6 +93,13 @@ def test_measured_choice_is_cached_and_busy_timings_are_not_trusted(monkeypatch,
     assert chosen == {"qkv": "fast"} and timings["qkv"].cache_hit and len(calls) == 2  # read back, not timed
     chosen, _ = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=8, max_num_batched_tokens=512)
     assert len(calls) == 3  # other row counts: another key
+
+
+def test_rounds_are_cut_to_the_budget():
+    calls = []
+    kernel_choice.time_interleaved({"slow": lambda: (calls.append(1), time.sleep(0.05))},
+                                   rounds=10, budget_s=0.12)
+    assert 2 <= len(calls) <= 4  # the warm-up and two rounds, not ten
 
 
 def test_default_keeps_its_place_within_the_margin():

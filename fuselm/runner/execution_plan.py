@@ -53,7 +53,7 @@ class ExecutionPlan:
             timings = self.measured.values()
             how = ("from the cache" if all(t.cache_hit for t in timings) else
                    f"in {sum(t.spent for t in timings):.1f} s" + (
-                       ", machine busy: rules kept, not cached" if any(t.busy for t in timings) else ""))
+                       ", machine busy: the rules decide, nothing cached" if any(t.busy for t in timings) else ""))
             line += f"; measured (best of interleaved rounds, {how}): " + "; ".join(
                 f"{name} at {'/'.join(map(str, t.rows))} rows: {t.describe()}" for name, t in self.measured.items())
         return line

@@ -50,6 +50,7 @@ LAYER_STEP_KINDS = ("c", "torch")
 PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
 LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms a row count: the decode step is timed at up to 64 rows
 ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); the best time counts
+ROUND_BUDGET_S = 1.0  # rounds are cut (to one at least) where they would take longer per row count
 MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
 SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
 
@@ -92,6 +93,8 @@ class Timings:
     busy: bool = False  # measured on a busy machine: shown, not trusted, not stored
 
     def describe(self) -> str:
+        if not self.seconds:
+            return f"not timed (machine busy), {self.chosen}"
         ranked = sorted(self.seconds, key=lambda kind: _score(self.seconds, kind))
         return " < ".join(f"{kind} {'/'.join(_fmt(s) for s in self.seconds[kind])}" for kind in ranked)
 
@@ -109,6 +112,8 @@ def _score(seconds: dict[str, list[float]], kind: str) -> float:
 def pick(seconds: dict[str, list[float]], default: str) -> str:
     """The candidate with the smallest sum of time relative to the fastest at each row count; the
     default keeps its place unless another scores at least MARGIN lower."""
+    if not seconds:
+        return default
     best = min(seconds, key=lambda kind: _score(seconds, kind))
     if default in seconds and _score(seconds, best) >= _score(seconds, default) * (1 - MARGIN):
         return default
@@ -160,6 +165,8 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
             return Timings(rows, record["seconds"], pick(record["seconds"], default), cache_hit=True)
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if machine_busy():  # timings now would measure the neighbours: not worth the start-up time
+        return Timings(rows, {}, default, busy=True)
     start = time.perf_counter()
     seconds = measure()
     spent = time.perf_counter() - start
@@ -175,12 +182,17 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
     return Timings(rows, seconds, pick(seconds, default), spent=spent)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up call."""
-    for fn in calls.values():
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
+                     budget_s: float = ROUND_BUDGET_S) -> dict[str, float]:
+    """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up
+    call; fewer rounds (at least one) where the warm-up calls say they would take over budget_s."""
+    best = {}
+    for kind, fn in calls.items():
+        start = time.perf_counter()
         fn()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
+        best[kind] = time.perf_counter() - start
+    per_round = sum(best.values())
+    for _ in range(max(1, min(rounds, int(budget_s / max(per_round, 1e-9))))):
         for kind, fn in calls.items():
             start = time.perf_counter()
             fn()
@@ -265,7 +277,7 @@ def measure_layer_step(runner, steps: dict[str, object]) -> dict[str, list[float
     try:
         for out in steps.values():
             best = time_interleaved({"c": lambda: forward(out, True), "torch": lambda: forward(out, False)},
-                                    rounds=2)
+                                    rounds=2, budget_s=2 * ROUND_BUDGET_S)
             for kind, s in best.items():
                 seconds[kind].append(s)
     finally:
@@ -308,10 +320,11 @@ def choose_layer_step(runner, override: Override | None) -> Timings | None:
         return measure_layer_step(runner, {name: out for name, (out, _) in steps.items()})
 
     timings = cached_timings(key, measure, rows, "c")
-    decode_c, decode_torch = timings.seconds["c"][0], timings.seconds["torch"][0]
     if timings.busy:
         timings.chosen = "c"
-    elif decode_torch < decode_c * (1 - MARGIN):
+        return timings
+    decode_c, decode_torch = timings.seconds["c"][0], timings.seconds["torch"][0]
+    if decode_torch < decode_c * (1 - MARGIN):
         model.c_layers = None
         plan.layers = "torch"
         timings.chosen = "torch"
