@@ -25,6 +25,10 @@ SCRAPED = {
     "fuselm_num_requests_waiting": "waiting",
     "fuselm_kv_cache_usage_ratio": "kv_usage",
     "fuselm_prefix_cache_hit_rate": "prefix_hit_rate",
+    "fuselm_kv_transfer_bytes": "kv_transfer_bytes",  # decode instances of disaggregated serving
+    "fuselm_kv_transfer_blocks": "kv_transfer_blocks",
+    "fuselm_kv_transfer_seconds": "kv_transfer_seconds",
+    "fuselm_kv_transfer_fallbacks": "kv_transfer_fallbacks",
 }
 
 
