@@ -37,10 +37,7 @@ class BlockLayout:
 
     def read(self, block_id: int, into: torch.Tensor) -> None:
         """Copy block `block_id` into `into`, a uint8 tensor of block_bytes."""
-        offset = 0
-        for tensor, size in zip(self.tensors, self.sizes):
-            into[offset:offset + size].copy_(tensor[block_id].reshape(-1).view(torch.uint8))
-            offset += size
+        torch.cat([tensor[block_id].reshape(-1).view(torch.uint8) for tensor in self.tensors], out=into)
 
     def write(self, block_id: int, data: torch.Tensor) -> None:
         """Fill block `block_id` from `data`, a uint8 tensor of block_bytes."""
