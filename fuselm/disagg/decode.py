@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from fuselm.core.request import RequestStatus
 from fuselm.disagg.blocks import BlockLayout, prompt_block_hashes
-from fuselm.disagg.transport import FrameReader, SlotPool
+from fuselm.disagg.transport import FRAME, FrameReader, SlotPool
 from fuselm.engine.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger("fuselm")
@@ -79,6 +79,7 @@ class KVReceiver:
         self.layout = BlockLayout(engine.engine.runner)
         self.slot_pool = SlotPool(self.layout.block_bytes, max(1, SHM_BYTES // self.layout.block_bytes))
         self.kv = engine.engine.kv
+        self.client: httpx.AsyncClient | None = None
         self.pending: dict[str, list[int]] = {}  # request id -> blocks held until it is admitted (engine thread)
         self.bytes = self.blocks = self.transfers = self.fallbacks = self.skipped_blocks = 0
         self.seconds = 0.0
@@ -157,34 +158,44 @@ class KVReceiver:
         received: set[int] = set()
         complete = False
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
-                async with client.stream("POST", url + "/kv/prefill", json=body) as r:
-                    if r.status_code != 200:
-                        raise ConnectionError(f"{url}/kv/prefill answered {r.status_code}: {(await r.aread())[:300]!r}")
-                    reader = FrameReader(r.aiter_bytes())
-                    header = await reader.line()
-                    if json.loads(header)["layout"] != self.layout.describe():
-                        raise ValueError("the prefill instance's KV layout differs from this instance's")
-                    wanted = set(needed)
-                    while True:
-                        index, slot, payload = await reader.frame(self.layout.block_bytes)
-                        if index < 0:
-                            complete = True
-                            break
-                        if index not in wanted:
-                            raise ValueError(f"the prefill instance sent block {index}, which was not asked for")
-                        if slot >= 0:
-                            data = segment.slot(slot)
-                        else:
-                            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                        self.layout.write(plan[index][0], data)
-                        received.add(index)
-                        self.bytes += self.layout.block_bytes
-                        self.blocks += 1
+            if self.client is None:  # one client (and connection pool) for all transfers, on the event loop
+                self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+            async with self.client.stream("POST", url + "/kv/prefill", json=body) as r:
+                if r.status_code != 200:
+                    raise ConnectionError(f"{url}/kv/prefill answered {r.status_code}: {(await r.aread())[:300]!r}")
+                reader = FrameReader(r.aiter_bytes())
+                header = await reader.line()
+                if json.loads(header)["layout"] != self.layout.describe():
+                    raise ValueError("the prefill instance's KV layout differs from this instance's")
+                wanted = set(needed)
+                batch: list[tuple[int, int, bytes]] = []  # frames read, blocks not yet written
+                while not complete:
+                    index, slot, payload = await reader.frame(self.layout.block_bytes)
+                    if index < 0:
+                        complete = True
+                    elif index not in wanted:
+                        raise ValueError(f"the prefill instance sent block {index}, which was not asked for")
+                    else:
+                        batch.append((index, slot, payload))
+                    if batch and (complete or len(batch) >= 32 or reader.buffered < FRAME.size):
+                        self._write(batch, plan, segment)  # what has arrived, in one copy per tensor
+                        received.update(index for index, _, _ in batch)
+                        batch = []
         finally:
             if segment is not None:
                 self.slot_pool.give(segment, slots, clean=complete)
         return received
+
+    def _write(self, batch: list[tuple[int, int, bytes]], plan, segment) -> None:
+        block_ids = [plan[index][0] for index, _, _ in batch]
+        if batch[0][1] >= 0:
+            data = segment.rows.index_select(0, torch.tensor([slot for _, slot, _ in batch]))
+        else:
+            data = torch.frombuffer(bytearray(b"".join(p for _, _, p in batch)), dtype=torch.uint8)
+            data = data.view(len(batch), self.layout.block_bytes)
+        self.layout.write(block_ids, data)
+        self.bytes += len(batch) * self.layout.block_bytes
+        self.blocks += len(batch)
 
     def collect(self):
         """prometheus-client collector: the transfer totals, on this instance's /metrics."""

@@ -76,20 +76,22 @@ class KVExporter:
             if export is None:
                 continue
             full = min((row.num_computed_tokens + row.num_new_tokens) // self.block_size, export.limit)
-            for index in range(export.next_block, full):
-                slot = export.slot_of.get(index)
-                if slot is None:
-                    continue
-                block_id = row.block_ids[index]
-                if export.segment is not None:
-                    self.layout.read(block_id, export.segment.slot(slot))
-                    export.push((index, slot, b""))
-                else:
-                    buffer = torch.empty(self.layout.block_bytes, dtype=torch.uint8)
-                    self.layout.read(block_id, buffer)
-                    export.push((index, INLINE, buffer.numpy().tobytes()))
-                self.bytes_sent += self.layout.block_bytes
+            ready = [(index, export.slot_of[index]) for index in range(export.next_block, full)
+                     if index in export.slot_of]
             export.next_block = max(export.next_block, full)
+            if not ready:
+                continue
+            block_ids = [row.block_ids[index] for index, _ in ready]
+            if export.segment is not None:
+                self.layout.read(block_ids, export.segment.rows, [slot for _, slot in ready])
+                for index, slot in ready:
+                    export.push((index, slot, b""))
+            else:
+                buffer = torch.empty(len(ready), self.layout.block_bytes, dtype=torch.uint8)
+                self.layout.read(block_ids, buffer)
+                for (index, slot), data in zip(ready, buffer.numpy()):
+                    export.push((index, slot, data.tobytes()))
+            self.bytes_sent += len(ready) * self.layout.block_bytes
 
     def _drop(self, request_id: str) -> None:
         """Engine thread: forget an export (no step writes into its slots after this)."""
@@ -108,8 +110,7 @@ class KVExporter:
                 raise InvalidRequestError("slots must name one shared-memory slot per block", param="slots")
             try:
                 segment, slots = attach(body.shm_name, self.layout.block_bytes), body.slots
-                for slot in slots:
-                    segment.slot(slot)  # in range, or ValueError
+                segment.check(slots)
             except (OSError, ValueError) as exc:
                 raise InvalidRequestError(f"cannot use shared-memory segment {body.shm_name!r}: {exc}",
                                           param="shm_name") from None

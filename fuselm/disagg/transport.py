@@ -60,6 +60,11 @@ class FrameReader:
         del self._buffer[:n]
         return data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes already received and not yet read."""
+        return len(self._buffer)
+
     async def line(self) -> bytes:
         """Bytes up to and including the next newline."""
         while b"\n" not in self._buffer:
@@ -93,15 +98,17 @@ class SharedSlots:
             # it when this process exits; the creator owns it.
             resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
         self.name = self.shm.name
-        self._view = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
+        self.num_slots = len(self.shm.buf) // block_bytes
+        self.rows = torch.frombuffer(self.shm.buf, dtype=torch.uint8)[:self.num_slots * block_bytes].view(
+            self.num_slots, block_bytes)  # slot k is row k
 
-    def slot(self, k: int) -> torch.Tensor:
-        if (k + 1) * self.block_bytes > self._view.numel():
-            raise ValueError(f"shared-memory slot {k} is outside the segment")
-        return self._view[k * self.block_bytes:(k + 1) * self.block_bytes]
+    def check(self, slots: list[int]) -> None:
+        bad = [k for k in slots if not 0 <= k < self.num_slots]
+        if bad:
+            raise ValueError(f"shared-memory slots {bad[:5]} are outside the segment")
 
     def close(self) -> None:
-        del self._view
+        del self.rows
         self.shm.close()
         if self.owner:
             self.shm.unlink()
