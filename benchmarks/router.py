@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -247,8 +248,8 @@ def main() -> int:
         args.request_rate = args.request_rate or 0.4
     else:
         args.num_requests = args.num_requests or 4
-    log_dir = HERE / "results" / "router-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="fuselm-router-bench-"))
+    print(f"instance logs in {log_dir}", file=sys.stderr)
     rows = {"replicas": run_replicas, "disagg": run_disagg, "transfer": run_transfer}[args.mode](args, log_dir)
     from fuselm.bench.report import machine_info
 
