@@ -39,8 +39,9 @@ def start_instance(path: str, mode: str | None, **options):
 def start_router(prefill: str, decode: str) -> ServerThread:
     from fuselm.router.app import build_router_app
 
+    # A generous health timeout: a loaded CI machine must not take a busy instance for a dead one.
     return ServerThread(build_router_app(prefill=[prefill], decode=[decode], health_interval=0.2,
-                                         health_timeout=1.0)).start()
+                                         health_timeout=10.0)).start()
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ prompt here: a failed transfer costs time, never output.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import ipaddress
 import json
@@ -178,7 +179,8 @@ class KVReceiver:
                     else:
                         batch.append((index, slot, payload))
                     if batch and (complete or len(batch) >= 32 or reader.buffered < FRAME.size):
-                        self._write(batch, plan, segment)  # what has arrived, in one copy per tensor
+                        # what has arrived, in one copy per tensor, off the event loop (the blocks are ours alone)
+                        await asyncio.to_thread(self._write, batch, plan, segment)
                         received.update(index for index, _, _ in batch)
                         batch = []
         finally:
