@@ -72,6 +72,7 @@ class EngineSnapshot:
     num_generation_tokens: int = 0
     num_preemptions: int = 0
     spec: SpecStats | None = None  # speculative decoding totals since start (a copy); None when it is off
+    cascade_kv_tokens_saved: int = 0  # KV token reads per layer that shared-prefix attention did not repeat
 
 
 class RequestStream:
@@ -430,6 +431,7 @@ class AsyncLLMEngine:
             num_prompt_tokens=e.stats.num_prompt_tokens, num_generation_tokens=e.stats.num_generation_tokens,
             num_preemptions=e.scheduler.num_preemptions,
             spec=dataclasses.replace(e.speculator.stats) if e.speculator is not None else None,
+            cascade_kv_tokens_saved=getattr(e.runner, "cascade_kv_tokens_saved", 0),
         )
 
     # ---- logging ----------------------------------------------------------------------------

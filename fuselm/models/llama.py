@@ -60,13 +60,15 @@ class LlamaForCausalLM(nn.Module):
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None):
                 # every token a query row: decodes, and speculative tokens being verified
                 c_layers.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
-                             None if meta.num_single_rows < 0 else meta.num_single_rows)
+                             None if meta.num_single_rows < 0 else meta.num_single_rows,
+                             None if meta.cascade is None else meta.cascade.encoded)
                 return self.norm(x)
             if c_layers.takes_prompt_step(t):  # prompt chunks: each layer in two C calls around attention
                 for i, layer in enumerate(self.layers):
                     attn = layer.self_attn
                     q, k, v = c_layers.attention_inputs(i, x, cos, sin)
-                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale)  # [T, Hq, D]
+                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale,
+                                        attn.k_scale, attn.v_scale)  # [T, Hq, D]
                     c_layers.attention_outputs(i, x, o)
                 return self.norm(x)
         for layer in self.layers:
