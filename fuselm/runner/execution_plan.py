@@ -53,7 +53,7 @@ class ExecutionPlan:
             timings = self.measured.values()
             how = ("from the cache" if all(t.cache_hit for t in timings) else
                    f"in {sum(t.spent for t in timings):.1f} s" + (
-                       ", machine busy: rules kept, not cached" if any(t.busy for t in timings) else ""))
+                       ", machine busy: the rules decide, nothing cached" if any(t.busy for t in timings) else ""))
             line += f"; measured (best of interleaved rounds, {how}): " + "; ".join(
                 f"{name} at {'/'.join(map(str, t.rows))} rows: {t.describe()}" for name, t in self.measured.items())
         return line
@@ -132,8 +132,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                             model.layers[0].self_attn.k_cache.shape[1]):
             attention_kernels = kernels
         else:
-            reasons.append("the C attention kernel does not read an int8 KV cache" if kv_dtype == torch.int8 else
-                           f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
+            reasons.append(f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
                            f"{str(kv_dtype).removeprefix('torch.')} KV cache and these head shapes")
     plan = ExecutionPlan(device=str(device), kernels_isa=getattr(kernels, "isa", None) if kernels else None,
                          attention="c-paged" if attention_kernels is not None else "torch-sdpa",
@@ -144,8 +143,10 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                                                                                           torch.bfloat16)
     chosen_kinds = {}
     if device.type == "cpu" and use_cpu_kernels:
+        c_layers_possible = (attention_kernels is not None and parallel is None and dtype == torch.float32
+                             and getattr(model, "supports_c_layers", False))
         chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, parallel, max_num_seqs,
-                                                    max_num_batched_tokens)
+                                                    max_num_batched_tokens, c_layers_possible)
     kinds: dict[str, dict[str, None]] = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)
@@ -190,9 +191,12 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     return plan
 
 
-def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int):
-    """Per role of float projections: the kind to build (forced, measured, or the rules') and the timings."""
-    from fuselm.runner.kernel_choice import Override, choose_linear_kinds
+def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int,
+                  c_layers_possible: bool):
+    """Per role of float projections: the kind to build (forced, measured, or the rules') and the
+    timings. Where the C layers can run, the layer roles keep fuselm's layout (the one they read)."""
+    from fuselm.kernels.dense_linear import DenseLinear
+    from fuselm.runner.kernel_choice import LAYER_ROLES, Override, choose_linear_kinds
 
     override = Override.from_env()
     if parallel is not None or kernels is None:  # every rank must build the same methods: the rules decide
@@ -202,7 +206,10 @@ def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max
         module = getattr(parent, attr)
         if type(module) is TorchLinear and role not in roles:
             roles[role] = (module.weight, linear_candidates(module, kernels, onednn, role))
-    return choose_linear_kinds(roles, kernels, override, max_num_seqs, max_num_batched_tokens)
+    pinned = frozenset()
+    if c_layers_possible and all(next(iter(roles[r][1])) == DenseLinear.kind for r in LAYER_ROLES if r in roles):
+        pinned = frozenset(LAYER_ROLES)
+    return choose_linear_kinds(roles, kernels, override, max_num_seqs, max_num_batched_tokens, pinned)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
