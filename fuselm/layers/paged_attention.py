@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fuselm.layers.cascade import SharedPrefixGroups, cascade_query_attention
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
 
@@ -56,6 +57,8 @@ class AttentionMetadata:
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
     # sliding-window masks built once per step and shared by the layers of one window size
     window_masks: dict = field(default_factory=dict)
+    # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
+    cascade: SharedPrefixGroups | None = None
 
 
 _current: AttentionMetadata | None = None
@@ -158,9 +161,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_ks = k_scale.view(-1, kv_heads) if k_scale is not None else None
     flat_vs = v_scale.view(-1, kv_heads) if v_scale is not None else None
 
-    if kernel_writes:
+    if kernel_writes and meta.cascade is not None:
+        meta.cpu_kernels.cascade_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache, meta.decode_block_table,
+                                           meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw])
+    elif kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
                                                 meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw])
+    elif nd and meta.cascade is not None and window is None:
+        out[:nd] = cascade_query_attention(
+            q[:nd], meta.cascade, lambda slots, value: read_kv(flat_v if value else flat_k, flat_vs if value else flat_ks,
+                                                              slots, q.dtype), scale)
     elif nd:
         # Each query row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].
