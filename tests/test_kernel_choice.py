@@ -5,6 +5,8 @@ forces choices that an engine honours (its greedy output equal to the portable t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -76,9 +78,14 @@ def test_measured_choice_is_cached_and_busy_timings_are_not_trusted(monkeypatch,
         return {"slow-default": [2.0] * len(rows), "fast": [1.0] * len(rows), "torch": [1.9] * len(rows)}
 
     monkeypatch.setattr(kernel_choice, "measure_linear", fake_measure)
-    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: True)
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: True)  # busy already: nothing is timed
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == []
+    busy = iter([False, True])  # busy while timing: shown, neither trusted nor stored
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: next(busy))
     chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
     assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == [(1, 32, 256)]
+    assert "fast" in timings["qkv"].describe()
     monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
     chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
     assert chosen == {"qkv": "fast"} and not timings["qkv"].cache_hit and len(calls) == 2
@@ -86,6 +93,13 @@ def test_measured_choice_is_cached_and_busy_timings_are_not_trusted(monkeypatch,
     assert chosen == {"qkv": "fast"} and timings["qkv"].cache_hit and len(calls) == 2  # read back, not timed
     chosen, _ = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=8, max_num_batched_tokens=512)
     assert len(calls) == 3  # other row counts: another key
+
+
+def test_rounds_are_cut_to_the_budget():
+    calls = []
+    kernel_choice.time_interleaved({"slow": lambda: (calls.append(1), time.sleep(0.05))},
+                                   rounds=10, budget_s=0.12)
+    assert 2 <= len(calls) <= 4  # the warm-up and two rounds, not ten
 
 
 def test_default_keeps_its_place_within_the_margin():
@@ -133,7 +147,9 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     measured = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     plan = measured.engine.runner.plan
-    assert set(plan.measured) >= {"qkv", "o", "gate_up", "down", "lm_head"} and "measured" in plan.summary()
+    # the C layers read only fuselm's layout: the layer roles keep it, and the C layer step is timed instead
+    assert set(plan.measured) == {"lm_head", "layers"} and "measured" in plan.summary()
+    assert all(plan.linear[role] == "fuselm-fp32-gemm" for role in ("qkv", "o", "gate_up", "down"))
     assert not any(t.cache_hit for t in plan.measured.values())
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
     for a, b in zip(measured.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
@@ -141,3 +157,16 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     again = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     assert all(t.cache_hit for t in again.engine.runner.plan.measured.values())
     assert again.engine.runner.plan.linear == plan.linear and again.engine.runner.plan.layers == plan.layers
+
+
+@pytest.mark.skipif(kernels is None or not onednn_available(), reason="needs the C kernels and oneDNN")
+def test_every_role_is_timed_where_the_c_layers_cannot_run(tiny_model_factory, monkeypatch, tmp_path):
+    """bfloat16 activations: no C layers, so each projection role is timed on its own."""
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    path, _ = tiny_model_factory("llama_untied")
+    llm = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
+    plan = llm.engine.runner.plan
+    assert set(plan.measured) == {"qkv", "o", "gate_up", "down", "lm_head"} and plan.layers == "torch"
+    assert all(plan.linear[role] == plan.measured[role].chosen for role in plan.measured)

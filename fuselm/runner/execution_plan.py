@@ -53,7 +53,7 @@ class ExecutionPlan:
             timings = self.measured.values()
             how = ("from the cache" if all(t.cache_hit for t in timings) else
                    f"in {sum(t.spent for t in timings):.1f} s" + (
-                       ", machine busy: rules kept, not cached" if any(t.busy for t in timings) else ""))
+                       ", machine busy: the rules decide, nothing cached" if any(t.busy for t in timings) else ""))
             line += f"; measured (best of interleaved rounds, {how}): " + "; ".join(
                 f"{name} at {'/'.join(map(str, t.rows))} rows: {t.describe()}" for name, t in self.measured.items())
         return line
@@ -144,8 +144,10 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                                                                                           torch.bfloat16)
     chosen_kinds = {}
     if device.type == "cpu" and use_cpu_kernels:
+        c_layers_possible = (attention_kernels is not None and parallel is None and dtype == torch.float32
+                             and getattr(model, "supports_c_layers", False))
         chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, parallel, max_num_seqs,
-                                                    max_num_batched_tokens)
+                                                    max_num_batched_tokens, c_layers_possible)
     kinds: dict[str, dict[str, None]] = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)
@@ -190,9 +192,12 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     return plan
 
 
-def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int):
-    """Per role of float projections: the kind to build (forced, measured, or the rules') and the timings."""
-    from fuselm.runner.kernel_choice import Override, choose_linear_kinds
+def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int,
+                  c_layers_possible: bool):
+    """Per role of float projections: the kind to build (forced, measured, or the rules') and the
+    timings. Where the C layers can run, the layer roles keep fuselm's layout (the one they read)."""
+    from fuselm.kernels.dense_linear import DenseLinear
+    from fuselm.runner.kernel_choice import LAYER_ROLES, Override, choose_linear_kinds
 
     override = Override.from_env()
     if parallel is not None or kernels is None:  # every rank must build the same methods: the rules decide
@@ -202,7 +207,10 @@ def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max
         module = getattr(parent, attr)
         if type(module) is TorchLinear and role not in roles:
             roles[role] = (module.weight, linear_candidates(module, kernels, onednn, role))
-    return choose_linear_kinds(roles, kernels, override, max_num_seqs, max_num_batched_tokens)
+    pinned = frozenset()
+    if c_layers_possible and all(next(iter(roles[r][1])) == DenseLinear.kind for r in LAYER_ROLES if r in roles):
+        pinned = frozenset(LAYER_ROLES)
+    return choose_linear_kinds(roles, kernels, override, max_num_seqs, max_num_batched_tokens, pinned)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

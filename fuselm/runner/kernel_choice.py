@@ -14,7 +14,9 @@ start, on CPU with the C kernels, the execution plan (execution_plan.py) asks th
   reach it). Rounds interleave the candidates and keep each one's best time, so a noisy
   neighbour slows every candidate alike. A role takes the candidate with the smallest sum, over
   row counts, of its time relative to the fastest there; the rules' choice keeps the role unless
-  another beats it by MARGIN;
+  another beats it by MARGIN. Where the C layers can run (a float32 Llama-family model), q/k/v, o,
+  gate/up and down keep fuselm's layout untimed: it is the only one the C layers read, and what
+  they save (the eager layer's ~25 ops) is timed by the next point instead;
 - the C layer step against the per-layer torch path, by timing whole synthetic steps through the
   runner (`choose_layer_step`): a decode step of the decode batch, and a prompt-chunk step.
 
@@ -43,10 +45,12 @@ logger = logging.getLogger("fuselm")
 
 CHOICE_ENV = "FUSELM_KERNEL_CHOICE"
 ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
+LAYER_ROLES = ROLES[:4]  # the projections the C layers read
 LAYER_STEP_KINDS = ("c", "torch")
 PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
 LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms a row count: the decode step is timed at up to 64 rows
 ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); the best time counts
+ROUND_BUDGET_S = 1.0  # rounds are cut (to one at least) where they would take longer per row count
 MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
 SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
 
@@ -89,6 +93,8 @@ class Timings:
     busy: bool = False  # measured on a busy machine: shown, not trusted, not stored
 
     def describe(self) -> str:
+        if not self.seconds:
+            return f"not timed (machine busy), {self.chosen}"
         ranked = sorted(self.seconds, key=lambda kind: _score(self.seconds, kind))
         return " < ".join(f"{kind} {'/'.join(_fmt(s) for s in self.seconds[kind])}" for kind in ranked)
 
@@ -106,6 +112,8 @@ def _score(seconds: dict[str, list[float]], kind: str) -> float:
 def pick(seconds: dict[str, list[float]], default: str) -> str:
     """The candidate with the smallest sum of time relative to the fastest at each row count; the
     default keeps its place unless another scores at least MARGIN lower."""
+    if not seconds:
+        return default
     best = min(seconds, key=lambda kind: _score(seconds, kind))
     if default in seconds and _score(seconds, best) >= _score(seconds, default) * (1 - MARGIN):
         return default
@@ -157,6 +165,8 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
             return Timings(rows, record["seconds"], pick(record["seconds"], default), cache_hit=True)
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if machine_busy():  # timings now would measure the neighbours: not worth the start-up time
+        return Timings(rows, {}, default, busy=True)
     start = time.perf_counter()
     seconds = measure()
     spent = time.perf_counter() - start
@@ -172,12 +182,17 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
     return Timings(rows, seconds, pick(seconds, default), spent=spent)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up call."""
-    for fn in calls.values():
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
+                     budget_s: float = ROUND_BUDGET_S) -> dict[str, float]:
+    """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up
+    call; fewer rounds (at least one) where the warm-up calls say they would take over budget_s."""
+    best = {}
+    for kind, fn in calls.items():
+        start = time.perf_counter()
         fn()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
+        best[kind] = time.perf_counter() - start
+    per_round = sum(best.values())
+    for _ in range(max(1, min(rounds, int(budget_s / max(per_round, 1e-9))))):
         for kind, fn in calls.items():
             start = time.perf_counter()
             fn()
@@ -201,9 +216,11 @@ def measure_linear(candidates: dict[str, Callable[[], torch.nn.Module]], in_feat
 
 
 def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]]], kernels, override: Override | None,
-                        max_num_seqs: int, max_num_batched_tokens: int) -> tuple[dict[str, str], dict[str, Timings]]:
+                        max_num_seqs: int, max_num_batched_tokens: int,
+                        pinned: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, Timings]]:
     """The method kind per role from its candidates (the first is the rules' choice): forced, the
-    rules', or measured. `roles`: role -> (its first weight, candidate kind -> builder)."""
+    rules' (for `pinned` roles, untimed), or measured. `roles`: role -> (its first weight,
+    candidate kind -> builder)."""
     chosen: dict[str, str] = {}
     timings: dict[str, Timings] = {}
     env = environment_key(kernels)
@@ -216,7 +233,7 @@ def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]
                                  f"({str(weight.dtype).removeprefix('torch.')}); choose one of {', '.join(candidates)}")
             chosen[role] = kind
             continue
-        if len(candidates) == 1:
+        if len(candidates) == 1 or role in pinned:
             chosen[role] = default
             continue
         rows = row_counts(role, max_num_seqs, max_num_batched_tokens)
@@ -260,7 +277,7 @@ def measure_layer_step(runner, steps: dict[str, object]) -> dict[str, list[float
     try:
         for out in steps.values():
             best = time_interleaved({"c": lambda: forward(out, True), "torch": lambda: forward(out, False)},
-                                    rounds=2)
+                                    rounds=2, budget_s=2 * ROUND_BUDGET_S)
             for kind, s in best.items():
                 seconds[kind].append(s)
     finally:
@@ -303,10 +320,11 @@ def choose_layer_step(runner, override: Override | None) -> Timings | None:
         return measure_layer_step(runner, {name: out for name, (out, _) in steps.items()})
 
     timings = cached_timings(key, measure, rows, "c")
-    decode_c, decode_torch = timings.seconds["c"][0], timings.seconds["torch"][0]
     if timings.busy:
         timings.chosen = "c"
-    elif decode_torch < decode_c * (1 - MARGIN):
+        return timings
+    decode_c, decode_torch = timings.seconds["c"][0], timings.seconds["torch"][0]
+    if decode_torch < decode_c * (1 - MARGIN):
         model.c_layers = None
         plan.layers = "torch"
         timings.chosen = "torch"

@@ -111,16 +111,16 @@ class ModelRunner:
         self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel,
                                    config.max_num_seqs, config.max_num_batched_tokens)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
-        layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
-        if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
-            self.plan.measured["layers"] = layer_step
         # an MoE model's routing counts, kept by the driver (every rank routes every token)
         self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
-        logger.info("%s", self.plan.summary())
         # shared-prefix attention (layers/cascade.py), where the attention path takes these shapes
         self.cascade = config.enable_cascade_attention and (
             self.cpu_kernels is None or self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size))
         self.cascade_kv_tokens_saved = 0  # per layer: KV token reads not repeated thanks to it, since start
+        layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
+        if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
+            self.plan.measured["layers"] = layer_step
+        logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.bytes_per_block
 
