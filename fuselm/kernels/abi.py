@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 4  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 5  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -23,9 +23,10 @@ class DType(enum.IntEnum):
     F32 = 0
     BF16 = 1
     F16 = 2
+    I8 = 3  # an int8 KV cache
 
 
-DTYPE_CODES = {torch.float32: DType.F32, torch.bfloat16: DType.BF16, torch.float16: DType.F16}
+DTYPE_CODES = {torch.float32: DType.F32, torch.bfloat16: DType.BF16, torch.float16: DType.F16, torch.int8: DType.I8}
 MAX_PARTS = 3  # FUSELM_MAX_PARTS: weights side by side in one projection
 
 
@@ -48,7 +49,8 @@ class QMoe(ctypes.Structure):
 class QLayer(ctypes.Structure):
     _fields_ = [("qkv", QProj), ("o", QProj), ("gate_up", QProj), ("down", QProj),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe))]
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe))]
 
 
 class QModelDims(ctypes.Structure):
@@ -80,6 +82,9 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_cascade_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT,
                                   _INT, _INT, _P], None),
     "fuselm_store_kv_rows": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT, _INT], None),
+    "fuselm_paged_decode_attention_int8": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,
+                                            _I64, _I64, _F32, _INT, _INT], None),
+    "fuselm_store_kv_rows_int8": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT], None),
     "fuselm_small_m_max": ([], _INT),
     "fuselm_has_small_m_linear": ([], _INT),
     "fuselm_linear_bf16_small_m": ([_P, _P, _P, _P, _I64, _I64, _I64, _INT], None),

@@ -3,8 +3,8 @@ speculative tokens) in one C call (decode_layers.c), and the layers of steps wit
 two C calls each, around the attention.
 
 Used when a Llama-family model on CPU has every projection quantised (fuselm/quant) or packed
-for fuselm's fp32 GEMM (dense_linear.py), and its activations and KV cache in float32 (or a
-bfloat16 cache): the C side then needs no torch op per
+for fuselm's fp32 GEMM (dense_linear.py), and its activations in float32 (the KV cache float32,
+bfloat16 or int8 with its scales): the C side then needs no torch op per
 layer. The ctypes structures describing the layers (weight pointers, caches) are built once; a
 step passes the residual stream, the rotary tables and the decode rows' block table.
 The QuantWeights and caches must stay alive and in place, which the model and runner guarantee
@@ -23,7 +23,7 @@ from fuselm.kernels.c_moe import MoELayers, unsupported_reason as _moe_unsupport
 from fuselm.layers.moe import MoEBlock
 
 # the structures mirror fuselm_kernels.h (fuselm/kernels/abi.py); their layout is checked when the library loads
-_KV_DTYPES = {dtype: DTYPE_CODES[dtype] for dtype in (torch.float32, torch.bfloat16)}
+_KV_DTYPES = {dtype: DTYPE_CODES[dtype] for dtype in (torch.float32, torch.bfloat16, torch.int8)}
 
 
 def _proj(module) -> _QProj:
@@ -75,7 +75,9 @@ class CLayers:
             if len(projs) == 3:  # an MoE layer: no dense gate_up/down
                 projs[2:] = [_QProj(), _QProj()]
             self.layers[i] = _QLayer(*projs, norms[0].data_ptr(), norms[1].data_ptr(),
-                                     attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), self.moe.pointer(i))
+                                     attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
+                                     None if attn.k_scale is None else attn.k_scale.data_ptr(),
+                                     None if attn.v_scale is None else attn.v_scale.data_ptr(), self.moe.pointer(i))
         a = layers[0].self_attn
         self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                                 model.config.intermediate_size, a.k_cache.shape[1], 0,
@@ -96,7 +98,7 @@ class CLayers:
     def unsupported_reason(model) -> str | None:
         """Why the C layers cannot run this model (None when they can): they need every projection
         quantised (at most three parts) or a DenseLinear on CPU, float32 activations, and a
-        float32/bf16 KV cache."""
+        float32, bf16 or int8 KV cache."""
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import QuantLinear
 
@@ -108,8 +110,8 @@ class CLayers:
             if isinstance(layer.mlp, MoEBlock) and (why := _moe_unsupported_reason(layer.mlp)) is not None:
                 return f"an MoE layer: {why}"
             attn = layer.self_attn
-            if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES or attn.k_scale is not None:
-                return "the KV cache is int8, which the C layers do not read"
+            if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES:
+                return "the KV cache's dtype is one the C layers do not read"
             for module in _projections(layer):
                 if isinstance(module, DenseLinear):
                     continue

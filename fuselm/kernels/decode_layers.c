@@ -167,6 +167,16 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
     for (int64_t l = 0; l < num_layers; l++) {
         const QLayer *L = &layers[l];
         attention_inputs(L, dims, x, M, cos, sin, h, qkv, q, k, v);
+        if (dims->kv_dtype == FUSELM_I8) { /* int8 cache with per-token scales (paged_attention_int8.c) */
+            if (num_single < M)
+                fuselm_store_kv_rows_int8(L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v, num_single, M, block_table,
+                                          ctx_lens, dims->max_blocks, Hkv, D, dims->block_size, FUSELM_F32);
+            fuselm_paged_decode_attention_int8(q, attn, L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v, num_single,
+                                               block_table, ctx_lens, M, dims->max_blocks, Hq, Hkv, D, dims->block_size,
+                                               dims->scale, FUSELM_F32, dims->num_threads);
+            attention_outputs(L, dims, x, attn, M, h, gu, act, out);
+            continue;
+        }
         if (num_single < M)
             fuselm_store_kv_rows(L->k_cache, L->v_cache, k, v, num_single, M, block_table, ctx_lens, dims->max_blocks,
                                  Hkv * D, dims->block_size, FUSELM_F32, dims->kv_dtype);

@@ -12,10 +12,10 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 4
+#define FUSELM_ABI_VERSION 5
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
-enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2 };
+enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
 
 /* ---- the build itself (abi.c) ---- */
 
@@ -45,6 +45,20 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
 void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
                           int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
                           int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);
+
+/* ---- paged decode attention over an int8 KV cache (paged_attention_int8.c) ---- */
+
+/* As above, with caches [blocks, block_size, num_kv_heads, head_dim] int8 and their per-token, per-head
+ * scales k_scale/v_scale [blocks, block_size, num_kv_heads] bfloat16 (fuselm/layers/kv_quant.py). */
+void fuselm_paged_decode_attention_int8(const void *q, void *out, int8_t *k_cache, int8_t *v_cache, uint16_t *k_scale,
+                                        uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
+                                        const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+                                        int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                        int64_t block_size, float scale, int dtype, int num_threads);
+void fuselm_store_kv_rows_int8(int8_t *k_cache, int8_t *v_cache, uint16_t *k_scale, uint16_t *v_scale,
+                               const void *k_new, const void *v_new, int64_t first, int64_t last,
+                               const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int dtype);
 
 /* ---- shared-prefix (cascade) decode attention (cascade_attention.c) ---- */
 
@@ -121,6 +135,7 @@ typedef struct {
     QProj qkv, o, gate_up, down;
     const float *input_norm, *post_norm; /* [hidden] */
     void *k_cache, *v_cache;
+    void *k_scale, *v_scale; /* an int8 cache's bf16 scales [blocks, block_size, num_kv_heads]; else NULL */
     const QMoe *moe; /* NULL: the dense gated MLP (gate_up, down); else this MoE block instead */
 } QLayer;
 

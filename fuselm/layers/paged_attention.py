@@ -149,7 +149,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     assert not (kernel_writes and window is not None), "the C decode kernel has no sliding window"
     if kernel_writes:
         if nw < k.shape[0]:
-            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
+            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:], k_scale, v_scale)
     else:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
@@ -166,7 +166,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                            meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw])
     elif kernel_writes:
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
-                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw])
+                                                meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw],
+                                                k_scale, v_scale)
     elif nd and meta.cascade is not None and window is None:
         out[:nd] = cascade_query_attention(
             q[:nd], meta.cascade, lambda slots, value: read_kv(flat_v if value else flat_k, flat_vs if value else flat_ks,

@@ -67,7 +67,8 @@ class LlamaForCausalLM(nn.Module):
                 for i, layer in enumerate(self.layers):
                     attn = layer.self_attn
                     q, k, v = c_layers.attention_inputs(i, x, cos, sin)
-                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale)  # [T, Hq, D]
+                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale,
+                                        attn.k_scale, attn.v_scale)  # [T, Hq, D]
                     c_layers.attention_outputs(i, x, o)
                 return self.norm(x)
         for layer in self.layers:

@@ -132,8 +132,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
                             model.layers[0].self_attn.k_cache.shape[1]):
             attention_kernels = kernels
         else:
-            reasons.append("the C attention kernel does not read an int8 KV cache" if kv_dtype == torch.int8 else
-                           f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
+            reasons.append(f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
                            f"{str(kv_dtype).removeprefix('torch.')} KV cache and these head shapes")
     plan = ExecutionPlan(device=str(device), kernels_isa=getattr(kernels, "isa", None) if kernels else None,
                          attention="c-paged" if attention_kernels is not None else "torch-sdpa",
