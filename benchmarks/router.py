@@ -10,7 +10,7 @@
   (one core each) behind the router: p99 TTFT, p99 TPOT and goodput under --slo. The prefill and
   decode costs and the decode instance's KV transfer totals are recorded for docs/router.md's model.
 
-    .venv/bin/python benchmarks/router.py replicas                  # ~3 minutes on a 2-vCPU machine
+    .venv/bin/python benchmarks/router.py replicas                  # ~2-3 minutes on a quiet 2-vCPU machine
     .venv/bin/python benchmarks/router.py disagg                    # ~4 minutes
     .venv/bin/python benchmarks/router.py transfer --input-len 2048 # the KV transports alone, ~1 minute
     .venv/bin/python benchmarks/router.py replicas --num-requests 16 --prefix-len 256   # a quick check
@@ -244,7 +244,7 @@ def main() -> int:
         if args.kv_cache_tokens is None:
             args.kv_cache_tokens = 5 * args.prefix_len
     elif args.mode == "disagg":
-        args.num_requests = args.num_requests or 24
+        args.num_requests = args.num_requests or 16
         args.request_rate = args.request_rate or 0.4
     else:
         args.num_requests = args.num_requests or 4

@@ -77,6 +77,11 @@ def test_router_output_equals_one_instance(replicas, policy):
     try:
         assert completions(router.base_url, prompts, stream=False) == reference
         assert completions(router.base_url, prompts, stream=True) == reference
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Paris is"}], "max_tokens": 8,
+                "temperature": 0}
+        direct = httpx.post(replicas[1].base_url + "/v1/chat/completions", json=chat).json()
+        routed = httpx.post(router.base_url + "/v1/chat/completions", json=chat).json()
+        assert routed["choices"][0]["message"] == direct["choices"][0]["message"]
         status = httpx.get(router.base_url + "/status").json()
         assert all(inst["routed"] > 0 for inst in status["instances"])  # both replicas served
         models = httpx.get(router.base_url + "/v1/models").json()
