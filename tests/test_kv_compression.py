@@ -247,3 +247,26 @@ def test_server_takes_kv_compression_and_answers_400_on_bad_values(server):
     assert plain.status_code == covered.status_code == squeezed.status_code == 200
     assert covered.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "kv_compression.budget"
+
+
+def test_streaming_is_unchanged_by_preemption_and_speculation(tiny_llama):
+    """StreamingLLM masks depend on positions only: recomputing after a preemption and verifying ngram
+    guesses (rows of several tokens) give the greedy tokens of a plain run; SnapKV requests preempted
+    and recomputed still finish and return their blocks."""
+    path, _ = tiny_llama
+    loop = random_prompts([12], seed=12)[0]
+    prompts = [loop * 10, random_prompts([110], seed=13)[0], loop * 8 + [7, 8, 9]]
+    streaming = greedy(40, {"method": "streaming", "sink": 4, "window": 32})
+    plain = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=64)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, streaming, use_tqdm=False)]
+    per_block = plain.engine.runner.bytes_per_block
+    tight = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=64, kv_cache_memory_bytes=10 * per_block)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, streaming, use_tqdm=False)] == want
+    assert tight.engine.scheduler.num_preemptions > 0
+    snap = [greedy(40, {"method": "snapkv", "budget": 40, "window": 8})] * len(prompts)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in tight.generate(prompts, snap, use_tqdm=False))
+    assert tight.engine.kv.num_free_blocks == tight.engine.runner.num_blocks
+    spec = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=64,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, streaming, use_tqdm=False)] == want
+    assert spec.engine.kv.num_free_blocks == spec.engine.runner.num_blocks
