@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--runs", type=int, default=1, help="end-to-end runs per setting, on/off alternated")
     p.add_argument("--repeats", type=int, default=5, help="attention timings per kernel (best is kept)")
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache of each fuselm engine (two are loaded)")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-e2e", action="store_true", help="attention timings only")
     p.add_argument("--vllm-python", type=Path, default=HERE / "peers" / ".venv-vllm" / "bin" / "python")
@@ -175,16 +176,22 @@ def run_fuselm(llm, prompts: list[list[int]], output_len: int, n: int = 1) -> fl
 
 def run_vllm(args, prompts: list[list[int]], output_len: int) -> float | None:
     hf_dir = args.hf_dir or HERE / "peers" / ".build" / ("hf-f32" if args.dtype == "float32" else "hf-bf16")
-    if args.skip_vllm or not args.vllm_python.exists() or not hf_dir.exists():
+    if args.skip_vllm:
         return None
+    for path, how in ((args.vllm_python, "benchmarks/peers/vllm_cpu.sh install"),
+                      (hf_dir, f"DTYPE={args.dtype} benchmarks/peers/vllm_cpu.sh export")):
+        if not path.exists():
+            print(f"vLLM skipped: {path} is missing ({how} makes it)", flush=True)
+            return None
     with tempfile.TemporaryDirectory() as tmp:
         work, result = Path(tmp) / "w.json", Path(tmp) / "r.json"
         work.write_text(json.dumps({"requests": [{"prompt_token_ids": p, "output_len": output_len} for p in prompts]}))
         cmd = [str(args.vllm_python), str(HERE / "peers" / "vllm_offline.py"), "run", "--workload", str(work),
                "--hf-dir", str(hf_dir), "--dtype", args.dtype, "--max-model-len", "8192", "--json", str(result)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "auto"} | dict(os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env | {"VLLM_TARGET_DEVICE": "cpu"})
         if proc.returncode != 0:
-            print(f"vLLM failed: {proc.stderr.strip()[-800:]}", flush=True)
+            print(f"vLLM failed:\n{proc.stderr.strip()[-4000:]}", flush=True)
             return None
         return json.loads(result.read_text())["vllm"]["output_tok_per_s"]
 
@@ -194,7 +201,8 @@ def main() -> None:
     from fuselm import LLM
     from fuselm.kernels.build import cpu_model_name
 
-    engines = {on: LLM(dtype=args.dtype, enable_cascade_attention=on, max_model_len=8192) for on in (True, False)}
+    engines = {on: LLM(dtype=args.dtype, enable_cascade_attention=on, max_model_len=8192,
+                       kv_cache_memory_bytes=args.kv_cache_gib << 30) for on in (True, False)}
     kernels = engines[True].engine.runner.cpu_kernels
     shapes = model_shapes(engines[True])
     report = {"benchmark": "shared_prefix", "timestamp": datetime.now().isoformat(timespec="seconds"),
