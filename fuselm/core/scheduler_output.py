@@ -33,6 +33,7 @@ class ScheduledRequest:
     num_prompt_tokens: int
     sample_index: int = 0  # which of the request's n samples; a seeded generator starts at seed + sample_index
     num_spec_tokens: int = 0  # trailing token_ids that are speculative (proposed, to be verified)
+    group_block_ids: tuple[tuple[int, ...], ...] = ()  # block tables of KV cache groups 1.. (core/kv_groups.py)
     # Token histories, only on the rows whose sampling reads them (see SamplingParams.reads_*):
     prompt_token_ids: tuple[int, ...] | None = None  # repetition penalty, or prompt logprobs still to score
     output_token_ids: tuple[int, ...] | None = None  # tokens generated before this step: penalties, min_tokens

@@ -70,6 +70,8 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_has_bf16_fast_path": ([], _INT),
     "fuselm_paged_decode_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32,
                                        _INT, _INT, _INT], None),
+    "fuselm_paged_window_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                                       _F32, _INT, _INT, _INT], None),
     "fuselm_store_kv_rows": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT, _INT], None),
     "fuselm_small_m_max": ([], _INT),
     "fuselm_has_small_m_linear": ([], _INT),

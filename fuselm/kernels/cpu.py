@@ -55,7 +55,7 @@ class CpuKernels:
         self.isa = built.variant.name  # the ISA variant loaded: generic, avx2, avx512 or avx512bf16
         self.build_key = built.key
         self.path = built.path
-        self._decode = lib.fuselm_paged_decode_attention
+        self._decode = lib.fuselm_paged_window_attention
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
@@ -164,13 +164,16 @@ class CpuKernels:
 
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
-                               k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+                               k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                               ctx_starts: torch.Tensor | None = None) -> None:
         """q, out: [n, Hq, D] contiguous; caches [blocks, block_size, Hkv, D]; block_table [n, B] int64.
 
         With k_new/v_new ([w, Hkv, D], q's dtype, w <= n), the new token of each of the first w rows
         is first written into its cache slot (position ctx_len - 1): the write lands in the block
         the kernel reads next, instead of a separate scatter over the whole cache (measured 186 us
         per layer at 128 rows). Rows from w on must have their K/V in the cache already.
+        ctx_starts ([n] int64): row i attends to positions ctx_starts[i] .. ctx_lens[i] - 1 only (a
+        sliding window); the table's entries for blocks before that are never read.
         """
         assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous()
         assert q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == torch.int64
@@ -183,8 +186,10 @@ class CpuKernels:
             assert k_new.shape == v_new.shape == (num_write, k_cache.shape[2], head_dim)
             k_new, v_new = k_new.contiguous(), v_new.contiguous()
             new_k, new_v = k_new.data_ptr(), v_new.data_ptr()
+        if ctx_starts is not None:
+            assert ctx_starts.dtype == torch.int64 and ctx_starts.is_contiguous() and ctx_starts.shape == (n,)
         self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), new_k, new_v, num_write,
-                     block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
+                     block_table.data_ptr(), ctx_lens.data_ptr(), None if ctx_starts is None else ctx_starts.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
                      head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype],
                      torch.get_num_threads())
 
