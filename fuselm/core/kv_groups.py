@@ -61,6 +61,19 @@ def blocks_for_tokens(group: KVCacheGroup, num_tokens: int, max_chunk: int, bloc
     return min(full, -(-(group.window - 1 + max_chunk) // block_size) + 1)
 
 
+def describe_groups(groups: list[KVCacheGroup], num_tokens: int, max_chunk: int, block_size: int) -> str:
+    """One log phrase: the groups, and the blocks each kind holds for one sequence of `num_tokens`."""
+    kinds: dict[int | None, list[KVCacheGroup]] = {}
+    for group in groups:
+        kinds.setdefault(group.window, []).append(group)
+    parts = [f"{'full' if window is None else f'window {window}'} x{len(same)} groups: "
+             f"{len(same) * blocks_for_tokens(same[0], num_tokens, max_chunk, block_size)} blocks"
+             for window, same in kinds.items()]
+    total = sum(blocks_for_tokens(g, num_tokens, max_chunk, block_size) for g in groups)
+    return (f"KV cache groups of {len(groups[0].layers)} layers per block; one {num_tokens}-token sequence holds "
+            f"at most {total} blocks ({', '.join(parts)})")
+
+
 def sequence_capacity(groups: list[KVCacheGroup], num_blocks: int, max_chunk: int, block_size: int) -> int:
     """The most tokens one sequence alone can hold in a pool of `num_blocks` blocks."""
     def fits(num_tokens: int) -> bool:

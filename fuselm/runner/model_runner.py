@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
-from fuselm.core.kv_groups import blocks_for_tokens, kv_cache_groups
+from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_groups
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
@@ -363,8 +363,12 @@ def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
     tokens = runner.num_blocks * runner.block_size
     quant = describe(runner.model)
     quant = "" if quant == "none" else f" (quantised: {quant})"
-    return (f"weights {runner.weight_bytes / 2**20:.1f} MiB{quant}, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
+    line = (f"weights {runner.weight_bytes / 2**20:.1f} MiB{quant}, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
             f"({runner.num_blocks} blocks x {runner.block_size} = {tokens} tokens), max_model_len {max_model_len}")
+    groups = runner.kv_groups
+    if len(groups) > 1 or groups[0].window is not None:
+        line += "; " + describe_groups(groups, max_model_len, runner.max_chunk_tokens, runner.block_size)
+    return line
 
 
 __all__ = ["ModelRunner", "ModelOutput", "SampledToken", "PromptLogprobsChunk", "summarize_memory"]
