@@ -8,6 +8,10 @@ otherwise use. This script is that run (benchmarks/run_all sets everything up fi
                  `generate_batch` (continuous batching). Greedy, EOS ignored, exact lengths.
   online         the chat workload streamed at a sweep of Poisson request rates to `fuselm serve`,
                  vLLM's OpenAI server and llama-server (-np 16), measured by `fuselm bench serve`.
+  capacity       capacity under an SLO: the highest Poisson rate at which >= 90% of chat requests meet
+                 an SLO derived from unloaded costs on a reference engine (`fuselm bench serve
+                 --capacity`), for `fuselm serve`, vLLM's server and llama-server (-np 16), with one
+                 plot of attainment against rate for all of them.
   shared-prefix  8 groups x 32 requests sharing a 1,000-token system prompt: fuselm offline with
                  prefix caching on vs off.
   long-prompt    short chat requests with 1,000-3,000-token prompts arriving among them, streamed
@@ -46,7 +50,7 @@ README = ROOT / "README.md"
 DTYPES = {"float32": "f32", "bfloat16": "bf16"}
 DTYPE = "float32"  # set from --dtype in main(): the precision of every engine in the run
 SLO = {"ttft_ms": 2000.0, "tpot_ms": 200.0}
-PHASES = ("offline", "online", "shared-prefix", "long-prompt")
+PHASES = ("offline", "online", "capacity", "shared-prefix", "long-prompt")
 PEER_NAMES = ("vllm", "llama.cpp", "hf-generate", "hf-generate-batch")
 
 
@@ -254,6 +258,12 @@ def phase_online(args, res_dir: Path, tag: str) -> dict:
     return out
 
 
+def phase_capacity(args, res_dir: Path, tag: str) -> dict:
+    from run_all_capacity import capacity_phase
+
+    return capacity_phase(args, res_dir, tag, start_server, shown_path, log, VENV_BIN / "fuselm")
+
+
 def phase_shared_prefix(args, res_dir: Path, tag: str) -> dict:
     n = args.shared_prefix_requests
     out = {"workload": {"name": "shared-prefix", "num_requests": n, "seed": args.seed}, "engines": {}}
@@ -286,7 +296,7 @@ def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
 def prepare_peers(args) -> None:
     """The weights of this run's dtype for each peer (each step is skipped when already done)."""
     env = {"DTYPE": DTYPE}
-    if "llama.cpp" in args.peers and "online" in args.phases:
+    if "llama.cpp" in args.peers and ("online" in args.phases or "capacity" in args.phases):
         run(["bash", PEERS / "llama_cpp.sh", "convert"], env=env)
     if any(p != "llama.cpp" for p in args.peers):
         run(["bash", PEERS / "vllm_cpu.sh", "export"], env=env)
@@ -310,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--online-requests", type=int, default=48, help="requests per rate of the online sweep")
     p.add_argument("--online-rates", default="0.5,1,2", help="request rates of the online sweep (req/s)")
+    p.add_argument("--capacity-requests", type=int, default=40,
+                   help="requests per probed rate of the capacity search (40 keeps one engine's search within "
+                        "about 8 minutes on 2 vCPUs; use several hundred where the machine allows)")
+    p.add_argument("--capacity-max-probes", type=int, default=5, help="probed rates per engine in the capacity search")
+    p.add_argument("--capacity-tolerance", type=float, default=0.15,
+                   help="the capacity search stops when the lowest failing rate is within this fraction of the capacity")
+    p.add_argument("--capacity-slo-reference", default="fuselm", choices=["fuselm", "vllm", "llama.cpp"],
+                   help="the server whose unloaded costs set the one SLO every server is held to")
     p.add_argument("--shared-prefix-requests", type=int, default=256)
     p.add_argument("--long-requests", type=int, default=48)
     p.add_argument("--long-rate", type=float, default=0.5)
@@ -352,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "command": command,
               "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)", "dtype": DTYPE, "phases": {}}
-    steps = {"offline": phase_offline, "online": phase_online, "shared-prefix": phase_shared_prefix,
+    steps = {"offline": phase_offline, "online": phase_online, "capacity": phase_capacity,
+             "shared-prefix": phase_shared_prefix,
              "long-prompt": phase_long_prompt}
     out_json = args.results_dir / f"{tag}.json"
     for phase in args.phases:

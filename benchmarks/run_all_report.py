@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from run_all_capacity import capacity_markdown, capacity_readme_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
@@ -135,7 +137,8 @@ def render_markdown(result: dict) -> str:
     head = [f"Measured by `benchmarks/run_all` on {result['date'][:10]}: {m.get('cpu_model')}, {m.get('cpu_cores')} cores, "
             f"torch {m.get('torch_version')}; model {result['model']}, {result['dtype']} for every engine. "
             "Every engine ran alone on the machine, one after another, on the same token ids.", ""]
-    render = {"offline": offline_table, "online": online_tables, "shared-prefix": prefix_table, "long-prompt": long_table}
+    render = {"offline": offline_table, "online": online_tables, "capacity": capacity_markdown,
+              "shared-prefix": prefix_table, "long-prompt": long_table}
     body = []
     for phase, ph in result["phases"].items():
         body += render[phase](ph) + [""]
@@ -209,7 +212,8 @@ def readme_table(result: dict, json_path: str, machine: str | None = None, comma
     head = (f"Measured on {result['date'][:10]} on {where}, torch {m.get('torch_version')}; {result['model']}, "
             f"{result['dtype']} for every engine" + (f"; command: `{command}`" if command else "") +
             f". Results: [{json_path}]({json_path}), tables: [{md_path}]({md_path}).")
-    render = {"offline": _offline_rows, "online": _online_rows, "shared-prefix": _prefix_rows, "long-prompt": _long_rows}
+    render = {"offline": _offline_rows, "online": _online_rows, "capacity": capacity_readme_rows,
+              "shared-prefix": _prefix_rows, "long-prompt": _long_rows}
     lines = [head, "", "| workload | engine | result | fuselm ÷ engine |", "|---|---|---|---|"]
     for phase, ph in result["phases"].items():
         for i, row in enumerate(render[phase](ph)):

@@ -194,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands whose modules exist (server, bench) and `placement` (expert placement)."""
+    """Subcommands whose modules exist (server, router, bench) and `placement` (expert placement)."""
     import importlib
     import importlib.util
 
     found = []
-    for module in ("fuselm.server.cli", "fuselm.bench.cli", "fuselm.parallel.placement"):
+    for module in ("fuselm.server.cli", "fuselm.router.cli", "fuselm.bench.cli", "fuselm.parallel.placement"):
         if importlib.util.find_spec(module) is not None:
             found.append(importlib.import_module(module).register)
     return found
@@ -229,6 +229,7 @@ def overview(parser: argparse.ArgumentParser) -> str:
         "generate": 'fuselm generate "The capital of France is" --max-tokens 20   # no prompt: a demo batch',
         "chat": 'fuselm chat --system "You are terse."',
         "serve": "fuselm serve --port 8000   # OpenAI-compatible: /v1/chat/completions, /v1/completions",
+        "router": "fuselm router --worker http://127.0.0.1:8001 --worker http://127.0.0.1:8002 --port 8000",
         "bench": "fuselm bench throughput --workload chat --num-requests 64",
         "placement": "fuselm placement --stats expert_stats.json --ranks 2 --out placement.json",
     }

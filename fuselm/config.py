@@ -170,6 +170,10 @@ class EngineConfig:
               "a decode-only step (costs measured online, fuselm/core/step_cost.py); unset: the token budget alone")
     block_size: int = _option(16, "tokens per KV cache block, a power of two")
     enable_prefix_caching: bool = _option(True, "reuse the KV blocks of equal prompt prefixes across requests")
+    enable_cascade_attention: bool = _option(
+        True, "decode and speculative rows whose KV block tables start with the same blocks (a shared prompt "
+              "prefix, the n samples of one prompt) read those blocks once per step for all of them, merged "
+              "exactly with each row's own part (shared-prefix attention)")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes; overrides kv_cache_memory_fraction "
                                                       "and gpu_memory_utilization")
     kv_cache_memory_fraction: float = _option(0.25, "CPU: share of the available RAM the KV cache takes")

@@ -106,3 +106,29 @@ def test_float32_engine_matches_portable_path(tiny_model_factory, name):
         for la, lb, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[tok].logprob - lb[tok].logprob) < 1e-3
     assert len(halves) >= 2 * len(model.layers) and max(halves) == 32
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx512bf16"])
+def test_avx512_tiles_match_float64_and_the_avx2_bits(isa):
+    """The AVX-512 variants' 12 x 32 zmm tiles against float64, and bit for bit against the AVX2
+    variant's 6 x 16 tiles (each output is the same FMA chain in both), at row counts that take the
+    streaming path (<= 12 rows), partial tiles and the blocked path, odd panel counts included."""
+    from fuselm.kernels.build import VARIANTS, supported
+    from fuselm.kernels.cpu import load_kernels
+
+    if not supported(VARIANTS[isa]):
+        pytest.skip(f"this CPU lacks {isa}")
+    wide, narrow = load_kernels(isa), load_kernels("avx2")
+    assert wide.has_simd_dense and narrow.has_simd_dense
+    for n, k in ((17, 3), (80, 96), (130, 257), (600, 40)):
+        g = torch.Generator().manual_seed(n + k)
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        packed = wide.dense_pack(w)
+        assert torch.equal(packed, narrow.dense_pack(w))  # one layout for every variant
+        for m in (1, 7, 12, 13, 25, 100):
+            x = torch.randn(m, k, generator=g)
+            got = wide.dense_linear(x, packed, b, n)
+            want = x.double() @ w.double().T + b.double()
+            scale = (x.double().abs() @ w.double().abs().T).max().item() + 1
+            assert (got.double() - want).abs().max().item() <= 1e-5 * scale, (n, k, m)
+            assert torch.equal(got, narrow.dense_linear(x, packed, b, n)), (n, k, m)

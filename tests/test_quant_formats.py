@@ -140,6 +140,28 @@ def test_c_kernel_matches_dequantised_linear(rows):
         assert (got.double() - want).abs().max() < 5e-4 * want.abs().max(), (qw.bits, qw.group_size)
 
 
+@pytest.mark.skipif(get_kernels() is None, reason="needs a C compiler for fuselm's CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_each_isa_variant_matches_dequantised_linear(isa):
+    """The integer path of each variant (AVX2: two ymm vpmaddwd per 32 weights; AVX-512: one zmm)
+    against float64, with int16 activations, at tile remainders and row counts past one tile."""
+    from fuselm.kernels.build import VARIANTS, supported
+    from fuselm.kernels.cpu import load_kernels
+
+    if not supported(VARIANTS[isa]):
+        pytest.skip(f"this CPU lacks {isa}")
+    kernels = load_kernels(isa)
+    assert kernels.has_simd_qlinear
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(13, 384, generator=g)
+    x[:, 7] = 60.0
+    for qw in [*_formats(384), quantize_int8(_weights(80, 384, seed=4), 16)]:
+        want = F.linear(x.double(), qw.dequantize().double())
+        for rows in (1, 3, 4, 13):
+            got = kernels.qlinear(x[:rows], qw, None).double()
+            assert (got - want[:rows]).abs().max() < 5e-4 * want.abs().max(), (isa, qw.bits, qw.group_size, rows)
+
+
 @pytest.mark.parametrize("use_kernels", [False, True])
 def test_quant_linear_parts_and_bias(use_kernels):
     """A fused projection of parts in different formats (like Q4_K_M's q/k in Q4_K and v in Q6_K),

@@ -63,7 +63,8 @@ def register(subparsers) -> None:
         "serve", help="load-test an OpenAI-compatible server: TTFT, TPOT, ITL, latency, goodput",
         description=textwrap.fill("Stream /v1/completions requests (token-id prompts, ignore_eos, temperature 0) to a running "
                     "server, at a Poisson request rate and/or a concurrency cap, and report vLLM-style serving "
-                    "metrics. --sweep-rates runs one benchmark per rate; --plot draws latency against rate.", 100),
+                    "metrics. --sweep-rates runs one benchmark per rate; --plot draws latency against rate. --capacity "
+                    "searches for the highest rate at which 90% of requests meet an SLO derived from unloaded costs.", 100),
         epilog=_epilog(), formatter_class=raw)
     add_workload_args(sv, default_requests=200)
     from fuselm.bench.serve_client import add_serve_args

@@ -194,3 +194,40 @@ def plot_sweep(runs: list[dict], path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_attainment(curves: dict[str, dict], path: str | Path, target: float = 0.9, title: str = "") -> Path:
+    """SLO attainment against request rate, one line per engine, from capacity results (`fuselm bench
+    serve --capacity` JSON). A probe that stopped early is drawn hollow at its upper bound; each
+    engine's capacity is marked on the target line."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib; install it with `pip install matplotlib`") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, result in curves.items():
+        probes = sorted(result["probes"], key=lambda p: p["rate"])
+        ys = [p["details"]["attainment_upper_bound"] if p["details"].get("stopped_early") else p["attainment"]
+              for p in probes]
+        (line,) = ax.plot([p["rate"] for p in probes], ys, "-", label=label)
+        for p, y in zip(probes, ys):
+            ax.plot(p["rate"], y, "o", color=line.get_color(),
+                    fillstyle="none" if p["details"].get("stopped_early") else "full")
+        if result.get("capacity_rps") is not None:
+            ax.plot(result["capacity_rps"], target, "*", markersize=14, color=line.get_color())
+    ax.axhline(target, linestyle="--", color="grey", linewidth=1)
+    ax.set_xlabel("request rate (req/s, Poisson)")
+    ax.set_ylabel("share of requests meeting the SLO")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"SLO attainment vs rate (star: capacity at {target:.0%}; hollow: upper bound)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

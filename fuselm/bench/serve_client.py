@@ -295,6 +295,10 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.capacity:
+        from fuselm.bench.capacity import cmd_capacity
+
+        return cmd_capacity(args)
     rates = _floats(args.sweep_rates, "--sweep-rates") if args.sweep_rates else [args.request_rate]
     percentiles = tuple(sorted(set(_floats(args.percentiles, "--percentiles")) | {99.0}))  # sweeps plot p99
     extra = json.loads(args.extra_body) if args.extra_body else None
@@ -342,4 +346,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                                                "tpot_ms, e2el_ms); goodput = requests/s meeting every bound")
     g.add_argument("--percentiles", default="99", help="comma-separated percentiles to report besides the median")
     g.add_argument("--json", default=None, help="result file (default: benchmarks/results/serve_<workload>_<time>.json)")
-    g.add_argument("--plot", default=None, help="PNG of TTFT and TPOT p50/p99 against request rate (with --sweep-rates)")
+    g.add_argument("--plot", default=None, help="PNG of TTFT and TPOT p50/p99 against request rate (with --sweep-rates), "
+                                                "or of SLO attainment against rate (with --capacity)")
+    from fuselm.bench.capacity import add_capacity_args
+
+    add_capacity_args(p)

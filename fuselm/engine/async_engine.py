@@ -72,6 +72,7 @@ class EngineSnapshot:
     num_generation_tokens: int = 0
     num_preemptions: int = 0
     spec: SpecStats | None = None  # speculative decoding totals since start (a copy); None when it is off
+    cascade_kv_tokens_saved: int = 0  # KV token reads per layer that shared-prefix attention did not repeat
 
 
 class RequestStream:
@@ -292,6 +293,18 @@ class AsyncLLMEngine:
         """Abort a request from any thread; its blocks return to the pool before the next step."""
         self._commands.put(("abort", request_id))
 
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn() on the engine thread between steps (from any thread; its result and errors are dropped)."""
+        self._commands.put(("call", fn, None))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """fn() on the engine thread between steps, where the LLMEngine may be touched; returns its result."""
+        if not self.is_running:
+            raise EngineDeadError("the engine thread is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
+
     # ---- the engine thread --------------------------------------------------------------------
 
     def _next_commands(self, block: bool | float) -> list[tuple]:
@@ -323,6 +336,8 @@ class AsyncLLMEngine:
         for command in self._next_commands(False):  # requests that arrived during shutdown
             if command[0] == "add":
                 command[1].resolve(EngineDeadError("the engine is shut down"))
+            elif command[0] == "call" and command[2] is not None:
+                command[2].set_exception(EngineDeadError("the engine is shut down"))
         logger.info("engine thread stopped")
 
     def _iteration(self, idle_wait: bool | float) -> bool | float:
@@ -373,6 +388,18 @@ class AsyncLLMEngine:
             output = self.engine.abort_request(command[1])
             if output is not None:
                 self._dispatch(output, time.time())
+        elif kind == "call":
+            _, fn, done = command
+            try:
+                result = fn()
+            except Exception as exc:
+                if done is None:
+                    logger.exception("engine-thread call %r failed", fn)
+                else:
+                    done.set_exception(exc)
+                return
+            if done is not None:
+                done.set_result(result)
 
     def _dispatch(self, output: RequestOutput, now: float) -> None:
         stream = self._streams.get(output.request_id)
@@ -404,6 +431,7 @@ class AsyncLLMEngine:
             num_prompt_tokens=e.stats.num_prompt_tokens, num_generation_tokens=e.stats.num_generation_tokens,
             num_preemptions=e.scheduler.num_preemptions,
             spec=dataclasses.replace(e.speculator.stats) if e.speculator is not None else None,
+            cascade_kv_tokens_saved=getattr(e.runner, "cascade_kv_tokens_saved", 0),
         )
 
     # ---- logging ----------------------------------------------------------------------------

@@ -102,6 +102,9 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, eos)  # grammars, on first use
         self.stats = EngineStats()
         self._arrival = itertools.count()
+        # Called on the engine thread with each executed SchedulerOutput, after the forward wrote its K/V and
+        # before any request of it finishes (fuselm/disagg/prefill.py copies finished prompt blocks out here).
+        self.step_hooks: list = []
         self.speculator = None
         if config.speculative_config is not None:
             target = SpeculationTarget(config, mc.vocab_size, self.device, self.dtype, max_model_len, tuple(eos),
@@ -225,6 +228,8 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return failed + self._fail_step(out, f"internal error during the model step: {exc}")
+        for hook in self.step_hooks:
+            hook(out)
         outputs = failed + self._update(out, requests, result)
         if self.scheduler.prompt_limiter is not None:
             self._observe_step_cost(out, time.perf_counter() - t0)

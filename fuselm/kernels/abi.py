@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 2  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 3  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -72,6 +72,9 @@ SIGNATURES: dict[str, tuple[list, object]] = {
                                        _INT, _INT, _INT], None),
     "fuselm_paged_window_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                        _F32, _INT, _INT, _INT], None),
+    "fuselm_cascade_supported": ([_I64, _I64], _INT),
+    "fuselm_cascade_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT,
+                                  _INT, _INT, _P], None),
     "fuselm_store_kv_rows": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT, _INT], None),
     "fuselm_small_m_max": ([], _INT),
     "fuselm_has_small_m_linear": ([], _INT),
@@ -87,7 +90,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_dense_linear": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT], None),
     "fuselm_layer_attention_inputs": ([_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_layer_attention_outputs": ([_P, _I64, _P, _P, _P, _I64], None),
-    "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P], None),
+    "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
 }
 

@@ -111,16 +111,17 @@ class CLayers:
         return None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_table: torch.Tensor,
-            ctx_lens: torch.Tensor, num_single: int | None = None) -> None:
+            ctx_lens: torch.Tensor, num_single: int | None = None, shared: torch.Tensor | None = None) -> None:
         """x [M, hidden] float32, updated in place; cos/sin [M, head_dim]; block_table [M, B] int64.
-        Rows from num_single on (default: none) are query rows of sequences with several of them."""
+        Rows from num_single on (default: none) are query rows of sequences with several of them.
+        `shared`: the step's shared-prefix groups encoded for the C kernel (layers/cascade.py), or None."""
         assert x.is_contiguous() and x.dtype == torch.float32 and block_table.is_contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         self.dims.max_blocks = block_table.shape[1]
         self.dims.num_threads = torch.get_num_threads()
         self._fn(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(), x.shape[0],
                  x.shape[0] if num_single is None else num_single, cos.data_ptr(),
-                 sin.data_ptr(), block_table.data_ptr(), ctx_lens.data_ptr())
+                 sin.data_ptr(), block_table.data_ptr(), ctx_lens.data_ptr(), None if shared is None else shared.data_ptr())
 
     def takes_prompt_step(self, num_tokens: int) -> bool:
         """Whether a step of num_tokens tokens with prompt chunks runs its layers in C halves."""

@@ -56,6 +56,8 @@ class CpuKernels:
         self.build_key = built.key
         self.path = built.path
         self._decode = lib.fuselm_paged_window_attention
+        self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
+        self._cascade_supported = lib.fuselm_cascade_supported
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
@@ -192,6 +194,29 @@ class CpuKernels:
                      block_table.data_ptr(), ctx_lens.data_ptr(), None if ctx_starts is None else ctx_starts.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
                      head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype],
                      torch.get_num_threads())
+
+    def cascade_supports(self, head_dim: int, block_size: int) -> bool:
+        """Whether fuselm_cascade_attention takes these shapes (head_dim and block_size multiples of 16)."""
+        return bool(self._cascade_supported(head_dim, block_size))
+
+    def cascade_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float, shared: torch.Tensor,
+                          k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        """paged_decode_attention's contract, with `shared` (int64, fuselm/layers/cascade.py's encoding of
+        the shared-prefix groups): each group's queries read its shared blocks once, together."""
+        assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous() and shared.is_contiguous()
+        assert q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == shared.dtype == torch.int64
+        n, num_heads, head_dim = q.shape
+        num_write = 0
+        if k_new is not None:
+            num_write = k_new.shape[0]
+            assert num_write <= n and k_new.dtype == v_new.dtype == q.dtype
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        self._cascade(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                      None if k_new is None else k_new.data_ptr(), None if v_new is None else v_new.data_ptr(),
+                      num_write, block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads,
+                      k_cache.shape[2], head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype],
+                      DTYPE_CODES[k_cache.dtype], torch.get_num_threads(), shared.data_ptr())
 
 
 def load_kernels(isa: str | None = None, directory: Path | None = None) -> CpuKernels | None:

@@ -139,10 +139,11 @@ void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QMode
 /* x [M, hidden] float32 in/out (the residual stream); cos/sin [M, head_dim] (sin with rotate-half's
  * sign); block_table [M, max_blocks] and ctx_lens [M] as for fuselm_paged_decode_attention. Rows
  * 0..num_single-1 are single-token rows (the attention kernel stores their K/V); the rest belong to
- * sequences with several query rows. */
+ * sequences with several query rows. `shared` (fuselm_kernels.h; NULL: none): groups of rows that share
+ * leading blocks, whose attention then takes fuselm_cascade_attention. */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
-                          const int64_t *ctx_lens) {
+                          const int64_t *ctx_lens, const int64_t *shared) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
     const int64_t I = dims->intermediate, qkv_dim = (Hq + 2 * Hkv) * D;
     float *h = malloc(sizeof(float) * (size_t)(M * H));
@@ -160,8 +161,13 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
         if (num_single < M)
             fuselm_store_kv_rows(L->k_cache, L->v_cache, k, v, num_single, M, block_table, ctx_lens, dims->max_blocks,
                                  Hkv * D, dims->block_size, FUSELM_F32, dims->kv_dtype);
-        fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M, dims->max_blocks,
-                                      Hq, Hkv, D, dims->block_size, dims->scale, FUSELM_F32, dims->kv_dtype, dims->num_threads);
+        if (shared != NULL) /* rows sharing leading blocks read them once (cascade_attention.c) */
+            fuselm_cascade_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M,
+                                     dims->max_blocks, Hq, Hkv, D, dims->block_size, dims->scale, FUSELM_F32,
+                                     dims->kv_dtype, dims->num_threads, shared);
+        else
+            fuselm_paged_decode_attention(q, attn, L->k_cache, L->v_cache, k, v, num_single, block_table, ctx_lens, M, dims->max_blocks,
+                                          Hq, Hkv, D, dims->block_size, dims->scale, FUSELM_F32, dims->kv_dtype, dims->num_threads);
         attention_outputs(L, dims, x, attn, M, h, gu, act, out);
     }
     free(h), free(qkv), free(q), free(k), free(v), free(attn), free(gu), free(act), free(out);

@@ -3,7 +3,8 @@
 On an AVX2-only CPU torch's fp32 `F.linear` is slow from two rows on, and oneDNN's prepacked
 weights (onednn.py) are opaque to fuselm's own C code, so the C decode step (decode_layers.c)
 could not run a float model. fuselm's packed layout (panels of 16 output columns, k-major) is
-read by a 6 x 16 AVX2 micro-kernel that matches oneDNN's packed fp32 GEMM from 64 to 512 rows and
+read by a 6 x 16 AVX2 micro-kernel (12 x 32 with AVX-512, 2.0-2.4x faster from 8 rows on an AVX-512
+EPYC; dense_linear.c) that matches oneDNN's packed fp32 GEMM from 64 to 512 rows and
 beats it at decode sizes (measured on a 2-core AMD EPYC, SmolLM2-135M shapes, us):
 
 | shape [N x K]     | 1 row        | 4 rows      | 16 rows     | 64 rows       | 512 rows        |

@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 2
+#define FUSELM_ABI_VERSION 3
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2 };
@@ -52,6 +52,20 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
 void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
                           int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
                           int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);
+
+/* ---- shared-prefix (cascade) decode attention (cascade_attention.c) ---- */
+
+/* Groups of query rows whose block tables start with the same blocks, as one int64 array:
+ * [num_groups, offsets[0 .. num_groups], shared_blocks[0 .. num_groups - 1], rows...]; group g is
+ * rows[offsets[g] .. offsets[g + 1]), sharing its first shared_blocks[g] block-table entries. */
+int fuselm_cascade_supported(int64_t head_dim, int64_t block_size);
+/* fuselm_paged_decode_attention's arguments, plus the groups: each group's queries read its shared
+ * blocks once, together; rows outside every group attend as in fuselm_paged_decode_attention. */
+void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                              const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
+                              int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
+                              int num_threads, const int64_t *shared);
 
 /* ---- per-layer ops (layer_ops.c) ---- */
 
@@ -116,9 +130,10 @@ void fuselm_layer_attention_inputs(const QLayer *layers, int64_t l, const QModel
                                    const float *cos, const float *sin, float *q, float *k, float *v);
 void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QModelDims *dims, float *x,
                                     const float *attn, int64_t M);
+/* shared: the step's shared-prefix groups (the cascade encoding above), or NULL for none */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
-                          const int64_t *ctx_lens);
+                          const int64_t *ctx_lens, const int64_t *shared);
 
 /* ---- mixture-of-experts feed-forward, every routed expert of a step in one call (moe.c) ---- */
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fuselm.layers.cascade import SharedPrefixGroups, cascade_query_attention
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
 
@@ -60,6 +61,8 @@ class AttentionMetadata:
     window_masks: dict = field(default_factory=dict)
     # with several KV cache groups (core/kv_groups.py): every group's metadata, this one first
     groups: list | None = None
+    # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
+    cascade: SharedPrefixGroups | None = None
 
 
 _current: AttentionMetadata | None = None
@@ -171,11 +174,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_ks = k_scale.view(-1, kv_heads) if k_scale is not None else None
     flat_vs = v_scale.view(-1, kv_heads) if v_scale is not None else None
 
-    if kernel_writes:
+    if kernel_writes and meta.cascade is not None and window is None:
+        meta.cpu_kernels.cascade_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache, meta.decode_block_table,
+                                           meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw])
+    elif kernel_writes:
         starts = None if window is None else query_rows_window_starts(meta, window)
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
                                                 meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw],
                                                 ctx_starts=starts)
+    elif nd and meta.cascade is not None and window is None:
+        out[:nd] = cascade_query_attention(
+            q[:nd], meta.cascade, lambda slots, value: read_kv(flat_v if value else flat_k, flat_vs if value else flat_ks,
+                                                              slots, q.dtype), scale)
     elif nd:
         # Each query row has one query per head; put a KV head's `group` query heads on the
         # sequence axis so GQA needs no repeat: q [nd, Hkv, group, D] against k [nd, Hkv, L, D].

@@ -72,7 +72,8 @@ class LlamaForCausalLM(nn.Module):
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None):
                 # every token a query row: decodes, and speculative tokens being verified
                 c_layers.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
-                             None if meta.num_single_rows < 0 else meta.num_single_rows)
+                             None if meta.num_single_rows < 0 else meta.num_single_rows,
+                             None if meta.cascade is None else meta.cascade.encoded)
                 return self.norm(x)
             if c_layers.takes_prompt_step(t):  # prompt chunks: each layer in two C calls around attention
                 for i, layer in enumerate(self.layers):

@@ -33,9 +33,11 @@ class ExecutionPlan:
     attention: str  # "c-paged" | "torch-sdpa"
     norm: str  # "c" | "torch"
     linear: dict[str, str] = field(default_factory=dict)  # projection role -> linear method kind(s)
-    layers: str = "torch"  # "c" (CLayers) | "torch"
+    layers: str = "torch"  # "c" (CLayers) | "c-decode" (CLayers for query-row steps only) | "torch"
     reasons: list[str] = field(default_factory=list)  # why a faster path was not taken
     attention_kernels: object | None = field(default=None, repr=False)  # CpuKernels for "c-paged"
+    # what was timed to choose (runner/kernel_choice.py Timings): projection roles, and "layers"
+    measured: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         isa = f" [{self.kernels_isa}]" if self.kernels_isa else ""
@@ -47,18 +49,43 @@ class ExecutionPlan:
                 f"layers={self.layers}, linear: {linears}")
         if self.reasons:
             line += "; why: " + "; ".join(self.reasons)
+        if self.measured:
+            timings = self.measured.values()
+            how = ("from the cache" if all(t.cache_hit for t in timings) else
+                   f"in {sum(t.spent for t in timings):.1f} s" + (
+                       ", machine busy: the rules decide, nothing cached" if any(t.busy for t in timings) else ""))
+            line += f"; measured (best of interleaved rounds, {how}): " + "; ".join(
+                f"{name} at {'/'.join(map(str, t.rows))} rows: {t.describe()}" for name, t in self.measured.items())
         return line
 
 
-def choose_linear(module: LinearMethod, kernels, onednn: bool, role: str) -> LinearMethod:
-    """The method that stores and multiplies `module`'s weight best on this CPU.
-
-    Quantised weights keep their format and multiply in fuselm's C kernel when it is there. Float32
-    weights go into fuselm's panel layout when its AVX2 GEMM is there (faster than oneDNN at decode
-    sizes, and readable by the C layers); otherwise float32/bf16 into oneDNN's packed layout.
-    """
+def linear_candidates(module: LinearMethod, kernels, onednn: bool, role: str) -> dict[str, object]:
+    """The methods that can store and multiply a float `module`'s weight on this CPU, kind -> builder,
+    the fixed rules' choice first: fuselm's panel layout when its fp32 GEMM is there (faster than
+    oneDNN at decode sizes on AVX2, and readable by the C layers), then oneDNN's packed layout
+    (float32/bf16), then F.linear on the plain weight (the module itself)."""
     from fuselm.kernels.dense_linear import DenseLinear, dense_kernels
     from fuselm.kernels.onednn import OneDNNLinear, pack_weight, small_m_kernels
+
+    weight = module.weight
+    found: dict[str, object] = {}
+    if dense_kernels(kernels, weight) is not None:
+        found[DenseLinear.kind] = lambda: DenseLinear(weight, module.bias, kernels)
+    packed = pack_weight(weight) if onednn else None
+    if packed is not None:
+        if role == "lm_head":  # always on the packed weight (no plain-weight path for large row counts)
+            found["onednn"] = lambda: OneDNNLinear(weight, module.bias, packed, None, large_m_plain=False)
+        else:
+            small_m = small_m_kernels(weight, kernels)
+            found["onednn+c1row" if small_m is not None else "onednn"] = \
+                lambda: OneDNNLinear(weight, module.bias, packed, small_m)
+    found[module.kind] = lambda: module
+    return found
+
+
+def choose_linear(module: LinearMethod, kernels, onednn: bool, role: str, kind: str | None = None) -> LinearMethod:
+    """The method for `module`: `kind` (one of linear_candidates'), else the fixed rules' choice.
+    Quantised weights keep their format and multiply in fuselm's C kernel when it is there."""
     from fuselm.quant.linear import QuantLinear
 
     if isinstance(module, QuantLinear):
@@ -66,24 +93,19 @@ def choose_linear(module: LinearMethod, kernels, onednn: bool, role: str) -> Lin
         return module
     if not isinstance(module, TorchLinear):
         return module
-    weight = module.weight
-    if dense_kernels(kernels, weight) is not None:
-        return DenseLinear(weight, module.bias, kernels)
-    packed = pack_weight(weight) if onednn else None
-    if packed is None:
-        return module
-    if role == "lm_head":  # always on the packed weight (no plain-weight path for large row counts)
-        return OneDNNLinear(weight, module.bias, packed, None, large_m_plain=False)
-    return OneDNNLinear(weight, module.bias, packed, small_m_kernels(weight, kernels))
+    candidates = linear_candidates(module, kernels, onednn, role)
+    return candidates[kind if kind is not None else next(iter(candidates))]()
 
 
 def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype: torch.dtype,
-                   parallel=None) -> ExecutionPlan:
+                   parallel=None, max_num_seqs: int = 128, max_num_batched_tokens: int = 512) -> ExecutionPlan:
     """Choose every code path for `model` (loaded, KV caches attached) and install the choices.
 
     With `plan.attention == "c-paged"` the runner hands `plan.attention_kernels` to the attention layers.
     `parallel` (a fuselm.parallel.group.TensorParallelGroup): `model` is one rank's shard; the chosen
-    methods of o, down and the LM head, and the embedding, are wrapped with their collectives."""
+    methods of o, down and the LM head, and the embedding, are wrapped with their collectives.
+    On CPU with the C kernels each float projection role's method is chosen by timing its candidates
+    at the scheduler's row counts (`max_num_seqs`, `max_num_batched_tokens`; runner/kernel_choice.py)."""
     from fuselm.kernels.onednn import onednn_available
 
     cfg = model.config
@@ -116,6 +138,12 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
 
     onednn = device.type == "cpu" and use_cpu_kernels and onednn_available() and dtype in (torch.float32,
                                                                                           torch.bfloat16)
+    chosen_kinds = {}
+    if device.type == "cpu" and use_cpu_kernels:
+        c_layers_possible = (attention_kernels is not None and parallel is None and dtype == torch.float32
+                             and getattr(model, "supports_c_layers", False))
+        chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, parallel, max_num_seqs,
+                                                    max_num_batched_tokens, c_layers_possible)
     kinds: dict[str, dict[str, None]] = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)
@@ -124,7 +152,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
             if kernels is not None and why is not None and f"torch experts: {why}" not in plan.reasons:
                 plan.reasons.append(f"torch experts: {why}")
         elif device.type == "cpu" and use_cpu_kernels:
-            module = choose_linear(module, kernels, onednn, role)
+            module = choose_linear(module, kernels, onednn, role, chosen_kinds.get(role))
         if parallel is not None:
             from fuselm.parallel.layers import wrap_linear
 
@@ -158,6 +186,27 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         else:
             plan.reasons.append(f"torch layers: {why_not}")
     return plan
+
+
+def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int,
+                  c_layers_possible: bool):
+    """Per role of float projections: the kind to build (forced, measured, or the rules') and the
+    timings. Where the C layers can run, the layer roles keep fuselm's layout (the one they read)."""
+    from fuselm.kernels.dense_linear import DenseLinear
+    from fuselm.runner.kernel_choice import LAYER_ROLES, Override, choose_linear_kinds
+
+    override = Override.from_env()
+    if parallel is not None or kernels is None:  # every rank must build the same methods: the rules decide
+        override = override or Override()
+    roles = {}
+    for parent, attr, role in model.linear_methods():
+        module = getattr(parent, attr)
+        if type(module) is TorchLinear and role not in roles:
+            roles[role] = (module.weight, linear_candidates(module, kernels, onednn, role))
+    pinned = frozenset()
+    if c_layers_possible and all(next(iter(roles[r][1])) == DenseLinear.kind for r in LAYER_ROLES if r in roles):
+        pinned = frozenset(LAYER_ROLES)
+    return choose_linear_kinds(roles, kernels, override, max_num_seqs, max_num_batched_tokens, pinned)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

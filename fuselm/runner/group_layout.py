@@ -3,7 +3,8 @@
 A model with sliding-window layers keeps one block table per KV cache group. The runner builds
 group 0's layout as for any model; this file derives every other group's from it: the same rows,
 positions, context lengths and masks, only the cache slots differ (that group's block table). The
-layers read their group's layout through `get_attention_metadata(group)`.
+layers read their group's layout through `get_attention_metadata(group)`. Shared-prefix (cascade)
+attention is planned over group 0's tables and full-attention layers only; other groups go without.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def group_metadata(base: AttentionMetadata, rows: tuple[ScheduledRequest, ...], 
         ctx_slots = None if row.context_slots is None else slots_of(t, 0, c + n, bs).to(device)
         prefill_rows.append(PrefillRow(row.start, row.end, row.num_cached, ctx_slots, row.causal_mask))
     meta = dataclasses.replace(base, slot_mapping=torch.cat(slot_parts).to(device), prefill_rows=prefill_rows,
-                               groups=None)  # window masks depend on positions only: shared
+                               groups=None, cascade=None)  # window masks depend on positions only: shared
     if table is not None:
         if base.decode_block_table is not None:
             meta.decode_block_table = table

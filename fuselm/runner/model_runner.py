@@ -17,10 +17,12 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_groups
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
+from fuselm.layers.cascade import plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.group_layout import group_metadata
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
+from fuselm.runner.kernel_choice import Override, choose_layer_step
 from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.runner.seeded import SeededGenerators
@@ -123,10 +125,18 @@ class ModelRunner:
                 attn.kv_group = g
                 for name, cache in tensors[j].items():
                     setattr(attn, name, cache)
-        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel)
+        self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel,
+                                   config.max_num_seqs, config.max_num_batched_tokens)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
         # an MoE model's routing counts, kept by the driver (every rank routes every token)
         self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
+        # shared-prefix attention (layers/cascade.py), where the attention path takes these shapes
+        self.cascade = config.enable_cascade_attention and self.kv_groups[0].window is None and (
+            self.cpu_kernels is None or self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size))
+        self.cascade_kv_tokens_saved = 0  # per layer: KV token reads not repeated thanks to it, since start
+        layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
+        if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
+            self.plan.measured["layers"] = layer_step
         logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
         self.kv_bytes = self.num_blocks * self.page_bytes
@@ -246,7 +256,13 @@ class ModelRunner:
             max_blocks = max(len(t) for t in tables)
             table = torch.tensor([t + (self.num_blocks,) * (max_blocks - len(t)) for t in tables],
                                  dtype=torch.long)  # [nd, max_blocks], padded with the null block
-            if self.cpu_kernels is not None:
+            torch_path = self.cpu_kernels is None
+            if self.cascade and nd > 1:
+                meta.cascade = plan_shared_prefix(tables, ctx_lens, bs, *((table, lens, self.null_slot, self.device)
+                                                                          if torch_path else ()))
+                if meta.cascade is not None:
+                    self.cascade_kv_tokens_saved += meta.cascade.kv_tokens_saved
+            if not torch_path:
                 meta.cpu_kernels, meta.decode_block_table, meta.decode_ctx_lens = self.cpu_kernels, table, lens
             else:
                 max_len = int(lens.max())

@@ -49,6 +49,13 @@ def register(subparsers) -> None:
     g.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
                    help="how tool calls are read from the output (default: from the chat template's tool format, "
                         "hermes when it has none)")
+    g.add_argument("--disaggregation-mode", choices=["prefill", "decode"], default=None,
+                   help="run as one side of disaggregated serving behind `fuselm router --prefill URL --decode URL`: "
+                        "prefill computes prompts and sends their KV blocks (POST /kv/prefill), decode receives "
+                        "them and generates (docs/router.md)")
+    g.add_argument("--kv-transfer-transport", choices=["auto", "shm", "http"], default="auto",
+                   help="decode side: how KV blocks come from the prefill instance; auto: shared memory when it is "
+                        "on this machine (a loopback URL), else in the HTTP stream (default %(default)s)")
     g.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between engine status lines")
     g.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request")
     g.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's own log level (access log at info)")
@@ -60,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fuselm.cli import engine_kwargs
-    from fuselm.engine.async_engine import AsyncLLMEngine
+    from fuselm.disagg.serve import enable_disaggregation, engine_class
     from fuselm.server.app import build_app, short_model_name
     from fuselm.server.limits import ServerLimits
 
@@ -71,12 +78,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes, max_sequences_per_request=args.max_sequences_per_request,
         max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
         max_logprobs=args.max_logprobs, allow_request_priority=args.allow_request_priority)
-    engine = AsyncLLMEngine.from_options(log_stats_interval=args.log_stats_interval,
-                                         log_requests=not args.disable_log_requests, **engine_kwargs(args))
+    engine = engine_class(args.disaggregation_mode).from_options(
+        log_stats_interval=args.log_stats_interval, log_requests=not args.disable_log_requests, **engine_kwargs(args))
     name = args.served_model_name or (short_model_name(args.model) if args.model else "SmolLM2-135M-Instruct")
     api_key = args.api_key or os.environ.get("FUSELM_API_KEY")
     app = build_app(engine, served_model_name=name, api_key=api_key, limits=limits,
                     enable_docs=not args.disable_docs, tool_call_parser=args.tool_call_parser)
+    if args.disaggregation_mode:
+        enable_disaggregation(app, engine, args.disaggregation_mode, args.kv_transfer_transport)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
                 ", API key required" if api_key else "")
     try:

@@ -29,7 +29,7 @@ METRIC_NAMES = (
     "fuselm_prefix_cache_hit_rate", "fuselm_num_preemptions",
     "fuselm_spec_decode_num_drafts", "fuselm_spec_decode_num_draft_tokens",
     "fuselm_spec_decode_num_accepted_tokens", "fuselm_spec_decode_acceptance_rate",
-    "fuselm_spec_decode_mean_acceptance_length",
+    "fuselm_spec_decode_mean_acceptance_length", "fuselm_cascade_attention_kv_tokens_saved",
 )
 # MoE models only (fuselm/runner/expert_stats.py): tokens per layer and the load imbalance of its experts;
 # tokens per expert too while layers x experts stays under MAX_EXPERT_SERIES (series, not a summary)
@@ -81,6 +81,10 @@ class ServerMetrics:
                                labels, registry=registry)
         self.spec_length = Gauge("fuselm_spec_decode_mean_acceptance_length", "Tokens emitted per verification, the "
                                  "bonus token included", labels, registry=registry)
+        self.cascade_saved = Gauge("fuselm_cascade_attention_kv_tokens_saved", "KV-cache token reads that "
+                                   "shared-prefix attention did not repeat, per layer, since start: each step a "
+                                   "group of R sequences sharing S cached tokens reads them once instead of R times "
+                                   "and counts (R - 1) x S", labels, registry=registry)
         self.moe_layer_tokens = Gauge("fuselm_moe_layer_tokens", "Token-to-expert assignments (tokens x top-k) of "
                                       "an MoE layer since start", labels + ["layer"], registry=registry)
         self.moe_imbalance = Gauge("fuselm_moe_expert_load_max_over_mean", "An MoE layer's most loaded expert's "
@@ -131,6 +135,7 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(snapshot.kv_usage)
         self.hit_rate.labels(name).set(snapshot.prefix_hit_rate)
         self.preemptions.labels(name).set(snapshot.num_preemptions)
+        self.cascade_saved.labels(name).set(snapshot.cascade_kv_tokens_saved)
         spec = snapshot.spec or SpecStats()  # all zeros when speculative decoding is off
         self.spec_drafts.labels(name).set(spec.num_drafts)
         self.spec_draft_tokens.labels(name).set(spec.num_draft_tokens)

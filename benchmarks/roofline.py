@@ -1,0 +1,152 @@
+"""What fraction of the machine's roofline an offline run achieves, step by step.
+
+Runs the same seeded offline workload as `fuselm bench throughput` (greedy, ignore_eos, float32
+weights as run_all uses them), records every step's rows (cached and new tokens per sequence,
+whether it samples) and wall time, measures the machine's peaks (fp32 FMA GFLOP/s with all
+threads, stream and scattered-read bandwidth), and sets each step's roofline time
+(fuselm/bench/roofline.py: max(FLOPs / FMA peak, bytes / bandwidth)) against its measured time.
+The tables split prompt steps (at least one prompt chunk) from decode steps (one token per row),
+and group decode steps by batch size, where the balance between weight reads and arithmetic
+shifts. The fraction over the whole run is roofline time / the generate call's wall time.
+
+    python benchmarks/roofline.py                              # 256 chat requests, float32
+    python benchmarks/roofline.py --num-requests 32 --json roofline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from offline_throughput import engine_options  # noqa: E402  (KEY=VALUE parsing shared with the other scripts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="chat", help="a `fuselm bench` workload (default: chat)")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--bucket", type=int, default=32, help="decode-row bucket width of the batch table")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra engine option, e.g. max_num_seqs=256 (repeatable)")
+    p.add_argument("--json", type=Path, help="write peaks, totals, tables and per-step records here")
+    args = p.parse_args(argv)
+    if args.num_requests < 1 or args.bucket < 1:
+        p.error("--num-requests and --bucket must be >= 1")
+    return args
+
+
+def summarize(steps: list[dict]) -> dict:
+    keys = ("flops", "gemm_flops", "attention_flops", "weight_bytes", "kv_read_bytes", "kv_write_bytes",
+            "compute_s", "memory_s", "roofline_s", "seconds", "tokens")
+    out = {k: sum(s[k] for s in steps) for k in keys}
+    out["steps"] = len(steps)
+    out["fraction_of_roofline"] = out["roofline_s"] / out["seconds"] if out["seconds"] else None
+    out["achieved_gflops"] = out["flops"] / out["seconds"] / 1e9 if out["seconds"] else None
+    return out
+
+
+def table(title: str, groups: dict[str, dict]) -> str:
+    lines = [f"\n{title}", "| steps | count | tokens | GFLOP | weight+KV GB | compute-bound s | memory-bound s | "
+             "roofline s | measured s | achieved GFLOP/s | fraction |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, g in groups.items():
+        gb = (g["weight_bytes"] + g["kv_read_bytes"] + g["kv_write_bytes"]) / 1e9
+        lines.append(f"| {name} | {g['steps']} | {g['tokens']} | {g['flops'] / 1e9:,.0f} | {gb:,.1f} | "
+                     f"{g['compute_s']:.1f} | {g['memory_s']:.1f} | {g['roofline_s']:.1f} | {g['seconds']:.1f} | "
+                     f"{g['achieved_gflops']:.1f} | {g['fraction_of_roofline']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from fuselm.bench.report import machine_info, write_json
+    from fuselm.bench.roofline import ModelShape, Row, measure_peaks, roofline_seconds, step_cost
+    from fuselm.bench.throughput import run_throughput
+    from fuselm.bench.workloads import Request, load_text, make_workload
+    from fuselm.llm import LLM
+
+    llm = LLM(dtype=args.dtype, quantization="none", **engine_options(args.engine_option))
+    engine, runner = llm.engine, llm.engine.runner
+    shape = ModelShape.from_config(runner.model_config)
+    weight_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    kv_bytes = torch.empty((), dtype=runner.kv_dtype).element_size()
+    block_bytes = runner.block_size * shape.kv_heads * shape.head_dim * kv_bytes  # one K block of one layer
+    print(f"measuring the machine's peaks ({torch.get_num_threads()} threads) ...", file=sys.stderr, flush=True)
+    peaks = measure_peaks(block_bytes)
+    print("peaks: " + ", ".join(f"{k} {v:,.1f}" for k, v in peaks.items()), file=sys.stderr)
+
+    text_ids = llm.get_tokenizer().encode(load_text(), add_special_tokens=False)
+    requests = make_workload(args.workload, text_ids, args.num_requests, args.seed)
+    run_throughput(llm, [Request(requests[0].prompt[:16], 4)], warmup=False)  # untimed warm-up
+    steps: list[dict] = []
+    schedule, step = engine.scheduler.schedule, engine.step
+
+    def recording_schedule():
+        out = schedule()
+        if not out.is_empty:
+            rows = [Row(r.num_computed_tokens, r.num_new_tokens, r.needs_sample) for r in out.scheduled]
+            steps.append({"rows": rows, "kind": "prompt" if any(r.new > 1 for r in rows) else "decode"})
+        return out
+
+    def timed_step():
+        before = len(steps)
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            if len(steps) > before:
+                steps[-1]["seconds"] = time.perf_counter() - t
+
+    engine.scheduler.schedule, engine.step = recording_schedule, timed_step
+    result = run_throughput(llm, requests, warmup=False)
+    for s in steps:
+        s.update(step_cost(shape, s["rows"], weight_bytes, kv_bytes))
+        s.update(roofline_seconds(s, peaks))
+        s["decode_rows"] = len(s["rows"])
+    elapsed = result["elapsed_s"]
+    total = summarize(steps)
+    whole_run = {"elapsed_s": elapsed, "roofline_s": total["roofline_s"],
+                 "fraction_of_roofline": total["roofline_s"] / elapsed,
+                 "output_throughput": result["output_throughput"]}
+    by_kind = {k: summarize([s for s in steps if s["kind"] == k]) for k in ("prompt", "decode")}
+    buckets: dict[str, list] = collections.defaultdict(list)
+    for s in steps:
+        if s["kind"] == "decode":
+            lo = (s["decode_rows"] - 1) // args.bucket * args.bucket + 1
+            buckets[f"decode, {lo}-{lo + args.bucket - 1} rows"].append(s)
+    by_batch = {k: summarize(v) for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split()[1].split("-")[0]))}
+
+    print(f"{args.num_requests} {args.workload} requests, {args.dtype}: {elapsed:.1f} s, "
+          f"{result['output_throughput']:.1f} output tok/s, {len(steps)} steps")
+    print(f"peaks: FMA {peaks['fma_gflops']:.1f} GFLOP/s (torch.mm {peaks['torch_mm_gflops']:.1f}"
+          + (f", fuselm C GEMM {peaks['fuselm_gemm_gflops']:.1f}" if "fuselm_gemm_gflops" in peaks else "")
+          + f"), stream {peaks['stream_gbps']:.1f} GB/s, scattered reads of {peaks['scattered_block_bytes']} B blocks "
+          f"{peaks['scattered_gbps']:.1f} GB/s")
+    print(table("By step kind", {**by_kind, "all steps": total}))
+    print(table("Decode steps by batch size", by_batch))
+    print(f"\nFraction of the roofline over the whole run: {whole_run['fraction_of_roofline']:.0%} "
+          f"(roofline {total['roofline_s']:.1f} s of {elapsed:.1f} s; the steps themselves took {total['seconds']:.1f} s)")
+    if args.json:
+        for s in steps:
+            s["rows"] = [[r.cached, r.new, int(r.samples)] for r in s["rows"]]
+        path = write_json({"benchmark": "roofline", "machine": machine_info(), "workload": {
+            "name": args.workload, "num_requests": args.num_requests, "seed": args.seed}, "dtype": args.dtype,
+            "kv_dtype": str(runner.kv_dtype).removeprefix("torch."), "model_shape": shape.__dict__, "peaks": peaks,
+            "whole_run": whole_run, "by_kind": by_kind, "all_steps": total, "decode_by_batch": by_batch,
+            "steps": steps}, args.json)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

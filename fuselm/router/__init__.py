@@ -1,0 +1,1 @@
+"""The router: one OpenAI-compatible endpoint over many fuselm instances (replicas, or prefill and decode)."""

@@ -1,0 +1,337 @@
+"""Kernel choice by measurement: which linear method each projection role takes, and whether the
+layers run as C calls, decided by timing the candidates on the machine that runs them.
+
+Fixed rules tuned on one CPU lose on others: fuselm's fp32 GEMM beats oneDNN by 1.2-2.8x at
+decode sizes on an AVX2 EPYC, while on CPUs where oneDNN has AVX-512 or AMX kernels the order can
+change, and where the C layer step pays depends on how slow the eager path is there. So at engine
+start, on CPU with the C kernels, the execution plan (execution_plan.py) asks this module:
+
+- per projection role (qkv, o, gate_up, down, lm_head) of a float weight, every method that
+  applies (`fuselm-fp32-gemm`, `onednn` / `onednn+c1row`, `torch` F.linear) is timed on the
+  role's first weight at the row counts the scheduler produces: 1 row, a decode batch
+  (max_num_seqs, at most the token budget) and a prompt chunk (max_num_batched_tokens, timed at
+  up to PREFILL_ROWS_CAP rows); the LM head only at 1 row and the decode batch (only sampling rows
+  reach it). Rounds interleave the candidates and keep each one's best time, so a noisy
+  neighbour slows every candidate alike. A role takes the candidate with the smallest sum, over
+  row counts, of its time relative to the fastest there; the rules' choice keeps the role unless
+  another beats it by MARGIN. Where the C layers can run (a float32 Llama-family model), q/k/v, o,
+  gate/up and down keep fuselm's layout untimed: it is the only one the C layers read, and what
+  they save (the eager layer's ~25 ops) is timed by the next point instead;
+- the C layer step against the per-layer torch path, by timing whole synthetic steps through the
+  runner (`choose_layer_step`): a decode step of the decode batch, and a prompt-chunk step.
+
+One method per role (not per row count) keeps one copy of each weight. Results are cached in
+~/.cache/fuselm/kernel_choice/ under a hash of everything they depend on (CPU model, the kernels'
+ISA variant and build key, torch version, thread count, dtype, shapes, row counts, candidates), so
+a later start reads them instead of timing. FUSELM_KERNEL_CHOICE overrides: `rules` takes the fixed
+rules with no timing; `role=kind,...` (roles qkv, o, gate_up, down, lm_head, and `layers` = c or
+torch) forces those choices and takes the rules for the rest, also without timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("fuselm")
+
+CHOICE_ENV = "FUSELM_KERNEL_CHOICE"
+ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
+LAYER_ROLES = ROLES[:4]  # the projections the C layers read
+LAYER_STEP_KINDS = ("c", "torch")
+PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
+LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms a row count: the decode step is timed at up to 64 rows
+ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); the best time counts
+ROUND_BUDGET_S = 1.0  # rounds are cut (to one at least) where they would take longer per row count
+MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
+SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
+
+
+@dataclass
+class Override:
+    """FUSELM_KERNEL_CHOICE, parsed: `rules` (no timing), forced kinds per role (and for `layers`), or
+    None (measure)."""
+
+    forced: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def from_env() -> "Override | None":
+        text = os.environ.get(CHOICE_ENV, "").strip()
+        if text in ("", "measure"):
+            return None
+        if text == "rules":
+            return Override()
+        forced = {}
+        for item in text.split(","):
+            role, sep, kind = item.strip().partition("=")
+            if not sep or role not in (*ROLES, "layers") or not kind:
+                raise ValueError(f"{CHOICE_ENV}={text!r}: expected 'measure', 'rules' or role=kind pairs "
+                                 f"(roles {', '.join(ROLES)}, layers), e.g. qkv=onednn,layers=torch")
+            if role == "layers" and kind not in LAYER_STEP_KINDS:
+                raise ValueError(f"{CHOICE_ENV}: layers={kind!r}; choose one of {', '.join(LAYER_STEP_KINDS)}")
+            forced[role] = kind
+        return Override(forced)
+
+
+@dataclass
+class Timings:
+    """One measured choice: seconds per candidate at each row count, and the winner."""
+
+    rows: tuple[int, ...]
+    seconds: dict[str, list[float]]
+    chosen: str
+    cache_hit: bool = False
+    spent: float = 0.0  # seconds the measurement took (0 from the cache)
+    busy: bool = False  # measured on a busy machine: shown, not trusted, not stored
+
+    def describe(self) -> str:
+        if not self.seconds:
+            return f"not timed (machine busy), {self.chosen}"
+        ranked = sorted(self.seconds, key=lambda kind: _score(self.seconds, kind))
+        return " < ".join(f"{kind} {'/'.join(_fmt(s) for s in self.seconds[kind])}" for kind in ranked)
+
+
+def _fmt(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.0f}us" if us < 10_000 else f"{us / 1000:.1f}ms"
+
+
+def _score(seconds: dict[str, list[float]], kind: str) -> float:
+    best = [min(times[i] for times in seconds.values()) for i in range(len(seconds[kind]))]
+    return sum(t / b for t, b in zip(seconds[kind], best))
+
+
+def pick(seconds: dict[str, list[float]], default: str) -> str:
+    """The candidate with the smallest sum of time relative to the fastest at each row count; the
+    default keeps its place unless another scores at least MARGIN lower."""
+    if not seconds:
+        return default
+    best = min(seconds, key=lambda kind: _score(seconds, kind))
+    if default in seconds and _score(seconds, best) >= _score(seconds, default) * (1 - MARGIN):
+        return default
+    return best
+
+
+def row_counts(role: str, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, ...]:
+    """The row counts a role's projection sees: 1, a decode batch, a prompt chunk (not for the LM head)."""
+    decode = min(max_num_seqs, max_num_batched_tokens)
+    counts = {1, decode}
+    if role != "lm_head":
+        counts.add(min(max_num_batched_tokens, PREFILL_ROWS_CAP))
+    return tuple(sorted(counts))
+
+
+def environment_key(kernels, threads: int | None = None) -> dict:
+    """What every measurement depends on besides its shapes."""
+    from fuselm.kernels.build import cpu_model_name
+
+    return {"schema": SCHEMA, "cpu": cpu_model_name(), "isa": getattr(kernels, "isa", None),
+            "build": getattr(kernels, "build_key", None), "torch": torch.__version__,
+            "threads": threads or torch.get_num_threads()}
+
+
+def cache_path(key: dict) -> Path:
+    root = os.environ.get("FUSELM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fuselm")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(root) / "kernel_choice" / f"{digest}.json"
+
+
+def machine_busy() -> bool:
+    """Whether other work competes for the cores: the 1-minute load average (which counts this
+    process too) above 1.5 x the CPUs. Timings taken then measure the contention (a multi-threaded
+    kernel waits a scheduler slice for its descheduled thread), not the kernels."""
+    try:
+        return os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], rows: tuple[int, ...],
+                   default: str) -> Timings:
+    """The timings stored under `key`, else measured now and stored; the choice is made from them.
+    Timings taken on a busy machine are shown but neither trusted (the default is kept) nor stored."""
+    path = cache_path(key)
+    try:
+        record = json.loads(path.read_text())
+        if record.get("key") == key:
+            return Timings(rows, record["seconds"], pick(record["seconds"], default), cache_hit=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if machine_busy():  # timings now would measure the neighbours: not worth the start-up time
+        return Timings(rows, {}, default, busy=True)
+    start = time.perf_counter()
+    seconds = measure()
+    spent = time.perf_counter() - start
+    if machine_busy():
+        return Timings(rows, seconds, default, spent=spent, busy=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "seconds": seconds}, indent=1))
+        os.replace(tmp, path)  # atomic: engines starting together never read half a record
+    except OSError as exc:
+        logger.warning("could not store the kernel choice in %s: %s", path, exc)
+    return Timings(rows, seconds, pick(seconds, default), spent=spent)
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
+                     budget_s: float = ROUND_BUDGET_S) -> dict[str, float]:
+    """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up
+    call; fewer rounds (at least one) where the warm-up calls say they would take over budget_s."""
+    best = {}
+    for kind, fn in calls.items():
+        start = time.perf_counter()
+        fn()
+        best[kind] = time.perf_counter() - start
+    per_round = sum(best.values())
+    for _ in range(max(1, min(rounds, int(budget_s / max(per_round, 1e-9))))):
+        for kind, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[kind] = min(best[kind], time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def measure_linear(candidates: dict[str, Callable[[], torch.nn.Module]], in_features: int, dtype: torch.dtype,
+                   rows: tuple[int, ...]) -> dict[str, list[float]]:
+    """Seconds per call of each candidate method at each row count, on random activations."""
+    methods = {kind: build() for kind, build in candidates.items()}
+    seconds: dict[str, list[float]] = {kind: [] for kind in methods}
+    g = torch.Generator().manual_seed(0)
+    for m in rows:
+        x = torch.randn(m, in_features, generator=g).to(dtype)
+        best = time_interleaved({kind: (lambda method=method: method(x)) for kind, method in methods.items()})
+        for kind, s in best.items():
+            seconds[kind].append(s)
+    return seconds
+
+
+def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]]], kernels, override: Override | None,
+                        max_num_seqs: int, max_num_batched_tokens: int,
+                        pinned: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, Timings]]:
+    """The method kind per role from its candidates (the first is the rules' choice): forced, the
+    rules' (for `pinned` roles, untimed), or measured. `roles`: role -> (its first weight,
+    candidate kind -> builder)."""
+    chosen: dict[str, str] = {}
+    timings: dict[str, Timings] = {}
+    env = environment_key(kernels)
+    for role, (weight, candidates) in roles.items():
+        default = next(iter(candidates))
+        if override is not None:
+            kind = override.forced.get(role, default)
+            if kind not in candidates:
+                raise ValueError(f"{CHOICE_ENV}: {role}={kind} does not apply to this {role} weight "
+                                 f"({str(weight.dtype).removeprefix('torch.')}); choose one of {', '.join(candidates)}")
+            chosen[role] = kind
+            continue
+        if len(candidates) == 1 or role in pinned:
+            chosen[role] = default
+            continue
+        rows = row_counts(role, max_num_seqs, max_num_batched_tokens)
+        key = {**env, "what": "linear", "role": role, "shape": list(weight.shape), "dtype": str(weight.dtype),
+               "rows": list(rows), "candidates": list(candidates)}
+        t = cached_timings(key, lambda: measure_linear(candidates, weight.shape[1], weight.dtype, rows), rows, default)
+        timings[role] = t
+        chosen[role] = t.chosen
+    return chosen, timings
+
+
+def _synthetic_step(runner, tokens_per_row: list[int], context: int):
+    """A SchedulerOutput of rows with `tokens_per_row` new tokens each after `context` cached ones,
+    on blocks 0, 1, ... (the pool hands none out before the engine starts)."""
+    from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
+    from fuselm.sampling_params import SamplingParams
+
+    bs = runner.block_size
+    params = SamplingParams(max_tokens=1)
+    rows, next_block = [], 0
+    for i, n in enumerate(tokens_per_row):
+        blocks = -(-(context + n) // bs)
+        rows.append(ScheduledRequest(seq_id=i, request_id=str(i), num_computed_tokens=context, token_ids=(1,) * n,
+                                     block_ids=tuple(range(next_block, next_block + blocks)), needs_sample=True,
+                                     params=params, num_prompt_tokens=context + n))
+        next_block += blocks
+    return SchedulerOutput(tuple(rows), sum(tokens_per_row), ()), next_block
+
+
+@torch.inference_mode()
+def measure_layer_step(runner, steps: dict[str, object]) -> dict[str, list[float]]:
+    """Seconds of the model's forward over each synthetic step, with the C layers and without."""
+    model = runner.model
+    c_layers = model.c_layers
+    seconds: dict[str, list[float]] = {"c": [], "torch": []}
+
+    def forward(out, with_c):
+        model.c_layers = c_layers if with_c else None
+        runner._forward(out)
+
+    try:
+        for out in steps.values():
+            best = time_interleaved({"c": lambda: forward(out, True), "torch": lambda: forward(out, False)},
+                                    rounds=2, budget_s=2 * ROUND_BUDGET_S)
+            for kind, s in best.items():
+                seconds[kind].append(s)
+    finally:
+        model.c_layers = c_layers
+    return seconds
+
+
+def choose_layer_step(runner, override: Override | None) -> Timings | None:
+    """Keep or drop the plan's C layer step (runner.model.c_layers) by timing a decode step of the
+    decode batch and, where the C halves take it, a prompt-chunk step, against the torch layers.
+    None when nothing was measured (no C layers, or an override)."""
+    model, plan, cfg = runner.model, runner.plan, runner.config
+    c_layers = model.c_layers
+    if c_layers is None:
+        return None
+    if override is not None:
+        if override.forced.get("layers") == "torch":
+            model.c_layers = None
+            plan.layers = "torch"
+            plan.reasons.append(f"torch layers: forced by {CHOICE_ENV}")
+        return None
+    bs = runner.block_size
+    decode = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens, runner.num_blocks, LAYER_STEP_ROWS_CAP))
+    chunk = min(cfg.max_num_batched_tokens, PREFILL_ROWS_CAP, runner.num_blocks * bs)
+    steps = {"decode": _synthetic_step(runner, [1] * decode, bs - 1)}
+    if chunk > 16 and c_layers.takes_prompt_step(chunk):
+        steps["prefill"] = _synthetic_step(runner, [chunk], 0)
+    rows = tuple(s[0].num_batched_tokens for s in steps.values())
+    mc = runner.model_config
+    key = {**environment_key(plan.attention_kernels), "what": "layers", "rows": list(rows),
+           "block_size": bs, "kv": str(runner.kv_dtype), "linear": plan.linear,
+           "dims": [mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
+                    mc.intermediate_size, mc.num_hidden_layers]}
+
+    def measure():
+        used = max(n for _, n in steps.values())
+        for layer in model.layers:  # the synthetic steps read these blocks: zeros, not stale memory
+            layer.self_attn.k_cache[:used].zero_()
+            layer.self_attn.v_cache[:used].zero_()
+        return measure_layer_step(runner, {name: out for name, (out, _) in steps.items()})
+
+    timings = cached_timings(key, measure, rows, "c")
+    if timings.busy:
+        timings.chosen = "c"
+        return timings
+    decode_c, decode_torch = timings.seconds["c"][0], timings.seconds["torch"][0]
+    if decode_torch < decode_c * (1 - MARGIN):
+        model.c_layers = None
+        plan.layers = "torch"
+        timings.chosen = "torch"
+    elif "prefill" in steps and timings.seconds["torch"][1] < timings.seconds["c"][1] * (1 - MARGIN):
+        c_layers.max_prompt_step_tokens = 0  # decode steps in one C call, prompt chunks through torch layers
+        plan.layers = "c-decode"
+        timings.chosen = "c-decode"
+    else:
+        timings.chosen = "c"
+    return timings

@@ -1,0 +1,94 @@
+"""Shared-prefix attention on and off give the same greedy tokens and float32 logits within 1e-5: groups
+of 1..64 sequences sharing a cached prefix mixed with sequences sharing nothing, n > 1, preemption and
+speculative rows, on the C kernel path (the one-call C decode step) and on the portable torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from fuselm import LLM, SamplingParams
+
+
+def run(path: str, prompts, params: SamplingParams, cascade: bool, warm: list | None = None, **options):
+    """(token ids per output, every step's logits, KV token reads saved, preemptions) of one engine."""
+    llm = LLM(path, dtype="float32", device="cpu", enable_cascade_attention=cascade, **options)
+    runner = llm.engine.runner
+    if warm:  # compute the shared prefixes once, so the batch finds them in the prefix cache
+        llm.generate(warm, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    logits = []
+    compute = runner.model.compute_logits
+
+    def recording(hidden):
+        out = compute(hidden)
+        logits.append(out.detach().clone())
+        return out
+
+    runner.model.compute_logits = recording
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.kv.num_free_blocks == runner.num_blocks  # every block back in the pool
+    return ([c.token_ids for o in outs for c in o.outputs], logits, runner.cascade_kv_tokens_saved,
+            llm.engine.scheduler.num_preemptions)
+
+
+def assert_same(on, off) -> None:
+    assert on[0] == off[0]
+    assert len(on[1]) == len(off[1])
+    for a, b in zip(on[1], off[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert on[2] > 0 and off[2] == 0
+
+
+def shared_prefix_batch(sizes: list[int], prefix_blocks: int, loners: int, seed: int):
+    """Groups of `sizes` prompts, each group with its own prefix of `prefix_blocks` 16-token blocks plus
+    a few tokens, each prompt with its own tail; and `loners` unrelated prompts."""
+    prefixes = random_prompts([16 * prefix_blocks + 3] * len(sizes), seed=seed)
+    prompts = []
+    for g, size in enumerate(sizes):
+        for tail in random_prompts([1 + (i * 7) % 23 for i in range(size)], seed=seed + 100 + g):
+            prompts.append(prefixes[g] + tail)
+    prompts += random_prompts([5 + 11 * i for i in range(loners)], seed=seed + 1)
+    return prompts, prefixes
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_groups_with_loners_match(tiny_llama, cpu_kernels):
+    prompts, prefixes = shared_prefix_batch([1, 2, 7, 20], prefix_blocks=5, loners=3, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = [run(tiny_llama[0], prompts, params, cascade, warm=prefixes, cpu_kernels=cpu_kernels)
+               for cascade in (True, False)]
+    assert_same(*results)
+
+
+def test_sixty_four_rows_sharing_a_long_prefix(tiny_llama):
+    prompts, prefixes = shared_prefix_batch([64], prefix_blocks=12, loners=2, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert_same(*(run(tiny_llama[0], prompts, params, cascade, warm=prefixes) for cascade in (True, False)))
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_n_samples_and_preemption(tiny_llama, cpu_kernels):
+    """n > 1 shares the prompt's blocks by reference; a pool too small for all forces preemption."""
+    prompts = random_prompts([70, 45, 90], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=20, n=6, ignore_eos=True)
+    probe = LLM(tiny_llama[0], dtype="float32", device="cpu")
+    small = 40 * probe.engine.runner.bytes_per_block  # 640 tokens for 18 sequences of ~90-110
+    results = [run(tiny_llama[0], prompts, params, cascade, cpu_kernels=cpu_kernels, kv_cache_memory_bytes=small,
+                   max_num_batched_tokens=64) for cascade in (True, False)]
+    assert_same(*results)
+    assert results[0][3] > 0 and results[1][3] > 0
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_speculative_rows(tiny_llama, cpu_kernels):
+    """ngram guesses make several query rows per sequence; they share the sequence's blocks too."""
+    base = random_prompts([40], seed=4)[0]
+    prefix = (base * 3)[:16 * 4 + 2]  # repetitive text: the ngram proposer finds guesses
+    prompts = [prefix + base[i:i + 9] for i in range(0, 24, 3)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}
+    results = [run(tiny_llama[0], prompts, params, cascade, warm=[prefix], cpu_kernels=cpu_kernels,
+                   speculative_config=spec) for cascade in (True, False)]
+    assert results[0][0] == results[1][0]
+    assert results[0][2] > 0 and results[1][2] == 0

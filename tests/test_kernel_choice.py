@@ -1,0 +1,172 @@
+"""The kernel choice by measurement (fuselm/runner/kernel_choice.py): every candidate a role can take
+matches the float64 reference, the cache key follows the CPU and the shapes, a cached result is
+read back instead of timing again, busy-machine timings are not trusted, and FUSELM_KERNEL_CHOICE
+forces choices that an engine honours (its greedy output equal to the portable torch path's)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from fuselm import LLM, SamplingParams
+from fuselm.kernels import build
+from fuselm.kernels.cpu import get_kernels
+from fuselm.kernels.onednn import onednn_available
+from fuselm.layers.linear import TorchLinear
+from fuselm.runner import kernel_choice
+from fuselm.runner.execution_plan import linear_candidates
+from fuselm.runner.kernel_choice import CHOICE_ENV, Override, cache_path, choose_linear_kinds, environment_key
+
+kernels = get_kernels()
+
+
+def _linear(n, k, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    module = TorchLinear(k, n, bias=bias)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(n, k, generator=g))
+        if bias:
+            module.bias.copy_(torch.randn(n, generator=g))
+    return module.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("role", ["qkv", "lm_head"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_candidate_matches_float64(dtype, role, bias):
+    module = _linear(80, 64, dtype, bias, seed=3)
+    candidates = linear_candidates(module, kernels, onednn_available(), role)
+    assert next(reversed(candidates)) == "torch"  # F.linear is always a candidate, and the last resort
+    if kernels is not None and kernels.has_simd_dense and dtype == torch.float32:
+        assert next(iter(candidates)) == "fuselm-fp32-gemm"
+    w = module.weight.double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for kind, make in candidates.items():
+        method = make()
+        assert method.kind == kind
+        for m in (1, 5, 70):
+            x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).to(dtype)
+            want = x.double() @ w.T + (module.bias.double() if bias else 0)
+            got = method(x).double()
+            scale = (x.double().abs() @ w.abs().T).max().item() + 1
+            assert (got - want).abs().max().item() <= tol * scale, (kind, m)
+
+
+def test_cache_key_follows_cpu_model_and_shapes(monkeypatch):
+    key = {**environment_key(kernels), "role": "qkv", "shape": [960, 576]}
+    assert cache_path(key) == cache_path(dict(key))
+    assert cache_path({**key, "shape": [1152, 576]}) != cache_path(key)
+    assert cache_path({**key, "threads": key["threads"] + 1}) != cache_path(key)
+    monkeypatch.setattr(build, "cpu_model_name", lambda: "Another CPU")
+    other = {**environment_key(kernels), "role": "qkv", "shape": [960, 576]}
+    assert other["cpu"] == "Another CPU" and cache_path(other) != cache_path(key)
+
+
+def _roles():
+    return {"qkv": (torch.empty(4, 8), {"slow-default": None, "fast": None, "torch": None})}
+
+
+def test_measured_choice_is_cached_and_busy_timings_are_not_trusted(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_measure(candidates, in_features, dtype, rows):
+        calls.append(rows)
+        return {"slow-default": [2.0] * len(rows), "fast": [1.0] * len(rows), "torch": [1.9] * len(rows)}
+
+    monkeypatch.setattr(kernel_choice, "measure_linear", fake_measure)
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: True)  # busy already: nothing is timed
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == []
+    busy = iter([False, True])  # busy while timing: shown, neither trusted nor stored
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: next(busy))
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "slow-default"} and timings["qkv"].busy and calls == [(1, 32, 256)]
+    assert "fast" in timings["qkv"].describe()
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "fast"} and not timings["qkv"].cache_hit and len(calls) == 2
+    chosen, timings = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=32, max_num_batched_tokens=512)
+    assert chosen == {"qkv": "fast"} and timings["qkv"].cache_hit and len(calls) == 2  # read back, not timed
+    chosen, _ = choose_linear_kinds(_roles(), kernels, None, max_num_seqs=8, max_num_batched_tokens=512)
+    assert len(calls) == 3  # other row counts: another key
+
+
+def test_rounds_are_cut_to_the_budget():
+    calls = []
+    kernel_choice.time_interleaved({"slow": lambda: (calls.append(1), time.sleep(0.05))},
+                                   rounds=10, budget_s=0.12)
+    assert 2 <= len(calls) <= 4  # the warm-up and two rounds, not ten
+
+
+def test_default_keeps_its_place_within_the_margin():
+    assert kernel_choice.pick({"rule": [1.0, 1.0], "other": [0.97, 0.97]}, "rule") == "rule"
+    assert kernel_choice.pick({"rule": [1.0, 1.0], "other": [0.5, 0.9]}, "rule") == "other"
+
+
+def test_bad_override_is_a_clear_error(monkeypatch):
+    for text in ("qkv", "nonsense=onednn", "layers=fast"):
+        monkeypatch.setenv(CHOICE_ENV, text)
+        with pytest.raises(ValueError, match=CHOICE_ENV):
+            Override.from_env()
+    monkeypatch.setenv(CHOICE_ENV, "qkv=fuselm-fp32-gemm")
+    with pytest.raises(ValueError, match="does not apply"):
+        choose_linear_kinds({"qkv": (torch.empty(4, 8, dtype=torch.bfloat16), {"onednn": None, "torch": None})},
+                            kernels, Override.from_env(), 8, 64)
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_simd_dense or not onednn_available(),
+                    reason="needs the C kernels with the fp32 GEMM, and oneDNN")
+def test_forced_choice_is_honoured_by_the_engine(tiny_model_factory, monkeypatch):
+    path, _ = tiny_model_factory("llama_untied")
+    prompts = random_prompts([3, 17, 40], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    monkeypatch.setenv(CHOICE_ENV, "qkv=onednn,o=torch,lm_head=onednn,layers=torch")
+    forced = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_batched_tokens=32)
+    plan = forced.engine.runner.plan
+    assert plan.linear == {"qkv": "onednn", "o": "torch", "gate_up": "fuselm-fp32-gemm", "down": "fuselm-fp32-gemm",
+                           "lm_head": "onednn"}
+    assert plan.layers == "torch" and forced.engine.runner.model.c_layers is None
+    plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
+    for a, b in zip(forced.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_simd_dense, reason="needs the C kernels with the fp32 GEMM")
+def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, tmp_path):
+    """With measurement on, whatever it picks computes what the torch path does, and the plan line
+    names the timings; a second engine reads them from the cache."""
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    path, _ = tiny_model_factory("qwen2_bias")
+    prompts = random_prompts([3, 20], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    measured = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
+    plan = measured.engine.runner.plan
+    # the C layers read only fuselm's layout: the layer roles keep it, and the C layer step is timed instead
+    assert set(plan.measured) == {"lm_head", "layers"} and "measured" in plan.summary()
+    assert all(plan.linear[role] == "fuselm-fp32-gemm" for role in ("qkv", "o", "gate_up", "down"))
+    assert not any(t.cache_hit for t in plan.measured.values())
+    plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
+    for a, b in zip(measured.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    again = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
+    assert all(t.cache_hit for t in again.engine.runner.plan.measured.values())
+    assert again.engine.runner.plan.linear == plan.linear and again.engine.runner.plan.layers == plan.layers
+
+
+@pytest.mark.skipif(kernels is None or not onednn_available(), reason="needs the C kernels and oneDNN")
+def test_every_role_is_timed_where_the_c_layers_cannot_run(tiny_model_factory, monkeypatch, tmp_path):
+    """bfloat16 activations: no C layers, so each projection role is timed on its own."""
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    path, _ = tiny_model_factory("llama_untied")
+    llm = LLM(path, dtype="bfloat16", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
+    plan = llm.engine.runner.plan
+    assert set(plan.measured) == {"qkv", "o", "gate_up", "down", "lm_head"} and plan.layers == "torch"
+    assert all(plan.linear[role] == plan.measured[role].chosen for role in plan.measured)

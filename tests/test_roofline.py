@@ -1,0 +1,63 @@
+"""The roofline arithmetic: FLOP and byte counts of a step against hand-computed values for a tiny config,
+against torch's FLOP counter on the HF model, and the roofline time against its definition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuselm.bench.roofline import ModelShape, Row, roofline_seconds, step_cost
+
+# hidden 64, intermediate 160, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocab 384
+TINY = ModelShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=384)
+ROWS = [Row(cached=0, new=5, samples=True),   # a whole 5-token prompt
+        Row(cached=10, new=1, samples=True),  # a decode
+        Row(cached=3, new=2, samples=False)]  # a prompt chunk that does not reach its end
+
+
+def test_counts_by_hand():
+    # one layer: q 64*64 + k,v 2*64*32 + o 64*64 + gate,up,down 3*64*160 = 4096 + 4096 + 4096 + 30720
+    assert TINY.layer_weights == 43_008 and TINY.lm_head_weights == 384 * 64
+    c = step_cost(TINY, ROWS, weight_bytes=4, kv_bytes=2)
+    assert c["tokens"] == 8 and c["sampled_rows"] == 2
+    assert c["gemm_flops"] == 2 * 8 * 2 * 43_008 + 2 * 2 * 24_576 == 1_474_560
+    # positions attended: 1+2+3+4+5 = 15, 11, 4+5 = 9 -> 35; 4 FLOPs x 4 heads x 16 dims each, 2 layers
+    assert c["attention_flops"] == 4 * 4 * 16 * 35 * 2 == 17_920
+    assert c["flops"] == 1_474_560 + 17_920
+    assert c["weight_bytes"] == (2 * 43_008 + 24_576) * 4 == 442_368
+    # K and V of 2 heads x 16 dims x 2 bytes x 2 layers = 256 B per token; contexts 5 + 11 + 5 = 21 tokens
+    assert c["kv_read_bytes"] == 21 * 256 == 5_376 and c["kv_write_bytes"] == 8 * 256
+    no_sample = step_cost(TINY, [Row(3, 2, False)], 4, 2)
+    assert no_sample["weight_bytes"] == 2 * 43_008 * 4  # no row samples: the LM head is not read
+
+
+def test_roofline_time_is_the_larger_bound():
+    cost = {"flops": 2e9, "weight_bytes": 1e9, "kv_write_bytes": 0.0, "kv_read_bytes": 0.5e9}
+    peaks = {"fma_gflops": 100.0, "stream_gbps": 10.0, "scattered_gbps": 5.0}
+    r = roofline_seconds(cost, peaks)
+    assert r["compute_s"] == pytest.approx(0.02) and r["memory_s"] == pytest.approx(0.1 + 0.1)
+    assert r["roofline_s"] == r["memory_s"]
+    r = roofline_seconds({**cost, "flops": 1e11}, peaks)
+    assert r["roofline_s"] == r["compute_s"] == pytest.approx(1.0)
+
+
+def test_gemm_flops_match_torch_flop_counter_on_the_hf_model(tiny_llama):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fuselm.config import ModelConfig
+
+    path, hf = tiny_llama
+    shape = ModelShape.from_config(ModelConfig.from_hf_dict(json.loads((Path(path) / "config.json").read_text())))
+    linears = sum(m.weight.numel() for name, m in hf.named_modules()
+                  if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert shape.layers * shape.layer_weights == linears
+    assert shape.lm_head_weights == hf.lm_head.weight.numel()
+    ids = torch.arange(5, 12).unsqueeze(0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        hf(ids, logits_to_keep=1)  # logits of the last position only, as when a whole prompt samples once
+    counts = counter.get_flop_counts()["Global"]
+    matmul = sum(v for op, v in counts.items() if "mm" in str(op) and "bmm" not in str(op))
+    assert step_cost(shape, [Row(0, 7, True)], 4, 4)["gemm_flops"] == matmul
