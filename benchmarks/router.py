@@ -10,8 +10,9 @@
   (one core each) behind the router: p99 TTFT, p99 TPOT and goodput under --slo. The prefill and
   decode costs and the decode instance's KV transfer totals are recorded for docs/router.md's model.
 
-    .venv/bin/python benchmarks/router.py replicas                  # ~3 minutes on a 2-vCPU machine
+    .venv/bin/python benchmarks/router.py replicas                  # ~2-3 minutes on a quiet 2-vCPU machine
     .venv/bin/python benchmarks/router.py disagg                    # ~4 minutes
+    .venv/bin/python benchmarks/router.py transfer --input-len 2048 # the KV transports alone, ~1 minute
     .venv/bin/python benchmarks/router.py replicas --num-requests 16 --prefix-len 256   # a quick check
 
 Results: benchmarks/results/router-<mode>-<cpu>.json, and a table on stdout.
@@ -26,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,7 +163,43 @@ def run_disagg(args, log_dir: Path) -> list[dict]:
     return rows
 
 
+def run_transfer(args, log_dir: Path) -> list[dict]:
+    """The transport alone: prompts the prefill instance already caches (so it only recomputes their last
+    token) moved to a decode instance over shared memory, then over the HTTP stream."""
+    import random
+
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(1000, 20000) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    rows = []
+    with Processes(log_dir) as procs:
+        prefill = procs.start("transfer-prefill", args.cores.split(",")[0],
+                              serve_args(args, 1, ["--disaggregation-mode", "prefill"]))
+        decodes = {t: procs.start(f"transfer-decode-{t}", args.cores.split(",")[-1],
+                                  serve_args(args, 1, ["--disaggregation-mode", "decode", "--kv-transfer-transport", t]))
+                   for t in ("shm", "http")}
+        procs.wait_healthy([prefill, *decodes.values()])
+        body = {"model": "model", "max_tokens": 1}
+        for prompt in prompts:  # warm the prefill instance's prefix cache
+            httpx.post(prefill + "/v1/completions", json={**body, "prompt": prompt}, timeout=600).raise_for_status()
+        for transport, url in decodes.items():
+            for prompt in prompts:
+                httpx.post(url + "/v1/completions", json={**body, "prompt": prompt}, timeout=600,
+                           headers={"x-fuselm-prefill-url": prefill}).raise_for_status()
+            stats = scrape(url)
+            seconds, moved = stats["fuselm_kv_transfer_seconds"], stats["fuselm_kv_transfer_bytes"]
+            rows.append({"setup": f"transport {transport}", "transfers": stats["fuselm_kv_transfers"],
+                         "blocks": stats["fuselm_kv_transfer_blocks"], "bytes": moved, "seconds": seconds,
+                         "mb_per_s": moved / seconds / 1e6, "ms_per_block": 1000 * seconds / stats["fuselm_kv_transfer_blocks"],
+                         "fallbacks": stats["fuselm_kv_transfer_fallbacks"]})
+    return rows
+
+
 def table(rows: list[dict], goodput: bool) -> str:
+    if "mb_per_s" in rows[0]:
+        lines = ["| transport | transfers | blocks | MB | seconds | MB/s | ms per block |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['setup']} | {r['transfers']:.0f} | {r['blocks']:.0f} | {r['bytes'] / 1e6:.0f} | "
+                  f"{r['seconds']:.2f} | {r['mb_per_s']:.0f} | {r['ms_per_block']:.2f} |" for r in rows]
+        return "\n".join(lines)
     head = "| setup | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |" + (" goodput req/s |" if goodput else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -175,7 +213,7 @@ def table(rows: list[dict], goodput: bool) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["replicas", "disagg"])
+    p.add_argument("mode", choices=["replicas", "disagg", "transfer"])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--kv-shape", type=int, nargs=3, default=[30, 3, 64], metavar=("LAYERS", "KV_HEADS", "HEAD_DIM"),
                    help="the model's KV shape, to size --kv-cache-tokens in bytes (default: SmolLM2-135M)")
@@ -187,30 +225,33 @@ def main() -> int:
     p.add_argument("--request-rate", type=float, default=None)
     g = p.add_argument_group("replicas")
     g.add_argument("--policies", default="round_robin,prefix")
-    g.add_argument("--num-groups", type=int, default=6)
+    g.add_argument("--num-groups", type=int, default=4)
     g.add_argument("--prefix-len", type=int, default=512)
     g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="each instance's KV cache in tokens (replicas default: 5 group prefixes; disagg: unset)")
+                   help="each instance's KV cache in tokens (replicas default: the prefixes of num_groups/2 + 1 "
+                        "groups, more than prefix routing needs and fewer than round-robin does; disagg: unset)")
     g = p.add_argument_group("disagg")
     g.add_argument("--setups", default="colocated,replicas,disagg")
-    g.add_argument("--input-len", type=int, default=1024, help="prompts of input_len/2 .. input_len tokens")
+    g.add_argument("--input-len", type=int, default=512, help="prompts of input_len/2 .. input_len tokens")
     g.add_argument("--output-len", type=int, default=128, help="outputs of output_len/2 .. output_len tokens")
     g.add_argument("--slo-ttft-ms", type=float, default=4000)
     g.add_argument("--slo-tpot-ms", type=float, default=150)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.mode == "replicas":
-        args.num_requests = args.num_requests or 48
+        args.num_requests = args.num_requests or 32
         args.request_rate = args.request_rate or float("inf")
         args.max_concurrency = args.max_concurrency or 8
         if args.kv_cache_tokens is None:
-            args.kv_cache_tokens = 5 * args.prefix_len
-    else:
-        args.num_requests = args.num_requests or 24
+            args.kv_cache_tokens = (args.num_groups // 2 + 1) * args.prefix_len
+    elif args.mode == "disagg":
+        args.num_requests = args.num_requests or 16
         args.request_rate = args.request_rate or 0.4
-    log_dir = HERE / "results" / "router-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = run_replicas(args, log_dir) if args.mode == "replicas" else run_disagg(args, log_dir)
+    else:
+        args.num_requests = args.num_requests or 4
+    log_dir = Path(tempfile.mkdtemp(prefix="fuselm-router-bench-"))
+    print(f"instance logs in {log_dir}", file=sys.stderr)
+    rows = {"replicas": run_replicas, "disagg": run_disagg, "transfer": run_transfer}[args.mode](args, log_dir)
     from fuselm.bench.report import machine_info
 
     machine = machine_info()

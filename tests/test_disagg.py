@@ -39,8 +39,9 @@ def start_instance(path: str, mode: str | None, **options):
 def start_router(prefill: str, decode: str) -> ServerThread:
     from fuselm.router.app import build_router_app
 
+    # A generous health timeout: a loaded CI machine must not take a busy instance for a dead one.
     return ServerThread(build_router_app(prefill=[prefill], decode=[decode], health_interval=0.2,
-                                         health_timeout=1.0)).start()
+                                         health_timeout=10.0)).start()
 
 
 def free_port() -> int:
@@ -172,3 +173,18 @@ def test_killed_decode_instance_gives_a_clear_error(instances, decode_process):
     finally:
         router.stop()
     assert wait_until(lambda: pool_is_full(prefill_engine))
+
+
+def test_slot_pool_never_reuses_slots_of_a_failed_transfer():
+    from fuselm.disagg.transport import SlotPool
+
+    pool = SlotPool(block_bytes=64, num_slots=4)
+    first, slots_a = pool.take(2)
+    _, slots_b = pool.take(2)
+    assert pool.take(1) is None  # all four leased
+    pool.give(first, slots_a, clean=True)
+    assert sorted(pool.take(2)[1]) == sorted(slots_a)  # a clean transfer's slots come back
+    pool.give(first, slots_b, clean=False)  # a failed transfer: the prefill may still write there
+    second, _ = pool.take(4)
+    assert second is not first and second.name != first.name
+    pool.close()

@@ -51,7 +51,7 @@ def text_window(text_ids: list[int], rng: random.Random, length: int) -> list[in
 async def measure_unloaded(client: Client, text_ids: list[int], prompt_len: int, seed: int,
                            repeats: int = 3) -> dict:
     """Unloaded costs, one request at a time: TTFT of `prompt_len`-token prompts (1 output token) and
-    TPOT of a 32-token prompt decoding 64 tokens. Each prompt is a fresh text window (no cache hits);
+    TPOT of a 32-token prompt decoding 32 tokens. Each prompt is a fresh text window (no cache hits);
     one untimed request of each kind runs first."""
     rng = random.Random(seed + CALIBRATION_SEED_OFFSET)
     ttfts, tpots = [], []
@@ -62,7 +62,7 @@ async def measure_unloaded(client: Client, text_ids: list[int], prompt_len: int,
         if i:
             ttfts.append(record.ttft * 1000)
     for i in range(repeats + 1):
-        record = await client.send(Request(text_window(text_ids, rng, 32), 64))
+        record = await client.send(Request(text_window(text_ids, rng, 32), 32))
         if not record.success or record.tpot is None:
             raise RuntimeError(f"an unloaded decoding request failed: {record.error or 'fewer than 2 tokens'}")
         if i:
@@ -161,9 +161,16 @@ async def _capacity(args: argparse.Namespace, workload_args: dict, given_slo: di
             start_rate = burst["request_rate"]
             log(f"burst of {burst['num_requests']} requests at once: {start_rate:.3g} req/s; the search starts there")
         probe_index = 0
+        search_start = time.perf_counter()
 
-        async def measure(rate: float) -> Probe:
+        async def measure(rate: float) -> Probe | None:
             nonlocal probe_index
+            expected = args.num_requests / rate  # its arrivals alone; the last requests' latency comes on top
+            spent = time.perf_counter() - search_start
+            if args.capacity_time_budget and spent + expected > args.capacity_time_budget:
+                log(f"the next probe ({rate:.3g} req/s, >= {expected:.0f} s) would overrun --capacity-time-budget "
+                    f"({spent:.0f} of {args.capacity_time_budget:g} s spent): the search ends here")
+                return None
             probe_index += 1
             seed = args.seed + probe_index
             requests = make_workload(args.workload, text_ids, args.num_requests, seed, **workload_args)
@@ -181,6 +188,7 @@ async def _capacity(args: argparse.Namespace, workload_args: dict, given_slo: di
             "workload": {"name": args.workload, "seed": args.seed, "options": workload_args, "tokenizer": args.tokenizer,
                          "text_tokens": len(text_ids), "p90_prompt_len": p90_len, **summarize(workload)},
             "slo": slo, "slo_derivation": derivation, "burst": burst, "requests_per_probe": args.num_requests,
+            "time_budget_s": args.capacity_time_budget, "search_s": time.perf_counter() - search_start,
             **search.to_dict(),
         }
     finally:
@@ -192,7 +200,7 @@ async def _async_search(measure, start_rate: float, args: argparse.Namespace):
     search runs in a worker thread that hands each probe back to the loop and waits for it."""
     loop = asyncio.get_running_loop()
 
-    def blocking_measure(rate: float) -> Probe:
+    def blocking_measure(rate: float) -> Probe | None:
         return asyncio.run_coroutine_threadsafe(measure(rate), loop).result()
 
     return await asyncio.to_thread(
@@ -246,6 +254,9 @@ def add_capacity_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity-tolerance", type=float, default=0.1,
                    help="stop when the lowest failing rate is within this fraction above the capacity")
     g.add_argument("--capacity-max-probes", type=int, default=7, help="at most this many probed rates")
+    g.add_argument("--capacity-time-budget", type=float, default=None,
+                   help="seconds the probes may take in all: a probe whose arrivals alone would overrun it is not "
+                        "started, and the result keeps the bracket found so far (converged: false)")
     g.add_argument("--capacity-max-rate", type=float, default=1000.0, help="never probe above this rate")
     g.add_argument("--capacity-stop-below", type=float, default=0.5,
                    help="end a probe once its attainment is surely below this (an overloaded rate)")

@@ -46,12 +46,13 @@ class CapacitySearch:
                 "settings": self.settings, "probes": [asdict(p) for p in self.probes]}
 
 
-def search_capacity(measure: Callable[[float], Probe | float], start_rate: float, target: float = 0.9,
+def search_capacity(measure: Callable[[float], Probe | float | None], start_rate: float, target: float = 0.9,
                     step_factor: float = 1.5, tolerance: float = 0.1, max_probes: int = 8,
                     min_rate: float = 1e-3, max_rate: float = 1e4) -> CapacitySearch:
     """Bracket, then bisect, the highest rate whose attainment is >= target.
 
-    `measure(rate)` runs one probe and returns its attainment (a float in [0, 1]) or a Probe. From
+    `measure(rate)` runs one probe and returns its attainment (a float in [0, 1]) or a Probe, or
+    None to end the search there (a time budget spent: the result keeps the bracket so far). From
     `start_rate` the rate is multiplied (while probes pass) or divided (while they fail) by
     `step_factor` until the outcome flips or a rate limit is reached; then the bracket [pass, fail]
     is halved at its geometric mean until fail / pass <= 1 + tolerance. At most `max_probes` probes
@@ -70,15 +71,24 @@ def search_capacity(measure: Callable[[float], Probe | float], start_rate: float
     passing: float | None = None
     failing: float | None = None
 
-    def run(rate: float) -> bool:
+    stopped = False
+
+    def run(rate: float) -> bool | None:
+        nonlocal stopped
         outcome = measure(rate)
+        if outcome is None:
+            stopped = True
+            return None
         probe = outcome if isinstance(outcome, Probe) else Probe(rate, float(outcome), float(outcome) >= target)
         probes.append(probe)
         return probe.passed
 
     rate = min(max(start_rate, min_rate), max_rate)
     while len(probes) < max_probes:  # bracket
-        if run(rate):
+        passed = run(rate)
+        if stopped:
+            break
+        if passed:
             passing = rate
             if failing is not None or rate >= max_rate:
                 break
@@ -89,9 +99,12 @@ def search_capacity(measure: Callable[[float], Probe | float], start_rate: float
                 break
             rate = max(rate / step_factor, min_rate)
     while passing is not None and failing is not None and failing / passing > 1 + tolerance \
-            and len(probes) < max_probes:  # bisect
+            and len(probes) < max_probes and not stopped:  # bisect
         mid = math.sqrt(passing * failing)
-        if run(mid):
+        passed = run(mid)
+        if stopped:
+            break
+        if passed:
             passing = mid
         else:
             failing = mid

@@ -35,18 +35,24 @@ class BlockLayout:
         return {"block_bytes": self.block_bytes, "block_size": self.block_size,
                 "tensors": [[list(t.shape[1:]), str(t.dtype)] for t in self.tensors]}
 
-    def read(self, block_id: int, into: torch.Tensor) -> None:
-        """Copy block `block_id` into `into`, a uint8 tensor of block_bytes."""
+    def read(self, block_ids: list[int], into: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Copy blocks `block_ids` into rows `rows` (default 0..n-1) of `into`, a [*, block_bytes] uint8
+        tensor: one gather per cache tensor for all the blocks, not one copy per block and tensor."""
+        ids = torch.tensor(block_ids)
+        target = torch.tensor(rows) if rows is not None else torch.arange(len(block_ids))
         offset = 0
         for tensor, size in zip(self.tensors, self.sizes):
-            into[offset:offset + size].copy_(tensor[block_id].reshape(-1).view(torch.uint8))
+            picked = tensor.index_select(0, ids).view(len(block_ids), -1).view(torch.uint8)
+            into[:, offset:offset + size].index_copy_(0, target, picked)
             offset += size
 
-    def write(self, block_id: int, data: torch.Tensor) -> None:
-        """Fill block `block_id` from `data`, a uint8 tensor of block_bytes."""
+    def write(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Fill blocks `block_ids` from the rows of `data`, a [n, block_bytes] uint8 tensor."""
+        ids = torch.tensor(block_ids)
         offset = 0
         for tensor, size in zip(self.tensors, self.sizes):
-            tensor[block_id].view(-1).view(torch.uint8).copy_(data[offset:offset + size])
+            part = data[:, offset:offset + size].contiguous().view(tensor.dtype).view(len(block_ids), *tensor.shape[1:])
+            tensor.index_copy_(0, ids, part)
             offset += size
 
 

@@ -19,6 +19,7 @@ prompt here: a failed transfer costs time, never output.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import ipaddress
 import json
@@ -32,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from fuselm.core.request import RequestStatus
 from fuselm.disagg.blocks import BlockLayout, prompt_block_hashes
-from fuselm.disagg.transport import FrameReader, SharedSlots
+from fuselm.disagg.transport import FRAME, FrameReader, SlotPool
 from fuselm.engine.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger("fuselm")
@@ -40,6 +41,7 @@ logger = logging.getLogger("fuselm")
 PREFILL_HEADER = "x-fuselm-prefill-url"
 PREFILL_URL: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuselm_prefill_url", default=None)
 TRANSPORTS = ("auto", "shm", "http")
+SHM_BYTES = 256 << 20  # the shared-memory segment for transfers from prefill instances on this machine
 
 
 def is_local(url: str) -> bool:
@@ -76,7 +78,9 @@ class KVReceiver:
         self.engine = engine
         self.transport = transport
         self.layout = BlockLayout(engine.engine.runner)
+        self.slot_pool = SlotPool(self.layout.block_bytes, max(1, SHM_BYTES // self.layout.block_bytes))
         self.kv = engine.engine.kv
+        self.client: httpx.AsyncClient | None = None
         self.pending: dict[str, list[int]] = {}  # request id -> blocks held until it is admitted (engine thread)
         self.bytes = self.blocks = self.transfers = self.fallbacks = self.skipped_blocks = 0
         self.seconds = 0.0
@@ -146,38 +150,54 @@ class KVReceiver:
         return await self.engine.call(lambda: self._settle(plan, received))
 
     async def _receive(self, url: str, token_ids: list[int], plan, needed: list[int]) -> set[int]:
-        use_shm = self.transport == "shm" or (self.transport == "auto" and is_local(url))
-        slots = SharedSlots(self.layout.block_bytes, len(needed)) if use_shm else None
+        lease = None
+        if self.transport == "shm" or (self.transport == "auto" and is_local(url)):
+            lease = self.slot_pool.take(len(needed))  # None when too few slots are free: the HTTP stream then
+        segment, slots = lease if lease is not None else (None, None)
         body = {"token_ids": token_ids, "blocks": needed, "layout": self.layout.describe(),
-                "shm_name": slots.name if slots else None}
+                "shm_name": segment.name if segment else None, "slots": slots}
         received: set[int] = set()
+        complete = False
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
-                async with client.stream("POST", url + "/kv/prefill", json=body) as r:
-                    if r.status_code != 200:
-                        raise ConnectionError(f"{url}/kv/prefill answered {r.status_code}: {(await r.aread())[:300]!r}")
-                    reader = FrameReader(r.aiter_bytes())
-                    header = b""
-                    while not header.endswith(b"\n"):
-                        header += await reader.read(1)
-                    if json.loads(header)["layout"] != self.layout.describe():
-                        raise ValueError("the prefill instance's KV layout differs from this instance's")
-                    wanted = set(needed)
-                    while True:
-                        index, slot, payload = await reader.frame(self.layout.block_bytes)
-                        if index < 0:
-                            break
-                        if index not in wanted:
-                            raise ValueError(f"the prefill instance sent block {index}, which was not asked for")
-                        data = slots.slot(slot) if slot >= 0 else torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                        self.layout.write(plan[index][0], data)
-                        received.add(index)
-                        self.bytes += self.layout.block_bytes
-                        self.blocks += 1
+            if self.client is None:  # one client (and connection pool) for all transfers, on the event loop
+                self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+            async with self.client.stream("POST", url + "/kv/prefill", json=body) as r:
+                if r.status_code != 200:
+                    raise ConnectionError(f"{url}/kv/prefill answered {r.status_code}: {(await r.aread())[:300]!r}")
+                reader = FrameReader(r.aiter_bytes())
+                header = await reader.line()
+                if json.loads(header)["layout"] != self.layout.describe():
+                    raise ValueError("the prefill instance's KV layout differs from this instance's")
+                wanted = set(needed)
+                batch: list[tuple[int, int, bytes]] = []  # frames read, blocks not yet written
+                while not complete:
+                    index, slot, payload = await reader.frame(self.layout.block_bytes)
+                    if index < 0:
+                        complete = True
+                    elif index not in wanted:
+                        raise ValueError(f"the prefill instance sent block {index}, which was not asked for")
+                    else:
+                        batch.append((index, slot, payload))
+                    if batch and (complete or len(batch) >= 32 or reader.buffered < FRAME.size):
+                        # what has arrived, in one copy per tensor, off the event loop (the blocks are ours alone)
+                        await asyncio.to_thread(self._write, batch, plan, segment)
+                        received.update(index for index, _, _ in batch)
+                        batch = []
         finally:
-            if slots is not None:
-                slots.close()
+            if segment is not None:
+                self.slot_pool.give(segment, slots, clean=complete)
         return received
+
+    def _write(self, batch: list[tuple[int, int, bytes]], plan, segment) -> None:
+        block_ids = [plan[index][0] for index, _, _ in batch]
+        if batch[0][1] >= 0:
+            data = segment.rows.index_select(0, torch.tensor([slot for _, slot, _ in batch]))
+        else:
+            data = torch.frombuffer(bytearray(b"".join(p for _, _, p in batch)), dtype=torch.uint8)
+            data = data.view(len(batch), self.layout.block_bytes)
+        self.layout.write(block_ids, data)
+        self.bytes += len(batch) * self.layout.block_bytes
+        self.blocks += len(batch)
 
     def collect(self):
         """prometheus-client collector: the transfer totals, on this instance's /metrics."""

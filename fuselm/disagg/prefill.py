@@ -27,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from fuselm.disagg.blocks import BlockLayout
-from fuselm.disagg.transport import INLINE, SharedSlots, data_frame, end_frame, error_frame
+from fuselm.disagg.transport import INLINE, SharedSlots, attach, data_frame, end_frame, error_frame
 from fuselm.engine.async_engine import AsyncLLMEngine
 from fuselm.errors import InvalidRequestError
 from fuselm.sampling_params import SamplingParams
@@ -40,17 +40,19 @@ class PrefillRequest(BaseModel):
     token_ids: list[int]
     blocks: list[int]  # indices of the prompt's full blocks to send, ascending
     layout: dict  # the decode side's BlockLayout.describe(): must equal ours
-    shm_name: str | None = None  # the shared-memory segment (one slot per entry of `blocks`), or inline bytes
+    shm_name: str | None = None  # the decode side's shared-memory segment, or None: bytes inline in the stream
+    slots: list[int] | None = None  # with shm_name: the segment's slot for each entry of `blocks`
 
 
 class _Export:
     """One prompt being exported; `push` is called on the engine thread."""
 
-    def __init__(self, blocks: list[int], slots: SharedSlots | None, loop: asyncio.AbstractEventLoop) -> None:
-        self.slot_of = {index: k for k, index in enumerate(blocks)}
+    def __init__(self, blocks: list[int], slots: list[int], segment: SharedSlots | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.slot_of = dict(zip(blocks, slots))
         self.limit = max(blocks) + 1 if blocks else 0
         self.next_block = 0
-        self.slots = slots
+        self.segment = segment
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -74,26 +76,26 @@ class KVExporter:
             if export is None:
                 continue
             full = min((row.num_computed_tokens + row.num_new_tokens) // self.block_size, export.limit)
-            for index in range(export.next_block, full):
-                slot = export.slot_of.get(index)
-                if slot is None:
-                    continue
-                block_id = row.block_ids[index]
-                if export.slots is not None:
-                    self.layout.read(block_id, export.slots.slot(slot))
-                    export.push((index, slot, b""))
-                else:
-                    buffer = torch.empty(self.layout.block_bytes, dtype=torch.uint8)
-                    self.layout.read(block_id, buffer)
-                    export.push((index, INLINE, buffer.numpy().tobytes()))
-                self.bytes_sent += self.layout.block_bytes
+            ready = [(index, export.slot_of[index]) for index in range(export.next_block, full)
+                     if index in export.slot_of]
             export.next_block = max(export.next_block, full)
+            if not ready:
+                continue
+            block_ids = [row.block_ids[index] for index, _ in ready]
+            if export.segment is not None:
+                self.layout.read(block_ids, export.segment.rows, [slot for _, slot in ready])
+                for index, slot in ready:
+                    export.push((index, slot, b""))
+            else:
+                buffer = torch.empty(len(ready), self.layout.block_bytes, dtype=torch.uint8)
+                self.layout.read(block_ids, buffer)
+                for (index, slot), data in zip(ready, buffer.numpy()):
+                    export.push((index, slot, data.tobytes()))
+            self.bytes_sent += len(ready) * self.layout.block_bytes
 
     def _drop(self, request_id: str) -> None:
-        """Engine thread: forget an export (no step writes into its segment after this)."""
-        export = self.exports.pop(request_id, None)
-        if export is not None and export.slots is not None:
-            export.slots.close()
+        """Engine thread: forget an export (no step writes into its slots after this)."""
+        self.exports.pop(request_id, None)
 
     async def stream(self, body: PrefillRequest):
         if body.layout != self.layout.describe():
@@ -102,9 +104,18 @@ class KVExporter:
         limit = (len(body.token_ids) - 1) // self.block_size
         if body.blocks != sorted(set(body.blocks)) or any(not 0 <= b < limit for b in body.blocks):
             raise InvalidRequestError(f"blocks must be ascending indices below {limit}", param="blocks")
-        slots = SharedSlots(self.layout.block_bytes, name=body.shm_name) if body.shm_name else None
+        segment, slots = None, [INLINE] * len(body.blocks)
+        if body.shm_name:
+            if body.slots is None or len(body.slots) != len(body.blocks):
+                raise InvalidRequestError("slots must name one shared-memory slot per block", param="slots")
+            try:
+                segment, slots = attach(body.shm_name, self.layout.block_bytes), body.slots
+                segment.check(slots)
+            except (OSError, ValueError) as exc:
+                raise InvalidRequestError(f"cannot use shared-memory segment {body.shm_name!r}: {exc}",
+                                          param="shm_name") from None
         request_id = f"kv-prefill-{next(_ids)}"
-        export = _Export(body.blocks, slots, asyncio.get_running_loop())
+        export = _Export(body.blocks, slots, segment, asyncio.get_running_loop())
         self.exports[request_id] = export
         try:
             stream = await self.engine.add_request(request_id, body.token_ids, SamplingParams(max_tokens=0),

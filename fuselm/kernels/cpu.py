@@ -56,6 +56,7 @@ class CpuKernels:
         self.build_key = built.key
         self.path = built.path
         self._decode = lib.fuselm_paged_window_attention
+        self._decode_int8 = lib.fuselm_paged_decode_attention_int8  # an int8 KV cache (paged_attention_int8.c)
         self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
         self._cascade_supported = lib.fuselm_cascade_supported
         self.max_group = lib.fuselm_max_group()
@@ -160,13 +161,14 @@ class CpuKernels:
 
     def supports(self, dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int) -> bool:
-        return (dtype in _ACTIVATION_DTYPES and kv_dtype in _ACTIVATION_DTYPES
+        return (dtype in _ACTIVATION_DTYPES and kv_dtype in (*_ACTIVATION_DTYPES, torch.int8)
                 and num_heads // num_kv_heads <= self.max_group and head_dim <= self.max_dim
                 and block_size <= self.max_block)
 
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                                k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                                ctx_starts: torch.Tensor | None = None) -> None:
         """q, out: [n, Hq, D] contiguous; caches [blocks, block_size, Hkv, D]; block_table [n, B] int64.
 
@@ -174,6 +176,8 @@ class CpuKernels:
         is first written into its cache slot (position ctx_len - 1): the write lands in the block
         the kernel reads next, instead of a separate scatter over the whole cache (measured 186 us
         per layer at 128 rows). Rows from w on must have their K/V in the cache already.
+        An int8 cache comes with its scales k_scale/v_scale [blocks, block_size, Hkv] bfloat16
+        (paged_attention_int8.c; new rows are quantised as fuselm/layers/kv_quant.py does).
         ctx_starts ([n] int64): row i attends to positions ctx_starts[i] .. ctx_lens[i] - 1 only (a
         sliding window); the table's entries for blocks before that are never read.
         """
@@ -190,8 +194,17 @@ class CpuKernels:
             new_k, new_v = k_new.data_ptr(), v_new.data_ptr()
         if ctx_starts is not None:
             assert ctx_starts.dtype == torch.int64 and ctx_starts.is_contiguous() and ctx_starts.shape == (n,)
+        if k_cache.dtype == torch.int8:
+            assert ctx_starts is None, "the int8 kernel takes no sliding window"
+            assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
+            self._decode_int8(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(),
+                              v_scale.data_ptr(), new_k, new_v, num_write, block_table.data_ptr(), ctx_lens.data_ptr(),
+                              n, block_table.shape[1], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale,
+                              DTYPE_CODES[q.dtype], torch.get_num_threads())
+            return
         self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), new_k, new_v, num_write,
-                     block_table.data_ptr(), ctx_lens.data_ptr(), None if ctx_starts is None else ctx_starts.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
+                     block_table.data_ptr(), ctx_lens.data_ptr(), None if ctx_starts is None else ctx_starts.data_ptr(),
+                     n, block_table.shape[1], num_heads, k_cache.shape[2],
                      head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype],
                      torch.get_num_threads())
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fuselm.layers.cascade import SharedPrefixGroups, cascade_query_attention
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
+from fuselm.layers.snapkv_scores import capture_scores
 
 
 @dataclass(slots=True)
@@ -61,6 +62,8 @@ class AttentionMetadata:
     window_masks: dict = field(default_factory=dict)
     # with several KV cache groups (core/kv_groups.py): every group's metadata, this one first
     groups: list | None = None
+    # rows ending their prefill under SnapKV: each layer adds its scores (runner/kv_compaction.py)
+    snapkv: list | None = None
     # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
     cascade: SharedPrefixGroups | None = None
 
@@ -162,7 +165,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the single rows' K/V itself
     if kernel_writes:
         if nw < k.shape[0]:
-            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:])
+            write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:], k_scale, v_scale)
     else:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
@@ -181,7 +184,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         starts = None if window is None else query_rows_window_starts(meta, window)
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
                                                 meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw],
-                                                ctx_starts=starts)
+                                                k_scale, v_scale, ctx_starts=starts)
     elif nd and meta.cascade is not None and window is None:
         out[:nd] = cascade_query_attention(
             q[:nd], meta.cascade, lambda slots, value: read_kv(flat_v if value else flat_k, flat_vs if value else flat_ks,
@@ -219,4 +222,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vr = read_kv(flat_v, flat_vs, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[row.start:row.end] = o[0].transpose(0, 1)
+    if meta.snapkv:
+        capture_scores(meta.snapkv, q, flat_k, flat_ks, scale)
     return out

@@ -69,7 +69,7 @@ class LlamaForCausalLM(nn.Module):
             x = x.contiguous()
             cos, sin = rope[0].reshape(t, -1).contiguous(), rope[1].reshape(t, -1).contiguous()
             if (meta.num_query_rows == t and not meta.prefill_rows
-                    and meta.cpu_kernels is not None and meta.decode_block_table is not None):
+                    and meta.cpu_kernels is not None and meta.decode_block_table is not None and not meta.snapkv):
                 # every token a query row: decodes, and speculative tokens being verified
                 c_layers.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
                              None if meta.num_single_rows < 0 else meta.num_single_rows,
@@ -79,7 +79,8 @@ class LlamaForCausalLM(nn.Module):
                 for i, layer in enumerate(self.layers):
                     attn = layer.self_attn
                     q, k, v = c_layers.attention_inputs(i, x, cos, sin)
-                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale)  # [T, Hq, D]
+                    o = paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale,
+                                        attn.k_scale, attn.v_scale)  # [T, Hq, D]
                     c_layers.attention_outputs(i, x, o)
                 return self.norm(x)
         for layer in self.layers:

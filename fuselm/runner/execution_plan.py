@@ -123,13 +123,15 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         if kernels is None:
             reasons.append("the C kernels could not be built or loaded (see the warning above)")
     attention_kernels = None
+    windowed = any(layer.self_attn.sliding_window for layer in model.layers)
     if kernels is not None:
-        if kernels.supports(dtype, kv_dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+        if windowed and kv_dtype == torch.int8:
+            reasons.append("the int8 C attention kernel takes no sliding window")
+        elif kernels.supports(dtype, kv_dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                             model.layers[0].self_attn.k_cache.shape[1]):
             attention_kernels = kernels
         else:
-            reasons.append("the C attention kernel does not read an int8 KV cache" if kv_dtype == torch.int8 else
-                           f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
+            reasons.append(f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
                            f"{str(kv_dtype).removeprefix('torch.')} KV cache and these head shapes")
     plan = ExecutionPlan(device=str(device), kernels_isa=getattr(kernels, "isa", None) if kernels else None,
                          attention="c-paged" if attention_kernels is not None else "torch-sdpa",
