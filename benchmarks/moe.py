@@ -13,7 +13,13 @@ GGUF with Q4_0 weights (experts and attention; router, norms, embeddings and LM 
     .venv/bin/python benchmarks/moe.py                      # mixtral-like: 16 x 1024, 32 experts of 512, top-4
     .venv/bin/python benchmarks/moe.py --shape qwen2moe     # 64 experts of 256, top-8, a shared expert of 1024
 
-Results: benchmarks/results/moe-<shape>-<cpu>.json. llama.cpp is not run here.
+    .venv/bin/python benchmarks/moe.py --llama-cpp          # and llama.cpp (benchmarks/moe_llama_cpp.py)
+
+With --llama-cpp the same run converts the HF directory with llama.cpp's own converter (f32, and Q4_0
+through llama-quantize), measures llama-bench's batch-1 decode and 1,024-token prompt, checks that
+llama-server's greedy tokens equal fuselm's, and runs fuselm on llama.cpp's Q4_0 file too.
+
+Results: benchmarks/results/moe-<shape>-<cpu>.json.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ SHAPES = {
                      top_k=8, shared=1024, vocab=32000),
     "smoke": dict(kind="qwen2_moe", layers=2, hidden=256, heads=4, kv_heads=2, experts=8, expert_width=256, top_k=2,
                   shared=256, vocab=384),  # checks the script in seconds
+    "mixtral-smoke": dict(kind="mixtral", layers=2, hidden=256, heads=4, kv_heads=2, experts=8, expert_width=256,
+                          top_k=2, shared=None, vocab=512),  # checks --llama-cpp in seconds
 }
 
 
@@ -171,6 +179,9 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=10, help="decode tokens per request (HF transformers)")
     ap.add_argument("--build-dir", default=str(HERE.parent / ".build" / "moe-bench"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", help="result file (default: benchmarks/results/moe-<shape>-epyc-avx512.json)")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on the same weights (moe_llama_cpp.py)")
+    ap.add_argument("--peers-dir", default=str(HERE / "peers" / ".build"), help="where llama_cpp.sh built llama.cpp")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     shape = SHAPES[args.shape]
@@ -185,11 +196,20 @@ def main() -> None:
     result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens)
     if not args.skip_hf:
         result["hf_transformers_float32"] = hf_figures(hf_dir, batches, args.hf_tokens)
+    if args.llama_cpp:  # llama.cpp's own conversion and Q4_0 of hf_dir; fuselm also runs that Q4_0 file
+        import moe_llama_cpp
+
+        moe_llama_cpp.use_peers_dir(Path(args.peers_dir))
+        peer = moe_llama_cpp.llama_cpp_figures(hf_dir, gguf_path.parent, result["threads"], prompts(4, 16, seed=7), 16)
+        result["llama_cpp"] = peer
+        result["fuselm_llama_cpp_q4_0"] = fuselm_figures(peer["files"]["q4_0"], batches, args.tokens)
     result["load_average_at_end"] = os.getloadavg()[0]  # other processes on these cores skew every figure
-    for name in ("fuselm_float32", "fuselm_gguf_q4_0"):
+    for name in ("fuselm_float32", "fuselm_gguf_q4_0", "fuselm_llama_cpp_q4_0"):
+        if name not in result:
+            continue
         r = result[name]
         r["moe_layer_share_of_bandwidth"] = round(r["moe_layer_batch1_gb_s"] / result["read_bandwidth_gb_s"], 3)
-    out = HERE / "results" / f"moe-{args.shape}-epyc-avx512.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"moe-{args.shape}-epyc-avx512.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -129,12 +129,13 @@ def test_ep2_gguf_with_q8_0_experts(tiny_moe, tmp_path):
     assert_same(reference, outs)
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["torch", "c"])  # c: Mixtral's stats from the C layer step
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_expert_stats_match_hf_router_top_k(kind, tiny_moe, tmp_path):
+def test_expert_stats_match_hf_router_top_k(kind, cpu_kernels, tiny_moe, tmp_path):
     path, hf = tiny_moe(kind)
     prompts = random_prompts([5, 19, 33], seed=4)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    llm = LLM(path, dtype="float32", device="cpu", cpu_kernels=False, enable_prefix_caching=False,
+    llm = LLM(path, dtype="float32", device="cpu", cpu_kernels=cpu_kernels, enable_prefix_caching=False,
               max_num_batched_tokens=16)
     outs = llm.generate(prompts, params, use_tqdm=False)
     stats = llm.dump_expert_stats(tmp_path / "stats.json")

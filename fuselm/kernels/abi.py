@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 4  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 5  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -40,11 +40,17 @@ class QProj(ctypes.Structure):
     _fields_ = [("parts", QPart * MAX_PARTS), ("num_parts", ctypes.c_int64), ("bias", ctypes.c_void_p)]
 
 
+class QMoe(ctypes.Structure):
+    _fields_ = [("router", QProj), ("gate", QPart), ("up", QPart), ("down", QPart), ("num_experts", ctypes.c_int64),
+                ("top_k", ctypes.c_int64), ("renormalize", ctypes.c_int32), ("float_activations", ctypes.c_int32),
+                ("routed_ids", ctypes.c_void_p)]
+
+
 class QLayer(ctypes.Structure):
     _fields_ = [("qkv", QProj), ("o", QProj), ("gate_up", QProj), ("down", QProj),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p)]
+                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe))]
 
 
 class QModelDims(ctypes.Structure):
@@ -93,8 +99,10 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_dense_linear": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT], None),
     "fuselm_layer_attention_inputs": ([_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_layer_attention_outputs": ([_P, _I64, _P, _P, _P, _I64], None),
+    "fuselm_project": ([_P, _P, _P, _I64, _INT], None),
     "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
+    "fuselm_moe_block": ([_P, _P, _P, _I64, _INT], None),
 }
 
 
@@ -130,7 +138,7 @@ def expected_table() -> dict[str, int]:
     """What abi.c's table must say for the structures and codes above."""
     table = {f"FUSELM_{code.name}": int(code) for code in DType}
     table["FUSELM_MAX_PARTS"] = MAX_PARTS
-    for struct in (QPart, QProj, QLayer, QModelDims):
+    for struct in (QPart, QProj, QMoe, QLayer, QModelDims):
         name = struct.__name__
         table[f"sizeof({name})"] = ctypes.sizeof(struct)
         for field, _ in struct._fields_:

@@ -19,6 +19,8 @@ import torch
 
 from fuselm.kernels.abi import DTYPE_CODES, MAX_PARTS as _MAX_PARTS
 from fuselm.kernels.abi import QLayer as _QLayer, QModelDims as _QModelDims, QPart as _QPart, QProj as _QProj
+from fuselm.kernels.c_moe import MoELayers, unsupported_reason as _moe_unsupported_reason
+from fuselm.layers.moe import MoEBlock
 
 # the structures mirror fuselm_kernels.h (fuselm/kernels/abi.py); their layout is checked when the library loads
 _KV_DTYPES = {dtype: DTYPE_CODES[dtype] for dtype in (torch.float32, torch.bfloat16, torch.int8)}
@@ -43,8 +45,12 @@ def _proj(module) -> _QProj:
 
 
 def _projections(layer) -> tuple:
-    """A decoder layer's four projections, in the order decode_layers.c's QLayer holds them."""
-    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    """A decoder layer's projections, in the order decode_layers.c's QLayer holds them: q/k/v, o, then the
+    dense MLP's gate/up and down, or an MoE layer's router (its experts are GroupedExperts', c_moe.py)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if isinstance(mlp, MoEBlock):
+        return (attn.qkv_proj, attn.o_proj, mlp.gate)
+    return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
 
 
 class CLayers:
@@ -56,6 +62,7 @@ class CLayers:
         layers = model.layers
         self._keep = []  # float32 copies of biases / norms whose pointers the structures hold
         self.layers = (_QLayer * len(layers))()
+        self.moe = MoELayers(model, _proj)
         for i, layer in enumerate(layers):
             for module in _projections(layer):
                 if module.bias is not None:
@@ -64,10 +71,13 @@ class CLayers:
                      layer.post_attention_layernorm.weight.detach().float().contiguous()]
             self._keep.extend(norms)
             attn = layer.self_attn
-            self.layers[i] = _QLayer(*map(_proj, _projections(layer)), norms[0].data_ptr(), norms[1].data_ptr(),
+            projs = list(map(_proj, _projections(layer)))
+            if len(projs) == 3:  # an MoE layer: no dense gate_up/down
+                projs[2:] = [_QProj(), _QProj()]
+            self.layers[i] = _QLayer(*projs, norms[0].data_ptr(), norms[1].data_ptr(),
                                      attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                                      None if attn.k_scale is None else attn.k_scale.data_ptr(),
-                                     None if attn.v_scale is None else attn.v_scale.data_ptr())
+                                     None if attn.v_scale is None else attn.v_scale.data_ptr(), self.moe.pointer(i))
         a = layers[0].self_attn
         self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                                 model.config.intermediate_size, a.k_cache.shape[1], 0,
@@ -97,6 +107,8 @@ class CLayers:
         if model.norm.weight.dtype != torch.float32:
             return f"activations are {str(model.norm.weight.dtype).removeprefix('torch.')}, the C layers run float32"
         for layer in model.layers:
+            if isinstance(layer.mlp, MoEBlock) and (why := _moe_unsupported_reason(layer.mlp)) is not None:
+                return f"an MoE layer: {why}"
             attn = layer.self_attn
             if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES:
                 return "the KV cache's dtype is one the C layers do not read"
@@ -118,9 +130,11 @@ class CLayers:
         cos, sin = cos.contiguous(), sin.contiguous()
         self.dims.max_blocks = block_table.shape[1]
         self.dims.num_threads = torch.get_num_threads()
+        self.moe.prepare(x.shape[0])
         self._fn(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(), x.shape[0],
                  x.shape[0] if num_single is None else num_single, cos.data_ptr(),
                  sin.data_ptr(), block_table.data_ptr(), ctx_lens.data_ptr(), None if shared is None else shared.data_ptr())
+        self.moe.record(x.shape[0])
 
     def takes_prompt_step(self, num_tokens: int) -> bool:
         """Whether a step of num_tokens tokens with prompt chunks runs its layers in C halves."""
@@ -144,5 +158,7 @@ class CLayers:
         """x += o_proj(attn), then x += MLP(RMSNorm(x)), in place; attn [T, Hq, D] contiguous."""
         assert attn.is_contiguous() and attn.dtype == torch.float32
         self.dims.num_threads = torch.get_num_threads()
+        self.moe.prepare(x.shape[0])
         self._outputs_fn(ctypes.addressof(self.layers), layer, ctypes.addressof(self.dims), x.data_ptr(),
                          attn.data_ptr(), x.shape[0])
+        self.moe.record(x.shape[0], layer)

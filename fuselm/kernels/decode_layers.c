@@ -38,6 +38,10 @@ static void project(const QProj *p, const float *x, float *y, int64_t M, int num
     }
 }
 
+void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num_threads) {
+    project(p, x, y, M, num_threads);
+}
+
 /* act[m, i] = silu(gu[m, i]) * gu[m, I + i] for M rows of [gate | up]. Vectorised and split between
  * threads: with libm's expf, one element at a time, it took ~3% of a 128-row decode step. */
 static void silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads) {
@@ -99,8 +103,9 @@ static void attention_inputs(const QLayer *L, const QModelDims *dims, const floa
     }
 }
 
-/* The half of a layer after attention: x += o_proj(attn); x += down(silu(gate) * up) of RMSNorm(x).
- * h [M, hidden], gu [M, 2I], act [M, I] and out [M, hidden] are scratch. */
+/* The half of a layer after attention: x += o_proj(attn); x += down(silu(gate) * up) of RMSNorm(x), or
+ * the layer's MoE block of RMSNorm(x) (moe.c). h [M, hidden], gu [M, 2I], act [M, I] and out [M, hidden]
+ * are scratch. */
 static void attention_outputs(const QLayer *L, const QModelDims *dims, float *x, const float *attn, int64_t M, float *h,
                               float *gu, float *act, float *out) {
     const int64_t H = dims->hidden, I = dims->intermediate;
@@ -108,9 +113,13 @@ static void attention_outputs(const QLayer *L, const QModelDims *dims, float *x,
     project(&L->o, attn, out, M, threads);
     for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
     fuselm_rms_norm(x, L->post_norm, h, M, H, dims->eps, FUSELM_F32, threads);
-    project(&L->gate_up, h, gu, M, threads);
-    silu_mul(gu, act, M, I, threads);
-    project(&L->down, act, out, M, threads);
+    if (L->moe != NULL) {
+        fuselm_moe_block(L->moe, h, out, M, threads);
+    } else {
+        project(&L->gate_up, h, gu, M, threads);
+        silu_mul(gu, act, M, I, threads);
+        project(&L->down, act, out, M, threads);
+    }
     for (int64_t i = 0; i < M * H; i++) x[i] += out[i];
 }
 

@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 4
+#define FUSELM_ABI_VERSION 5
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -121,11 +121,22 @@ typedef struct {
     const float *bias; /* [sum of n] or NULL */
 } QProj;
 
+/* A mixture-of-experts feed-forward (moe.c fuselm_moe_block): the router, then every expert end to end
+ * as fuselm_moe_experts takes them. routed_ids [M, top_k] receives each call's chosen experts. */
+typedef struct {
+    QProj router; /* [num_experts, hidden] */
+    QPart gate, up, down;
+    int64_t num_experts, top_k;
+    int32_t renormalize, float_activations;
+    int64_t *routed_ids;
+} QMoe;
+
 typedef struct {
     QProj qkv, o, gate_up, down;
     const float *input_norm, *post_norm; /* [hidden] */
     void *k_cache, *v_cache;
     void *k_scale, *v_scale; /* an int8 cache's bf16 scales [blocks, block_size, num_kv_heads]; else NULL */
+    const QMoe *moe; /* NULL: the dense gated MLP (gate_up, down); else this MoE block instead */
 } QLayer;
 
 typedef struct {
@@ -138,6 +149,8 @@ void fuselm_layer_attention_inputs(const QLayer *layers, int64_t l, const QModel
                                    const float *cos, const float *sin, float *q, float *k, float *v);
 void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QModelDims *dims, float *x,
                                     const float *attn, int64_t M);
+/* y [M, sum of parts' n] = x [M, k] @ p^T (+ bias), the parts side by side. */
+void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num_threads);
 /* shared: the step's shared-prefix groups (the cascade encoding above), or NULL for none */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,
@@ -151,5 +164,8 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
 void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
                         int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
                         int float_activations, int num_threads);
+/* out [M, hidden] = the MoE block of h [M, hidden]: router logits, softmax, top_k (renormalised when
+ * moe->renormalize), then fuselm_moe_experts. */
+void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads);
 
 #endif

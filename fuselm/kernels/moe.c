@@ -15,6 +15,9 @@
  * rows, as GGUF stores ffn_*_exps), bits 32 is dense_linear.c's panel layout packed per expert
  * (fuselm_dense_packed_size(n, k) floats each). Each item calls those kernels single-threaded on
  * its rows, so the arithmetic of one row is theirs exactly.
+ *
+ * fuselm_moe_block adds the router in front (logits, softmax, top-k), so that the one-call C layer step
+ * (decode_layers.c) runs an MoE layer's feed-forward without returning to Python.
  */
 #include <math.h>
 #include <stdint.h>
@@ -134,4 +137,44 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     }
     free(items), free(yd), free(act), free(gu), free(xs);
     free(src), free(pos), free(cursor), free(offsets);
+}
+
+/* Each row's router logits [M, E] -> its top_k experts (the largest probability first, the lower id on a
+ * tie) and their weights: softmax in float32, renormalised over the k when asked, as fuselm/layers/moe.py's
+ * `route` does with torch.softmax and torch.topk. */
+static void route_rows(const float *logits, int64_t M, int64_t E, int64_t top_k, int renormalize, int64_t *ids,
+                       float *weights) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *l = logits + m * E;
+        int64_t *id = ids + m * top_k;
+        float *w = weights + m * top_k;
+        float most = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) most = l[e] > most ? l[e] : most;
+        for (int64_t e = 0; e < E; e++) sum += expf(l[e] - most);
+        for (int64_t j = 0; j < top_k; j++) { /* k passes: k is small (2-8) */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= id[i] == e;
+                if (!taken && (best < 0 || l[e] > l[best])) best = e;
+            }
+            id[j] = best, w[j] = expf(l[best] - most) / sum;
+        }
+        if (renormalize) {
+            float total = 0.0f;
+            for (int64_t j = 0; j < top_k; j++) total += w[j];
+            for (int64_t j = 0; j < top_k; j++) w[j] /= total;
+        }
+    }
+}
+
+void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads) {
+    const int64_t E = moe->num_experts, k = moe->top_k;
+    float *logits = (float *)malloc((size_t)(M * E) * sizeof(float));
+    float *weights = (float *)malloc((size_t)(M * k) * sizeof(float));
+    fuselm_project(&moe->router, h, logits, M, num_threads);
+    route_rows(logits, M, E, k, moe->renormalize, moe->routed_ids, weights);
+    fuselm_moe_experts(h, M, k, moe->routed_ids, weights, E, &moe->gate, &moe->up, &moe->down, out,
+                       moe->float_activations, num_threads);
+    free(weights), free(logits);
 }

@@ -68,7 +68,7 @@ class MoEDecoderLayer(nn.Module):
 class MoEForCausalLM(LlamaForCausalLM):
     """The MoE decoder; subclasses are the families. Mixtral's settings are the defaults."""
 
-    supports_c_layers = False  # decode_layers.c implements the Llama layer only: torch layers, C kernels inside
+    supports_c_layers = True  # decode_layers.c runs Llama's attention with an MoE block (moe.c fuselm_moe_block)
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(config, max_positions, dtype)

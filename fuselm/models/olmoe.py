@@ -37,6 +37,8 @@ class OlmoeAttention(Attention):
 
 
 class OlmoeForCausalLM(MoEForCausalLM):
+    supports_c_layers = False  # decode_layers.c has no q/k norm
+
     @staticmethod
     def moe_settings(config: ModelConfig) -> MoESettings:
         hf = config.hf_config

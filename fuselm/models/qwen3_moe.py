@@ -14,6 +14,8 @@ from fuselm.models.qwen2_moe import num_experts, qwen_sparse_layer
 
 
 class Qwen3MoeForCausalLM(MoEForCausalLM):
+    supports_c_layers = False  # decode_layers.c has no q/k norm
+
     @staticmethod
     def moe_settings(config: ModelConfig) -> MoESettings:
         hf = config.hf_config

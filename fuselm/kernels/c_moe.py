@@ -1,0 +1,64 @@
+"""The MoE blocks of a model in the C layer step: what decode_layers.c needs to run a Mixtral-style
+layer's feed-forward (router, top-k routing, grouped experts: moe.c `fuselm_moe_block`) without
+returning to Python, and the routing statistics it hands back.
+
+A `QMoe` per MoE layer points at the router's packed or quantised weight and at the experts' weights
+that `GroupedExperts` already prepared for kernels/moe.c. Each call writes the experts every row chose
+into a buffer kept here; after the call those ids go to the blocks' recorders (the runner's routing
+statistics, fuselm/runner/expert_stats.py), exactly as the torch layers would have passed them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from fuselm.kernels.abi import QMoe, QProj
+from fuselm.layers.moe import MoEBlock
+
+
+def unsupported_reason(block: MoEBlock) -> str | None:
+    """Why the C layer step cannot run this MoE block (None when it can)."""
+    if block.experts._c_parts is None:
+        return "its experts run on the torch path"
+    if block.shared_expert is not None:
+        return "it has a shared expert, which the C layers do not implement"
+    if block.local_experts is not None or block.reduce is not None:
+        return "it holds only some experts (expert parallelism)"
+    return None
+
+
+class MoELayers:
+    """The QMoe structures of a model's MoE layers (by layer index) and their routed-id buffer."""
+
+    def __init__(self, model, router_proj) -> None:
+        """`router_proj`: c_layers' LinearMethod -> QProj converter."""
+        self.blocks = {i: layer.mlp for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)}
+        self.position = {i: p for p, i in enumerate(self.blocks)}  # layer index -> index among MoE layers
+        self.structs: dict[int, QMoe] = {}
+        for i, block in self.blocks.items():
+            gate, up, down = block.experts._c_parts
+            self.structs[i] = QMoe(router_proj(block.gate), gate, up, down, block.experts.num_experts, block.top_k,
+                                   int(block.renormalize), 0, None)
+        self.top_k = max((b.top_k for b in self.blocks.values()), default=1)
+        self._routed = torch.empty((len(self.blocks), 0, self.top_k), dtype=torch.int64)  # [MoE layers, rows, k]
+
+    def pointer(self, layer: int):
+        """The QMoe pointer for QLayer.moe (None: a dense layer)."""
+        struct = self.structs.get(layer)
+        return None if struct is None else ctypes.pointer(struct)
+
+    def prepare(self, rows: int) -> None:
+        """Room for `rows` rows of routed ids in every MoE layer's buffer."""
+        if self._routed.shape[1] < rows:
+            self._routed = torch.empty((len(self.blocks), max(rows, 32), self.top_k), dtype=torch.int64)
+            for i, struct in self.structs.items():
+                struct.routed_ids = self._routed[self.position[i]].data_ptr()
+
+    def record(self, rows: int, layer: int | None = None) -> None:
+        """Hand the ids the last call chose to the recorders: every MoE layer's, or only `layer`'s."""
+        for i in self.blocks if layer is None else [layer] if layer in self.blocks else []:
+            block = self.blocks[i]
+            if block.recorder is not None:
+                block.recorder(self._routed[self.position[i], :rows, :block.top_k])

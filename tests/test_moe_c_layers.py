@@ -1,0 +1,72 @@
+"""MoE layers in the one-call C layer step (decode_layers.c with moe.c's fuselm_moe_block): a Mixtral
+model's decode and prompt steps run there, and match the torch layers (same C expert kernel inside)
+and HF transformers, in float32 and with quantised GGUF experts; families the C step cannot run say why."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from conftest import random_prompts
+from fuselm import LLM, SamplingParams
+from moe_models import make_tiny_moe, write_moe_gguf
+from tiny_models import hf_greedy
+
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """8 experts, top-2, experts 256 wide (a multiple of GGUF's blocks): several tokens per expert at batch 8."""
+    path = tmp_path_factory.mktemp("mixtral-c")
+    return path, make_tiny_moe(path, "mixtral", expert_intermediate=256)
+
+
+def run(llm: LLM, prompts):
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+    ids = [o.outputs[0].token_ids for o in outs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
+    return ids, logprobs
+
+
+def torch_layers(llm: LLM) -> LLM:
+    """The same engine with the C layer step off: torch layers around the same C expert kernel."""
+    llm.engine.runner.model.c_layers = None
+    return llm
+
+
+@pytest.mark.parametrize("expert_type", [None, Q.Q8_0, Q.Q4_0], ids=["hf-float32", "gguf-q8_0", "gguf-q4_0"])
+def test_c_layer_step_matches_torch_layers(mixtral, tmp_path, expert_type):
+    path, hf = mixtral
+    model = str(path) if expert_type is None else str(write_moe_gguf(hf, "mixtral", path, tmp_path / "m.gguf",
+                                                                    expert_type=expert_type))
+    prompts = random_prompts([3, 7, 12, 20, 5, 9, 30, 16], seed=21)  # batch 8 x top-2 of 8 experts
+    options = dict(dtype="float32", device="cpu", max_num_batched_tokens=24, enable_prefix_caching=False)
+    c = LLM(model, **options)
+    assert c.engine.runner.plan.layers == "c"
+    assert c.engine.runner.model.c_layers.moe.blocks  # the MoE blocks are in the C step
+    c_ids, c_logprobs = run(c, prompts)
+    t_ids, t_logprobs = run(torch_layers(LLM(model, **options)), prompts)
+    assert c_ids == t_ids
+    assert max(abs(a - b) for x, y in zip(c_logprobs, t_logprobs) for a, b in zip(x, y)) < 1e-4
+    if expert_type is None:  # the float model is HF's: greedy tokens equal transformers'
+        assert c_ids == [hf_greedy(hf, p, PARAMS.max_tokens) for p in prompts]
+
+
+def test_c_layer_step_records_the_routing(mixtral):
+    path, _ = mixtral
+    prompts = random_prompts([4, 11, 17], seed=5)
+    options = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, enable_prefix_caching=False)
+    c = LLM(str(path), **options)
+    t = torch_layers(LLM(str(path), **options))
+    assert run(c, prompts)[0] == run(t, prompts)[0]
+    assert c.engine.runner.expert_stats.to_json() == t.engine.runner.expert_stats.to_json()
+
+
+@pytest.mark.parametrize("kind, why", [("qwen3_moe", "do not implement"), ("olmoe", "do not implement"),
+                                       ("qwen2_moe", "shared expert")])
+def test_families_the_c_step_cannot_run_say_why(tmp_path, kind, why):
+    make_tiny_moe(tmp_path, kind)
+    plan = LLM(str(tmp_path), dtype="float32", device="cpu").engine.runner.plan
+    assert plan.layers == "torch"
+    assert any(why in reason for reason in plan.reasons)
