@@ -225,24 +225,25 @@ def main() -> int:
     p.add_argument("--request-rate", type=float, default=None)
     g = p.add_argument_group("replicas")
     g.add_argument("--policies", default="round_robin,prefix")
-    g.add_argument("--num-groups", type=int, default=6)
+    g.add_argument("--num-groups", type=int, default=4)
     g.add_argument("--prefix-len", type=int, default=512)
     g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="each instance's KV cache in tokens (replicas default: 5 group prefixes; disagg: unset)")
+                   help="each instance's KV cache in tokens (replicas default: the prefixes of num_groups/2 + 1 "
+                        "groups, more than prefix routing needs and fewer than round-robin does; disagg: unset)")
     g = p.add_argument_group("disagg")
     g.add_argument("--setups", default="colocated,replicas,disagg")
-    g.add_argument("--input-len", type=int, default=1024, help="prompts of input_len/2 .. input_len tokens")
+    g.add_argument("--input-len", type=int, default=512, help="prompts of input_len/2 .. input_len tokens")
     g.add_argument("--output-len", type=int, default=128, help="outputs of output_len/2 .. output_len tokens")
     g.add_argument("--slo-ttft-ms", type=float, default=4000)
     g.add_argument("--slo-tpot-ms", type=float, default=150)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.mode == "replicas":
-        args.num_requests = args.num_requests or 48
+        args.num_requests = args.num_requests or 32
         args.request_rate = args.request_rate or float("inf")
         args.max_concurrency = args.max_concurrency or 8
         if args.kv_cache_tokens is None:
-            args.kv_cache_tokens = 5 * args.prefix_len
+            args.kv_cache_tokens = (args.num_groups // 2 + 1) * args.prefix_len
     elif args.mode == "disagg":
         args.num_requests = args.num_requests or 16
         args.request_rate = args.request_rate or 0.4

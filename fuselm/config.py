@@ -7,6 +7,7 @@ same names (vLLM's where one exists) and validate them the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +216,11 @@ class EngineConfig:
     expert_placement: str | None = _option(
         None, "with enable_expert_parallel: a JSON file saying which rank holds each expert of each MoE layer, as "
               "`fuselm placement` writes it from recorded routing statistics; unset: expert e on rank e mod N")
+    kv_compression: Any = _option(
+        None, 'KV cache compression for every request that does not set its own, a dict or its JSON: {"method": '
+              '"snapkv", "budget": 1024, "window": 32} (keep the prompt positions its last queries attend to) or '
+              '{"method": "streaming", "sink": 4, "window": 1024} (attention sinks + recent window); '
+              'fuselm/kv_compression.py, docs/kv_compression.md')
     speculative_config: Any = _option(
         None, 'speculative decoding, a dict or its JSON: {"method": "ngram", "num_speculative_tokens": 4} '
               '(prompt lookup) or {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; other '
@@ -279,6 +285,17 @@ class EngineConfig:
             raise InvalidConfigError("speculative_config is not supported with tensor_parallel_size > 1 (the draft "
                                      "and the verification run in one process); leave one of them unset",
                                      option="speculative_config")
+        if isinstance(self.kv_compression, str):
+            try:
+                self.kv_compression = json.loads(self.kv_compression)
+            except ValueError as exc:
+                raise InvalidConfigError(f"kv_compression is not valid JSON: {exc}", option="kv_compression") from None
+        from fuselm.kv_compression import KVCompression
+
+        try:
+            self.kv_compression = KVCompression.parse(self.kv_compression)
+        except ValueError as exc:
+            raise InvalidConfigError(str(exc), option="kv_compression") from None
         from fuselm.spec.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from fuselm.errors import InvalidRequestError, check_text
 from fuselm.stop_strings import StopMatcher, stop_matcher_for
+from fuselm.kv_compression import KVCompression
 from fuselm.structured_outputs import StructuredOutputsParams
 
 SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit signed integer, as OpenAI's and vLLM's seed
@@ -49,6 +50,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM)
     bad_words: list[str] | None = None  # never completed in the output (vLLM)
+    kv_compression: KVCompression | dict | None = None  # None: the engine's default (fuselm/kv_compression.py)
     _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
     _stop_list: list[str] = field(default_factory=list, repr=False)
     _stop_matcher: StopMatcher | None = field(default=None, init=False, repr=False, compare=False)
@@ -105,6 +107,7 @@ class SamplingParams:
                                           param="allowed_token_ids")
         if self.bad_words is not None:
             self.bad_words = _checked_bad_words(self.bad_words)
+        self.kv_compression = KVCompression.parse(self.kv_compression)
 
     def _check_types(self) -> None:
         """Finite numbers for the float fields, true integers for the int fields, bools for the flags;

@@ -171,3 +171,35 @@ def test_hung_replica_fails_its_requests_and_comes_back():
         state["hang"] = False
         router.stop()
         server.stop()
+
+
+def test_radix_tree_matches_prefixes_and_evicts_least_recently_used():
+    from fuselm.router.radix import RadixTree
+
+    tree = RadixTree(max_chars=40)
+    tree.insert("system prompt A: question one")
+    tree.insert("system prompt A: question two")
+    assert tree.match("system prompt A: question three") == len("system prompt A: question t")
+    assert tree.match("system prompt B") == len("system prompt ")
+    assert tree.num_chars == len("system prompt A: question one") + len("two")  # the shared part once
+    tree.match("system prompt A: question two")  # the "two" branch is now the more recent
+    tree.insert("other text")  # over 40 characters: the least recently used leaf ("one") goes first
+    assert tree.match("system prompt A: question one") == len("system prompt A: question ")
+    assert tree.match("system prompt A: question two") == len("system prompt A: question two")
+    assert tree.num_chars <= 40
+
+
+def test_prefix_policy_falls_back_to_least_load_when_imbalanced():
+    from fuselm.router.policies import Replica, Router
+
+    replicas = [Replica("http://a"), Replica("http://b")]
+    router = Router(replicas, "prefix")
+    prompt = "a long shared system prompt, then a question"
+    first = router.choose(prompt)
+    assert router.choose(prompt) is first  # the cached prefix wins while the load is even
+    first.in_flight, other = 6, replicas[1] if first is replicas[0] else replicas[0]
+    assert router.choose(prompt) is other  # 6 against 0 in flight: least load
+    other.healthy = False
+    assert router.choose(prompt) is first  # the only healthy replica
+    first.healthy = False
+    assert router.choose(prompt) is None

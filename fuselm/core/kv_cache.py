@@ -97,7 +97,8 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Block ids holding this request's longest cached prefix (at least one token is left to compute)."""
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None \
+                or request.kv_compression is not None:  # compressed blocks are private (core/kv_eviction.py)
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._hash_full_blocks(request, max_blocks * self.block_size)
@@ -116,7 +117,7 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply them.
         """
-        total = request.num_computed_tokens + len(shared_blocks) * self.block_size + num_new_tokens
+        total = request.num_computed_tokens - request.kv_offset + len(shared_blocks) * self.block_size + num_new_tokens
         needed = -(-total // self.block_size) - len(request.block_ids) - len(shared_blocks)
         reclaimed = sum(1 for b in shared_blocks if self.pool.ref_cnt[b] == 0)
         if needed > self.pool.num_free - reclaimed:
@@ -131,7 +132,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's computed full blocks so later requests can reuse them."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.kv_compression is not None:
             return
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         if num_full <= request.num_registered_blocks:
@@ -143,7 +144,7 @@ class KVCacheManager:
 
     def trim(self, request: Request) -> None:
         """Return the blocks past the request's computed tokens (slots of rejected speculative tokens)."""
-        keep = -(-request.num_computed_tokens // self.block_size)
+        keep = -(-(request.num_computed_tokens - request.kv_offset) // self.block_size)
         if len(request.block_ids) > keep:
             self.pool.release(request.block_ids[keep:])
             del request.block_ids[keep:]

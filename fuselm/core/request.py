@@ -38,7 +38,7 @@ class Request:
         "priority", "arrival_seq", "metrics", "output_text", "decode_stream", "stop_scan",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
         "num_registered_blocks", "spec_token_ids", "spec_draft_probs", "grammar",
-        "client_id",
+        "client_id", "kv_compression", "kv_offset",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -79,6 +79,10 @@ class Request:
         # Structured output: this sequence's grammar matcher (engine/structured_output.py's
         # SequenceGrammar), advanced with every appended token; None for unconstrained requests.
         self.grammar = None
+        # KV compression (fuselm/kv_compression.py, core/kv_eviction.py): the settings, and how many
+        # positions were evicted (a position p's K/V sit at cache index p - kv_offset of block_ids)
+        self.kv_compression = None
+        self.kv_offset = 0
 
     @property
     def num_tokens(self) -> int:

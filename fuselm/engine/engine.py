@@ -153,6 +153,7 @@ class LLMEngine:
                                       f"max_model_len ({self.max_model_len}); lower max_tokens to at most {room}",
                                       param="max_tokens", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
+        compression = self._kv_compression(params)
         prepare_token_constraints(params, self.tokenizer, self.model_config.vocab_size)
         grammars = None
         if params.structured_outputs is not None:  # parsed now (a bad spec raises), compiled in the background
@@ -166,9 +167,21 @@ class LLMEngine:
                                  client_id=client_id))
             if grammars is not None:
                 group[-1].grammar = grammars[i]
+            group[-1].kv_compression = compression
         self.groups[request_id] = group
         for req in group:
             self.scheduler.add_request(req)
+
+    def _kv_compression(self, params: SamplingParams):
+        """The request's KV compression (its own, else the engine's default), None for none."""
+        compression = params.kv_compression if params.kv_compression is not None else self.config.kv_compression
+        if compression is None or compression.method == "none":
+            return None
+        if self.config.tensor_parallel_size > 1 or any(getattr(layer.self_attn, "sliding_window", None)
+                                                       for layer in self.runner.model.layers):
+            raise InvalidRequestError("kv_compression is not supported for models with sliding-window layers or with "
+                                      "tensor parallelism; leave it unset", param="kv_compression")
+        return compression
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.groups.pop(request_id, None)

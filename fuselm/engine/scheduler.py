@@ -26,6 +26,7 @@ import bisect
 
 from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
+from fuselm.core.kv_eviction import evict_streaming, finish_snapkv, snapkv_chunk, snapkv_step, streaming_window
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
@@ -81,6 +82,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_computed_tokens = 0
+        victim.kv_offset = 0
         victim.spec_token_ids = []
         victim.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -104,6 +106,8 @@ class Scheduler:
                 preempted.append(victim.request_id)
             return True
 
+        for req in self.running:  # StreamingLLM requests give back the blocks their window has left
+            evict_streaming(self.kv, req)
         # 1) decodes, 2) partial prefills: one pass each over the running list in priority order.
         # Prompt tokens (2 and 3) may also be capped so the decodes of this step are not stalled.
         prompt_budget = None
@@ -118,6 +122,9 @@ class Scheduler:
                 if (remaining == 1) != want_decode:
                     continue
                 n = min(remaining, budget if want_decode or prompt_budget is None else prompt_budget)
+                n = snapkv_chunk(req, remaining, n)
+                if n == 0:
+                    continue
                 if not make_room(req, n):
                     self._preempt(req)
                     preempted.append(req.request_id)
@@ -140,8 +147,10 @@ class Scheduler:
             if req.grammar is not None and not req.grammar.ready:
                 continue  # its grammar is still compiling
             shared = self._shared_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size,
-                    budget if prompt_budget is None else prompt_budget)
+            remaining = req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size
+            n = snapkv_chunk(req, remaining, min(remaining, budget if prompt_budget is None else prompt_budget))
+            if n == 0:
+                continue
             if not self.kv.allocate_slots(req, n, shared):
                 break
             self.waiting.remove(req)
@@ -197,7 +206,7 @@ class Scheduler:
         if req.num_computed_tokens:
             return []
         leader = req.group_leader
-        if leader is not None and leader.status is RequestStatus.RUNNING:
+        if leader is not None and leader.status is RequestStatus.RUNNING and req.kv_compression is None:
             usable = min(leader.num_computed_tokens, req.num_prompt_tokens - 1) // self.kv.block_size
             if usable:
                 return leader.block_ids[:usable]
@@ -213,6 +222,8 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens - row.num_spec_tokens
+            if row.snapkv is not None:  # the runner compacted its cache to the budget
+                finish_snapkv(self.kv, req, row.snapkv[0])
             self.kv.cache_full_blocks(req)
 
     def accept_speculative(self, req: Request, num_accepted: int) -> None:
@@ -253,5 +264,6 @@ def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
         seq_id=req.seq_id, request_id=req.request_id, num_computed_tokens=start, token_ids=tuple(tokens),
         block_ids=tuple(req.block_ids), needs_sample=needs_sample, params=params,
         num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
+        kv_offset=req.kv_offset, snapkv=snapkv_step(req, start, n), kv_window=streaming_window(req),
         prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs, grammar_bitmask=bitmask,
     )

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fuselm.layers.cascade import SharedPrefixGroups, cascade_query_attention
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
+from fuselm.layers.snapkv_scores import capture_scores
 
 
 @dataclass(slots=True)
@@ -57,6 +58,8 @@ class AttentionMetadata:
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
     # sliding-window masks built once per step and shared by the layers of one window size
     window_masks: dict = field(default_factory=dict)
+    # rows ending their prefill under SnapKV: each layer adds its scores (runner/kv_compaction.py)
+    snapkv: list | None = None
     # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
     cascade: SharedPrefixGroups | None = None
 
@@ -205,4 +208,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vr = read_kv(flat_v, flat_vs, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[row.start:row.end] = o[0].transpose(0, 1)
+    if meta.snapkv:
+        capture_scores(meta.snapkv, q, flat_k, flat_ks, scale)
     return out

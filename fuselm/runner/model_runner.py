@@ -19,6 +19,7 @@ from fuselm.models.registry import build_model
 from fuselm.layers.cascade import plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
+from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kernel_choice import Override, choose_layer_step
 from fuselm.layers.kv_quant import SCALE_DTYPE
@@ -177,8 +178,10 @@ class ModelRunner:
         bs = self.block_size
         rows = out.scheduled
         single = [i for i, r in enumerate(rows) if r.num_new_tokens == 1]
-        short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens <= QUERY_ROW_MAX_TOKENS]
-        long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > QUERY_ROW_MAX_TOKENS]
+        # (a StreamingLLM row of several tokens is a long row: its queries are masked to their own windows)
+        short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens <= QUERY_ROW_MAX_TOKENS and r.kv_window is None]
+        long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > QUERY_ROW_MAX_TOKENS
+                     or (r.num_new_tokens > 1 and r.kv_window is not None)]
         row_start = [0] * len(rows)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -191,10 +194,11 @@ class ModelRunner:
             table = r.block_ids
             for j, token in enumerate(r.token_ids):
                 p = r.num_computed_tokens + j
+                e = p - r.kv_offset  # its cache index (KV compression evicted kv_offset positions before it)
                 input_ids.append(token)
                 positions.append(p)
-                slot_mapping.append(table[p // bs] * bs + p % bs)
-                ctx_lens.append(p + 1)
+                slot_mapping.append(table[e // bs] * bs + e % bs)
+                ctx_lens.append(e + 1)
                 tables.append(table)
         nd = len(input_ids)
         pos_parts = [torch.tensor(positions, dtype=torch.long)]
@@ -204,21 +208,24 @@ class ModelRunner:
         for i in long_rows:
             r = rows[i]
             row_start[i] = cursor
-            n, c = r.num_new_tokens, r.num_computed_tokens
+            n, c = r.num_new_tokens, r.num_computed_tokens - r.kv_offset  # c: cache entries before the row
             input_ids.extend(r.token_ids)
-            pos_parts.append(torch.arange(c, c + n))
+            pos_parts.append(torch.arange(r.num_computed_tokens, r.num_computed_tokens + n))
             slot_parts.append(self._slots(r.block_ids, c, c + n))
-            if c == 0:
+            if c == 0 and r.kv_window is None:
                 prefill_rows.append(PrefillRow(cursor, cursor + n, 0, None, None))
             else:
                 ctx_slots = self._slots(r.block_ids, 0, c + n).to(self.device)
                 q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
                 allowed = torch.arange(c + n).unsqueeze(0) <= q_pos  # [n, c + n]
+                if r.kv_window is not None:
+                    allowed &= streaming_visible(r, c, n, bs)
                 mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
-                                 prefill_rows=prefill_rows, num_single_rows=len(single))
+                                 prefill_rows=prefill_rows, num_single_rows=len(single),
+                                 snapkv=snapkv_captures(rows, row_start, self._slots, self.device))
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
             max_blocks = max(len(t) for t in tables)
@@ -245,6 +252,8 @@ class ModelRunner:
         input_ids, positions, meta, row_start = self._build_batch(out)
         with forward_context(meta):
             hidden = self.model(input_ids, positions)  # [T, hidden]
+        if meta.snapkv:
+            compact(meta.snapkv, [layer.self_attn for layer in self.model.layers])
         return hidden, row_start
 
     @torch.inference_mode()

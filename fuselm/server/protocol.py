@@ -134,6 +134,7 @@ class SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys are) -> bias in [-100, 100]
     allowed_token_ids: list[int] | None = None
     bad_words: list[Text] | None = None
+    kv_compression: dict[str, Any] | None = None  # fuselm/kv_compression.py; None: the engine's default
 
     @property
     def include_usage(self) -> bool:

@@ -126,7 +126,7 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 structured_outputs=constraint.spec, logit_bias=req.logit_bias,
-                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, kv_compression=req.kv_compression,
             )
         except InvalidRequestError as exc:
             raise in_request_terms(exc, fields) from exc
