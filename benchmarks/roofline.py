@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             buckets[f"decode, {lo}-{lo + args.bucket - 1} rows"].append(s)
     by_batch = {k: summarize(v) for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split()[1].split("-")[0]))}
 
+    machine = machine_info()
+    print(f"{machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch_version']}, "
+          f"load average {machine.get('loadavg')}")
     print(f"{args.num_requests} {args.workload} requests, {args.dtype}: {elapsed:.1f} s, "
           f"{result['output_throughput']:.1f} output tok/s, {len(steps)} steps")
     print(f"peaks: FMA {peaks['fma_gflops']:.1f} GFLOP/s (torch.mm {peaks['torch_mm_gflops']:.1f}"
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for s in steps:
             s["rows"] = [[r.cached, r.new, int(r.samples)] for r in s["rows"]]
-        path = write_json({"benchmark": "roofline", "machine": machine_info(), "workload": {
+        path = write_json({"benchmark": "roofline", "machine": machine, "workload": {
             "name": args.workload, "num_requests": args.num_requests, "seed": args.seed}, "dtype": args.dtype,
             "kv_dtype": str(runner.kv_dtype).removeprefix("torch."), "model_shape": shape.__dict__, "peaks": peaks,
             "whole_run": whole_run, "by_kind": by_kind, "all_steps": total, "decode_by_batch": by_batch,

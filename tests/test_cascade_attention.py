@@ -86,24 +86,26 @@ CASES = [  # block_size, kv_heads, group, head_dim, groups, loners, spec rows
 ]
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_kernel_and_torch_path_match_float64(kernels, case, kv_dtype):
+def test_kernel_and_torch_path_match_float64(kernels, case, q_dtype, kv_dtype):
     bs, kv_heads, group, dim, groups, loners, spec = CASES[case]
     k_cache, v_cache, tables, lens, q = make_step(case, bs, kv_heads, group, dim, kv_dtype, groups, loners, spec)
+    q = q.to(q_dtype)
     scale = dim ** -0.5
     plan = plan_shared_prefix(tables, lens, bs, padded(tables, k_cache.shape[0] - 1), torch.tensor(lens),
-                              null_slot=(k_cache.shape[0] - 1) * bs)
+                              null_slot=(k_cache.shape[0] - 1) * bs, min_rows=1, min_blocks=2)
     assert plan is not None
     want = reference(q, k_cache, v_cache, tables, lens, scale)
-    tol = 1e-5 if kv_dtype == torch.float32 else 1e-4
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-4}[kv_dtype] if q_dtype == torch.float32 else 1e-2  # bf16 output
 
     out = torch.empty_like(q)
     kernels.cascade_attention(q, out, k_cache, v_cache, padded(tables, 0), torch.tensor(lens), scale, plan.encoded)
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
     flat_k, flat_v = (c.view(-1, kv_heads, dim) for c in (k_cache, v_cache))
-    got = cascade_query_attention(q, plan, lambda s, value: (flat_v if value else flat_k)[s].float(), scale)
+    got = cascade_query_attention(q, plan, lambda s, value: (flat_v if value else flat_k)[s].to(q_dtype), scale)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
@@ -119,7 +121,7 @@ def test_kernel_writes_new_rows_and_bf16_queries(kernels):
         want_v[t[(n - 1) // bs], (n - 1) % bs] = v_new[i]
     scale = dim ** -0.5
     want = reference(q.bfloat16().float(), want_k, want_v, tables, lens, scale)
-    plan = plan_shared_prefix(tables, lens, bs)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=2, min_blocks=2)
     out = torch.empty_like(q.bfloat16())
     kernels.cascade_attention(q.bfloat16(), out, k_cache, v_cache, padded(tables, 0), torch.tensor(lens), scale,
                               plan.encoded, k_new, v_new)
@@ -142,7 +144,7 @@ def test_groups_share_block_ids_and_never_the_written_block():
     lens.append(3 * bs + 5)
     tables.append((5, 6, 7))  # shares nothing
     lens.append(40)
-    groups = find_groups(tables, lens, bs)
+    groups = find_groups(tables, lens, bs, min_rows=2, min_blocks=2)
     # each document's four rows share system + document (9 blocks): more reads saved than one group of 13 at 3
     assert sorted((sorted(rows), shared) for rows, shared in groups) == [([0, 1, 2, 3], 9), ([4, 5, 6, 7], 9),
                                                                          ([8, 9, 10, 11], 9)]
@@ -150,5 +152,6 @@ def test_groups_share_block_ids_and_never_the_written_block():
         assert len({tables[r][:shared] for r in rows}) == 1
         assert all(shared * bs <= lens[r] - 1 for r in rows)
     # a full last block is the one being written: it is never shared
-    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs) == [([0, 1], 2)]
-    assert find_groups([(1, 2), (1, 2)], [32, 32], bs) == []  # one block at most: below the minimum
+    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 2, 2) == [([0, 1], 2)]
+    assert find_groups([(1, 2), (1, 2)], [32, 32], bs, 2, 2) == []  # one block at most: below the minimum
+    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 3, 2) == []  # too few rows

@@ -9,6 +9,15 @@ import torch
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
+from fuselm.layers import cascade
+
+
+@pytest.fixture(autouse=True)
+def group_small_shares(monkeypatch):
+    """Form groups from 2 rows sharing 2 blocks on: the minimum where grouping pays is a speed
+    threshold (fuselm/layers/cascade.py), correctness must hold for every group."""
+    monkeypatch.setattr(cascade, "MIN_GROUP_ROWS", 2)
+    monkeypatch.setattr(cascade, "MIN_SHARED_BLOCKS", 2)
 
 
 def run(path: str, prompts, params: SamplingParams, cascade: bool, warm: list | None = None, **options):

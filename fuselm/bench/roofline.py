@@ -139,8 +139,8 @@ def measure_stream_gbps(mib: int = 512, repeats: int = 5) -> dict:
 
 def measure_scattered_gbps(block_bytes: int, pool_mib: int = 512, gather_mib: int = 128, repeats: int = 5,
                            seed: int = 0) -> dict:
-    """Bytes per second read when gathering `block_bytes`-sized blocks of a large pool in random order
-    (index_select into a buffer, timed with the write side not counted)."""
+    """Memory traffic per second when gathering `block_bytes`-sized blocks of a large pool in random
+    order (index_select into a buffer; bytes read + written, as the stream copy figure counts them)."""
     import torch
 
     elems = max(1, block_bytes // 4)
@@ -150,7 +150,7 @@ def measure_scattered_gbps(block_bytes: int, pool_mib: int = 512, gather_mib: in
     idx = torch.randperm(pool.shape[0], generator=g)[:count]
     out = torch.empty(count, elems)
     seconds = _best_seconds(lambda: torch.index_select(pool, 0, idx, out=out), repeats)
-    return {"scattered_gbps": count * elems * 4 / seconds / 1e9, "scattered_block_bytes": elems * 4}
+    return {"scattered_gbps": 2 * count * elems * 4 / seconds / 1e9, "scattered_block_bytes": elems * 4}
 
 
 def measure_peaks(block_bytes: int) -> dict:

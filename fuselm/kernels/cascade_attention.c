@@ -188,6 +188,24 @@ static inline __attribute__((always_inline)) void add_pv(float *acc, int64_t i, 
     }
 }
 
+/* add_pv for R <= 6 queries and head_dim = 16 * DC (both constants where inlined, R * DC <= 24): every
+ * accumulator of the R rows stays in a register through the block, so the FMAs of one V row are
+ * R * DC independent chains (a row's few accumulators alone would wait on the FMA latency). */
+static inline __attribute__((always_inline)) void add_pv_small(float *acc, int64_t i, int R, int DC, const float *P,
+                                                               int64_t ldp, int64_t count, const float *V,
+                                                               int64_t vs) {
+    v16f a[6][8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < DC; c++) a[r][c] = load16(acc + (i + r) * DC * LANES + c * LANES);
+    for (int64_t t = 0; t < count; t++)
+        for (int c = 0; c < DC; c++) {
+            const v16f v = load16(V + t * vs + c * LANES);
+            for (int r = 0; r < R; r++) a[r][c] += P[(i + r) * ldp + t] * v;
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < DC; c++) store16(acc + (i + r) * DC * LANES + c * LANES, a[r][c]);
+}
+
 /* The online-softmax step for `count` new scores of each of M queries: S becomes exp(S - new max),
  * l and acc are rescaled to the new max, then acc += P V (V rows `vs` apart). */
 static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t count, const float *V, int64_t vs,
@@ -211,6 +229,15 @@ static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t cou
             for (int64_t d = 0; d < D; d += LANES) store16(a + d, load16(a + d) * correction);
         }
     }
+    if (M <= 3 && (D == 64 || D == 128)) { /* a row's own blocks: its query heads of one KV head */
+#define PV_SMALL(R)                                                                                          \
+    (D == 64 ? add_pv_small(st.acc, 0, R, 4, S, lds, count, V, vs) : add_pv_small(st.acc, 0, R, 8, S, lds, count, V, vs))
+        if (M == 1) PV_SMALL(1);
+        else if (M == 2) PV_SMALL(2);
+        else PV_SMALL(3);
+#undef PV_SMALL
+        return;
+    }
     int64_t i = 0;
     for (; i + ROW_BLOCK <= M; i += ROW_BLOCK) add_pv(st.acc, i, ROW_BLOCK, S, lds, count, V, vs, D);
     switch (M - i) { /* the rest, with a constant row count so its accumulators stay in registers */
@@ -225,10 +252,73 @@ static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t cou
     }
 }
 
-/* Per-thread scratch for one span of blocks. */
+/* Per-thread scratch for one span of blocks. qb: the queries as unscaled bf16 [M, D] when the scores
+ * take the bf16 path (block_scores_bf16), else NULL. */
 typedef struct {
     float *scores, *kt, *k_rows, *v_rows;
+    uint16_t *qb;
+    float scale;
 } Scratch;
+
+#if defined(__AVX512BF16__)
+#define HAVE_BF16_SCORES 1
+/* block_scores' matrix form for bf16 queries over a bf16 cache, by vdpbf16ps (bf16 products, float
+ * sums, as paged_attention.c's bf16 path): K's rows are packed as kt [D / 2, 16-key rows, 2] so that
+ * one load holds a pair of dimensions of 16 keys, multiplied against a broadcast pair of each query's.
+ * Half the instructions of the float form. K: the head's raw rows, `ks` apart. Fewer than PANEL_MIN_ROWS
+ * queries need D % 32 == 0. */
+static void block_scores_bf16(const uint16_t *Qb, int64_t M, const uint16_t *K, int64_t ks, int64_t count, int64_t D,
+                              float scale, float *S, int64_t lds, uint16_t *kt) {
+    const int64_t ldk = (count + LANES - 1) / LANES * LANES;
+    if (M < PANEL_MIN_ROWS) { /* few queries (D % 32 == 0): 32-wide dot products, 16 keys summed at once */
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t t0 = 0; t0 < count; t0 += LANES) {
+                __m512 part[LANES];
+                for (int t = 0; t < LANES; t++) {
+                    __m512 a = _mm512_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 32)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(Qb + i * D + d),
+                                             (__m512bh)_mm512_loadu_si512(K + (t0 + t) * ks + d));
+                    part[t] = a;
+                }
+                _mm512_storeu_ps(S + i * lds + t0, _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale)));
+            }
+        return;
+    }
+    for (int64_t t = 0; t < count; t++)
+        for (int64_t d = 0; d < D; d += 2) {
+            kt[(d / 2) * ldk * 2 + 2 * t] = K[t * ks + d];
+            kt[(d / 2) * ldk * 2 + 2 * t + 1] = K[t * ks + d + 1];
+        }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t t0 = 0; t0 < count; t0 += LANES) {
+        int64_t i = 0;
+        for (; i + ROW_BLOCK <= M; i += ROW_BLOCK) {
+            __m512 a[ROW_BLOCK];
+            for (int r = 0; r < ROW_BLOCK; r++) a[r] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 2) {
+                const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + (d / 2) * ldk * 2 + 2 * t0);
+                for (int r = 0; r < ROW_BLOCK; r++) {
+                    int32_t pair;
+                    memcpy(&pair, Qb + (i + r) * D + d, sizeof pair);
+                    a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(pair), k);
+                }
+            }
+            for (int r = 0; r < ROW_BLOCK; r++) _mm512_storeu_ps(S + (i + r) * lds + t0, _mm512_mul_ps(a[r], vscale));
+        }
+        for (; i < M; i++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 2) {
+                int32_t pair;
+                memcpy(&pair, Qb + i * D + d, sizeof pair);
+                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_set1_epi32(pair),
+                                     (__m512bh)_mm512_loadu_si512(kt + (d / 2) * ldk * 2 + 2 * t0));
+            }
+            _mm512_storeu_ps(S + i * lds + t0, _mm512_mul_ps(a, vscale));
+        }
+    }
+}
+#endif
 
 /* Ask for head h's K and V rows of the block starting at cache row first_row (the hardware prefetcher
  * cannot guess where the next block of a table lies). */
@@ -244,7 +334,7 @@ static inline void prefetch_head_rows(const void *k_cache, const void *v_cache, 
     }
 }
 
-/* Attend M queries of KV head h (Q [M, D], pre-scaled) to context positions [first_block * bs, len) of
+/* Attend M queries of KV head h (Q [M, D], pre-scaled; w.qb, when set, the same unscaled in bf16) to context positions [first_block * bs, len) of
  * one block table, continuing the state st. */
 static void attend_span(const float *Q, int64_t M, State st, const void *k_cache, const void *v_cache, int kv_dtype,
                         const int64_t *table, int64_t first_block, int64_t len, int64_t h, int64_t row_elems,
@@ -255,9 +345,17 @@ static void attend_span(const float *Q, int64_t M, State st, const void *k_cache
         if (start + bs < len) /* blocks sit anywhere in the pool: fetch the next one's rows of this head now */
             prefetch_head_rows(k_cache, v_cache, kv_dtype, table[b + 1] * bs, h, row_elems, bs, D);
         int64_t ks, vs;
-        const float *K = head_rows(k_cache, kv_dtype, first_row, h, row_elems, count, D, w.k_rows, &ks);
+#ifdef HAVE_BF16_SCORES
+        if (w.qb != NULL)
+            block_scores_bf16(w.qb, M, (const uint16_t *)k_cache + first_row * row_elems + h * D, row_elems, count, D,
+                              w.scale, w.scores, bs, (uint16_t *)w.kt);
+        else
+#endif
+        {
+            const float *K = head_rows(k_cache, kv_dtype, first_row, h, row_elems, count, D, w.k_rows, &ks);
+            block_scores(Q, M, K, ks, count, D, w.scores, bs, w.kt);
+        }
         const float *V = head_rows(v_cache, kv_dtype, first_row, h, row_elems, count, D, w.v_rows, &vs);
-        block_scores(Q, M, K, ks, count, D, w.scores, bs, w.kt);
         block_update(st, M, w.scores, bs, count, V, vs, D);
     }
 }
@@ -332,7 +430,11 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         const int64_t mq = max_m > G ? max_m : G;
         float *Q = malloc(sizeof(float) * (size_t)(mq * D));
         Scratch w = {malloc(sizeof(float) * (size_t)(mq * bs)), malloc(sizeof(float) * (size_t)(D * bs)),
-                     malloc(sizeof(float) * (size_t)(bs * D)), malloc(sizeof(float) * (size_t)(bs * D))};
+                     malloc(sizeof(float) * (size_t)(bs * D)), malloc(sizeof(float) * (size_t)(bs * D)), NULL, scale};
+        uint16_t *qb = NULL;
+#ifdef HAVE_BF16_SCORES
+        if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16) qb = malloc(sizeof(uint16_t) * (size_t)(mq * D));
+#endif
         float *own = malloc(sizeof(float) * (size_t)(G * (D + 2)));
 
         if (k_new != NULL) { /* this step's single-token rows: their K/V go in before anything is read */
@@ -352,8 +454,13 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             while (item_first[g + 1] <= it) g++;
             const int64_t local = it - item_first[g], h = local / chunks[g], c = local % chunks[g];
             const int64_t R = offsets[g + 1] - offsets[g], M = R * G;
-            for (int64_t r = 0; r < R; r++)
+            for (int64_t r = 0; r < R; r++) {
                 gather_queries(q, dtype, rows[offsets[g] + r], h, G, num_heads, D, scale, Q + r * G * D);
+                if (qb != NULL)
+                    memcpy(qb + r * G * D, (const uint16_t *)q + (rows[offsets[g] + r] * num_heads + h * G) * D,
+                           sizeof(uint16_t) * (size_t)(G * D));
+            }
+            w.qb = qb != NULL && (M >= PANEL_MIN_ROWS || D % 32 == 0) ? qb : NULL;
             float *base = states + state_at[g] + local * M * (D + 2);
             State st = {base, base + M, base + 2 * M};
             reset_state(st, M, D);
@@ -379,6 +486,11 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                 first_block = shared_blocks[g];
             }
             gather_queries(q, dtype, n, h, G, num_heads, D, scale, Q);
+            w.qb = NULL;
+            if (qb != NULL && D % 32 == 0) {
+                memcpy(qb, (const uint16_t *)q + (n * num_heads + h * G) * D, sizeof(uint16_t) * (size_t)(G * D));
+                w.qb = qb;
+            }
             attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block, ctx_lens[n], h,
                         row_elems, D, bs, w);
             for (int64_t j = 0; j < G; j++) {
@@ -393,7 +505,7 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                 }
             }
         }
-        free(Q), free(w.scores), free(w.kt), free(w.k_rows), free(w.v_rows), free(own);
+        free(Q), free(qb), free(w.scores), free(w.kt), free(w.k_rows), free(w.v_rows), free(own);
     }
     free(states), free(state_at), free(chunks), free(item_first), free(row_group);
 }

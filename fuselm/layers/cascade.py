@@ -22,11 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Measured (benchmarks/shared_prefix.py --kernel-sweep, SmolLM2-135M shapes, 2-vCPU AMD EPYC with
-# AVX-512): the C kernel's grouped pass beats the per-row kernel from 2 rows sharing 2 blocks on;
-# below that a group is not formed.
-MIN_GROUP_ROWS = 2
-MIN_SHARED_BLOCKS = 2
+# Where grouping pays, measured (one thread, CPU time; SmolLM2-135M's 9 query / 3 KV heads of 64,
+# rows with ~40 tokens of their own; 2-vCPU AMD EPYC with AVX-512, float32 and bfloat16 KV): decode
+# attention on CPU is compute-bound (the shared blocks of a layer stay in cache across the rows), so
+# the grouped pass wins only through its matrix form, and only with many rows over a long prefix:
+# per-row time / grouped time was 0.7-0.9 for 2-4 rows at any length and for 8-16 rows sharing up to
+# 128 tokens, 1.0-1.1 for 8 rows and 1.1-1.2 for 16 rows sharing 512 tokens, 1.2-1.7 for 64 rows
+# sharing 2,000. `benchmarks/shared_prefix.py --kernel-sweep` repeats the measurement.
+MIN_GROUP_ROWS = 8
+MIN_SHARED_BLOCKS = 32
 
 
 @dataclass(slots=True)
@@ -43,12 +47,14 @@ class SharedPrefixGroups:
     suffix_mask: torch.Tensor | None = None  # [rows, 1, 1, L] bool, True = attend
 
 
-def find_groups(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: int,
-                min_rows: int = MIN_GROUP_ROWS, min_blocks: int = MIN_SHARED_BLOCKS) -> list[tuple[list[int], int]]:
-    """(rows, shared blocks) of each group among query rows with these block tables and context lengths.
-
-    A row may share only blocks before the one holding its last context position (what it writes
-    this step, or a neighbouring speculative row writes)."""
+def find_groups(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: int, min_rows: int | None = None,
+                min_blocks: int | None = None) -> list[tuple[list[int], int]]:
+    """(rows, shared blocks) of each group among query rows with these block tables and context lengths:
+    at least `min_rows` rows (default MIN_GROUP_ROWS) sharing at least `min_blocks` blocks (default
+    MIN_SHARED_BLOCKS). A row may share only blocks before the one holding its last context position
+    (what it writes this step, or a neighbouring speculative row writes)."""
+    min_rows = MIN_GROUP_ROWS if min_rows is None else min_rows
+    min_blocks = MIN_SHARED_BLOCKS if min_blocks is None else min_blocks
     limit = [min(len(t), (n - 1) // block_size) for t, n in zip(tables, ctx_lens)]
 
     def best(rows: list[int], depth: int) -> tuple[int, list[tuple[list[int], int]]]:
@@ -84,10 +90,11 @@ def find_groups(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: 
 
 def plan_shared_prefix(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: int,
                        table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
-                       null_slot: int | None = None, device: torch.device | None = None) -> SharedPrefixGroups | None:
-    """The step's groups (None when there are none). With `table` ([rows, max_blocks] int64, padded),
-    `lens` ([rows]) and `null_slot`, also the slots the torch path gathers."""
-    groups = find_groups(tables, ctx_lens, block_size)
+                       null_slot: int | None = None, device: torch.device | None = None,
+                       min_rows: int | None = None, min_blocks: int | None = None) -> SharedPrefixGroups | None:
+    """The step's groups (None when there are none; minimums as find_groups). With `table` ([rows,
+    max_blocks] int64, padded), `lens` ([rows]) and `null_slot`, also the slots the torch path gathers."""
+    groups = find_groups(tables, ctx_lens, block_size, min_rows, min_blocks)
     if not groups:
         return None
     rows = [g for g, _ in groups]
