@@ -122,6 +122,20 @@ class GroupedExperts(LinearMethod):
         self.up = ExpertWeights.from_parts(up, e, i, h)
         self.down = ExpertWeights.from_parts(down, e, h, i)
 
+    def quantize(self, quantize_rows) -> int:
+        """Replace each float projection by `quantize_rows`([E * N, K] float) -> QuantWeight of the same
+        rows (quantisation works per row or per group of a row, so each expert's rows come out as if
+        quantised alone); before the execution plan packs anything. Returns how many were replaced."""
+        count = 0
+        for name in ("gate", "up", "down"):
+            w = getattr(self, name)
+            if w.dense is not None and w.dense.is_floating_point():
+                flat = w.dense.detach().reshape(-1, w.in_features)  # [E * N, K]
+                setattr(self, name, ExpertWeights.from_parts(quantize_rows(flat), w.num_experts, w.out_features,
+                                                             w.in_features))
+                count += 1
+        return count
+
     @property
     def kind(self) -> str:
         if self.gate is None:

@@ -7,7 +7,9 @@ Two entry points, called by the ModelRunner:
   weight is never allocated. Embeddings / LM head likewise.
 - quantize_model(model, method, group_size, quantize_lm_head): after loading, every remaining
   float projection (TorchLinear) of the layers becomes a QuantLinear of `method` (int8 or int4, per
-  group); the LM head and the embeddings become int8 per vocabulary row unless kept.
+  group), and every MoE layer's float experts a stacked QuantWeight of the same method (each
+  expert's rows quantised as that expert alone would be); the LM head and the embeddings become
+  int8 per vocabulary row unless kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from fuselm.layers.linear import TorchLinear
+from fuselm.layers.moe import GroupedExperts
 from fuselm.quant.formats import QuantWeight, quantize, quantize_int8
 from fuselm.quant.linear import QuantEmbedding, QuantLinear
 
@@ -65,6 +68,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None, quanti
             bias = None if module.bias is None else module.bias.detach()
             setattr(parent, attr, QuantLinear([quantize(module.weight.detach(), method, group_size)], bias))
             count += 1
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            count += module.quantize(lambda w: quantize(w, method, group_size))
     if quantize_lm_head and isinstance(model.lm_head, TorchLinear):
         dtype = model.norm.weight.dtype
         embed = quantize_int8(model.embed_tokens.weight.detach())
