@@ -50,12 +50,13 @@ def check_prefix_cache_hits(path: str, hf, prefix_blocks: int = 4, **options) ->
     assert_pool_full(llm)
 
 
-def check_preemption(path: str, hf, **options) -> None:
-    """A pool of 20 blocks (320 tokens) for requests needing ~900 together: preemption is forced."""
+def check_preemption(path: str, hf, blocks: int = 20, **options) -> None:
+    """A pool of 20 blocks (320 tokens) for requests needing ~900 together: preemption is forced.
+    (A model whose every layer is windowed needs fewer: `blocks`.)"""
     prompts = random_prompts([90, 17, 60, 33, 120, 5, 75, 48], seed=3)
     probe = LLM(path, dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20, **options)
     per_block = probe.engine.runner.bytes_per_block
-    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=64, kv_cache_memory_bytes=20 * per_block,
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=64, kv_cache_memory_bytes=blocks * per_block,
               **options)
     assert greedy(llm, prompts) == [hf_greedy(hf, p, GREEDY_TOKENS) for p in prompts]
     assert llm.engine.scheduler.num_preemptions > 0

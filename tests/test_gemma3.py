@@ -35,11 +35,10 @@ def test_the_window_changes_the_reference(gemma3):
     assert (hf_last_logits(unwindowed.eval(), prompts) - hf_last_logits(hf, prompts)).abs().max().item() > 1e-2
 
 
-def test_plan_takes_torch_attention_for_windowed_layers(gemma3):
+def test_plan_takes_c_attention_for_windowed_layers(gemma3):
     path, _ = gemma3
     plan = LLM(path, dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20).engine.runner.plan
-    assert plan.attention == "torch-sdpa" and plan.layers == "torch"
-    assert "3 of 4 layers have a sliding window" in plan.summary()
+    assert plan.attention == "c-paged" and plan.layers == "torch"
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])

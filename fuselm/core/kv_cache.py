@@ -112,6 +112,10 @@ class KVCacheManager:
         self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
+    def leader_prefix(self, leader: Request, usable: int) -> list[int]:
+        """The first `usable` blocks of an n > 1 request's first sample, for a sibling to share."""
+        return leader.block_ids[:usable]
+
     def allocate_slots(self, request: Request, num_new_tokens: int, shared_blocks: list[int] = ()) -> bool:
         """Give `request` blocks for `shared_blocks` (already computed, reused) plus `num_new_tokens`.
 

@@ -38,7 +38,7 @@ class Request:
         "priority", "arrival_seq", "metrics", "output_text", "decode_stream", "stop_scan",
         "logprobs", "prompt_logprobs", "group_leader", "sample_index", "num_cached_tokens", "max_tokens",
         "num_registered_blocks", "spec_token_ids", "spec_draft_probs", "grammar",
-        "client_id", "kv_compression", "kv_offset",
+        "client_id", "group_block_ids", "kv_compression", "kv_offset",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -55,6 +55,8 @@ class Request:
         self.max_tokens = max_tokens  # resolved: params.max_tokens or what max_model_len leaves
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        # block tables of KV cache groups 1.. (core/kv_groups.py); empty for a model with one group
+        self.group_block_ids: list[list[int]] = []
         self.block_hashes: list[int] = []  # hashes of this request's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = RequestStatus.WAITING

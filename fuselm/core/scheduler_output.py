@@ -33,6 +33,7 @@ class ScheduledRequest:
     num_prompt_tokens: int
     sample_index: int = 0  # which of the request's n samples; a seeded generator starts at seed + sample_index
     num_spec_tokens: int = 0  # trailing token_ids that are speculative (proposed, to be verified)
+    group_block_ids: tuple[tuple[int, ...], ...] = ()  # block tables of KV cache groups 1.. (core/kv_groups.py)
     kv_offset: int = 0  # positions evicted by KV compression: position p sits at cache index p - kv_offset
     snapkv: tuple[int, int, int] | None = None  # (budget, window, pool): compact the cache after this step
     kv_window: tuple[int, int] | None = None  # StreamingLLM (sink, window): what each query may see

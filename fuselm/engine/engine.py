@@ -21,6 +21,7 @@ import torch
 from fuselm.config import EngineConfig, parse_dtype, resolve_device
 from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text, visible_text
 from fuselm.core.kv_cache import KVCacheManager
+from fuselm.core.kv_groups import GroupedKVCacheManager, sequence_capacity
 from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.engine.structured_output import StructuredOutputManager, prepare_token_constraints, trim_speculation
@@ -30,6 +31,7 @@ from fuselm.loader import load_model
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.parallel.group import WorkerFailedError
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
+from fuselm.models.registry import SLIDING_WINDOW_ARCHITECTURES
 from fuselm.runner.sampler import SampledToken
 from fuselm.sampling_params import SamplingParams
 from fuselm.spec.speculator import SpeculationTarget, Speculator
@@ -65,8 +67,8 @@ class LLMEngine:
         self.generation_defaults = loaded.generation_defaults
         self.model_name = loaded.source
         limit = mc.max_position_embeddings
-        if mc.sliding_window:  # attention here is full, so stay inside the window to stay exact
-            limit = min(limit, mc.sliding_window)
+        if mc.sliding_window and mc.architecture not in SLIDING_WINDOW_ARCHITECTURES:
+            limit = min(limit, mc.sliding_window)  # attention here is full, so stay inside the window to stay exact
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds what this model supports ({limit})")
         max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
@@ -80,12 +82,17 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(config, mc, loaded.weights, self.device, self.dtype, max_model_len, eos)
         del loaded
-        pool_tokens = self.runner.num_blocks * config.block_size
+        pool_tokens = sequence_capacity(self.runner.kv_groups, self.runner.num_blocks, config.max_num_batched_tokens,
+                                        config.block_size)
         if pool_tokens < max_model_len:
             logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", pool_tokens, max_model_len)
             max_model_len = pool_tokens
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        if any(group.window for group in self.runner.kv_groups):  # blocks behind a sliding window are released
+            self.kv = GroupedKVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                            self.runner.kv_groups)
+        else:
+            self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         limiter = None
         if config.max_decode_slowdown is not None:
             limiter = PromptChunkLimiter(config.max_decode_slowdown)

@@ -208,8 +208,9 @@ class Scheduler:
         leader = req.group_leader
         if leader is not None and leader.status is RequestStatus.RUNNING and req.kv_compression is None:
             usable = min(leader.num_computed_tokens, req.num_prompt_tokens - 1) // self.kv.block_size
-            if usable:
-                return leader.block_ids[:usable]
+            shared = self.kv.leader_prefix(leader, usable) if usable else []
+            if shared:
+                return shared
         return self.kv.find_cached_prefix(req)
 
     def update_from_output(self, output: SchedulerOutput) -> None:
@@ -264,6 +265,7 @@ def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
         seq_id=req.seq_id, request_id=req.request_id, num_computed_tokens=start, token_ids=tuple(tokens),
         block_ids=tuple(req.block_ids), needs_sample=needs_sample, params=params,
         num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
+        group_block_ids=tuple(map(tuple, req.group_block_ids)),
         kv_offset=req.kv_offset, snapkv=snapkv_step(req, start, n), kv_window=streaming_window(req),
         prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs, grammar_bitmask=bitmask,
     )

@@ -78,6 +78,8 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_has_bf16_fast_path": ([], _INT),
     "fuselm_paged_decode_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32,
                                        _INT, _INT, _INT], None),
+    "fuselm_paged_window_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                                       _F32, _INT, _INT, _INT], None),
     "fuselm_cascade_supported": ([_I64, _I64], _INT),
     "fuselm_cascade_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT,
                                   _INT, _INT, _P], None),

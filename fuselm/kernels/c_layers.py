@@ -104,6 +104,9 @@ class CLayers:
 
         if not getattr(model, "supports_c_layers", False):
             return f"{type(model).__name__}'s layers have blocks the C layers do not implement"
+        windowed = sum(1 for layer in model.layers if layer.self_attn.sliding_window)
+        if windowed:
+            return f"{windowed} of {len(model.layers)} layers have a sliding window, which the C layers do not take"
         if model.norm.weight.dtype != torch.float32:
             return f"activations are {str(model.norm.weight.dtype).removeprefix('torch.')}, the C layers run float32"
         for layer in model.layers:

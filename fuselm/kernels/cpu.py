@@ -55,7 +55,7 @@ class CpuKernels:
         self.isa = built.variant.name  # the ISA variant loaded: generic, avx2, avx512 or avx512bf16
         self.build_key = built.key
         self.path = built.path
-        self._decode = lib.fuselm_paged_decode_attention
+        self._decode = lib.fuselm_paged_window_attention
         self._decode_int8 = lib.fuselm_paged_decode_attention_int8  # an int8 KV cache (paged_attention_int8.c)
         self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
         self._cascade_supported = lib.fuselm_cascade_supported
@@ -168,7 +168,8 @@ class CpuKernels:
     def paged_decode_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                                k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                               ctx_starts: torch.Tensor | None = None) -> None:
         """q, out: [n, Hq, D] contiguous; caches [blocks, block_size, Hkv, D]; block_table [n, B] int64.
 
         With k_new/v_new ([w, Hkv, D], q's dtype, w <= n), the new token of each of the first w rows
@@ -177,6 +178,8 @@ class CpuKernels:
         per layer at 128 rows). Rows from w on must have their K/V in the cache already.
         An int8 cache comes with its scales k_scale/v_scale [blocks, block_size, Hkv] bfloat16
         (paged_attention_int8.c; new rows are quantised as fuselm/layers/kv_quant.py does).
+        ctx_starts ([n] int64): row i attends to positions ctx_starts[i] .. ctx_lens[i] - 1 only (a
+        sliding window); the table's entries for blocks before that are never read.
         """
         assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous()
         assert q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == torch.int64
@@ -189,7 +192,10 @@ class CpuKernels:
             assert k_new.shape == v_new.shape == (num_write, k_cache.shape[2], head_dim)
             k_new, v_new = k_new.contiguous(), v_new.contiguous()
             new_k, new_v = k_new.data_ptr(), v_new.data_ptr()
+        if ctx_starts is not None:
+            assert ctx_starts.dtype == torch.int64 and ctx_starts.is_contiguous() and ctx_starts.shape == (n,)
         if k_cache.dtype == torch.int8:
+            assert ctx_starts is None, "the int8 kernel takes no sliding window"
             assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
             self._decode_int8(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(),
                               v_scale.data_ptr(), new_k, new_v, num_write, block_table.data_ptr(), ctx_lens.data_ptr(),
@@ -197,7 +203,8 @@ class CpuKernels:
                               DTYPE_CODES[q.dtype], torch.get_num_threads())
             return
         self._decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), new_k, new_v, num_write,
-                     block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2],
+                     block_table.data_ptr(), ctx_lens.data_ptr(), None if ctx_starts is None else ctx_starts.data_ptr(),
+                     n, block_table.shape[1], num_heads, k_cache.shape[2],
                      head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype],
                      torch.get_num_threads())
 

@@ -42,6 +42,13 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                                    const int64_t *ctx_lens, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
                                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
                                    int kv_dtype, int num_threads);
+/* fuselm_paged_decode_attention where row n attends to positions ctx_starts[n] .. ctx_lens[n] - 1
+ * (a sliding window); ctx_starts [num_seqs] int64, or NULL for the whole context. */
+void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                                   const void *v_new, int64_t num_write, const int64_t *block_table,
+                                   const int64_t *ctx_lens, const int64_t *ctx_starts, int64_t num_seqs,
+                                   int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t block_size, float scale, int dtype, int kv_dtype, int num_threads);
 void fuselm_store_kv_rows(void *k_cache, void *v_cache, const void *k_new, const void *v_new, int64_t first,
                           int64_t last, const int64_t *block_table, const int64_t *ctx_lens, int64_t max_blocks,
                           int64_t row_elems, int64_t block_size, int dtype, int kv_dtype);

@@ -12,6 +12,9 @@
  *               just before it is read. Rows from num_write on (several query rows of one
  *               sequence, e.g. speculative tokens being verified) must have their K/V stored
  *               before the call: a row reads slots that other rows of its sequence fill.
+ * ctx_starts  [num_seqs] int64 or NULL: the first context position each row attends to (a sliding
+ *             window's start); blocks before it are never read, so their table entries may be
+ *             anything (a windowed KV cache group puts its null block there).
  * dtype (q, out) and kv_dtype (the caches): FUSELM_F32 or FUSELM_BF16.
  */
 #include <math.h>
@@ -71,7 +74,8 @@ static inline float exp_nonpositive(float x) {
 #define PREFETCH_BLOCKS 1 /* how far ahead K/V blocks are prefetched (1-4 measured: 1 is best) */
 #endif
 
-static inline __mmask16 tail_mask(int64_t remaining) {
+static inline __mmask16 tail_mask(int64_t remaining) { /* lanes 0 .. remaining-1 (none when remaining <= 0) */
+    if (remaining <= 0) return (__mmask16)0;
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
 
@@ -101,16 +105,17 @@ static inline __m512 bf16x16_to_f32(const uint16_t *p) {
  * q . k with vdpbf16ps (bf16 products, float accumulation), 16 keys reduced at once by hsum16;
  * the softmax and the V accumulation in float, as in the portable path. */
 static inline __attribute__((always_inline)) void seq_attention_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
-                               const int64_t *table, int64_t len, int64_t num_heads, int64_t num_kv_heads,
+                               const int64_t *table, int64_t from, int64_t len, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, int64_t block_size, float scale, float *acc, float *scores,
                                float *m, float *l) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
     reset_softmax(acc, m, l, num_heads, head_dim);
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+    for (int64_t b = from / block_size, start = b * block_size; start < len; start += block_size, b++) {
         const int64_t block = table[b];
         const int64_t count = len - start < block_size ? len - start : block_size;
+        const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
         const uint16_t *kb = k_cache + block * block_size * row_elems;
         const uint16_t *vb = v_cache + block * block_size * row_elems;
         /* Blocks sit anywhere in the pool, so the hardware prefetcher cannot run ahead across them
@@ -151,14 +156,15 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
             float *sj = scores + j * block_size;
             __m512 vmax = _mm512_set1_ps(-INFINITY);
             for (int64_t t0 = 0; t0 < count; t0 += 16)
-                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(count - t0), sj + t0));
+                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                                 tail_mask(count - t0) & ~tail_mask(skip - t0), sj + t0));
             const float block_max = _mm512_reduce_max_ps(vmax);
             const float new_max = block_max > m[j] ? block_max : m[j];
             const float correction = exp_nonpositive(m[j] - new_max);
             const __m512 vnew = _mm512_set1_ps(new_max);
             __m512 vsum = _mm512_setzero_ps();
             for (int64_t t0 = 0; t0 < count; t0 += 16) {
-                const __mmask16 mask = tail_mask(count - t0);
+                const __mmask16 mask = tail_mask(count - t0) & ~tail_mask(skip - t0);
                 const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
                 _mm512_storeu_ps(sj + t0, e);
                 vsum = _mm512_add_ps(vsum, e);
@@ -174,7 +180,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
                 a[c] = _mm512_mul_ps(_mm512_loadu_ps(aj + 16 * c), vcorr);
                 a2[c] = _mm512_setzero_ps();
             }
-            int64_t t = 0;
+            int64_t t = skip;
             for (; t + 1 < count; t += 2) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
                 for (int64_t c = 0; c < head_dim / 16; c++) {
@@ -213,6 +219,13 @@ static inline __m256 lanes_before(int64_t n) {
     return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)(n < 8 ? n : 8)), _CMP_LT_OQ);
 }
 
+/* All-ones in lanes lo .. hi-1 (either bound may lie outside 0 .. 8). */
+static inline __m256 lanes_between(int64_t lo, int64_t hi) {
+    const __m256 index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const float first = (float)(lo < 0 ? 0 : lo > 8 ? 8 : lo);
+    return _mm256_and_ps(_mm256_cmp_ps(index, _mm256_set1_ps(first), _CMP_GE_OQ), lanes_before(hi));
+}
+
 static inline float hsum_one(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -245,7 +258,7 @@ static inline __m256 kv8(const void *base, int64_t index, int kv_bf16) {
  * products of 8 keys at a time with one 8-vector lane-sum tree, and keeps each head's V
  * accumulator in registers. */
 static inline __attribute__((always_inline)) void seq_attention_f32(
-    const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t len,
+    const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *acc,
     float *scores, float *m, float *l, int kv_bf16) {
     const int64_t group = num_heads / num_kv_heads;
@@ -253,9 +266,10 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
     const int64_t width = kv_bf16 ? 2 : 4;
     reset_softmax(acc, m, l, num_heads, head_dim);
     const __m256 vscale = _mm256_set1_ps(scale);
-    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+    for (int64_t b = from / block_size, start = b * block_size; start < len; start += block_size, b++) {
         const int64_t block = table[b];
         const int64_t count = len - start < block_size ? len - start : block_size;
+        const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
         const int64_t base = block * block_size * row_elems; /* element index of the block's first row */
         /* The next block sits anywhere in the pool, so the hardware prefetcher cannot run ahead:
          * fetch it while this one is computed, a slice per head (all at once overflows the miss
@@ -287,7 +301,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             __m256 vmax = _mm256_set1_ps(-INFINITY);
             for (int64_t t0 = 0; t0 < count; t0 += 8)
                 vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sj + t0),
-                                                            lanes_before(count - t0)));
+                                                            lanes_between(skip - t0, count - t0)));
             const float block_max = hmax8(vmax);
             const float new_max = block_max > m[j] ? block_max : m[j];
             const float correction = exp_nonpositive(m[j] - new_max);
@@ -295,7 +309,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             __m256 vsum = _mm256_setzero_ps();
             for (int64_t t0 = 0; t0 < count; t0 += 8) {
                 const __m256 e = _mm256_and_ps(exp256_clamped(_mm256_sub_ps(_mm256_loadu_ps(sj + t0), vnew)),
-                                               lanes_before(count - t0));
+                                               lanes_between(skip - t0, count - t0));
                 _mm256_storeu_ps(sj + t0, e);
                 vsum = _mm256_add_ps(vsum, e);
             }
@@ -308,7 +322,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             const __m256 vcorr = _mm256_set1_ps(correction);
             __m256 a[MAX_DIM / 8];
             for (int64_t c = 0; c < head_dim / 8; c++) a[c] = _mm256_mul_ps(_mm256_loadu_ps(aj + 8 * c), vcorr);
-            for (int64_t t = 0; t < count; t++) {
+            for (int64_t t = skip; t < count; t++) {
                 const __m256 p = _mm256_set1_ps(sj[t]);
                 const int64_t row = head_off + t * row_elems;
                 for (int64_t c = 0; c < head_dim / 8; c++) a[c] = _mm256_fmadd_ps(p, kv8(v_cache, row + 8 * c, kv_bf16), a[c]);
@@ -380,6 +394,18 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                                    int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    int64_t block_size, float scale, int dtype, int kv_dtype,
                                    int num_threads) {
+    fuselm_paged_window_attention(q, out, k_cache, v_cache, k_new, v_new, num_write, block_table, ctx_lens, NULL,
+                                  num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, dtype,
+                                  kv_dtype, num_threads);
+}
+
+/* fuselm_paged_decode_attention where row n attends to positions ctx_starts[n] .. ctx_lens[n] - 1
+ * only (a sliding window), or to all of them when ctx_starts is NULL. */
+void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                                   const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
+                                   const int64_t *ctx_starts, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
+                                   int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
+                                   int kv_dtype, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
 #pragma omp parallel num_threads(num_threads)
@@ -398,11 +424,12 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                 store_row(k_cache, slot, k_new, n, row_elems, dtype, kv_dtype);
                 store_row(v_cache, slot, v_new, n, row_elems, dtype, kv_dtype);
             }
+            const int64_t from = ctx_starts != NULL ? ctx_starts[n] : 0;
 #ifdef HAVE_BF16_FAST_PATH
             if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) {
 #define SEQ_ATTENTION_BF16(D)                                                                                   \
     seq_attention_bf16((const uint16_t *)q + n * num_heads * head_dim, (uint16_t *)out + n * num_heads * head_dim, \
-                       (const uint16_t *)k_cache, (const uint16_t *)v_cache, block_table + n * max_blocks,         \
+                       (const uint16_t *)k_cache, (const uint16_t *)v_cache, block_table + n * max_blocks, from,   \
                        ctx_lens[n], num_heads, num_kv_heads, D, block_size, scale, acc, scores, m, l)
                 /* constant head sizes let the compiler unroll the head_dim loops and keep them in registers */
                 if (head_dim == 64)
@@ -419,7 +446,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
             if (dtype == FUSELM_F32 && head_dim % 8 == 0 && block_size % 8 == 0) {
 #define SEQ_ATTENTION_F32(D, BF16)                                                                          \
     seq_attention_f32((const float *)q + n * num_heads * head_dim, (float *)out + n * num_heads * head_dim, \
-                      k_cache, v_cache, block_table + n * max_blocks, ctx_lens[n], num_heads, num_kv_heads, D, \
+                      k_cache, v_cache, block_table + n * max_blocks, from, ctx_lens[n], num_heads, num_kv_heads, D, \
                       block_size, scale, acc, scores, m, l, BF16)
                 /* constant head sizes and cache type let the compiler unroll and keep V in registers */
                 if (head_dim == 64 && kv_dtype == FUSELM_F32)
@@ -440,10 +467,11 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
             for (int64_t i = 0; i < num_heads * head_dim; i++) qf[i] *= scale;
             reset_softmax(acc, m, l, num_heads, head_dim);
             const int64_t len = ctx_lens[n];
-            for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+            for (int64_t b = from / block_size, start = b * block_size; start < len; start += block_size, b++) {
                 const int64_t block = block_table[n * max_blocks + b];
                 const int64_t count = len - start < block_size ? len - start : block_size;
-                for (int64_t t = 0; t < count; t++) {
+                const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
+                for (int64_t t = skip; t < count; t++) {
                     const float *k;
                     if (kv_dtype == FUSELM_F32) {
                         k = (const float *)k_cache + (block * block_size + t) * row_elems;
@@ -462,8 +490,8 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                 }
                 for (int64_t j = 0; j < num_heads; j++) {
                     float *sj = scores + j * block_size;
-                    float block_max = sj[0];
-                    for (int64_t t = 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
+                    float block_max = sj[skip];
+                    for (int64_t t = skip + 1; t < count; t++) block_max = sj[t] > block_max ? sj[t] : block_max;
                     const float new_max = block_max > m[j] ? block_max : m[j];
                     const float correction = exp_nonpositive(m[j] - new_max);
                     float *aj = acc + j * head_dim;
@@ -471,14 +499,14 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                     for (int64_t d = 0; d < head_dim; d++) aj[d] *= correction;
                     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                    for (int64_t t = 0; t < count; t++) {
+                    for (int64_t t = skip; t < count; t++) {
                         sj[t] = exp_nonpositive(sj[t] - new_max);
                         sum += sj[t];
                     }
                     l[j] = l[j] * correction + sum;
                     m[j] = new_max;
                 }
-                for (int64_t t = 0; t < count; t++) {
+                for (int64_t t = skip; t < count; t++) {
                     const float *v;
                     if (kv_dtype == FUSELM_F32) {
                         v = (const float *)v_cache + (block * block_size + t) * row_elems;

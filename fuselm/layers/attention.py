@@ -40,6 +40,7 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None  # int8 cache only: [num_blocks, block_size, kv_heads] scales
         self.v_scale: torch.Tensor | None = None
+        self.kv_group = 0  # the KV cache group whose block tables this layer reads (set by the runner)
 
     def linear_sources(self, prefix: str):
         """(self, attribute, HF weight names fused in output order, HF bias names or None) of the q/k/v
@@ -60,5 +61,5 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale,
-                            window=self.sliding_window)  # [T, Hq, D]
+                            window=self.sliding_window, kv_group=self.kv_group)  # [T, Hq, D]
         return self.o_proj(o.reshape(-1, self.q_size))

@@ -13,8 +13,10 @@ around the model call, so the model code does not thread it through each layer.
 
 A sliding-window layer (`window=W`) lets the query at position p see positions p-W+1..p only:
 the query rows' padded mask and each prompt chunk's mask leave out what lies before the window,
-and a chunk reads only the context slots its window can reach. Windowed layers take the torch
-path (the C decode kernel reads every position; the execution plan does not hand it such a model).
+and a chunk reads only the context slots its window can reach; the C decode kernel takes each query
+row's first position (its context length minus the window) and starts reading there. A model with
+windowed layers keeps one block table per KV cache group (core/kv_groups.py): a layer reads the
+metadata of its group, whose tables hold the null block where the window has moved on.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ class AttentionMetadata:
     decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padding -> null slot)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool, True = attend
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
-    # sliding-window masks built once per step and shared by the layers of one window size
+    # sliding-window masks and start positions built once per step and shared by the layers of one window size
     window_masks: dict = field(default_factory=dict)
+    # with several KV cache groups (core/kv_groups.py): every group's metadata, this one first
+    groups: list | None = None
     # rows ending their prefill under SnapKV: each layer adds its scores (runner/kv_compaction.py)
     snapkv: list | None = None
     # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
@@ -77,9 +81,10 @@ def forward_context(metadata: AttentionMetadata):
         _current = previous
 
 
-def get_attention_metadata() -> AttentionMetadata:
+def get_attention_metadata(group: int = 0) -> AttentionMetadata:
+    """The step's attention metadata for the layers of KV cache group `group`."""
     assert _current is not None, "attention called outside forward_context()"
-    return _current
+    return _current if group == 0 else _current.groups[group]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,6 +123,14 @@ def query_rows_window_mask(meta: AttentionMetadata, window: int) -> torch.Tensor
     return meta.window_masks[key]
 
 
+def query_rows_window_starts(meta: AttentionMetadata, window: int) -> torch.Tensor:
+    """The first position each query row's window reaches: [nd] int64 (the C kernel's start positions)."""
+    key = ("starts", window)
+    if key not in meta.window_masks:
+        meta.window_masks[key] = (meta.decode_ctx_lens - window).clamp_min_(0)
+    return meta.window_masks[key]
+
+
 def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, window: int,
                        dtype: torch.dtype) -> tuple[int, torch.Tensor | None]:
     """(first context position the row's window reaches, float mask [n, ctx - first] or None for plain
@@ -139,17 +152,17 @@ def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, win
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, window: int | None = None, kv_group: int = 0) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D].
 
     k_scale/v_scale: the per-token, per-head scales of an int8 cache (None otherwise).
     window: a sliding-window layer's window in positions (None: the whole context).
+    kv_group: the layer's KV cache group (its block tables; core/kv_groups.py).
     """
-    meta = get_attention_metadata()
+    meta = get_attention_metadata(kv_group)
     nd = meta.num_query_rows
     nw = nd if meta.num_single_rows < 0 else meta.num_single_rows
     kernel_writes = nd and meta.cpu_kernels is not None  # the C kernel stores the single rows' K/V itself
-    assert not (kernel_writes and window is not None), "the C decode kernel has no sliding window"
     if kernel_writes:
         if nw < k.shape[0]:
             write_kv(k_cache, v_cache, k[nw:], v[nw:], meta.slot_mapping[nw:], k_scale, v_scale)
@@ -164,13 +177,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     flat_ks = k_scale.view(-1, kv_heads) if k_scale is not None else None
     flat_vs = v_scale.view(-1, kv_heads) if v_scale is not None else None
 
-    if kernel_writes and meta.cascade is not None:
+    if kernel_writes and meta.cascade is not None and window is None:
         meta.cpu_kernels.cascade_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache, meta.decode_block_table,
                                            meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw])
     elif kernel_writes:
+        starts = None if window is None else query_rows_window_starts(meta, window)
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,
                                                 meta.decode_block_table, meta.decode_ctx_lens, scale, k[:nw], v[:nw],
-                                                k_scale, v_scale)
+                                                k_scale, v_scale, ctx_starts=starts)
     elif nd and meta.cascade is not None and window is None:
         out[:nd] = cascade_query_attention(
             q[:nd], meta.cascade, lambda slots, value: read_kv(flat_v if value else flat_k, flat_vs if value else flat_ks,

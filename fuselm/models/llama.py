@@ -20,11 +20,23 @@ from fuselm.layers.rotary import RotaryEmbedding
 from fuselm.layers.paged_attention import get_attention_metadata, paged_attention
 
 
+def sliding_windows(config: ModelConfig, max_positions: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention) as HF applies `config.sliding_window`
+    (Mistral, Qwen2 with use_sliding_window): to the layers `layer_types` names "sliding_attention",
+    or to every layer when the config has no layer_types. A window the context can never outgrow
+    (>= max_positions) is no window."""
+    window = config.sliding_window
+    if not window or window >= max_positions:
+        return [None] * config.num_hidden_layers
+    types = config.hf_config.get("layer_types") or ["sliding_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, sliding_window=window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -40,7 +52,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, window) for window in sliding_windows(config, max_positions))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config, max_positions, dtype)
         # a LinearMethod; with tied embeddings set by load_hf_weights over the embedding table

@@ -30,6 +30,11 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "Gemma3ForCausalLM": ("fuselm.models.gemma3", "Gemma3ForCausalLM", "Gemma 3 text"),
 }
 
+# Architectures whose family applies config.sliding_window to the layers HF does (the others stay
+# within the window: the engine caps max_model_len there)
+SLIDING_WINDOW_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                          "Qwen3ForCausalLM", "Gemma3ForCausalLM"})
+
 # GGUF general.architecture -> HF architecture
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                       "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",

@@ -123,11 +123,10 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         if kernels is None:
             reasons.append("the C kernels could not be built or loaded (see the warning above)")
     attention_kernels = None
-    windowed = sum(1 for layer in model.layers if getattr(layer.self_attn, "sliding_window", None))
+    windowed = any(layer.self_attn.sliding_window for layer in model.layers)
     if kernels is not None:
-        if windowed:
-            reasons.append(f"torch-sdpa attention: {windowed} of {len(model.layers)} layers have a sliding window, "
-                           "which the C attention kernel does not take")
+        if windowed and kv_dtype == torch.int8:
+            reasons.append("the int8 C attention kernel takes no sliding window")
         elif kernels.supports(dtype, kv_dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                             model.layers[0].self_attn.k_cache.shape[1]):
             attention_kernels = kernels

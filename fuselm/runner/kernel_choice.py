@@ -18,7 +18,11 @@ start, on CPU with the C kernels, the execution plan (execution_plan.py) asks th
   gate/up and down keep fuselm's layout untimed: it is the only one the C layers read, and what
   they save (the eager layer's ~25 ops) is timed by the next point instead;
 - the C layer step against the per-layer torch path, by timing whole synthetic steps through the
-  runner (`choose_layer_step`): a decode step of the decode batch, and a prompt-chunk step.
+  runner (`choose_layer_step`): a decode step of the decode batch (up to 64 rows), and a
+  prompt-chunk step (up to 128 tokens).
+
+On a busy machine (machine_busy) timings would measure the neighbours, so nothing is timed and
+the rules decide; each row count's rounds are cut to a time budget, so a first start stays short.
 
 One method per role (not per row count) keeps one copy of each weight. Results are cached in
 ~/.cache/fuselm/kernel_choice/ under a hash of everything they depend on (CPU model, the kernels'
@@ -48,9 +52,10 @@ ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
 LAYER_ROLES = ROLES[:4]  # the projections the C layers read
 LAYER_STEP_KINDS = ("c", "torch")
 PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
-LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms a row count: the decode step is timed at up to 64 rows
+LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms: decode steps of up to 64 rows, chunks of up to 128
+LAYER_STEP_CHUNK_CAP = 128
 ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); the best time counts
-ROUND_BUDGET_S = 1.0  # rounds are cut (to one at least) where they would take longer per row count
+ROUND_BUDGET_S = 1.0  # rounds are cut where they would take longer per row count
 MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
 SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
 
@@ -185,14 +190,15 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
 def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
                      budget_s: float = ROUND_BUDGET_S) -> dict[str, float]:
     """Each call's best wall time over `rounds` rounds that run every call once, after a warm-up
-    call; fewer rounds (at least one) where the warm-up calls say they would take over budget_s."""
+    call (which counts too); fewer rounds where the warm-up calls say they would take over
+    budget_s, none when the warm-up alone did."""
     best = {}
     for kind, fn in calls.items():
         start = time.perf_counter()
         fn()
         best[kind] = time.perf_counter() - start
     per_round = sum(best.values())
-    for _ in range(max(1, min(rounds, int(budget_s / max(per_round, 1e-9))))):
+    for _ in range(min(rounds, int(budget_s / max(per_round, 1e-9)))):
         for kind, fn in calls.items():
             start = time.perf_counter()
             fn()
@@ -301,7 +307,7 @@ def choose_layer_step(runner, override: Override | None) -> Timings | None:
         return None
     bs = runner.block_size
     decode = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens, runner.num_blocks, LAYER_STEP_ROWS_CAP))
-    chunk = min(cfg.max_num_batched_tokens, PREFILL_ROWS_CAP, runner.num_blocks * bs)
+    chunk = min(cfg.max_num_batched_tokens, LAYER_STEP_CHUNK_CAP, runner.num_blocks * bs)
     steps = {"decode": _synthetic_step(runner, [1] * decode, bs - 1)}
     if chunk > 16 and c_layers.takes_prompt_step(chunk):
         steps["prefill"] = _synthetic_step(runner, [chunk], 0)

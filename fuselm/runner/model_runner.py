@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, parse_dtype
+from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_groups
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.layers.cascade import plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
+from fuselm.runner.group_layout import group_metadata
 from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kernel_choice import Override, choose_layer_step
@@ -65,9 +67,11 @@ def available_memory_bytes() -> int:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
                  device: str, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
-                 parallel=None) -> None:
+                 parallel=None, group_kv_by_window: bool = True) -> None:
         """`parallel`: a fuselm.parallel.group.TensorParallelGroup when this runner is one rank of a
-        tensor-parallel engine (`model_config` and `weights` are then that rank's shard)."""
+        tensor-parallel engine (`model_config` and `weights` are then that rank's shard).
+        `group_kv_by_window=False` keeps every layer in one KV cache group (no block is released
+        behind a sliding window), for a caller whose KV manager rolls sequences back."""
         self.config = config
         self.parallel = parallel
         self.model_config = model_config
@@ -94,37 +98,51 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler()
         self.generators = SeededGenerators()  # seeded sequences' generators, by seq_id
+        # KV cache groups (core/kv_groups.py): one unless sliding-window layers can drop old blocks
+        windows = [layer.self_attn.sliding_window for layer in self.model.layers]
+        self.kv_groups = kv_cache_groups(windows if group_kv_by_window else [None] * len(windows))
+        self.max_chunk_tokens = config.max_num_batched_tokens
         self.num_blocks = self._kv_cache_blocks(max_model_len)
         if parallel is not None:  # every rank's cache holds the same blocks: as many as the smallest
             self.num_blocks = parallel.min_over_ranks(self.num_blocks)
         # One extra block at the end stays all zeros: padded context positions point at it, so
         # masked-out positions never read uninitialised memory (0 * NaN would poison the output).
+        # Layer j of every group reads cache tensor j: a block id belongs to one group at a time.
         shape = (self.num_blocks + 1, self.block_size, model_config.num_key_value_heads, model_config.head_dim)
         self.null_slot = self.num_blocks * self.block_size
-        for layer in self.model.layers:
+        tensors = []
+        for _ in self.kv_groups[0].layers:
+            caches = {}
             for name in ("k_cache", "v_cache"):
-                cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-                cache[-1].zero_()
-                setattr(layer.self_attn, name, cache)
+                caches[name] = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+                caches[name][-1].zero_()
             if self.kv_dtype == torch.int8:
                 for name in ("k_scale", "v_scale"):
-                    setattr(layer.self_attn, name, torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device))
+                    caches[name] = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
+            tensors.append(caches)
+        for g, group in enumerate(self.kv_groups):
+            for j, index in enumerate(group.layers):
+                attn = self.model.layers[index].self_attn
+                attn.kv_group = g
+                for name, cache in tensors[j].items():
+                    setattr(attn, name, cache)
         self.plan = plan_execution(self.model, self.device, config.cpu_kernels, self.kv_dtype, parallel,
                                    config.max_num_seqs, config.max_num_batched_tokens)
         self.cpu_kernels = self.plan.attention_kernels  # the attention layers' C kernels, or None
         # an MoE model's routing counts, kept by the driver (every rank routes every token)
         self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
         # shared-prefix attention (layers/cascade.py), where the attention path takes these shapes
-        self.cascade = config.enable_cascade_attention and (self.cpu_kernels is None or (
-            self.kv_dtype != torch.int8  # the C cascade kernel reads float caches; int8 takes paged_attention_int8.c
-            and self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size)))
+        self.cascade = config.enable_cascade_attention and self.kv_groups[0].window is None and (
+            self.cpu_kernels is None or (
+                self.kv_dtype != torch.int8  # the C cascade kernel reads float caches; int8 takes paged_attention_int8.c
+                and self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size)))
         self.cascade_kv_tokens_saved = 0  # per layer: KV token reads not repeated thanks to it, since start
         layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
         if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
             self.plan.measured["layers"] = layer_step
         logger.info("%s", self.plan.summary())
         self.weight_bytes = weight_bytes(self.model)
-        self.kv_bytes = self.num_blocks * self.bytes_per_block
+        self.kv_bytes = self.num_blocks * self.page_bytes
 
     def _install_quantized(self, model, weights: dict) -> None:
         """GGUF tensors that arrived quantised become quantised modules before any parameter is allocated."""
@@ -136,12 +154,25 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """K/V bytes of one block of tokens in every layer."""
+        return self.model_config.num_hidden_layers * self._layer_block_bytes()
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one block id: one block in the layers of one KV cache group."""
+        return len(self.kv_groups[0].layers) * self._layer_block_bytes()
+
+    def _layer_block_bytes(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         row = mc.head_dim * elem  # one head's key (or value) for one token
         if self.kv_dtype == torch.int8:
             row += SCALE_DTYPE.itemsize  # its scale
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * row
+        return 2 * self.block_size * mc.num_key_value_heads * row
+
+    def sequence_blocks(self, num_tokens: int) -> int:
+        """Block ids one sequence of `num_tokens` tokens holds at most, over all KV cache groups."""
+        return sum(blocks_for_tokens(g, num_tokens, self.max_chunk_tokens, self.block_size) for g in self.kv_groups)
 
     def _kv_cache_blocks(self, max_model_len: int) -> int:
         cfg = self.config
@@ -154,11 +185,14 @@ class ModelRunner:
         else:
             budget = int(available_memory_bytes() * cfg.kv_cache_memory_fraction)
             # No point reserving more than every sequence slot at full length could use.
-            enough = cfg.max_num_seqs * (max_model_len + self.block_size) * self.bytes_per_block // self.block_size
+            if len(self.kv_groups) == 1:
+                enough = cfg.max_num_seqs * (max_model_len + self.block_size) * self.page_bytes // self.block_size
+            else:
+                enough = cfg.max_num_seqs * (self.sequence_blocks(max_model_len) + len(self.kv_groups)) * self.page_bytes
             budget = min(budget, enough)
-        num_blocks = budget // self.bytes_per_block
+        num_blocks = budget // self.page_bytes
         if num_blocks < 1:
-            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.bytes_per_block} bytes; "
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {self.page_bytes} bytes; "
                              "raise kv_cache_memory_bytes / gpu_memory_utilization")
         return int(num_blocks)
 
@@ -245,6 +279,9 @@ class ModelRunner:
                 valid = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)  # [nd, L]
                 meta.decode_context_slots = torch.where(valid, slots, self.null_slot).to(self.device)
                 meta.decode_mask = valid.view(nd, 1, 1, max_len).to(self.device)
+        if len(self.kv_groups) > 1:  # the other KV cache groups' slots, through their own block tables
+            meta.groups = [meta] + [group_metadata(meta, rows, single + short, long_rows, g, bs, self.num_blocks,
+                                                   pos_parts[0], self.device) for g in range(1, len(self.kv_groups))]
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, torch.cat(pos_parts).to(self.device), meta, row_start
 
@@ -353,8 +390,12 @@ def summarize_memory(runner: ModelRunner, max_model_len: int) -> str:
     tokens = runner.num_blocks * runner.block_size
     quant = describe(runner.model)
     quant = "" if quant == "none" else f" (quantised: {quant})"
-    return (f"weights {runner.weight_bytes / 2**20:.1f} MiB{quant}, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
+    line = (f"weights {runner.weight_bytes / 2**20:.1f} MiB{quant}, KV cache {runner.kv_bytes / 2**20:.1f} MiB "
             f"({runner.num_blocks} blocks x {runner.block_size} = {tokens} tokens), max_model_len {max_model_len}")
+    groups = runner.kv_groups
+    if len(groups) > 1 or groups[0].window is not None:
+        line += "; " + describe_groups(groups, max_model_len, runner.max_chunk_tokens, runner.block_size)
+    return line
 
 
 __all__ = ["ModelRunner", "ModelOutput", "SampledToken", "PromptLogprobsChunk", "summarize_memory"]

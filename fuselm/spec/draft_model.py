@@ -40,7 +40,9 @@ class DraftModelProposer:
             raise ValueError(f"draft model {model!r} has a vocabulary of {loaded.config.vocab_size} tokens, the target "
                              f"{target_vocab_size}; the draft must share the target's tokenizer")
         config = dataclasses.replace(engine_config, model=model, speculative_config=None)
-        self.runner = ModelRunner(config, loaded.config, loaded.weights, device, dtype, max_model_len, eos_token_ids)
+        # one KV cache group: the shadow requests roll back, so no block may be released behind a window
+        self.runner = ModelRunner(config, loaded.config, loaded.weights, device, dtype, max_model_len, eos_token_ids,
+                                  group_kv_by_window=False)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=True)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
