@@ -188,3 +188,25 @@ def test_slot_pool_never_reuses_slots_of_a_failed_transfer():
     second, _ = pool.take(4)
     assert second is not first and second.name != first.name
     pool.close()
+
+
+def test_sliding_window_model_is_refused(tmp_path):
+    """A model with sliding-window layers keeps KV groups the transfer does not move: refused, not served wrong."""
+    import transformers
+
+    from fuselm.disagg.serve import enable_disaggregation, engine_class
+    from fuselm.server.app import build_app
+    from tiny_models import save_tokenizer
+
+    save_tokenizer(tmp_path)
+    config = transformers.MistralConfig(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                        sliding_window=24, bos_token_id=1, eos_token_id=4)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    engine = engine_class("prefill").from_options(str(tmp_path), dtype="float32", device="cpu", log_stats_interval=60,
+                                                  log_requests=False)
+    try:
+        with pytest.raises(ValueError, match="sliding-window"):
+            enable_disaggregation(build_app(engine, MODEL), engine, "prefill")
+    finally:
+        engine.shutdown()

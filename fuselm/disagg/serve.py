@@ -23,6 +23,11 @@ def enable_disaggregation(app, engine: AsyncLLMEngine, mode: str, transport: str
     config = engine.engine.config
     if config.tensor_parallel_size > 1:
         raise ValueError("--disaggregation-mode does not work with --tensor-parallel-size > 1 yet")
+    if len(engine.engine.runner.kv_groups) > 1 or any(group.window for group in engine.engine.runner.kv_groups):
+        # Sliding-window layers keep their blocks in block tables of their own (core/kv_groups.py); the
+        # transfer moves only the full-attention table, so such a model is refused, not served wrongly.
+        raise ValueError("--disaggregation-mode does not work yet with models that have sliding-window layers "
+                         "(their KV cache groups are not transferred)")
     if mode == "prefill":
         from fuselm.disagg.prefill import KVExporter, prefill_routes
 
