@@ -13,6 +13,7 @@ from fuselm.kernels.cpu import load_kernels
 from fuselm.layers.cascade import cascade_query_attention, find_groups, plan_shared_prefix
 
 ISAS = [name for name in build.supported_variants()]
+POOL_BLOCKS = 512
 
 
 @pytest.fixture(scope="module", params=ISAS)
@@ -30,7 +31,7 @@ def make_step(seed: int, block_size: int, num_kv_heads: int, group: int, head_di
     rows (speculative tokens). Returns (caches, block tables, context lengths, q)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    next_block = iter(rng.sample(range(4000), 4000))
+    next_block = iter(rng.sample(range(POOL_BLOCKS), POOL_BLOCKS))  # scattered through the pool
     tables, lens = [], []
     for rows, shared in groups:
         prefix = [next(next_block) for _ in range(shared)]
@@ -49,7 +50,7 @@ def make_step(seed: int, block_size: int, num_kv_heads: int, group: int, head_di
         for j in range(spec_rows):
             tables.append(table)
             lens.append(first + j + 1)
-    num_blocks = 4001
+    num_blocks = POOL_BLOCKS + 1
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape).to(kv_dtype)
     v_cache = torch.randn(shape).to(kv_dtype)
