@@ -13,6 +13,7 @@
 
 #include "bf16_simd.h"
 #include "fuselm_kernels.h"
+#include "softmax_exp.h"
 
 typedef float v16f __attribute__((vector_size(64)));
 /* Only static functions pass v16f by value, so the psABI note GCC gives for 64-byte vectors in
@@ -44,25 +45,6 @@ static inline float lane_sum(v16f v) {
     return v[0];
 }
 
-/* exp(x) for x <= 0 (after max subtraction): 2^(x log2 e) = 2^n 2^f, f in [-0.5, 0.5], 2^f by its
- * degree-6 Taylor polynomial (relative error ~2e-7). Plain arithmetic, so loops over it vectorise. */
-static inline float exp_le0(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504088896341f;
-    const float n = rintf(t);
-    const float f = t - n;
-    float p = 1.5403530393381609e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    union { uint32_t u; float f; } scale;
-    scale.u = (uint32_t)((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
-
 /* Online-softmax state of M queries: running max m, running sum l, unnormalised output acc [M, D]. */
 typedef struct {
     float *m, *l, *acc;
@@ -80,7 +62,7 @@ static void reset_state(State s, int64_t M, int64_t D) {
 static void merge_state(State dst, int64_t di, State src, int64_t si, int64_t D) {
     const float m = src.m[si] > dst.m[di] ? src.m[si] : dst.m[di];
     if (m == -INFINITY) return; /* both empty */
-    const float a = exp_le0(dst.m[di] - m), b = exp_le0(src.m[si] - m);
+    const float a = exp_nonpositive(dst.m[di] - m), b = exp_nonpositive(src.m[si] - m);
     dst.l[di] = dst.l[di] * a + src.l[si] * b;
     dst.m[di] = m;
     float *x = dst.acc + di * D;
@@ -199,9 +181,9 @@ static void block_update(State st, int64_t M, float *S, int64_t lds, int64_t cou
         float block_max = s[0];
         for (int64_t t = 1; t < count; t++) block_max = s[t] > block_max ? s[t] : block_max;
         const float new_max = block_max > st.m[i] ? block_max : st.m[i];
-        const float correction = exp_le0(st.m[i] - new_max);
+        const float correction = exp_nonpositive(st.m[i] - new_max);
 #pragma omp simd
-        for (int64_t t = 0; t < count; t++) s[t] = exp_le0(s[t] - new_max);
+        for (int64_t t = 0; t < count; t++) s[t] = exp_nonpositive(s[t] - new_max);
         for (int64_t t = count; t < padded; t++) s[t] = 0.0f;
         v16f sum = load16(s);
         for (int64_t t0 = LANES; t0 < count; t0 += LANES) sum += load16(s + t0);

@@ -24,6 +24,7 @@
 
 #include "bf16_simd.h"
 #include "fuselm_kernels.h"
+#include "softmax_exp.h"
 
 #define MAX_GROUP 16
 #define MAX_DIM 256
@@ -48,25 +49,6 @@ static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_hea
     }
 }
 
-/* exp(x) for x <= 0 (softmax after max subtraction): 2^(x log2 e) split into 2^n * 2^f with
- * f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error ~2e-7). Plain
- * arithmetic, so loops over it vectorise, unlike libm's expf. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504088896341f;
-    const float n = rintf(t);
-    const float f = t - n;
-    float p = 1.5403530393381609e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    union { uint32_t u; float f; } scale;
-    scale.u = (uint32_t)((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) /* immintrin.h comes with bf16_simd.h */
 #define HAVE_BF16_FAST_PATH 1
