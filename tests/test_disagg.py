@@ -24,15 +24,15 @@ from server_helpers import MODEL, ServerThread, pool_is_full, wait_until
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_instance(path: str, mode: str | None, **options):
+def start_instance(path: str, mode: str | None, api_key: str | None = None, **options):
     from fuselm.disagg.serve import enable_disaggregation, engine_class
     from fuselm.server.app import build_app
 
     engine = engine_class(mode).from_options(path, dtype="float32", device="cpu", log_stats_interval=60,
                                              log_requests=False, **options)
-    app = build_app(engine, MODEL)
+    app = build_app(engine, MODEL, api_key=api_key)
     if mode:
-        enable_disaggregation(app, engine, mode)
+        enable_disaggregation(app, engine, mode, api_key=api_key)
     return ServerThread(app).start(), engine
 
 
@@ -210,3 +210,26 @@ def test_sliding_window_model_is_refused(tmp_path):
             enable_disaggregation(build_app(engine, MODEL), engine, "prefill")
     finally:
         engine.shutdown()
+
+
+def test_api_key_guards_the_kv_route(tiny_llama, instances):
+    """With --api-key the prefill instance's /kv/prefill needs the key, and a decode instance that has it
+    still receives the blocks (no fallback): the same greedy output as the single instance."""
+    single = instances[0][0]
+    keyed = [start_instance(tiny_llama[0], mode, api_key="k3y") for mode in ("prefill", "decode")]
+    (prefill, _), (decode, decode_engine) = keyed
+    router = start_router(prefill.base_url, decode.base_url)
+    try:
+        r = httpx.post(prefill.base_url + "/kv/prefill", json={"token_ids": [1, 2, 3], "blocks": [0]})
+        assert r.status_code == 401
+        prompts = random_prompts([70, 90], seed=11)
+        auth = {"Authorization": "Bearer k3y"}
+        assert greedy(router.base_url, prompts, stream=False, headers=auth) == greedy(single.base_url, prompts,
+                                                                                     stream=False)
+        assert metric(decode.base_url, "fuselm_kv_transfer_blocks") > 0
+        assert metric(decode.base_url, "fuselm_kv_transfer_fallbacks") == 0
+    finally:
+        router.stop()
+        for server, engine in keyed:
+            server.stop()
+            engine.shutdown()

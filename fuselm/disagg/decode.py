@@ -72,11 +72,12 @@ class PrefillHeaderMiddleware:
 
 
 class KVReceiver:
-    def __init__(self, engine: AsyncLLMEngine, transport: str = "auto") -> None:
+    def __init__(self, engine: AsyncLLMEngine, transport: str = "auto", api_key: str | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown KV transfer transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
         self.engine = engine
         self.transport = transport
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # the prefill instance's key
         self.layout = BlockLayout(engine.engine.runner)
         self.slot_pool = SlotPool(self.layout.block_bytes, max(1, SHM_BYTES // self.layout.block_bytes))
         self.kv = engine.engine.kv
@@ -161,7 +162,7 @@ class KVReceiver:
         try:
             if self.client is None:  # one client (and connection pool) for all transfers, on the event loop
                 self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
-            async with self.client.stream("POST", url + "/kv/prefill", json=body) as r:
+            async with self.client.stream("POST", url + "/kv/prefill", json=body, headers=self.headers) as r:
                 if r.status_code != 200:
                     raise ConnectionError(f"{url}/kv/prefill answered {r.status_code}: {(await r.aread())[:300]!r}")
                 reader = FrameReader(r.aiter_bytes())

@@ -15,9 +15,11 @@ def engine_class(mode: str | None) -> type[AsyncLLMEngine]:
     return AsyncLLMEngine
 
 
-def enable_disaggregation(app, engine: AsyncLLMEngine, mode: str, transport: str = "auto") -> None:
-    """Prefill: add POST /kv/prefill. Decode: receive KV for requests that name a prefill instance (the
-    engine must be a DecodeEngine), and show the transfer totals on /metrics."""
+def enable_disaggregation(app, engine: AsyncLLMEngine, mode: str, transport: str = "auto",
+                          api_key: str | None = None) -> None:
+    """Prefill: add POST /kv/prefill (behind the app's API key, if it has one). Decode: receive KV for
+    requests that name a prefill instance (the engine must be a DecodeEngine), sending `api_key` to it,
+    and show the transfer totals on /metrics."""
     if mode not in MODES:
         raise ValueError(f"unknown disaggregation mode {mode!r}; choose one of {', '.join(MODES)}")
     config = engine.engine.config
@@ -40,6 +42,6 @@ def enable_disaggregation(app, engine: AsyncLLMEngine, mode: str, transport: str
     if not config.enable_prefix_caching:
         raise ValueError("--disaggregation-mode decode needs prefix caching: received blocks become prefix-cache "
                          "hits (drop --no-enable-prefix-caching)")
-    engine.receiver = KVReceiver(engine, transport)
+    engine.receiver = KVReceiver(engine, transport, api_key)
     app.add_middleware(PrefillHeaderMiddleware)
     app.state.metrics.registry.register(engine.receiver)

@@ -58,10 +58,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 class APIKeyMiddleware:
     """Pure ASGI (streaming-safe) check of 'Authorization: Bearer KEY' on the OpenAI routes and the API
-    docs, before anything else looks at the request; /health and /metrics stay open. With several keys
+    docs (and a prefill instance's /kv/ routes), before anything else looks at the request; /health and
+    /metrics stay open. With several keys
     (one per client), the index of the key that matched identifies the client (server/clients.py)."""
 
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json")
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json", "/kv/")
 
     def __init__(self, app, api_key: str | list[str]) -> None:
         self.app = app

@@ -85,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(engine, served_model_name=name, api_key=api_key, limits=limits,
                     enable_docs=not args.disable_docs, tool_call_parser=args.tool_call_parser)
     if args.disaggregation_mode:
-        enable_disaggregation(app, engine, args.disaggregation_mode, args.kv_transfer_transport)
+        enable_disaggregation(app, engine, args.disaggregation_mode, args.kv_transfer_transport,
+                              api_key[0] if isinstance(api_key, list) else api_key)
     logger.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
                 ", API key required" if api_key else "")
     try:
