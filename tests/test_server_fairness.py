@@ -121,8 +121,9 @@ def test_the_per_client_cap_keeps_seats_for_a_present_client(tiny_llama):
     srv = ServerThread(build_app(engine, MODEL)).start()
     try:
         with Flood(srv.base_url, {"X-Client-Id": "flooder"}) as flood:
-            assert wait_until(lambda: engine.engine.num_waiting >= FLOOD - SEATS - 2, 30)
-            assert running_of(engine, "id:flooder") == SEATS  # alone, the flooder may use every seat
+            # alone, the flooder may use every seat (waited for: the flood's requests arrive over several steps)
+            assert wait_until(lambda: engine.engine.num_waiting >= FLOOD - SEATS - 2
+                              and running_of(engine, "id:flooder") == SEATS, 30), "the flooder never held every seat"
             # The cap never preempts: the flooder keeps the seats it took while alone until those requests
             # finish, and admits no more meanwhile, while the steady client keeps coming back.
             deadline = time.monotonic() + 40
