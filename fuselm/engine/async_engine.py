@@ -452,7 +452,9 @@ class AsyncLLMEngine:
         if now - last_time < self.log_stats_interval:
             return
         s = self.snapshot
-        if self._active_since_log or s.num_running or s.num_waiting:
+        # requests that came and went between two ticks count too
+        worked = s.num_prompt_tokens != last_prompt or s.num_generation_tokens != last_gen
+        if self._active_since_log or worked or s.num_running or s.num_waiting:
             elapsed = now - last_time
             logger.info("engine: %d running, %d waiting, KV cache %.1f%% used, prefix cache hit rate %.1f%%, "
                         "prompt %.1f tok/s, generation %.1f tok/s", s.num_running, s.num_waiting, 100 * s.kv_usage,
