@@ -104,7 +104,7 @@ def test_capacity_search_on_a_real_server(server, tmp_path):
     der = result["slo_derivation"]
     # the SLO is the stated factor times the median of the recorded unloaded measurements
     assert result["slo"]["ttft_ms"] == pytest.approx(40 * sorted(der["ttft_samples_ms"])[1])
-    assert result["slo"]["tpot_ms"] == pytest.approx(40 * sorted(der["tpot_samples_ms"])[1])
+    assert result["slo"]["tpot_ms"] == pytest.approx(40 * max(sorted(der["tpot_samples_ms"])[1], der["tpot_floor_ms"]))
     lens = sorted(len_ for len_ in (row["prompt_tokens"] for p in result["probes"] for row in p["details"]["requests"]))
     assert 16 <= der["p90_prompt_len"] <= 48 and lens[0] >= 16 and der["source"].startswith("measured on")
     assert rc == 0 and result["capacity_rps"] is not None and 1 <= len(result["probes"]) <= 3
@@ -180,3 +180,9 @@ def test_search_ends_when_measure_says_stop():
     outcomes = iter([0.95, 0.2, None])  # bracketed [1, 2], stopped before the first bisection
     s = search_capacity(lambda rate: next(outcomes), 1.0, step_factor=2.0)
     assert (s.capacity, s.upper, s.converged, len(s.probes)) == (1.0, 2.0, False, 2)
+
+
+def test_a_zero_unloaded_tpot_gives_the_floored_bound():
+    """Tokens that reach the client in one chunk measure TPOT 0; the bound is floored, never 0 (unmeetable)."""
+    d = derive_slo([10.0], [0.0, 0.0, 0.0], ttft_factor=2.0, tpot_factor=5.0)
+    assert d["slo"]["tpot_ms"] == 5.0 * d["derivation"]["tpot_floor_ms"] > 0

@@ -112,6 +112,9 @@ def search_capacity(measure: Callable[[float], Probe | float | None], start_rate
     return CapacitySearch(passing, failing, converged, probes, settings)
 
 
+TPOT_FLOOR_MS = 1.0
+
+
 def derive_slo(p90_prompt_ttft_ms: list[float], decode_tpot_ms: list[float], ttft_factor: float = 2.0,
                tpot_factor: float = 5.0, p90_prompt_len: int | None = None) -> dict:
     """The SLO from unloaded costs measured on one server: TTFT <= ttft_factor x the median unloaded
@@ -122,13 +125,15 @@ def derive_slo(p90_prompt_ttft_ms: list[float], decode_tpot_ms: list[float], ttf
     if not ttft_factor > 0 or not tpot_factor > 0:
         raise ValueError("the SLO factors must be > 0")
     ttft = statistics.median(p90_prompt_ttft_ms)
-    tpot = statistics.median(decode_tpot_ms)
+    # a tiny model's tokens can reach the client in one chunk (measured TPOT 0): the bound is floored at
+    # TPOT_FLOOR_MS rather than made impossible to meet
+    tpot = max(statistics.median(decode_tpot_ms), TPOT_FLOOR_MS)
     slo = {"ttft_ms": ttft_factor * ttft, "tpot_ms": tpot_factor * tpot}
     derivation = {
         "rule": f"TTFT <= {ttft_factor:g} x unloaded TTFT of the workload's p90 prompt; "
                 f"TPOT <= {tpot_factor:g} x unloaded TPOT of one decoding request",
         "p90_prompt_len": p90_prompt_len, "unloaded_p90_prompt_ttft_ms": ttft, "ttft_samples_ms": list(p90_prompt_ttft_ms),
         "unloaded_tpot_ms": tpot, "tpot_samples_ms": list(decode_tpot_ms),
-        "ttft_factor": ttft_factor, "tpot_factor": tpot_factor,
+        "ttft_factor": ttft_factor, "tpot_factor": tpot_factor, "tpot_floor_ms": TPOT_FLOOR_MS,
     }
     return {"slo": slo, "derivation": derivation}
