@@ -130,11 +130,7 @@ async def _capacity(args: argparse.Namespace, workload_args: dict, given_slo: di
                     log: Callable[[str], None]) -> dict:
     client = Client(args.base_url, args.model, args.api_key, args.timeout, None)
     try:
-        models = await client.models()
-        if client.model is None:
-            if not models:
-                raise RuntimeError(f"{client.base_url}/v1/models lists no model; pass --model")
-            client.model = models[0]["id"]
+        models = await client.resolve_model()
         corpus = load_text(args.text)
         text_ids = await client.tokenize(corpus) if args.tokenizer == "server" else _local_tokenizer(args.tokenizer)(corpus)
         workload = make_workload(args.workload, text_ids, args.num_requests, args.seed, **workload_args)

@@ -95,6 +95,15 @@ class Client:
             raise RuntimeError(f"GET {self.base_url}/v1/models answered HTTP {r.status_code}: {r.text[:300]}")
         return r.json().get("data") or []
 
+    async def resolve_model(self) -> list[dict]:
+        """The server's models; without a model given, take its first one. Returns the list."""
+        models = await self.models()
+        if self.model is None:
+            if not models:
+                raise RuntimeError(f"{self.base_url}/v1/models lists no model; pass --model")
+            self.model = models[0]["id"]
+        return models
+
     async def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` from the server's /tokenize (fuselm and vLLM take 'prompt', llama-server 'content')."""
         bodies = ({"model": self.model, "prompt": text, "add_special_tokens": False},
@@ -231,11 +240,7 @@ async def _benchmark(base_url: str, model: str | None, workload: str, num_reques
                      timeout: float, extra_body: dict | None, progress: bool, log: Callable[[str], None]) -> dict:
     client = Client(base_url, model, api_key, timeout, extra_body)
     try:
-        models = await client.models()
-        if client.model is None:
-            if not models:
-                raise RuntimeError(f"{client.base_url}/v1/models lists no model; pass --model")
-            client.model = models[0]["id"]
+        models = await client.resolve_model()
         corpus = load_text(text)
         text_ids = await client.tokenize(corpus) if tokenizer == "server" else _local_tokenizer(tokenizer)(corpus)
         requests = make_workload(workload, text_ids, num_requests, seed, **workload_args)
