@@ -56,3 +56,20 @@ def embedded_llm():
     from fuselm import LLM
 
     return LLM()
+
+
+def _kernel_variants() -> list[str]:
+    from fuselm.kernels.build import find_compiler, supported_variants
+
+    return supported_variants() if find_compiler() is not None else []
+
+
+@pytest.fixture(scope="module", params=_kernel_variants())
+def kernels(request):
+    """The C kernel library built for one ISA variant (each supported one in turn); a test file may
+    define its own `kernels` instead."""
+    from fuselm.kernels.cpu import load_kernels
+
+    loaded = load_kernels(request.param)
+    assert loaded is not None and loaded.isa == request.param
+    return loaded

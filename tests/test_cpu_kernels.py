@@ -19,14 +19,6 @@ pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler: the to
 VARIANTS = supported_variants() if HAVE_COMPILER else []
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
-def kernels(request):
-    """The library built for one ISA variant (each supported one in turn)."""
-    loaded = load_kernels(request.param)
-    assert loaded is not None and loaded.isa == request.param
-    return loaded
-
-
 @pytest.fixture
 def engine_variant(request, monkeypatch):
     """The engine's kernels forced to one variant through FUSELM_CPU_ISA for the test."""

@@ -11,20 +11,12 @@ import torch.nn.functional as F
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
-from fuselm.kernels.build import find_compiler, supported_variants
-from fuselm.kernels.cpu import get_kernels, load_kernels
+from fuselm.kernels.build import find_compiler
+from fuselm.kernels.cpu import get_kernels
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
 HAVE_COMPILER = find_compiler() is not None
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler: the torch path is used and tested elsewhere")
-VARIANTS = supported_variants() if HAVE_COMPILER else []
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def kernels(request):
-    loaded = load_kernels(request.param)
-    assert loaded is not None and loaded.isa == request.param
-    return loaded
 
 
 def int8_cache(g, num_blocks, bs, hkv, d):

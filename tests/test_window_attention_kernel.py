@@ -9,18 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuselm.kernels.build import find_compiler, supported_variants
-from fuselm.kernels.cpu import load_kernels
+from fuselm.kernels.build import find_compiler
 
 HAVE_COMPILER = find_compiler() is not None
 pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler: the torch path is used and tested elsewhere")
-
-
-@pytest.fixture(scope="module", params=supported_variants() if HAVE_COMPILER else [])
-def kernels(request):
-    loaded = load_kernels(request.param)
-    assert loaded is not None and loaded.isa == request.param
-    return loaded
 
 
 def windowed_reference(q, k_cache, v_cache, table, lens, starts, scale):
