@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fuselm import LLM, SamplingParams
-from server_helpers import MODEL, ServerThread
+from server_helpers import MODEL, ServerThread, wait_until
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "adaptive": False}
 PROMPTS = ["the quick brown fox jumps over the lazy dog " * 3, "it was the best of times it was the worst of times",
@@ -53,10 +53,13 @@ def test_streams_match_plain_decoding(spec_server, tiny_llama, caplog):
                                              extra_body={"ignore_eos": True})
             assert full.choices[0].text == want
         text = httpx.get(f"{spec_server.base_url}/metrics").text
+        # the status line is written on the engine's next stats tick (every 0.2 s), which can fall after the
+        # last request when all of them ran inside one tick: wait for it instead of racing it
+        logged = wait_until(lambda: any("speculative decoding:" in r.getMessage() and "acceptance rate" in
+                                        r.getMessage() for r in caplog.records), timeout=5.0)
     values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
     assert values["fuselm_spec_decode_num_accepted_tokens"] > 0
     assert values["fuselm_spec_decode_num_draft_tokens"] >= values["fuselm_spec_decode_num_accepted_tokens"]
     assert 0 < values["fuselm_spec_decode_acceptance_rate"] <= 1
     assert values["fuselm_spec_decode_mean_acceptance_length"] > 1
-    assert any("speculative decoding:" in r.getMessage() and "acceptance rate" in r.getMessage()
-               for r in caplog.records)
+    assert logged
