@@ -14,6 +14,12 @@ the key (HTTP 400) before anything is queued:
   max-pooled over `pool` neighbouring positions); the last `window` positions and the best
   `budget - window` others are kept, compacted into the request's first blocks, and the rest of
   its blocks are freed. Generated tokens are appended uncompressed.
+- `{"method": "h2o", "budget": 1024, "recent": 128}` (H2O, heavy hitters): every position is
+  scored, per layer and KV head, by the attention it has received so far (summed over the KV head's
+  query heads, over every prompt query and every decode step's query); once the request's cache
+  holds budget + recent + one block of entries, it keeps the best-scored `budget` of those before
+  the last `recent` and those `recent`, compacted, and frees the rest (layers/h2o_scores.py,
+  runner/h2o_compaction.py).
 - `{"method": "none"}`: keep everything (overrides an engine default).
 
 A prompt no longer than the budget (streaming: sink blocks + window) is never compressed, so its
@@ -28,18 +34,19 @@ from typing import Any
 
 from fuselm.errors import InvalidRequestError
 
-METHODS = ("none", "streaming", "snapkv")
+METHODS = ("none", "streaming", "snapkv", "h2o")
 _KEYS = {"none": {"method"}, "streaming": {"method", "sink", "window"},
-         "snapkv": {"method", "budget", "window", "pool"}}
+         "snapkv": {"method", "budget", "window", "pool"}, "h2o": {"method", "budget", "recent"}}
 
 
 @dataclass(frozen=True, slots=True)
 class KVCompression:
-    method: str  # "streaming", "snapkv" or "none" (no compression, overriding an engine default)
-    budget: int = 0  # snapkv: positions kept per layer and KV head
+    method: str  # "streaming", "snapkv", "h2o" or "none" (no compression, overriding an engine default)
+    budget: int = 0  # snapkv: positions kept per layer and KV head; h2o: heavy hitters kept besides the recent ones
     window: int = 0  # streaming: recent positions kept; snapkv: observation window (last prompt queries)
     sink: int = 0  # streaming: first positions always kept
     pool: int = 7  # snapkv: max-pool width over neighbouring positions' scores (odd)
+    recent: int = 0  # h2o: the last positions always kept
 
     @classmethod
     def parse(cls, value: Any, param: str = "kv_compression") -> "KVCompression | None":
@@ -71,6 +78,8 @@ class KVCompression:
             return cls("none")
         if method == "streaming":
             return cls("streaming", window=integer("window", None, 1), sink=integer("sink", 4, 0))
+        if method == "h2o":
+            return cls("h2o", budget=integer("budget", None, 1), recent=integer("recent", None, 1))
         window = integer("window", 32, 1)
         budget = integer("budget", None, 1)
         pool = integer("pool", 7, 1)

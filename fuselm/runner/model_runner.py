@@ -21,6 +21,7 @@ from fuselm.layers.cascade import plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.group_layout import group_metadata
+from fuselm.runner.h2o_compaction import H2OScores
 from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kernel_choice import Override, choose_layer_step
@@ -98,6 +99,7 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler()
         self.generators = SeededGenerators()  # seeded sequences' generators, by seq_id
+        self.h2o_scores = H2OScores()  # accumulated attention of running H2O sequences, by seq_id
         # KV cache groups (core/kv_groups.py): one unless sliding-window layers can drop old blocks
         windows = [layer.self_attn.sliding_window for layer in self.model.layers]
         self.kv_groups = kv_cache_groups(windows if group_kv_by_window else [None] * len(windows))
@@ -259,7 +261,8 @@ class ModelRunner:
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
-                                 snapkv=snapkv_captures(rows, row_start, self._slots, self.device))
+                                 snapkv=snapkv_captures(rows, row_start, self._slots, self.device),
+                                 h2o=self.h2o_scores.captures(rows, row_start, self._slots, self.device))
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
             max_blocks = max(len(t) for t in tables)
@@ -291,6 +294,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)  # [T, hidden]
         if meta.snapkv:
             compact(meta.snapkv, [layer.self_attn for layer in self.model.layers])
+        if meta.h2o:
+            self.h2o_scores.update(meta.h2o, [layer.self_attn for layer in self.model.layers])
         return hidden, row_start
 
     @torch.inference_mode()
@@ -304,6 +309,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         self.generators.release(out.finished_seq_ids)
+        self.h2o_scores.release(out.finished_seq_ids)
         hidden, row_start = self._forward(out)
 
         # Which hidden states need logits: the last token of rows that sample (and, with
