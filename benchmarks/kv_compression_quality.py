@@ -1,15 +1,19 @@
 """Quality of KV compression: needle-in-a-haystack retrieval and long-text perplexity, for each
 method at budgets of 1/2, 1/4 and 1/8 of the context, against the full cache.
 
+Methods: SnapKV (observation window 32), StreamingLLM (4 sinks, the budget as window), H2O (the
+budget split evenly between heavy hitters and recent tokens, as the paper's experiments do).
+
 Needle: a pass code sentence is put at several depths of a filler of real prose
 (benchmarks/data/public_domain_prose.txt, cut to the context length in tokens), and the prompt ends
 by asking for it as a sentence to complete ("... The secret pass code is"); a trial counts when the
 greedy continuation contains the code. Every configuration gets the same prompts; the full cache is
 the reference. Perplexity: the first `context` tokens of the prose scored with prompt logprobs;
 StreamingLLM masks every prompt query to its window, so its perplexity is what it keeps; SnapKV
-compresses only at the end of a prompt, so prompt scoring cannot measure it (left out).
+and H2O compress only at the end of a prompt, so prompt scoring cannot measure them (left out).
 
-    python benchmarks/kv_compression_quality.py --lengths 2048 4096 8000 --json quality.json
+    python benchmarks/kv_compression_quality.py --lengths 2048 4096 --json quality.json
+    python benchmarks/kv_compression_quality.py --lengths 8000 --depths 0.1 0.3 0.5 0.7 0.9 --json quality-8k.json
     python benchmarks/kv_compression_quality.py --lengths 1024 --depths 0.5 --fractions 0.25   # quick check
 """
 
@@ -33,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="context tokens")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25, 0.125], help="budget / context")
-    p.add_argument("--methods", nargs="+", default=["snapkv", "streaming"], choices=["snapkv", "streaming"])
+    p.add_argument("--methods", nargs="+", default=["snapkv", "streaming", "h2o"], choices=["snapkv", "streaming", "h2o"])
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(method: str, budget: int) -> dict:
     if method == "snapkv":
         return {"method": "snapkv", "budget": budget, "window": 32}
+    if method == "h2o":
+        return {"method": "h2o", "budget": budget // 2, "recent": budget - budget // 2}
     return {"method": "streaming", "sink": 4, "window": budget}
 
 
@@ -90,12 +96,12 @@ def main(argv: list[str] | None = None) -> None:
                 lps = [lp[t].logprob for lp, t in zip(scored.prompt_logprobs[1:], prose_ids[1:length])]
                 row["perplexity"] = math.exp(-sum(lps) / len(lps))
             results.append(row)
+            if args.json:  # after every row, so a long run stopped early keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"cpu": cpu_model_name(), "model": llm.engine.model_name, "results": results}, f, indent=1)
             ppl = f", perplexity {row['perplexity']:.2f}" if "perplexity" in row else ""
             print(f"  {length:5d} tokens {name:>15}: needle {100 * row['needle_accuracy']:5.1f}% "
                   f"{''.join('x' if h else '.' for h in hits)}{ppl} ({row['seconds']:.1f} s)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model_name(), "model": llm.engine.model_name, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ H2O rows of the step only: each of the row's queries against every cache entry t
 (causal: a query sees entries up to its own), softmax in float32 from the cache as stored (an int8
 cache dequantised), summed over the queries and over the query heads of each KV head ->
 [kv_heads, entries]. A decode step costs one more pass over the request's keys; a prompt chunk
-one more q.k product, taken in slices of queries so the weights never exceed a few MB.
+one more q.k product (its causal triangle), taken in slices of queries so the weights stay small.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-QUERY_SLICE = 128  # queries whose weights are materialised at once: [Hq, 128, entries] floats
+QUERY_SLICE = 256  # queries whose weights are materialised at once: [Hq, 256, entries] floats
 
 
 @dataclass
@@ -41,13 +41,16 @@ def capture_h2o_scores(captures: list[H2OCapture], q: torch.Tensor, flat_k: torc
         if flat_ks is not None:
             keys = keys * flat_ks[cap.context_slots].float().unsqueeze(-1)
         entries, kv_heads, head_dim = keys.shape
+        keys_t = keys.permute(1, 2, 0)  # [Hkv, D, L]
         total = keys.new_zeros(kv_heads, entries)
-        positions = torch.arange(entries, device=keys.device).unsqueeze(0)  # [1, L]
-        for first in range(0, cap.query_index.shape[0], QUERY_SLICE):
+        last_entries = cap.query_entry.tolist()
+        for first in range(0, len(last_entries), QUERY_SLICE):
             index = cap.query_index[first:first + QUERY_SLICE]
-            queries = q[index].float().view(index.shape[0], kv_heads, -1, head_dim)  # [n, Hkv, group, D]
-            logits = torch.einsum("nkgd,lkd->kgnl", queries, keys) * scale  # [Hkv, group, n, L]
-            future = positions > cap.query_entry[first:first + QUERY_SLICE].unsqueeze(1)  # [n, L]
+            n = index.shape[0]
+            end = last_entries[first + n - 1] + 1  # entries past the slice's last query are nobody's past
+            queries = (q[index].float() * scale).view(n, kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, g, n, D]
+            logits = torch.matmul(queries, keys_t[:, :, :end].unsqueeze(1))  # [Hkv, g, n, end]
+            future = torch.arange(end, device=keys.device) > cap.query_entry[first:first + n].unsqueeze(1)  # [n, end]
             logits.masked_fill_(future, float("-inf"))
-            total += logits.softmax(-1).sum(dim=(1, 2))
+            total[:, :end] += logits.softmax(-1).sum(dim=(1, 2))
         cap.scores.append(total)  # [Hkv, L]
