@@ -8,6 +8,10 @@ the key (HTTP 400) before anything is queued:
   (the attention sinks, rounded up to whole KV blocks) and the most recent `window` positions (at
   least; eviction drops whole blocks, so up to window + block_size - 1 are held). Blocks that fall
   out of the window go back to the pool as the sequence grows, prompt and output alike.
+  `"positions": "text"` (default): keys and queries keep their position in the text;
+  `"positions": "cache"` (as the paper): they take their index in the cache, and the window's keys
+  are re-rotated when blocks before them leave (runner/cache_positions.py), so the distance to the
+  sinks stays within sinks + window however long the stream runs.
 - `{"method": "snapkv", "budget": 1024, "window": 32, "pool": 7}` (SnapKV): at the end of the
   prompt's prefill every prompt position is scored, per layer and KV head, by the attention the
   last `window` prompt queries give it (summed over those queries and the KV head's query heads,
@@ -35,7 +39,7 @@ from typing import Any
 from fuselm.errors import InvalidRequestError
 
 METHODS = ("none", "streaming", "snapkv", "h2o")
-_KEYS = {"none": {"method"}, "streaming": {"method", "sink", "window"},
+_KEYS = {"none": {"method"}, "streaming": {"method", "sink", "window", "positions"},
          "snapkv": {"method", "budget", "window", "pool"}, "h2o": {"method", "budget", "recent"}}
 
 
@@ -47,6 +51,7 @@ class KVCompression:
     sink: int = 0  # streaming: first positions always kept
     pool: int = 7  # snapkv: max-pool width over neighbouring positions' scores (odd)
     recent: int = 0  # h2o: the last positions always kept
+    positions: str = "text"  # streaming: rotary positions in the "text" or in the "cache" (the paper's)
 
     @classmethod
     def parse(cls, value: Any, param: str = "kv_compression") -> "KVCompression | None":
@@ -77,7 +82,11 @@ class KVCompression:
         if method == "none":
             return cls("none")
         if method == "streaming":
-            return cls("streaming", window=integer("window", None, 1), sink=integer("sink", 4, 0))
+            positions = value.get("positions", "text")
+            if positions not in ("text", "cache"):
+                raise InvalidRequestError(f"{param}.positions must be \"text\" or \"cache\", got {positions!r}",
+                                          param=f"{param}.positions")
+            return cls("streaming", window=integer("window", None, 1), sink=integer("sink", 4, 0), positions=positions)
         if method == "h2o":
             return cls("h2o", budget=integer("budget", None, 1), recent=integer("recent", None, 1))
         window = integer("window", 32, 1)

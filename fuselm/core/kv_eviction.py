@@ -64,6 +64,12 @@ def streaming_window(request: Request) -> tuple[int, int] | None:
     return (settings.sink, settings.window) if settings is not None and settings.method == "streaming" else None
 
 
+def streaming_cache_positions(request: Request) -> bool:
+    """Whether a StreamingLLM request takes rotary positions in the cache (`"positions": "cache"`)."""
+    settings = request.kv_compression
+    return settings is not None and settings.method == "streaming" and settings.positions == "cache"
+
+
 def streaming_first_visible(position: torch.Tensor, sink_tokens: int, window: int, block_size: int):
     """The first position after the sinks that the queries at `position` (int64) see: eviction is block-granular, so the window starts at a block boundary, keeping `window` to
     window + block_size - 1 positions. sink_tokens: the sinks rounded up to whole blocks."""

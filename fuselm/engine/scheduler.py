@@ -27,7 +27,7 @@ import bisect
 from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.kv_eviction import (evict_streaming, finish_snapkv, h2o_step, is_h2o, snapkv_chunk, snapkv_step,
-                                     streaming_window)
+                                     streaming_cache_positions, streaming_window)
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
@@ -271,6 +271,6 @@ def _row(req: Request, n: int, num_spec: int, block_size: int) -> ScheduledReque
         num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
         group_block_ids=tuple(map(tuple, req.group_block_ids)),
         kv_offset=req.kv_offset, snapkv=snapkv_step(req, start, n), kv_window=streaming_window(req),
-        h2o=h2o_step(req, start, n, block_size),
+        h2o=h2o_step(req, start, n, block_size), cache_positions=streaming_cache_positions(req),
         prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs, grammar_bitmask=bitmask,
     )
