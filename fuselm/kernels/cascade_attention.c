@@ -28,6 +28,7 @@
 
 #include "bf16_simd.h"
 #include "cascade_blocks.h"
+#include "cascade_panel.h"
 #include "fuselm_kernels.h"
 
 #define CHUNK_MIN_BLOCKS 4 /* fewest shared blocks a thread takes as one piece of work */
@@ -156,6 +157,11 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16) qb = malloc(sizeof(uint16_t) * (size_t)(mq * D));
 #endif
         float *own = malloc(sizeof(float) * (size_t)(G * (D + 2)));
+        const int64_t mp = (max_m + LANES - 1) / LANES * LANES;
+        PanelScratch pw = {malloc(sizeof(float) * (size_t)(D * mp)), malloc(sizeof(float) * (size_t)(D * mp)),
+                           malloc(sizeof(float) * (size_t)mp), malloc(sizeof(float) * (size_t)mp),
+                           malloc(sizeof(float) * (size_t)(PANEL * D)), malloc(sizeof(float) * (size_t)(PANEL * D)),
+                           malloc(sizeof(float) * (size_t)(PANEL * RV * LANES))};
 
         if (k_new != NULL) { /* this step's single-token rows: their K/V go in before anything is read */
 #pragma omp for schedule(static)
@@ -174,19 +180,12 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             while (item_first[g + 1] <= it) g++;
             const int64_t local = it - item_first[g], h = local / chunks[g], c = local % chunks[g];
             const int64_t R = offsets[g + 1] - offsets[g], M = R * G;
-            for (int64_t r = 0; r < R; r++) {
+            for (int64_t r = 0; r < R; r++)
                 gather_queries(q, dtype, rows[offsets[g] + r], h, G, num_heads, D, scale, Q + r * G * D);
-                if (qb != NULL)
-                    memcpy(qb + r * G * D, (const uint16_t *)q + (rows[offsets[g] + r] * num_heads + h * G) * D,
-                           sizeof(uint16_t) * (size_t)(G * D));
-            }
-            w.qb = qb != NULL && (M >= PANEL_MIN_ROWS || D % 32 == 0) ? qb : NULL;
             float *base = states + state_at[g] + local * M * (D + 2);
-            State st = {base, base + M, base + 2 * M};
-            reset_state(st, M, D);
             const int64_t b0 = shared_blocks[g] * c / chunks[g], b1 = shared_blocks[g] * (c + 1) / chunks[g];
-            attend_span(Q, M, st, k_cache, v_cache, kv_dtype, block_table + rows[offsets[g]] * max_blocks, b0, b1 * bs,
-                        h, row_elems, D, bs, w);
+            shared_span(Q, M, (State){base, base + M, base + 2 * M}, k_cache, v_cache, kv_dtype,
+                        block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, row_elems, D, bs, pw);
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise */
@@ -226,6 +225,7 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             }
         }
         free(Q), free(qb), free(w.scores), free(w.kt), free(w.k_rows), free(w.v_rows), free(own);
+        free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s);
     }
     free(states), free(state_at), free(chunks), free(item_first), free(row_group);
 }
