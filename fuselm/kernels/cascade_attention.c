@@ -135,6 +135,7 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         }
         int64_t c = (target_items + num_groups * Hkv - 1) / (num_groups * Hkv);
         const int64_t most = shared_blocks[g] / CHUNK_MIN_BLOCKS;
+        while ((num_groups * Hkv * c) % num_threads != 0 && c < most) c++; /* the same work for every thread */
         c = c > most ? most : c;
         chunks[g] = c < 1 ? 1 : c;
         item_first[g] = num_items;
