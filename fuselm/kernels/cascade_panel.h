@@ -1,20 +1,20 @@
 /* The shared pass of cascade attention (cascade_attention.c) as register-tiled matrix products: all the
  * M queries of a group and KV head against a span of shared keys, cut into panels of PANEL keys.
  *
- * Queries lie along the vector lanes (Qt [D, Mp], Mp = M rounded up to 16), keys and dimensions are
- * broadcast: a 16-query slice of a score S[t, q] = sum_d K[t, d] Qt[d, q] is one FMA chain, and so is
+ * Queries lie along the vector lanes (Qt [D, Mp], Mp = M rounded up to PL, the lanes of a register),
+ * keys and dimensions are broadcast: a PL-query slice of a score S[t, q] = sum_d K[t, d] Qt[d, q] is one FMA chain, and so is
  * a slice of acc[d, q] += V[t, d] P[t, q]. In that layout the online softmax is lane-wise (a query's
  * max and sum over the panel's keys are element-wise max and add over KT-row tiles), no horizontal
  * sum is needed, and K and V are used row-major as the cache stores them: a panel's rows are copied
  * (widened from bf16) into kp / vp [PANEL, D] once for every query of the group, then
- *   1. scores: tiles of KT keys x RV 16-query slices (KT * RV accumulators) over d, per d RV loads of
+ *   1. scores: tiles of KT keys x RV PL-query slices (KT * RV accumulators) over d, per d RV loads of
  *      Qt and KT broadcasts of K;
- *   2. softmax: per 16-query slice, the panel max, the correction exp(m_old - m_new), P = exp(S - m),
+ *   2. softmax: per query slice, the panel max, the correction exp(m_old - m_new), P = exp(S - m),
  *      the sum;
  *   3. P V: tiles of DT dimensions x RV slices (DT * RV accumulators), rescaled by the correction
  *      as they are loaded, over the panel's keys.
- * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 (each v16f two ymm) they shrink
- * to fit its 16. Header-only, included by cascade_attention.c alone.
+ * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are
+ * 8 queries wide (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c alone.
  */
 #ifndef FUSELM_CASCADE_PANEL_H
 #define FUSELM_CASCADE_PANEL_H
@@ -27,59 +27,78 @@
 #include "fuselm_kernels.h"
 
 #if defined(__AVX512F__)
-#define KT 8 /* keys of a score tile */
-#define DT 8 /* dimensions of a P V tile */
-#define RV 3 /* 16-query slices of either tile */
-#else
+#define PL 16 /* lanes of one query slice: a zmm register */
+#define KT 8  /* keys of a score tile */
+#define DT 8  /* dimensions of a P V tile */
+#define RV 3  /* query slices of either tile */
+#elif defined(__AVX2__)
+#define PL 8 /* a ymm register */
 #define KT 4
 #define DT 4
-#define RV 1
+#define RV 2
+#else
+#define PL 4 /* an xmm register */
+#define KT 4
+#define DT 4
+#define RV 2
 #endif
 #define PANEL 64 /* keys multiplied together against every query; a multiple of KT */
 
+typedef float pvec __attribute__((vector_size(PL * 4)));
+typedef int32_t pveci __attribute__((vector_size(PL * 4)));
+
+static inline pvec loadp(const float *p) {
+    pvec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void storep(float *p, pvec v) { memcpy(p, &v, sizeof v); }
+
 /* Per-thread scratch of the shared pass: Qt and acc [D, Mp], m and l [Mp], kp and vp [PANEL, D],
- * s [PANEL, RV * LANES] (one row tile's scores, then its probabilities). */
+ * s [PANEL, RV * PL] (one row tile's scores, then its probabilities). */
 typedef struct {
     float *qt, *acc, *m, *l, *kp, *vp, *s;
 } PanelScratch;
 
-/* The lane-wise maximum (vmaxps with AVX-512; a compare and select elsewhere). */
-static inline v16f max16(v16f a, v16f b) {
+/* The lane-wise maximum (vmaxps where there is one; a compare and select elsewhere). */
+static inline pvec maxp(pvec a, pvec b) {
 #if defined(__AVX512F__)
-    return (v16f)_mm512_max_ps((__m512)a, (__m512)b);
+    return (pvec)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+    return (pvec)_mm256_max_ps((__m256)a, (__m256)b);
 #else
-    const v16i take_a = a > b;
-    v16i ai, bi;
+    const pveci take_a = a > b;
+    pveci ai, bi;
     memcpy(&ai, &a, sizeof ai);
     memcpy(&bi, &b, sizeof bi);
-    const v16i r = (ai & take_a) | (bi & ~take_a);
-    v16f out;
+    const pveci r = (ai & take_a) | (bi & ~take_a);
+    pvec out;
     memcpy(&out, &r, sizeof out);
     return out;
 #endif
 }
 
-/* exp(x) for x <= 0 on 16 lanes: exp_nonpositive's polynomial, with rounding to nearest done by adding
+/* exp(x) for x <= 0 on PL lanes: exp_nonpositive's polynomial, with rounding to nearest done by adding
  * and subtracting 1.5 * 2^23 (exact for |x log2 e| < 2^22). */
-static inline v16f exp16_nonpositive(v16f x) {
-    const v16f lo = {0}, magic = lo + 12582912.0f;
-    x = max16(x, lo - 87.0f);
-    const v16f t = x * 1.44269504088896341f;
-    const v16f n = (t + magic) - magic;
-    const v16f f = t - n;
-    v16f p = lo + 1.5403530393381609e-4f;
+static inline pvec expp_nonpositive(pvec x) {
+    const pvec lo = {0}, magic = lo + 12582912.0f;
+    x = maxp(x, lo - 87.0f);
+    const pvec t = x * 1.44269504088896341f;
+    const pvec n = (t + magic) - magic;
+    const pvec f = t - n;
+    pvec p = lo + 1.5403530393381609e-4f;
     p = p * f + 1.3333558146428443e-3f;
     p = p * f + 9.6181291076284772e-3f;
     p = p * f + 5.5504108664821580e-2f;
     p = p * f + 2.4022650695910071e-1f;
     p = p * f + 6.9314718055994531e-1f;
     p = p * f + 1.0f;
-    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16f scale;
+    const pveci bits = (__builtin_convertvector(n, pveci) + 127) << 23;
+    pvec scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
-
 
 /* Copy `count` rows of KV head h (`count` keys from context position `first`, through the block
  * table) into dst [PANEL, D] as floats; rows count .. round-up to KT are zeroed. */
@@ -109,24 +128,24 @@ static void prefetch_panel(const void *k_cache, const void *v_cache, int kv_dtyp
     }
 }
 
-/* s[t, r * 16 ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
- * 16-query slices from q0 on. */
+/* s[t, r * PL ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
+ * query slices from q0 on. */
 static inline __attribute__((always_inline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R,
                                                               const float *kp, int64_t nk, int64_t D, float *s) {
     for (int64_t t0 = 0; t0 < nk; t0 += KT) {
-        v16f a[KT][RV];
+        pvec a[KT][RV];
         for (int k = 0; k < KT; k++)
-            for (int r = 0; r < R; r++) a[k][r] = (v16f){0};
+            for (int r = 0; r < R; r++) a[k][r] = (pvec){0};
         for (int64_t d = 0; d < D; d++) {
-            v16f q[RV];
-            for (int r = 0; r < R; r++) q[r] = load16(qt + d * Mp + q0 + r * LANES);
+            pvec q[RV];
+            for (int r = 0; r < R; r++) q[r] = loadp(qt + d * Mp + q0 + r * PL);
             for (int k = 0; k < KT; k++) {
                 const float key = kp[(t0 + k) * D + d];
                 for (int r = 0; r < R; r++) a[k][r] += key * q[r];
             }
         }
         for (int k = 0; k < KT; k++)
-            for (int r = 0; r < R; r++) store16(s + (t0 + k) * RV * LANES + r * LANES, a[k][r]);
+            for (int r = 0; r < R; r++) storep(s + (t0 + k) * RV * PL + r * PL, a[k][r]);
     }
 }
 
@@ -134,19 +153,19 @@ static inline __attribute__((always_inline)) void score_tiles(const float *qt, i
  * m and l (from q0 on) move on, corr receives each query's factor for its old acc. */
 static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, float *corr) {
     for (int r = 0; r < R; r++) {
-        const v16f old = load16(m + r * LANES);
-        v16f top = old;
-        for (int64_t t = 0; t < count; t++) top = max16(top, load16(s + t * RV * LANES + r * LANES));
-        v16f sum = {0};
+        const pvec old = loadp(m + r * PL);
+        pvec top = old;
+        for (int64_t t = 0; t < count; t++) top = maxp(top, loadp(s + t * RV * PL + r * PL));
+        pvec sum = {0};
         for (int64_t t = 0; t < count; t++) {
-            const v16f p = exp16_nonpositive(load16(s + t * RV * LANES + r * LANES) - top);
-            store16(s + t * RV * LANES + r * LANES, p);
+            const pvec p = expp_nonpositive(loadp(s + t * RV * PL + r * PL) - top);
+            storep(s + t * RV * PL + r * PL, p);
             sum += p;
         }
-        const v16f c = exp16_nonpositive(old - top);
-        store16(corr + r * LANES, c);
-        store16(l + r * LANES, load16(l + r * LANES) * c + sum);
-        store16(m + r * LANES, top);
+        const pvec c = expp_nonpositive(old - top);
+        storep(corr + r * PL, c);
+        storep(l + r * PL, loadp(l + r * PL) * c + sum);
+        storep(m + r * PL, top);
     }
 }
 
@@ -155,19 +174,19 @@ static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t M
                                                            int64_t count, const float *vp, int64_t D,
                                                            const float *corr) {
     for (int64_t d0 = 0; d0 < D; d0 += DT) {
-        v16f a[DT][RV];
+        pvec a[DT][RV];
         for (int j = 0; j < DT; j++)
-            for (int r = 0; r < R; r++) a[j][r] = load16(acc + (d0 + j) * Mp + q0 + r * LANES) * load16(corr + r * LANES);
+            for (int r = 0; r < R; r++) a[j][r] = loadp(acc + (d0 + j) * Mp + q0 + r * PL) * loadp(corr + r * PL);
         for (int64_t t = 0; t < count; t++) {
-            v16f p[RV];
-            for (int r = 0; r < R; r++) p[r] = load16(s + t * RV * LANES + r * LANES);
+            pvec p[RV];
+            for (int r = 0; r < R; r++) p[r] = loadp(s + t * RV * PL + r * PL);
             for (int j = 0; j < DT; j++) {
                 const float v = vp[t * D + d0 + j];
                 for (int r = 0; r < R; r++) a[j][r] += v * p[r];
             }
         }
         for (int j = 0; j < DT; j++)
-            for (int r = 0; r < R; r++) store16(acc + (d0 + j) * Mp + q0 + r * LANES, a[j][r]);
+            for (int r = 0; r < R; r++) storep(acc + (d0 + j) * Mp + q0 + r * PL, a[j][r]);
     }
 }
 
@@ -179,20 +198,20 @@ static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
 }
 
-/* The state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions [first, end)
- * of one block table (end - first > 0). */
+/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
+ * [first, end) of one block table. */
 static void shared_span(const float *Q, int64_t M, State st, const void *k_cache, const void *v_cache, int kv_dtype,
                         const int64_t *table, int64_t first, int64_t end, int64_t h, int64_t row_elems, int64_t D,
                         int64_t bs, PanelScratch w) {
-    const int64_t Mp = (M + LANES - 1) / LANES * LANES;
+    const int64_t Mp = (M + PL - 1) / PL * PL;
     for (int64_t d = 0; d < D; d++)
         for (int64_t i = 0; i < Mp; i++) w.qt[d * Mp + i] = i < M ? Q[i * D + d] : 0.0f;
     for (int64_t i = 0; i < Mp; i++) {
-        w.m[i] = -INFINITY;
-        w.l[i] = 0.0f;
+        w.m[i] = i < M ? st.m[i] : -INFINITY;
+        w.l[i] = i < M ? st.l[i] : 0.0f;
+        for (int64_t d = 0; d < D; d++) w.acc[d * Mp + i] = i < M ? st.acc[i * D + d] : 0.0f;
     }
-    memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
-    float corr[RV * LANES];
+    float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
         const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
         pack_panel(k_cache, kv_dtype, table, p0, count, bs, h, row_elems, D, w.kp);
@@ -201,8 +220,8 @@ static void shared_span(const float *Q, int64_t M, State st, const void *k_cache
             const int64_t next = end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL;
             prefetch_panel(k_cache, v_cache, kv_dtype, table, p0 + PANEL, next, bs, h, row_elems, D);
         }
-        for (int64_t q0 = 0; q0 < Mp; q0 += RV * LANES) {
-            const int64_t slices = (Mp - q0) / LANES;
+        for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
+            const int64_t slices = (Mp - q0) / PL;
             if (slices >= RV) panel_tile(w, Mp, q0, RV, count, D, corr);
 #if RV > 1
             else if (slices == 1) panel_tile(w, Mp, q0, 1, count, D, corr);
