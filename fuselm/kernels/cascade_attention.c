@@ -119,11 +119,13 @@ int fuselm_cascade_supported(int64_t head_dim, int64_t block_size) {
     return head_dim % LANES == 0 && block_size % LANES == 0 && head_dim <= 1024;
 }
 
-void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
-                              const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
-                              int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
-                              int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
-                              int num_threads, const int64_t *shared) {
+/* Both entry points' work; k_scale / v_scale: an int8 cache's scales (kv_dtype FUSELM_I8), else NULL. */
+static void cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const uint16_t *k_scale,
+                              const uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
+                              const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs, int64_t max_blocks,
+                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                              int dtype, int kv_dtype, int num_threads, const int64_t *shared) {
+    const PagedKv kv = {k_cache, v_cache, k_scale, v_scale, kv_dtype, num_kv_heads};
     const int64_t D = head_dim, bs = block_size, Hkv = num_kv_heads, G = num_heads / num_kv_heads;
     const int64_t row_elems = Hkv * D;
     const int64_t num_groups = shared[0];
@@ -198,8 +200,7 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             const int64_t b0 = shared_blocks[g] * c / chunks[g], b1 = shared_blocks[g] * (c + 1) / chunks[g];
             const State st = {base, base + M, base + 2 * M};
             reset_state(st, M, D);
-            shared_span(Q, M, st, k_cache, v_cache, kv_dtype,
-                        block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, row_elems, D, bs, pw);
+            shared_span(Q, M, st, kv, block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, D, bs, pw);
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise */
@@ -224,13 +225,11 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                 memcpy(qb, (const uint16_t *)q + (n * num_heads + h * G) * D, sizeof(uint16_t) * (size_t)(G * D));
                 w.qb = qb;
             }
-#if OWN_BLOCKS_BY_PANEL
-            shared_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block * bs, ctx_lens[n], h,
-                        row_elems, D, bs, pw);
-#else
-            attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block, ctx_lens[n], h,
-                        row_elems, D, bs, w);
-#endif
+            if (OWN_BLOCKS_BY_PANEL || kv_dtype == FUSELM_I8)
+                shared_span(Q, G, st, kv, block_table + n * max_blocks, first_block * bs, ctx_lens[n], h, D, bs, pw);
+            else
+                attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block, ctx_lens[n],
+                            h, row_elems, D, bs, w);
             for (int64_t j = 0; j < G; j++) {
                 const float inv = 1.0f / st.l[j];
                 const int64_t o = (n * num_heads + h * G + j) * D;
@@ -247,4 +246,27 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s);
     }
     free(states), free(state_at), free(chunks), free(item_first), free(row_group);
+}
+
+void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
+                              const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
+                              int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
+                              int num_threads, const int64_t *shared) {
+    cascade_attention(q, out, k_cache, v_cache, NULL, NULL, k_new, v_new, num_write, block_table, ctx_lens, num_seqs,
+                      max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, dtype, kv_dtype, num_threads,
+                      shared);
+}
+
+void fuselm_cascade_attention_int8(const void *q, void *out, int8_t *k_cache, int8_t *v_cache, uint16_t *k_scale,
+                                   uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
+                                   const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+                                   int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t block_size, float scale, int dtype, int num_threads, const int64_t *shared) {
+    if (k_new != NULL) /* quantised as every int8 store is (paged_attention_int8.c) before anything is read */
+        fuselm_store_kv_rows_int8(k_cache, v_cache, k_scale, v_scale, k_new, v_new, 0, num_write, block_table, ctx_lens,
+                                  max_blocks, num_kv_heads, head_dim, block_size, dtype);
+    cascade_attention(q, out, k_cache, v_cache, k_scale, v_scale, NULL, NULL, 0, block_table, ctx_lens, num_seqs,
+                      max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, dtype, FUSELM_I8, num_threads,
+                      shared);
 }

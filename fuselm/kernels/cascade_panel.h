@@ -55,6 +55,15 @@ static inline pvec loadp(const float *p) {
 
 static inline void storep(float *p, pvec v) { memcpy(p, &v, sizeof v); }
 
+/* A paged KV cache as the panel path reads it: float32, bfloat16, or int8 with bf16 scales
+ * [blocks, block_size, num_kv_heads] (k_scale / v_scale, else NULL). */
+typedef struct {
+    const void *k, *v;
+    const uint16_t *k_scale, *v_scale;
+    int dtype;
+    int64_t num_kv_heads;
+} PagedKv;
+
 /* Per-thread scratch of the shared pass: Qt and acc [D, Mp], m and l [Mp], kp and vp [PANEL, D],
  * s [PANEL, RV * PL] (one row tile's scores, then its probabilities). */
 typedef struct {
@@ -101,29 +110,34 @@ static inline pvec expp_nonpositive(pvec x) {
 }
 
 /* Copy `count` rows of KV head h (`count` keys from context position `first`, through the block
- * table) into dst [PANEL, D] as floats; rows count .. round-up to KT are zeroed. */
-static void pack_panel(const void *cache, int kv_dtype, const int64_t *table, int64_t first, int64_t count, int64_t bs,
-                       int64_t h, int64_t row_elems, int64_t D, float *dst) {
+ * table) into dst [PANEL, D] as floats (an int8 row times its scale); rows count .. round-up to KT
+ * are zeroed. */
+static void pack_panel(const void *cache, const uint16_t *scales, int kv_dtype, const int64_t *table, int64_t first,
+                       int64_t count, int64_t bs, int64_t h, int64_t Hkv, int64_t D, float *dst) {
     for (int64_t t = 0; t < count; t++) {
-        const int64_t pos = first + t, row = (table[pos / bs] * bs + pos % bs) * row_elems + h * D;
-        if (kv_dtype == FUSELM_F32)
+        const int64_t pos = first + t, slot = table[pos / bs] * bs + pos % bs, row = (slot * Hkv + h) * D;
+        if (kv_dtype == FUSELM_F32) {
             memcpy(dst + t * D, (const float *)cache + row, sizeof(float) * (size_t)D);
-        else
+        } else if (kv_dtype == FUSELM_I8) {
+            const float s = bf16_to_f32(scales[slot * Hkv + h]);
+            for (int64_t d = 0; d < D; d++) dst[t * D + d] = (float)((const int8_t *)cache)[row + d] * s;
+        } else {
             for (int64_t d = 0; d < D; d++) dst[t * D + d] = bf16_to_f32(((const uint16_t *)cache)[row + d]);
+        }
     }
     const int64_t padded = (count + KT - 1) / KT * KT;
     memset(dst + count * D, 0, sizeof(float) * (size_t)((padded - count) * D));
 }
 
 /* Ask for the K and V rows of KV head h at context positions [first, first + count). */
-static void prefetch_panel(const void *k_cache, const void *v_cache, int kv_dtype, const int64_t *table, int64_t first,
-                           int64_t count, int64_t bs, int64_t h, int64_t row_elems, int64_t D) {
-    const int64_t width = kv_dtype == FUSELM_F32 ? 4 : 2;
+static void prefetch_panel(PagedKv kv, const int64_t *table, int64_t first, int64_t count, int64_t bs, int64_t h,
+                           int64_t D) {
+    const int64_t width = kv.dtype == FUSELM_F32 ? 4 : kv.dtype == FUSELM_I8 ? 1 : 2;
     for (int64_t t = 0; t < count; t++) {
-        const int64_t pos = first + t, at = ((table[pos / bs] * bs + pos % bs) * row_elems + h * D) * width;
+        const int64_t pos = first + t, at = ((table[pos / bs] * bs + pos % bs) * kv.num_kv_heads + h) * D * width;
         for (int64_t off = 0; off < D * width; off += 64) {
-            __builtin_prefetch((const char *)k_cache + at + off);
-            __builtin_prefetch((const char *)v_cache + at + off);
+            __builtin_prefetch((const char *)kv.k + at + off);
+            __builtin_prefetch((const char *)kv.v + at + off);
         }
     }
 }
@@ -200,9 +214,8 @@ static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int
 
 /* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
  * [first, end) of one block table. */
-static void shared_span(const float *Q, int64_t M, State st, const void *k_cache, const void *v_cache, int kv_dtype,
-                        const int64_t *table, int64_t first, int64_t end, int64_t h, int64_t row_elems, int64_t D,
-                        int64_t bs, PanelScratch w) {
+static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
+                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
     const int64_t Mp = (M + PL - 1) / PL * PL;
     for (int64_t d = 0; d < D; d++)
         for (int64_t i = 0; i < Mp; i++) w.qt[d * Mp + i] = i < M ? Q[i * D + d] : 0.0f;
@@ -214,11 +227,11 @@ static void shared_span(const float *Q, int64_t M, State st, const void *k_cache
     float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
         const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
-        pack_panel(k_cache, kv_dtype, table, p0, count, bs, h, row_elems, D, w.kp);
-        pack_panel(v_cache, kv_dtype, table, p0, count, bs, h, row_elems, D, w.vp);
+        pack_panel(kv.k, kv.k_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.kp);
+        pack_panel(kv.v, kv.v_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.vp);
         if (p0 + PANEL < end) {
             const int64_t next = end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL;
-            prefetch_panel(k_cache, v_cache, kv_dtype, table, p0 + PANEL, next, bs, h, row_elems, D);
+            prefetch_panel(kv, table, p0 + PANEL, next, bs, h, D);
         }
         for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
             const int64_t slices = (Mp - q0) / PL;
