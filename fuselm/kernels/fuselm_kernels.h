@@ -104,13 +104,16 @@ void fuselm_dequantize(const void *qweight, const void *scales, const void *mins
 
 /* ---- quantised weight rows against activations rounded once per call (quant_rows.c) ---- */
 
-/* x [M, K] rounded to int16 per 32 values (xq, in the lane order quant_rows.c's int4 blocks read; xs
- * one scale per 32) and, for int4, x's float sums per group of G (xg). */
+/* x [M, K] rounded to int16 levels per 32 values (xs: one scale per 32) and, for int4, x's float sums per
+ * group of G (xg). The levels are int16 (xq) or, for int4 with VNNI, split in high and low int8 halves
+ * (xh, xl), in the lane order quant_rows.c's int4 blocks read. layout 0: not prepared. */
+enum { FUSELM_QACTS_NONE = 0, FUSELM_QACTS_INT16 = 1, FUSELM_QACTS_SPLIT8 = 2 };
 typedef struct {
     int16_t *xq;
+    int8_t *xh, *xl;
     float *xs, *xg;
     int64_t M, K, G;
-    int bits;
+    int32_t bits, layout;
 } QActs;
 
 /* 1 when ready for weights of `bits` and group G; 0 (nothing held) when this build or shape cannot. */

@@ -47,7 +47,7 @@ static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0
     const char *q = (const char *)w->qweight + e * w->n * row_bytes;
     const char *s = (const char *)w->scales + e * w->n * groups * scale_size;
     const char *m = w->mins != NULL ? (const char *)w->mins + e * w->n * groups * scale_size : NULL;
-    if (acts->xq != NULL) {
+    if (acts->layout != FUSELM_QACTS_NONE) {
         fuselm_qrows(acts, r0, M, q, s, m, w->scale_dtype, n0, n1, y - r0 * ldy, ldy);
         return;
     }
@@ -56,12 +56,12 @@ static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0
                       float_activations, 1);
 }
 
-/* x [A, k] rounded once for every item of projection w; `acts` stays empty (xq NULL) for float weights,
+/* x [A, k] rounded once for every item of projection w; `acts` stays empty (layout NONE) for float weights,
  * float activations, or where quant_rows.c cannot run. `same`: an already prepared QActs, shared when it fits. */
 static void prepare_acts(QActs *acts, const QActs *same, const QPart *w, const float *x, int64_t A,
                          int float_activations, int num_threads) {
     memset(acts, 0, sizeof *acts);
-    if (same != NULL && same->xq != NULL && same->bits == w->bits && same->G == w->group)
+    if (same != NULL && same->layout != FUSELM_QACTS_NONE && same->bits == w->bits && same->G == w->group)
         *acts = *same;
     else if (w->bits != 32 && !float_activations)
         fuselm_qacts_prepare(acts, x, w->k, A, w->k, w->group, w->bits, num_threads);
@@ -135,7 +135,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
             act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
         }
 
-    if (acts_up.xq != acts_gate.xq) fuselm_qacts_release(&acts_up);
+    if (acts_up.xs != acts_gate.xs) fuselm_qacts_release(&acts_up);
     fuselm_qacts_release(&acts_gate);
     prepare_acts(&acts_down, NULL, down, act, A, float_activations, num_threads);
 

@@ -40,19 +40,56 @@
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
 #include <immintrin.h>
 
-/* One row of 32 values -> int16 (round to nearest even) and its scale; `order` places value j. */
-static void round_block(const float *x, int16_t *out, float *scale, const int *order) {
+/* 32 values -> int16 levels in [-limit, limit] (round to nearest even) and their scale; `order` places
+ * value j. */
+static void round_block(const float *x, int16_t *out, float *scale, const int *order, float limit) {
     float amax = 0.0f;
     for (int j = 0; j < 32; j++) {
         const float a = x[j] < 0.0f ? -x[j] : x[j];
         amax = a > amax ? a : amax;
     }
-    *scale = amax / 32767.0f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    *scale = amax / limit;
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? limit / amax : 0.0f);
     int32_t q[32];
     _mm512_storeu_si512((void *)q, _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inv)));
     _mm512_storeu_si512((void *)(q + 16), _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), inv)));
     for (int j = 0; j < 32; j++) out[order[j]] = (int16_t)q[j];
+}
+
+#if defined(__AVX512VNNI__)
+#define QR_SPLIT 1 /* int4 rows run on vpdpbusd over activations split in two int8 halves */
+#else
+#define QR_SPLIT 0
+#endif
+
+/* One row's int16 levels (pairs layout for int4: per two blocks A 0-15, B 0-15, A 16-31, B 16-31). */
+static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, float *xs) {
+    int natural[32], first[32], second[32]; /* lane of value j: natural, block A / B of an int4 pair */
+    for (int j = 0; j < 32; j++) natural[j] = j, first[j] = j < 16 ? j : j + 16, second[j] = j < 16 ? j + 16 : j + 32;
+    const int64_t blocks = K / 32;
+    for (int64_t kb = 0; kb < blocks; kb++) {
+        const int paired = bits == 4 && (kb | 1) < blocks; /* the last odd block stays in natural order */
+        const int *order = !paired ? natural : kb % 2 == 0 ? first : second;
+        round_block(row + kb * 32, q + (paired ? (kb & ~(int64_t)1) * 32 : kb * 32), xs + kb, order, 32767.0f);
+    }
+}
+
+/* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout: per four blocks,
+ * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
+ * hold), the high bytes in xh and the low ones in xl. */
+static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs) {
+    int natural[32];
+    int16_t v[32];
+    for (int j = 0; j < 32; j++) natural[j] = j;
+    for (int64_t kb = 0; kb < K / 32; kb++) {
+        round_block(row + kb * 32, v, xs + kb, natural, 32639.0f);
+        const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
+        for (int j = 0; j < 32; j++) {
+            const int64_t at = base + (j < 16 ? j : 64 + j - 16);
+            const int high = (v[j] + 128) >> 8; /* arithmetic shift: floor */
+            xh[at] = (int8_t)high, xl[at] = (int8_t)(v[j] - 256 * high);
+        }
+    }
 }
 
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
@@ -61,20 +98,22 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
     if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || G % 16 != 0 || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
-    a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    a->layout = QR_SPLIT && bits == 4 && K % 128 == 0 ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
+    if (a->layout == FUSELM_QACTS_SPLIT8) {
+        a->xh = (int8_t *)malloc((size_t)(M * K));
+        a->xl = (int8_t *)malloc((size_t)(M * K));
+    } else {
+        a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    }
     a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
     a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
-    int natural[32], first[32], second[32]; /* lane of value j: natural, block A / B of an int4 pair */
-    for (int j = 0; j < 32; j++) natural[j] = j, first[j] = j < 16 ? j : j + 16, second[j] = j < 16 ? j + 16 : j + 32;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
-        int16_t *q = a->xq + m * K;
-        for (int64_t kb = 0; kb < blocks; kb++) {
-            const int paired = bits == 4 && (kb | 1) < blocks; /* the last odd block stays in natural order */
-            const int *order = !paired ? natural : kb % 2 == 0 ? first : second;
-            round_block(row + kb * 32, q + (paired ? (kb & ~(int64_t)1) * 32 : kb * 32), a->xs + m * blocks + kb, order);
-        }
+        if (a->layout == FUSELM_QACTS_SPLIT8)
+            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks);
+        else
+            prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
         if (bits == 4)
             for (int64_t g = 0; g < groups; g++) {
                 float s = 0.0f;
@@ -163,14 +202,14 @@ static inline __attribute__((always_inline)) void int4_row(const QActs *a, int64
             tail[m] = (float)_mm512_reduce_add_epi32(s) * c[m * blocks + kb];
         }
     }
-    for (int m = 0; m < MT; m++) {
+    for (int m = 0; m < MT; m++) { /* the min term, min x group sum of x, joins the accumulator's lanes */
         const float *xg = a->xg + (m0 + m) * groups;
-        __m512 mv = _mm512_setzero_ps();
         int64_t g = 0;
-        for (; g + 16 <= groups; g += 16) mv = _mm512_fmadd_ps(_mm512_loadu_ps(mins + g), _mm512_loadu_ps(xg + g), mv);
-        float min_part = _mm512_reduce_add_ps(mv);
-        for (; g < groups; g++) min_part += mins[g] * xg[g];
-        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + tail[m] + min_part;
+        for (; g + 16 <= groups; g += 16)
+            acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + g), _mm512_loadu_ps(xg + g), acc[m][1]);
+        const __mmask16 rest = (__mmask16)((1u << (groups - g)) - 1u);
+        acc[m][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, mins + g), _mm512_maskz_loadu_ps(rest, xg + g), acc[m][1]);
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + tail[m];
     }
 }
 
@@ -203,6 +242,61 @@ static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64
     for (int m = 0; m < MT; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
+#if QR_SPLIT
+/* Lanes 4i..4i+3 <- lane 4j + i: the scales of quad j's four blocks, four int32 sums each. */
+static inline __m512i quad_index(int j) {
+    return _mm512_add_epi32(_mm512_set1_epi32(4 * j), _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+/* Four int4 blocks (64 bytes at q) against MT rows of split activations (xh, xl at the quad) into chain
+ * `chain`: 256 x (high half . weights) + (low half . weights) is the int16 dot product exactly. cz: each
+ * row's scale products of the quad's 16-block run, `idx` picks this quad's four. */
+static inline __attribute__((always_inline)) void int4_quad(const int8_t *xh, const int8_t *xl, int64_t K,
+                                                            const uint8_t *q, const __m512 *cz, __m512i idx,
+                                                            const int MT, __m512 acc[][2], const int chain) {
+    const __m512i b = _mm512_loadu_si512((const void *)q), mask = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+    for (int m = 0; m < MT; m++) {
+        const int8_t *h = xh + m * K, *l = xl + m * K;
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)h));
+        s = _mm512_slli_epi32(_mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(h + 64))), 8);
+        s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512((const void *)l));
+        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(l + 64)));
+        acc[m][chain] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(idx, cz[m]), acc[m][chain]);
+    }
+}
+
+/* One int4 weight row against MT rows of split activations; w: the row's block scales. */
+static inline __attribute__((always_inline)) void int4_row_split(const QActs *a, int64_t m0, const uint8_t *q,
+                                                                 const float *w, const float *mins, const int MT,
+                                                                 float *out) {
+    const int64_t K = a->K, blocks = K / 32, groups = K / a->G;
+    __m512 acc[4][2], cz[4];
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < blocks; kb += 16) { /* runs of 16 blocks: four quads */
+        const int64_t nb = blocks - kb < 16 ? blocks - kb : 16;
+        const __mmask16 run = (__mmask16)((1u << nb) - 1u);
+        const __m512 wv = _mm512_maskz_loadu_ps(run, w + kb);
+        for (int m = 0; m < MT; m++) cz[m] = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(run, a->xs + (m0 + m) * blocks + kb));
+        const int8_t *h = a->xh + m0 * K + kb * 32, *l = a->xl + m0 * K + kb * 32;
+        const uint8_t *qq = q + kb * 16;
+        int4_quad(h, l, K, qq, cz, quad_index(0), MT, acc, 0);
+        if (nb > 4) int4_quad(h + 128, l + 128, K, qq + 64, cz, quad_index(1), MT, acc, 1);
+        if (nb > 8) int4_quad(h + 256, l + 256, K, qq + 128, cz, quad_index(2), MT, acc, 0);
+        if (nb > 12) int4_quad(h + 384, l + 384, K, qq + 192, cz, quad_index(3), MT, acc, 1);
+    }
+    for (int m = 0; m < MT; m++) { /* the min term, min x group sum of x, joins the accumulator's lanes */
+        const float *xg = a->xg + (m0 + m) * groups;
+        int64_t g = 0;
+        for (; g + 16 <= groups; g += 16)
+            acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + g), _mm512_loadu_ps(xg + g), acc[m][1]);
+        const __mmask16 rest = (__mmask16)((1u << (groups - g)) - 1u);
+        acc[m][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, mins + g), _mm512_maskz_loadu_ps(rest, xg + g), acc[m][1]);
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const void *qweight,
                                                             const void *scales, const void *mins, int sdt, int64_t n0,
                                                             int64_t n1, float *y, int64_t ldy, const int MT) {
@@ -211,6 +305,14 @@ static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int6
     float wlo[blocks], whi[blocks], clo[MT * blocks], chi[MT * blocks], mn[groups], out[4];
     for (int64_t n = n0; n < n1; n++) {
         block_scales((const char *)scales + n * scale_row, sdt, K, G, wlo, whi);
+#if QR_SPLIT
+        if (a->layout == FUSELM_QACTS_SPLIT8) {
+            scales_to_float((const char *)mins + n * scale_row, groups, sdt, mn);
+            int4_row_split(a, m0, (const uint8_t *)qweight + n * (K / 2), wlo, mn, MT, out);
+            for (int m = 0; m < MT; m++) y[(m0 + m) * ldy + n] = out[m];
+            continue;
+        }
+#endif
         for (int m = 0; m < MT; m++) {
             scale_products(wlo, a->xs + (m0 + m) * blocks, blocks, clo + m * blocks);
             if (G == 16) scale_products(whi, a->xs + (m0 + m) * blocks, blocks, chi + m * blocks);
@@ -254,6 +356,6 @@ void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight,
 #endif
 
 void fuselm_qacts_release(QActs *a) {
-    free(a->xq), free(a->xs), free(a->xg);
+    free(a->xq), free(a->xh), free(a->xl), free(a->xs), free(a->xg);
     memset(a, 0, sizeof *a);
 }
