@@ -15,13 +15,27 @@
  * block's int32 sums times weight scale x activation scale into float accumulators, int4's min term
  * as min x the float group sums of x. What changes is the instruction count per weight:
  *
- * - int4 runs two blocks (64 weights, 32 bytes) per step: one widening load puts the 32 bytes in 32
- *   int16 lanes, a mask and a shift give the low nibbles (weights 0-15 of both blocks) and the high
- *   ones (weights 16-31). The activations are stored in that lane order at preparation (per block
- *   pair: A 0-15, B 0-15, A 16-31, B 16-31), so two vpmaddwd and an add leave block A's sums in
- *   lanes 0-7 and B's in lanes 8-15, and one convert and one FMA with [sA x 8, sB x 8] finish both.
+ * - int4 with AVX512_VNNI (the avx512bf16 build) runs four blocks (128 weights, one 64-byte load) per
+ *   step on vpdpbusd, which multiplies unsigned bytes by signed bytes: the low and high nibbles are
+ *   the unsigned bytes, and each int16 level v of x, kept within +-32639, is stored as two signed
+ *   bytes h, l with v = 256 h + l. Two vpdpbusd over h, a shift by 8 and two over l give every
+ *   block's int16 dot product exactly (4 int32 lanes per block), so the result is the int16 path's
+ *   at 128 weights for ~12 instructions instead of ~40.
+ * - int4 without VNNI runs two blocks (64 weights, 32 bytes) per step: one widening load puts the 32
+ *   bytes in 32 int16 lanes, a mask and a shift give the low nibbles (weights 0-15 of both blocks)
+ *   and the high ones (weights 16-31). The activations are stored in that lane order at preparation
+ *   (per block pair: A 0-15, B 0-15, A 16-31, B 16-31), so two vpmaddwd and an add leave block A's
+ *   sums in lanes 0-7 and B's in lanes 8-15, and one convert and one FMA with [sA x 8, sB x 8]
+ *   finish both.
  * - int8 runs one block per step: a widening load, vpmaddwd, convert, FMA with the block's scale.
- * - scale products (weight scale x activation scale per block) are made 16 at a time per row.
+ * - scale products (weight scale x activation scale per block) are made 16 at a time per row, and
+ *   the int4 min term joins the accumulator's lanes instead of a reduction of its own.
+ * - each thread prefetches the weight rows a few rows ahead: one core alone keeps too few misses in
+ *   flight to stream at the machine's bandwidth.
+ *
+ * One layer's four routed Mixtral-shape experts (hidden 1024, 512 wide, int4 g32), one thread, loaded
+ * 2-vCPU AMD EPYC: 400 us with quant_linear.c per 64-row piece, 134 us here with the weights in cache,
+ * ~220 us streamed from memory.
  *
  * Every output is computed by the same instructions in the same order whatever the other rows of
  * the call are, so a token's result does not depend on the batch it is in.
@@ -36,6 +50,7 @@
 #include "fuselm_kernels.h"
 
 #define QR_MAX_BLOCKS 4096 /* K up to 131072, as quant_linear.c */
+#define QR_PREFETCH_ROWS 8 /* weight rows fetched ahead of the one being multiplied */
 
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
 #include <immintrin.h>
@@ -303,7 +318,11 @@ static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int6
     const int64_t K = a->K, G = a->G, blocks = K / 32, groups = K / G;
     const int64_t scale_row = groups * (sdt == FUSELM_F16 ? 2 : 4);
     float wlo[blocks], whi[blocks], clo[MT * blocks], chi[MT * blocks], mn[groups], out[4];
+    const int64_t row_bytes = a->bits == 4 ? K / 2 : K;
     for (int64_t n = n0; n < n1; n++) {
+        if (n + QR_PREFETCH_ROWS < n1) /* one core alone does not keep enough misses in flight */
+            for (int64_t i = 0; i < row_bytes; i += 64)
+                _mm_prefetch((const char *)qweight + (n + QR_PREFETCH_ROWS) * row_bytes + i, _MM_HINT_T0);
         block_scales((const char *)scales + n * scale_row, sdt, K, G, wlo, whi);
 #if QR_SPLIT
         if (a->layout == FUSELM_QACTS_SPLIT8) {
