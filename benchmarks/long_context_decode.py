@@ -10,6 +10,11 @@ bytes read: an int8 cache reads ~4x fewer than float32, a compressed one only wh
     python benchmarks/long_context_decode.py --context 4096 --batch 8 16 32
     python benchmarks/long_context_decode.py --context 8192 --batch 8 \\
         --config fp32 '{}' --config snapkv-1/4 '{"kv_compression": {"method": "snapkv", "budget": 2048}}'
+    python benchmarks/long_context_decode.py --context 8000 --batch 8 \
+        --config h2o-1/4 '{"kv_compression": {"method": "h2o", "budget": 1000, "recent": 1000}}'
+
+An H2O configuration pays its scoring pass in the timed steps (a second read of each kept key per
+layer and step) and in the prefill (one more q.k product over the prompt).
 """
 
 from __future__ import annotations

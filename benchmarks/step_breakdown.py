@@ -9,6 +9,7 @@ workload (same seeded requests, greedy, ignore_eos) and times each engine step, 
 - components: scheduling, building the packed batch, the layer halves / the one-call step,
   attention (with the decode kernel, K/V writes and torch SDPA inside it shown apart), the LM
   head, sampling and the engine's update;
+- the Python garbage collector's passes, wherever they fall (also counted in that component);
 - decode-batch size: steps bucketed by their number of decode rows, with the prompt tokens they
   carried, which shows how much of the run is the prefill-heavy start and the shrinking tail.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import sys
 import time
@@ -52,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 ROWS = ["STEP total", "schedule", "build batch", "norm+qkv+rotary (C)", "attention (all)", "  decode kernel",
-        "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update"]
+        "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update",
+        "Python GC"]
 
 
 class Timers:
@@ -76,6 +79,19 @@ class Timers:
                 self.calls[key] += 1
 
         setattr(owner, name, timed)
+
+    def time_garbage_collections(self) -> None:
+        """Count the cyclic garbage collector's passes (inside whichever component triggered them)."""
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.seconds[(self.kind, "Python GC")] += time.perf_counter() - started[0]
+                self.calls[(self.kind, "Python GC")] += 1
+
+        gc.callbacks.append(on_gc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 timers.calls[(timers.kind, "STEP total")] += 1
 
     engine.step = timed_step
+    timers.time_garbage_collections()
     result = run_throughput(llm, requests, warmup=False)  # what `fuselm bench throughput` times
     elapsed, produced = result["elapsed_s"], result["output_tokens"]
 

@@ -219,7 +219,8 @@ class EngineConfig:
     kv_compression: Any = _option(
         None, 'KV cache compression for every request that does not set its own, a dict or its JSON: {"method": '
               '"snapkv", "budget": 1024, "window": 32} (keep the prompt positions its last queries attend to) or '
-              '{"method": "streaming", "sink": 4, "window": 1024} (attention sinks + recent window); '
+              '{"method": "streaming", "sink": 4, "window": 1024} (attention sinks + recent window) or '
+              '{"method": "h2o", "budget": 512, "recent": 512} (accumulated-attention heavy hitters + recent); '
               'fuselm/kv_compression.py, docs/kv_compression.md')
     speculative_config: Any = _option(
         None, 'speculative decoding, a dict or its JSON: {"method": "ngram", "num_speculative_tokens": 4} '

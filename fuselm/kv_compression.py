@@ -8,12 +8,22 @@ the key (HTTP 400) before anything is queued:
   (the attention sinks, rounded up to whole KV blocks) and the most recent `window` positions (at
   least; eviction drops whole blocks, so up to window + block_size - 1 are held). Blocks that fall
   out of the window go back to the pool as the sequence grows, prompt and output alike.
+  `"positions": "text"` (default): keys and queries keep their position in the text;
+  `"positions": "cache"` (as the paper): they take their index in the cache, and the window's keys
+  are re-rotated when blocks before them leave (runner/cache_positions.py), so the distance to the
+  sinks stays within sinks + window however long the stream runs.
 - `{"method": "snapkv", "budget": 1024, "window": 32, "pool": 7}` (SnapKV): at the end of the
   prompt's prefill every prompt position is scored, per layer and KV head, by the attention the
   last `window` prompt queries give it (summed over those queries and the KV head's query heads,
   max-pooled over `pool` neighbouring positions); the last `window` positions and the best
   `budget - window` others are kept, compacted into the request's first blocks, and the rest of
   its blocks are freed. Generated tokens are appended uncompressed.
+- `{"method": "h2o", "budget": 1024, "recent": 128}` (H2O, heavy hitters): every position is
+  scored, per layer and KV head, by the attention it has received so far (summed over the KV head's
+  query heads, over every prompt query and every decode step's query); once the request's cache
+  holds budget + recent + one block of entries, it keeps the best-scored `budget` of those before
+  the last `recent` and those `recent`, compacted, and frees the rest (layers/h2o_scores.py,
+  runner/h2o_compaction.py).
 - `{"method": "none"}`: keep everything (overrides an engine default).
 
 A prompt no longer than the budget (streaming: sink blocks + window) is never compressed, so its
@@ -28,18 +38,20 @@ from typing import Any
 
 from fuselm.errors import InvalidRequestError
 
-METHODS = ("none", "streaming", "snapkv")
-_KEYS = {"none": {"method"}, "streaming": {"method", "sink", "window"},
-         "snapkv": {"method", "budget", "window", "pool"}}
+METHODS = ("none", "streaming", "snapkv", "h2o")
+_KEYS = {"none": {"method"}, "streaming": {"method", "sink", "window", "positions"},
+         "snapkv": {"method", "budget", "window", "pool"}, "h2o": {"method", "budget", "recent"}}
 
 
 @dataclass(frozen=True, slots=True)
 class KVCompression:
-    method: str  # "streaming", "snapkv" or "none" (no compression, overriding an engine default)
-    budget: int = 0  # snapkv: positions kept per layer and KV head
+    method: str  # "streaming", "snapkv", "h2o" or "none" (no compression, overriding an engine default)
+    budget: int = 0  # snapkv: positions kept per layer and KV head; h2o: heavy hitters kept besides the recent ones
     window: int = 0  # streaming: recent positions kept; snapkv: observation window (last prompt queries)
     sink: int = 0  # streaming: first positions always kept
     pool: int = 7  # snapkv: max-pool width over neighbouring positions' scores (odd)
+    recent: int = 0  # h2o: the last positions always kept
+    positions: str = "text"  # streaming: rotary positions in the "text" or in the "cache" (the paper's)
 
     @classmethod
     def parse(cls, value: Any, param: str = "kv_compression") -> "KVCompression | None":
@@ -70,7 +82,13 @@ class KVCompression:
         if method == "none":
             return cls("none")
         if method == "streaming":
-            return cls("streaming", window=integer("window", None, 1), sink=integer("sink", 4, 0))
+            positions = value.get("positions", "text")
+            if positions not in ("text", "cache"):
+                raise InvalidRequestError(f"{param}.positions must be \"text\" or \"cache\", got {positions!r}",
+                                          param=f"{param}.positions")
+            return cls("streaming", window=integer("window", None, 1), sink=integer("sink", 4, 0), positions=positions)
+        if method == "h2o":
+            return cls("h2o", budget=integer("budget", None, 1), recent=integer("recent", None, 1))
         window = integer("window", 32, 1)
         budget = integer("budget", None, 1)
         pool = integer("pool", 7, 1)

@@ -136,6 +136,7 @@ def test_each_variant_compiles_the_paths_its_instructions_allow(kernels):
     simd = kernels.isa != "generic"
     assert kernels.has_simd_dense == simd and kernels.has_simd_qlinear == simd
     assert kernels.has_bf16_fast_path == kernels.has_small_m_linear == (kernels.isa == "avx512bf16")
+    assert kernels.has_f32_avx512_attention == kernels.isa.startswith("avx512")
 
 
 @pytest.mark.parametrize("dtype, kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

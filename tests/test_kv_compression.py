@@ -221,7 +221,7 @@ def test_compressed_requests_keep_the_prefix_cache_clean(tiny_llama):
 
 @pytest.mark.parametrize("settings, param", [
     ("snapkv", "kv_compression"),
-    ({"method": "h2o", "budget": 8}, "kv_compression.method"),
+    ({"method": "lru", "budget": 8}, "kv_compression.method"),
     ({"method": "snapkv"}, "kv_compression.budget"),
     ({"method": "snapkv", "budget": 8, "window": 16}, "kv_compression.budget"),
     ({"method": "snapkv", "budget": 64, "pool": 4}, "kv_compression.pool"),

@@ -19,6 +19,13 @@ the scheduler admits and preempts by the compressed size.
   runner scores and compacts the kept entries of every layer into cache indices
   0 .. budget-1 of the same blocks (runner/kv_compaction.py); after the step the blocks past them
   return to the pool.
+- H2O (`h2o_step`): every step of the request is marked with (budget, recent, keep); the runner
+  adds the step's attention to the request's accumulated scores (layers/h2o_scores.py) and, when
+  `keep` is set (the step reaches the sequence's end and leaves budget + recent + one block of
+  entries or more), compacts the cache to `keep` = budget + recent entries
+  (runner/h2o_compaction.py); after the step the blocks past them return to the pool
+  (`finish_snapkv` does the same for both). A step that ends the prompt computed it with full
+  attention, so the first generated token is the uncompressed one.
 
 Compressed requests never use the prefix cache: they take no hits and register no blocks
 (KVCacheManager checks `Request.kv_compression`), since compaction rewrites their blocks in place.
@@ -57,6 +64,12 @@ def streaming_window(request: Request) -> tuple[int, int] | None:
     return (settings.sink, settings.window) if settings is not None and settings.method == "streaming" else None
 
 
+def streaming_cache_positions(request: Request) -> bool:
+    """Whether a StreamingLLM request takes rotary positions in the cache (`"positions": "cache"`)."""
+    settings = request.kv_compression
+    return settings is not None and settings.method == "streaming" and settings.positions == "cache"
+
+
 def streaming_first_visible(position: torch.Tensor, sink_tokens: int, window: int, block_size: int):
     """The first position after the sinks that the queries at `position` (int64) see: eviction is block-granular, so the window starts at a block boundary, keeping `window` to
     window + block_size - 1 positions. sink_tokens: the sinks rounded up to whole blocks."""
@@ -93,3 +106,20 @@ def finish_snapkv(kv: KVCacheManager, request: Request, budget: int) -> None:
     kv.pool.release(request.block_ids[keep:])
     del request.block_ids[keep:]
     request.kv_offset = request.num_computed_tokens - budget
+
+
+def h2o_step(request: Request, start: int, num_new_tokens: int, block_size: int) -> tuple[int, int, int] | None:
+    """(budget, recent, keep) for every step of an H2O request, None for any other request. keep:
+    the cache entries to compact to after the step (budget + recent), or 0 when the step leaves
+    the cache as it is (mid-prompt, or fewer than budget + recent + block_size entries)."""
+    settings = request.kv_compression
+    if settings is None or settings.method != "h2o":
+        return None
+    keep = settings.budget + settings.recent
+    entries = start + num_new_tokens - request.kv_offset
+    compacts = start + num_new_tokens == request.num_tokens and entries >= keep + block_size
+    return settings.budget, settings.recent, keep if compacts else 0
+
+
+def is_h2o(request: Request) -> bool:
+    return request.kv_compression is not None and request.kv_compression.method == "h2o"

@@ -37,6 +37,8 @@ class ScheduledRequest:
     kv_offset: int = 0  # positions evicted by KV compression: position p sits at cache index p - kv_offset
     snapkv: tuple[int, int, int] | None = None  # (budget, window, pool): compact the cache after this step
     kv_window: tuple[int, int] | None = None  # StreamingLLM (sink, window): what each query may see
+    cache_positions: bool = False  # rotary position = cache index (p - kv_offset), not p (StreamingLLM "cache")
+    h2o: tuple[int, int, int] | None = None  # H2O (budget, recent, keep): score the step; keep > 0: compact to keep entries
     # Token histories, only on the rows whose sampling reads them (see SamplingParams.reads_*):
     prompt_token_ids: tuple[int, ...] | None = None  # repetition penalty, or prompt logprobs still to score
     output_token_ids: tuple[int, ...] | None = None  # tokens generated before this step: penalties, min_tokens

@@ -26,7 +26,8 @@ import bisect
 
 from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
-from fuselm.core.kv_eviction import evict_streaming, finish_snapkv, snapkv_chunk, snapkv_step, streaming_window
+from fuselm.core.kv_eviction import (evict_streaming, finish_snapkv, h2o_step, is_h2o, snapkv_chunk, snapkv_step,
+                                     streaming_cache_positions, streaming_window)
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
@@ -171,14 +172,15 @@ class Scheduler:
         for key, (req, n) in chosen.items():
             if budget == 0:
                 break
-            if req.spec_token_ids and req.max_tokens and n == 1 and req.num_tokens - req.num_computed_tokens == 1:
+            if req.spec_token_ids and req.max_tokens and n == 1 and req.num_tokens - req.num_computed_tokens == 1 \
+                    and not is_h2o(req):  # H2O scores every computed query: it verifies no guesses
                 s = min(len(req.spec_token_ids), budget)
                 if self.kv.allocate_slots(req, 1 + s):
                     num_spec[key] = s
                     budget -= s
                     self.fair.charge(req.client_id, s)
 
-        rows = [_row(req, n, num_spec.get(key, 0)) for key, (req, n) in chosen.items()]
+        rows = [_row(req, n, num_spec.get(key, 0), self.kv.block_size) for key, (req, n) in chosen.items()]
         rows.sort(key=lambda r: r.num_new_tokens != 1)  # stable: single-token rows first
         finished: tuple[int, ...] = ()
         if rows:  # a step that runs carries them to the runner; an empty one keeps them for the next
@@ -225,6 +227,8 @@ class Scheduler:
             req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens - row.num_spec_tokens
             if row.snapkv is not None:  # the runner compacted its cache to the budget
                 finish_snapkv(self.kv, req, row.snapkv[0])
+            elif row.h2o is not None and row.h2o[2]:  # the runner compacted its cache to budget + recent
+                finish_snapkv(self.kv, req, row.h2o[2])
             self.kv.cache_full_blocks(req)
 
     def accept_speculative(self, req: Request, num_accepted: int) -> None:
@@ -237,7 +241,7 @@ class Scheduler:
         self.kv.cache_full_blocks(req)
 
 
-def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
+def _row(req: Request, n: int, num_spec: int, block_size: int) -> ScheduledRequest:
     """The plain-data row for `req` computing its next n tokens plus num_spec speculative ones.
 
     Token histories are copied only for the rows whose sampling reads them: the prompt for a
@@ -267,5 +271,6 @@ def _row(req: Request, n: int, num_spec: int) -> ScheduledRequest:
         num_prompt_tokens=req.num_prompt_tokens, sample_index=req.sample_index, num_spec_tokens=num_spec,
         group_block_ids=tuple(map(tuple, req.group_block_ids)),
         kv_offset=req.kv_offset, snapkv=snapkv_step(req, start, n), kv_window=streaming_window(req),
+        h2o=h2o_step(req, start, n, block_size), cache_positions=streaming_cache_positions(req),
         prompt_token_ids=prompt_ids, output_token_ids=output_ids, draft_probs=draft_probs, grammar_bitmask=bitmask,
     )

@@ -76,6 +76,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_max_dim": ([], _INT),
     "fuselm_max_block": ([], _INT),
     "fuselm_has_bf16_fast_path": ([], _INT),
+    "fuselm_has_f32_avx512_attention": ([], _INT),
     "fuselm_paged_decode_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32,
                                        _INT, _INT, _INT], None),
     "fuselm_paged_window_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,

@@ -59,5 +59,10 @@ static inline __m512 hsum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
+
+static inline __mmask16 tail_mask(int64_t remaining) { /* lanes 0 .. remaining-1 (none when remaining <= 0) */
+    if (remaining <= 0) return (__mmask16)0;
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
 #endif
 #endif

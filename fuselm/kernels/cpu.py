@@ -64,6 +64,8 @@ class CpuKernels:
         self.max_block = lib.fuselm_max_block()
         # AVX-512 BF16 path for bf16 queries over a bf16 cache (head_dim % 32 == 0, block_size % 16 == 0)
         self.has_bf16_fast_path = bool(lib.fuselm_has_bf16_fast_path())
+        # AVX-512 path for float32 queries (head_dim and block_size % 16 == 0), else the AVX2 one
+        self.has_f32_avx512_attention = bool(lib.fuselm_has_f32_avx512_attention())
         self._linear = lib.fuselm_linear_bf16_small_m
         # AVX-512 BF16 linear for up to small_m_max rows (the portable C loop is too slow to use)
         self.has_small_m_linear = bool(lib.fuselm_has_small_m_linear())

@@ -35,6 +35,7 @@ int fuselm_max_group(void); /* most query heads per KV head */
 int fuselm_max_dim(void);   /* largest head_dim */
 int fuselm_max_block(void); /* largest block_size */
 int fuselm_has_bf16_fast_path(void);
+int fuselm_has_f32_avx512_attention(void);
 /* q, out [num_seqs, num_heads, head_dim] (dtype); caches [blocks, block_size, num_kv_heads, head_dim]
  * (kv_dtype); block_table [num_seqs, max_blocks]; k_new/v_new [num_write, num_kv_heads, head_dim] or NULL. */
 void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,

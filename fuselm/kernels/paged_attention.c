@@ -25,6 +25,7 @@
 #include "bf16_simd.h"
 #include "fuselm_kernels.h"
 #include "softmax_exp.h"
+#include "attention_f32_avx512.h"
 
 #define MAX_GROUP 16
 #define MAX_DIM 256
@@ -55,28 +56,6 @@ static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_hea
 #ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 1 /* how far ahead K/V blocks are prefetched (1-4 measured: 1 is best) */
 #endif
-
-static inline __mmask16 tail_mask(int64_t remaining) { /* lanes 0 .. remaining-1 (none when remaining <= 0) */
-    if (remaining <= 0) return (__mmask16)0;
-    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
-}
-
-/* exp_nonpositive on 16 lanes: the same clamp, split and polynomial. */
-static inline __m512 exp512_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
@@ -333,6 +312,15 @@ int fuselm_has_bf16_fast_path(void) {
 #endif
 }
 
+/* 1 when this build has the AVX-512 path for float32 queries (attention_f32_avx512.h). */
+int fuselm_has_f32_avx512_attention(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Store one new K or V row (src row `index`, dtype src_dtype) into cache slot `slot` (kv_dtype). */
 static inline void store_row(void *cache, int64_t slot, const void *src, int64_t index, int64_t elems, int src_dtype,
                              int kv_dtype) {
@@ -421,6 +409,25 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
                 else
                     SEQ_ATTENTION_BF16(head_dim);
 #undef SEQ_ATTENTION_BF16
+                continue;
+            }
+#endif
+#ifdef __AVX512F__
+            if (dtype == FUSELM_F32 && head_dim % 16 == 0 && block_size % 16 == 0 && head_dim <= F32_AVX512_MAX_DIM) {
+#define SEQ_ATTENTION_F32_AVX512(D, BF16)                                                                         \
+    seq_attention_f32_avx512((const float *)q + n * num_heads * head_dim, (float *)out + n * num_heads * head_dim, \
+                             k_cache, v_cache, block_table + n * max_blocks, from, ctx_lens[n], num_heads,          \
+                             num_kv_heads, D, block_size, scale, acc, scores, m, l, BF16)
+                /* constant head sizes and cache type let the compiler unroll and keep V in registers */
+                if (head_dim == 64 && kv_dtype == FUSELM_F32)
+                    SEQ_ATTENTION_F32_AVX512(64, 0);
+                else if (head_dim == 64)
+                    SEQ_ATTENTION_F32_AVX512(64, 1);
+                else if (head_dim == 128 && kv_dtype == FUSELM_F32)
+                    SEQ_ATTENTION_F32_AVX512(128, 0);
+                else
+                    SEQ_ATTENTION_F32_AVX512(head_dim, kv_dtype != FUSELM_F32);
+#undef SEQ_ATTENTION_F32_AVX512
                 continue;
             }
 #endif

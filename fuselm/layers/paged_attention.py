@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fuselm.layers.cascade import SharedPrefixGroups, cascade_query_attention
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
+from fuselm.layers.h2o_scores import capture_h2o_scores
 from fuselm.layers.snapkv_scores import capture_scores
 
 
@@ -64,6 +65,8 @@ class AttentionMetadata:
     groups: list | None = None
     # rows ending their prefill under SnapKV: each layer adds its scores (runner/kv_compaction.py)
     snapkv: list | None = None
+    # rows of H2O requests: each layer adds its attention weights (runner/h2o_compaction.py)
+    h2o: list | None = None
     # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
     cascade: SharedPrefixGroups | None = None
 
@@ -224,4 +227,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out[row.start:row.end] = o[0].transpose(0, 1)
     if meta.snapkv:
         capture_scores(meta.snapkv, q, flat_k, flat_ks, scale)
+    if meta.h2o:
+        capture_h2o_scores(meta.h2o, q, flat_k, flat_ks, scale)
     return out

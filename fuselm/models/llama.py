@@ -69,7 +69,8 @@ class LlamaForCausalLM(nn.Module):
             x = x.contiguous()
             cos, sin = rope[0].reshape(t, -1).contiguous(), rope[1].reshape(t, -1).contiguous()
             if (meta.num_query_rows == t and not meta.prefill_rows
-                    and meta.cpu_kernels is not None and meta.decode_block_table is not None and not meta.snapkv):
+                    and meta.cpu_kernels is not None and meta.decode_block_table is not None
+                    and not meta.snapkv and not meta.h2o):  # scoring rows need each layer's q
                 # every token a query row: decodes, and speculative tokens being verified
                 c_layers.run(x, cos, sin, meta.decode_block_table, meta.decode_ctx_lens,
                              None if meta.num_single_rows < 0 else meta.num_single_rows,

@@ -41,16 +41,21 @@ def compact(captures: list[SnapKVCapture], attention_layers: list) -> None:
     for cap in captures:
         assert len(cap.scores) == len(attention_layers), "a layer's attention did not report its scores"
         for attn, scores in zip(attention_layers, cap.scores):
-            kept = kept_entries(scores, cap.budget, cap.window, cap.pool)  # [Hkv, budget]
-            kv_heads = kept.shape[0]
-            source = cap.context_slots[kept].T  # [budget, Hkv]: where each kept entry is now
-            heads = torch.arange(kv_heads, device=kept.device)
-            target = cap.context_slots[:cap.budget]  # [budget]
-            for cache in (attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale):
-                if cache is None:
-                    continue
-                flat = cache.view(-1, kv_heads, *cache.shape[3:])  # [slots, Hkv(, D)]
-                flat[target] = flat[source, heads]  # gathered (a copy) before it is written
+            move_kept(attn, kept_entries(scores, cap.budget, cap.window, cap.pool), cap.context_slots)
+
+
+def move_kept(attn, kept: torch.Tensor, context_slots: torch.Tensor) -> None:
+    """Write one layer's kept entries (kept [Hkv, n] cache indices, ascending) to cache indices
+    0 .. n-1 of the request (context_slots: the slot of every cache index), scales alongside."""
+    kv_heads, n = kept.shape
+    source = context_slots[kept].T  # [n, Hkv]: where each kept entry is now
+    heads = torch.arange(kv_heads, device=kept.device)
+    target = context_slots[:n]  # [n]
+    for cache in (attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale):
+        if cache is None:
+            continue
+        flat = cache.view(-1, kv_heads, *cache.shape[3:])  # [slots, Hkv(, D)]
+        flat[target] = flat[source, heads]  # gathered (a copy) before it is written
 
 
 def snapkv_captures(rows, row_start: list[int], slots_of, device: torch.device) -> list[SnapKVCapture] | None:

@@ -21,6 +21,8 @@ from fuselm.layers.cascade import plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.group_layout import group_metadata
+from fuselm.runner.cache_positions import CachePositions
+from fuselm.runner.h2o_compaction import H2OScores
 from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kernel_choice import Override, choose_layer_step
@@ -98,6 +100,8 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler()
         self.generators = SeededGenerators()  # seeded sequences' generators, by seq_id
+        self.h2o_scores = H2OScores()  # accumulated attention of running H2O sequences, by seq_id
+        self.cache_positions = CachePositions()  # StreamingLLM rotary positions in the cache: offsets applied
         # KV cache groups (core/kv_groups.py): one unless sliding-window layers can drop old blocks
         windows = [layer.self_attn.sliding_window for layer in self.model.layers]
         self.kv_groups = kv_cache_groups(windows if group_kv_by_window else [None] * len(windows))
@@ -230,7 +234,7 @@ class ModelRunner:
                 p = r.num_computed_tokens + j
                 e = p - r.kv_offset  # its cache index (KV compression evicted kv_offset positions before it)
                 input_ids.append(token)
-                positions.append(p)
+                positions.append(e if r.cache_positions else p)
                 slot_mapping.append(table[e // bs] * bs + e % bs)
                 ctx_lens.append(e + 1)
                 tables.append(table)
@@ -244,7 +248,8 @@ class ModelRunner:
             row_start[i] = cursor
             n, c = r.num_new_tokens, r.num_computed_tokens - r.kv_offset  # c: cache entries before the row
             input_ids.extend(r.token_ids)
-            pos_parts.append(torch.arange(r.num_computed_tokens, r.num_computed_tokens + n))
+            first_position = c if r.cache_positions else r.num_computed_tokens
+            pos_parts.append(torch.arange(first_position, first_position + n))
             slot_parts.append(self._slots(r.block_ids, c, c + n))
             if c == 0 and r.kv_window is None:
                 prefill_rows.append(PrefillRow(cursor, cursor + n, 0, None, None))
@@ -259,7 +264,8 @@ class ModelRunner:
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
-                                 snapkv=snapkv_captures(rows, row_start, self._slots, self.device))
+                                 snapkv=snapkv_captures(rows, row_start, self._slots, self.device),
+                                 h2o=self.h2o_scores.captures(rows, row_start, self._slots, self.device))
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
             max_blocks = max(len(t) for t in tables)
@@ -287,10 +293,14 @@ class ModelRunner:
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, meta, row_start = self._build_batch(out)
+        self.cache_positions.rerotate(out.scheduled, [layer.self_attn for layer in self.model.layers],
+                                      getattr(self.model, "rope", None), self.block_size, self._slots)
         with forward_context(meta):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         if meta.snapkv:
             compact(meta.snapkv, [layer.self_attn for layer in self.model.layers])
+        if meta.h2o:
+            self.h2o_scores.update(meta.h2o, [layer.self_attn for layer in self.model.layers])
         return hidden, row_start
 
     @torch.inference_mode()
@@ -304,6 +314,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         self.generators.release(out.finished_seq_ids)
+        self.h2o_scores.release(out.finished_seq_ids)
+        self.cache_positions.release(out.finished_seq_ids)
         hidden, row_start = self._forward(out)
 
         # Which hidden states need logits: the last token of rows that sample (and, with

@@ -1,0 +1,131 @@
+/* Decode attention of one sequence for float32 queries in 512-bit registers: the AVX-512 variant of
+ * paged_attention.c's AVX2 float32 path, which the AVX-512 builds used as is (8 keys per lane-sum
+ * tree, 8-float V accumulators) while their GEMM moved to zmm. Here q . k takes 16 keys at a time
+ * into one hsum16 tree, the online-softmax update runs on 16 scores with masked lanes, and each
+ * head's V accumulator lives in head_dim / 16 zmm registers, two tokens at a time into two sets
+ * (short FMA chains). The cache may be float32 or bfloat16 (widened in registers).
+ *
+ * The arithmetic order depends only on the row's own context (never on the batch), so a sequence
+ * gets the same output at any batch size or row position, as the speculative verification needs.
+ * Included by paged_attention.c where the compiler targets AVX-512F.
+ */
+#ifndef FUSELM_ATTENTION_F32_AVX512_H
+#define FUSELM_ATTENTION_F32_AVX512_H
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "bf16_simd.h"
+#include "softmax_exp.h"
+
+#define F32_AVX512_MAX_DIM 256
+
+/* 16 cache values as floats: a float32 cache read as is, a bfloat16 one widened. */
+static inline __m512 kv16(const void *base, int64_t index, int kv_bf16) {
+    if (!kv_bf16) return _mm512_loadu_ps((const float *)base + index);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* Lines i*lines/n .. (i+1)*lines/n - 1 of a block into L2: the next block, a slice per head, so the
+ * misses spread over the block's computation instead of queueing at once. */
+static inline void prefetch_block_slice(const char *block, int64_t bytes, int64_t i, int64_t n) {
+    const int64_t lines = (bytes + 63) / 64;
+    for (int64_t line = lines * i / n; line < lines * (i + 1) / n; line++) _mm_prefetch(block + 64 * line, _MM_HINT_T1);
+}
+
+/* One sequence: q, out [num_heads, head_dim] float32; positions from .. len - 1 of the paged cache
+ * through `table`; head_dim % 16 == 0, block_size % 16 == 0, head_dim <= F32_AVX512_MAX_DIM.
+ * acc [num_heads, head_dim], scores [num_heads, block_size], m and l [num_heads] are scratch. */
+static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
+    const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *acc,
+    float *scores, float *m, float *l, int kv_bf16) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t row_elems = num_kv_heads * head_dim;
+    const int64_t bytes = block_size * row_elems * (kv_bf16 ? 2 : 4);
+    const int64_t chunks = head_dim / 16;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < num_heads; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + j * head_dim + 16 * c, _mm512_setzero_ps());
+    }
+    for (int64_t b = from / block_size, start = b * block_size; start < len; start += block_size, b++) {
+        const int64_t count = len - start < block_size ? len - start : block_size;
+        const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
+        const int64_t base = table[b] * block_size * row_elems;
+        const char *next_k = NULL, *next_v = NULL;
+        if (start + block_size < len) { /* one block ahead: 2 or 3 ahead, or into L1, measured the same */
+            next_k = (const char *)k_cache + table[b + 1] * bytes;
+            next_v = (const char *)v_cache + table[b + 1] * bytes;
+        }
+        for (int64_t j = 0; j < num_heads; j++) {
+            const int64_t head_off = base + (j / group) * head_dim;
+            if (next_k != NULL) prefetch_block_slice(next_k, bytes, j, num_heads);
+            __m512 qv[F32_AVX512_MAX_DIM / 16];
+            for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(q + j * head_dim + 16 * c);
+            for (int64_t t0 = 0; t0 < count; t0 += 16) { /* rows past count are in the block: read, never used */
+                __m512 part[16];
+                for (int64_t t = 0; t < 16; t++) part[t] = _mm512_mul_ps(qv[0], kv16(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
+                for (int64_t c = 1; c < chunks; c++)
+                    for (int64_t t = 0; t < 16; t++)
+                        part[t] = _mm512_fmadd_ps(qv[c], kv16(k_cache, head_off + (t0 + t) * row_elems + 16 * c, kv_bf16), part[t]);
+                _mm512_storeu_ps(scores + j * block_size + t0, _mm512_mul_ps(hsum16(part), vscale));
+            }
+        }
+        for (int64_t j = 0; j < num_heads; j++) {
+            float *sj = scores + j * block_size;
+            /* lanes outside skip .. count - 1 (maybe NaN: rows the context does not reach) are masked out */
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            for (int64_t t0 = 0; t0 < count; t0 += 16)
+                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                                 tail_mask(count - t0) & ~tail_mask(skip - t0), sj + t0));
+            const float block_max = _mm512_reduce_max_ps(vmax);
+            const float new_max = block_max > m[j] ? block_max : m[j];
+            const float correction = exp_nonpositive(m[j] - new_max);
+            const __m512 vnew = _mm512_set1_ps(new_max);
+            __m512 vsum = _mm512_setzero_ps();
+            for (int64_t t0 = 0; t0 < count; t0 += 16) {
+                const __mmask16 mask = tail_mask(count - t0) & ~tail_mask(skip - t0);
+                const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
+                _mm512_storeu_ps(sj + t0, e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            l[j] = l[j] * correction + _mm512_reduce_add_ps(vsum);
+            m[j] = new_max;
+
+            if (next_v != NULL) prefetch_block_slice(next_v, bytes, j, num_heads);
+            const int64_t head_off = base + (j / group) * head_dim;
+            float *aj = acc + j * head_dim;
+            const __m512 vcorr = _mm512_set1_ps(correction);
+            __m512 a[F32_AVX512_MAX_DIM / 16], a2[F32_AVX512_MAX_DIM / 16];
+            for (int64_t c = 0; c < chunks; c++) {
+                a[c] = _mm512_mul_ps(_mm512_loadu_ps(aj + 16 * c), vcorr);
+                a2[c] = _mm512_setzero_ps();
+            }
+            int64_t t = skip;
+            for (; t + 1 < count; t += 2) {
+                const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
+                const int64_t row = head_off + t * row_elems;
+                for (int64_t c = 0; c < chunks; c++) {
+                    a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, row + 16 * c, kv_bf16), a[c]);
+                    a2[c] = _mm512_fmadd_ps(p1, kv16(v_cache, row + row_elems + 16 * c, kv_bf16), a2[c]);
+                }
+            }
+            if (t < count) {
+                const __m512 p0 = _mm512_set1_ps(sj[t]);
+                for (int64_t c = 0; c < chunks; c++) a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, head_off + t * row_elems + 16 * c, kv_bf16), a[c]);
+            }
+            for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(aj + 16 * c, _mm512_add_ps(a[c], a2[c]));
+        }
+    }
+    for (int64_t j = 0; j < num_heads; j++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[j]);
+        for (int64_t c = 0; c < chunks; c++)
+            _mm512_storeu_ps(out + j * head_dim + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + j * head_dim + 16 * c), inv));
+    }
+}
+#endif
+#endif
