@@ -110,6 +110,28 @@ void fuselm_qlinear(const float *x, const void *qweight, const void *scales, con
 void fuselm_dequantize(const void *qweight, const void *scales, const void *mins, float *out, int64_t N, int64_t K,
                        int64_t G, int bits, int scale_dtype, int num_threads);
 
+/* ---- quantised weight rows against activations rounded once per call (quant_rows.c) ---- */
+
+/* x [M, K] rounded to int16 levels per 32 values (xs: one scale per 32) and, for int4, x's float sums per
+ * group of G (xg). The levels are int16 (xq) or, for int4 with VNNI, split in high and low int8 halves
+ * (xh, xl), in the lane order quant_rows.c's int4 blocks read. layout 0: not prepared. */
+enum { FUSELM_QACTS_NONE = 0, FUSELM_QACTS_INT16 = 1, FUSELM_QACTS_SPLIT8 = 2 };
+typedef struct {
+    int16_t *xq;
+    int8_t *xh, *xl;
+    float *xs, *xg;
+    int64_t M, K, G;
+    int32_t bits, layout;
+} QActs;
+
+/* 1 when ready for weights of `bits` and group G; 0 (nothing held) when this build or shape cannot. */
+int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
+                         int num_threads);
+void fuselm_qacts_release(QActs *a);
+/* y[m * ldy + n] for rows m in [m0, m0 + rows), weight rows n in [n0, n1); qweight/scales/mins at row 0. */
+void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
+                  int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
+
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 
 int fuselm_dense_has_simd(void);

@@ -22,6 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "fuselm_kernels.h"
 
@@ -31,22 +32,39 @@ typedef struct {
     int64_t expert, proj, n0, n1; /* proj 0 gate, 1 up, 2 down */
 } MoeItem;
 
-/* Rows [row0, row0 + M) of the sorted batch (x, row stride ldx) times expert e's rows [n0, n1) of w,
- * written to columns [n0, n1) of y (row stride ldy). */
-static void expert_rows(const QPart *w, int64_t e, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
-                        int64_t n0, int64_t n1, int float_activations) {
+/* Expert e's rows [n0, n1) of w for the sorted batch's rows [r0, r0 + M) (x: row r0 of the batch, row stride
+ * ldx), written to columns [n0, n1) of y (row r0 of the output, row stride ldy). Quantised weights read the
+ * activations `acts` rounded once for the whole call (quant_rows.c) when it holds them. */
+static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, const float *x, int64_t ldx, int64_t M,
+                        float *y, int64_t ldy, int64_t n0, int64_t n1, int float_activations) {
     if (w->bits == 32) {
         const float *packed = (const float *)w->qweight + e * fuselm_dense_packed_size(w->n, w->k) + n0 * w->k;
         fuselm_dense_linear(x, ldx, packed, NULL, y + n0, ldy, M, n1 - n0, w->k, 1);
         return;
     }
     const int64_t groups = w->k / w->group, scale_size = w->scale_dtype == FUSELM_F16 ? 2 : 4;
-    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k, row = e * w->n + n0;
-    const char *q = (const char *)w->qweight + row * row_bytes;
-    const char *s = (const char *)w->scales + row * groups * scale_size;
-    const char *m = w->mins != NULL ? (const char *)w->mins + row * groups * scale_size : NULL;
+    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k;
+    const char *q = (const char *)w->qweight + e * w->n * row_bytes;
+    const char *s = (const char *)w->scales + e * w->n * groups * scale_size;
+    const char *m = w->mins != NULL ? (const char *)w->mins + e * w->n * groups * scale_size : NULL;
+    if (acts->layout != FUSELM_QACTS_NONE) {
+        fuselm_qrows(acts, r0, M, q, s, m, w->scale_dtype, n0, n1, y - r0 * ldy, ldy);
+        return;
+    }
+    q += n0 * row_bytes, s += n0 * groups * scale_size, m = m != NULL ? m + n0 * groups * scale_size : NULL;
     fuselm_qlinear_ld(x, q, s, m, NULL, y + n0, ldy, M, n1 - n0, w->k, w->group, w->bits, w->scale_dtype,
                       float_activations, 1);
+}
+
+/* x [A, k] rounded once for every item of projection w; `acts` stays empty (layout NONE) for float weights,
+ * float activations, or where quant_rows.c cannot run. `same`: an already prepared QActs, shared when it fits. */
+static void prepare_acts(QActs *acts, const QActs *same, const QPart *w, const float *x, int64_t A,
+                         int float_activations, int num_threads) {
+    memset(acts, 0, sizeof *acts);
+    if (same != NULL && same->layout != FUSELM_QACTS_NONE && same->bits == w->bits && same->G == w->group)
+        *acts = *same;
+    else if (w->bits != 32 && !float_activations)
+        fuselm_qacts_prepare(acts, x, w->k, A, w->k, w->group, w->bits, num_threads);
 }
 
 /* Items for the given projections of every expert with rows: MOE_CHUNK output rows each. */
@@ -96,14 +114,18 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
     }
 
+    QActs acts_gate, acts_up, acts_down;
+    prepare_acts(&acts_gate, NULL, gate, xs, A, float_activations, num_threads);
+    prepare_acts(&acts_up, &acts_gate, up, xs, A, float_activations, num_threads);
+
     const int64_t gate_up[2] = {0, 1}, down_only[1] = {2};
     int64_t num_items = make_items(items, offsets, num_experts, gate_up, 2, I);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_items; i++) {
         const MoeItem it = items[i];
         const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
-        expert_rows(it.proj == 0 ? gate : up, it.expert, xs + r0 * H, H, rows, gu + r0 * 2 * I + it.proj * I, 2 * I,
-                    it.n0, it.n1, float_activations);
+        expert_rows(it.proj == 0 ? gate : up, it.expert, it.proj == 0 ? &acts_gate : &acts_up, r0, xs + r0 * H, H, rows,
+                    gu + r0 * 2 * I + it.proj * I, 2 * I, it.n0, it.n1, float_activations);
     }
 
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -113,12 +135,16 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
             act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
         }
 
+    if (acts_up.xs != acts_gate.xs) fuselm_qacts_release(&acts_up);
+    fuselm_qacts_release(&acts_gate);
+    prepare_acts(&acts_down, NULL, down, act, A, float_activations, num_threads);
+
     num_items = make_items(items, offsets, num_experts, down_only, 1, H);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_items; i++) {
         const MoeItem it = items[i];
         const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
-        expert_rows(down, it.expert, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
+        expert_rows(down, it.expert, &acts_down, r0, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
         for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
             const float w = topk_weights[src[p]];
             for (int64_t h = it.n0; h < it.n1; h++) yd[p * H + h] *= w;
@@ -135,6 +161,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
             for (int64_t h = 0; h < H; h++) o[h] += y[h];
         }
     }
+    fuselm_qacts_release(&acts_down);
     free(items), free(yd), free(act), free(gu), free(xs);
     free(src), free(pos), free(cursor), free(offsets);
 }
