@@ -40,8 +40,9 @@ def step(sched: Scheduler) -> list[Request]:
 
 
 def shares_running_prefix(req: Request, running: list[Request]) -> bool:
-    """The reference: the first prompt block's tokens equal a running request's computed first block."""
-    return any(r.num_computed_tokens >= BS and r.prompt_token_ids[:BS] == req.prompt_token_ids[:BS] for r in running)
+    """The reference: the first prompt block's tokens equal those of a running request past its prompt."""
+    return any(r.num_computed_tokens >= r.num_prompt_tokens and r.prompt_token_ids[:BS] == req.prompt_token_ids[:BS]
+               for r in running)
 
 
 def test_sharers_first_in_arrival_order_and_within_priority():

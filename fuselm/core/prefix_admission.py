@@ -5,7 +5,8 @@ prefix run together and shared-prefix attention (layers/cascade.py) finds them a
 Requests of several prompt families arriving interleaved are admitted in arrival order otherwise:
 with 64 sequence slots and 16 families, each family runs 4 at a time, too few to form a group. Here a
 waiting request whose leading prompt blocks (by their chained hashes, so equal hashes mean an equal
-prefix) are computed blocks of a running request moves ahead of those that share nothing with the
+prefix) are computed blocks of a running request past its prompt (one still computing its prompt
+would have the newcomer compute the rest of the prefix a second time) moves ahead of those that share nothing with the
 running set, in a stable way, and only within its priority. The reordering is bounded: a request that
 was passed over (a request behind it in the queue was placed ahead of it) `max_passes` times goes first
 among its priority from then on, so nobody waits more than that many admission rounds because of it.
@@ -48,8 +49,9 @@ class PrefixAdmission:
         queue = list(candidates)
         self.passes = {r.seq_id: self.passes[r.seq_id] for r in queue if r.seq_id in self.passes}
         running_hashes: set[int] = set()
-        for r in running:
-            running_hashes.update(r.block_hashes[:r.num_registered_blocks])
+        for r in running:  # only prompts computed to the end: a prefix still being computed is not shared yet
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                running_hashes.update(r.block_hashes[:r.num_registered_blocks])
         if not running_hashes or len(queue) < 2:
             return queue
         result: list[Request] = []

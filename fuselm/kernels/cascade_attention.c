@@ -6,9 +6,9 @@
  * (paged_attention.c) reads it once per row. Here attention of such a group runs in two parts
  * (Hydragen, RelayAttention):
  *   1. every query of the group against the shared blocks, one KV head at a time: all of the
- *      group's rows x the head's GQA query heads form one matrix, each shared block is loaded once
- *      and multiplied against it (a small matrix-matrix product per block), keeping an online
- *      softmax state (running max m, sum l, unnormalised output acc) per query;
+ *      group's rows x the head's GQA query heads form one matrix, the shared keys are loaded once
+ *      in panels and multiplied against it as register-tiled matrix products (cascade_panel.h),
+ *      keeping an online softmax state (running max m, sum l, unnormalised output acc) per query;
  *   2. each row against its own blocks past the shared ones, continuing from that state.
  * Continuing an online softmax from another's state is the exact log-sum-exp merge of the two
  * partial attentions (scale by exp(m_old - m_new), add), so results equal one pass over the whole
@@ -19,7 +19,8 @@
  * num_kv_heads, head_dim]; block_table [num_seqs, max_blocks]; the first num_write rows' new K/V
  * stored first). `shared` describes the groups (fuselm_kernels.h). A group's shared blocks must
  * hold no slot written in this step. Needs head_dim % 16 == 0 and block_size % 16 == 0. The math of
- * one block for many queries is in cascade_blocks.h; this file spreads the work over threads.
+ * the shared pass is in cascade_panel.h, that of a row's own blocks in cascade_blocks.h; this file
+ * spreads the work over threads. fuselm_cascade_attention_int8 does the same over an int8 cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -122,9 +123,10 @@ int fuselm_cascade_supported(int64_t head_dim, int64_t block_size) {
 /* Both entry points' work; k_scale / v_scale: an int8 cache's scales (kv_dtype FUSELM_I8), else NULL. */
 static void cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const uint16_t *k_scale,
                               const uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
-                              const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs, int64_t max_blocks,
-                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                              int dtype, int kv_dtype, int num_threads, const int64_t *shared) {
+                              const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+                              int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, int dtype, int kv_dtype, int num_threads,
+                              const int64_t *shared) {
     const PagedKv kv = {k_cache, v_cache, k_scale, v_scale, kv_dtype, num_kv_heads};
     const int64_t D = head_dim, bs = block_size, Hkv = num_kv_heads, G = num_heads / num_kv_heads;
     const int64_t row_elems = Hkv * D;
@@ -228,8 +230,8 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             if (OWN_BLOCKS_BY_PANEL || kv_dtype == FUSELM_I8)
                 shared_span(Q, G, st, kv, block_table + n * max_blocks, first_block * bs, ctx_lens[n], h, D, bs, pw);
             else
-                attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block, ctx_lens[n],
-                            h, row_elems, D, bs, w);
+                attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block,
+                            ctx_lens[n], h, row_elems, D, bs, w);
             for (int64_t j = 0; j < G; j++) {
                 const float inv = 1.0f / st.l[j];
                 const int64_t o = (n * num_heads + h * G + j) * D;

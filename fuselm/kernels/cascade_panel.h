@@ -2,19 +2,20 @@
  * M queries of a group and KV head against a span of shared keys, cut into panels of PANEL keys.
  *
  * Queries lie along the vector lanes (Qt [D, Mp], Mp = M rounded up to PL, the lanes of a register),
- * keys and dimensions are broadcast: a PL-query slice of a score S[t, q] = sum_d K[t, d] Qt[d, q] is one FMA chain, and so is
- * a slice of acc[d, q] += V[t, d] P[t, q]. In that layout the online softmax is lane-wise (a query's
- * max and sum over the panel's keys are element-wise max and add over KT-row tiles), no horizontal
- * sum is needed, and K and V are used row-major as the cache stores them: a panel's rows are copied
- * (widened from bf16) into kp / vp [PANEL, D] once for every query of the group, then
+ * keys and dimensions are broadcast: a PL-query slice of a score S[t, q] = sum_d K[t, d] Qt[d, q] is
+ * one FMA chain, and so is a slice of acc[d, q] += V[t, d] P[t, q]. In that layout the online
+ * softmax is lane-wise (a query's max and sum over the panel's keys are element-wise max and add
+ * over the keys' score rows), no horizontal sum is needed, and K and V are used row-major as the
+ * cache stores them: a panel's rows are copied (widened from bf16, or int8 times its scale) into
+ * kp / vp [PANEL, D] once for every query of the group, then
  *   1. scores: tiles of KT keys x RV PL-query slices (KT * RV accumulators) over d, per d RV loads of
  *      Qt and KT broadcasts of K;
  *   2. softmax: per query slice, the panel max, the correction exp(m_old - m_new), P = exp(S - m),
  *      the sum;
  *   3. P V: tiles of DT dimensions x RV slices (DT * RV accumulators), rescaled by the correction
  *      as they are loaded, over the panel's keys.
- * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are
- * 8 queries wide (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c alone.
+ * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are 8 queries wide
+ * (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c alone.
  */
 #ifndef FUSELM_CASCADE_PANEL_H
 #define FUSELM_CASCADE_PANEL_H
