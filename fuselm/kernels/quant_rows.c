@@ -122,7 +122,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
     }
     a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
     a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M >= 8)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
         if (a->layout == FUSELM_QACTS_SPLIT8)
