@@ -6,9 +6,11 @@ GGUF with Q4_0 weights (experts and attention; router, norms, embeddings and LM 
 - fuselm float32 (HF directory) and fuselm Q4_0 (GGUF, kept quantised): decode tok/s at batch 1, 8
   and 32 (greedy, prompts of 16 tokens prefilled first) and prompt tok/s for a 1,024-token prompt;
 - HF transformers float32 on the same weights: the same figures;
-- this machine's memory read bandwidth (torch sum over 1 GiB with the engine's threads), and the MoE
-  layer's achieved bytes/s at batch 1: one layer's GroupedExperts call on one token, cycling through
-  the layers so the routed experts come from memory, bytes = top_k experts' gate/up/down as stored.
+- this machine's stream bandwidth as the roofline tool measures it (fuselm/bench/roofline.py
+  `measure_stream_gbps`: the better of a read and a copy of 512 MiB, the engine's threads), and the MoE
+  layer's achieved bytes/s at batch 1 against it: one layer's GroupedExperts call on one token,
+  cycling through the layers so the routed experts come from memory, bytes = top_k experts'
+  gate/up/down as stored.
 
     .venv/bin/python benchmarks/moe.py                      # mixtral-like: 16 x 1024, 32 experts of 512, top-4
     .venv/bin/python benchmarks/moe.py --shape qwen2moe     # 64 experts of 256, top-8, a shared expert of 1024
@@ -16,8 +18,9 @@ GGUF with Q4_0 weights (experts and attention; router, norms, embeddings and LM 
     .venv/bin/python benchmarks/moe.py --llama-cpp          # and llama.cpp (benchmarks/moe_llama_cpp.py)
 
 With --llama-cpp the same run converts the HF directory with llama.cpp's own converter (f32, and Q4_0
-through llama-quantize), measures llama-bench's batch-1 decode and 1,024-token prompt, checks that
-llama-server's greedy tokens equal fuselm's, and runs fuselm on llama.cpp's Q4_0 file too.
+and Q8_0 through llama-quantize), measures llama-bench's batch-1 decode and 1,024-token prompt at each
+precision, checks that llama-server's greedy tokens equal fuselm's, and runs fuselm on llama.cpp's
+Q4_0 and Q8_0 files too (fuselm's float32 figures are the same weights at llama.cpp's f32).
 
 Results: benchmarks/results/moe-<shape>-<cpu>.json.
 """
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fuselm.bench.roofline import measure_stream_gbps
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny tokenizer and the MoE GGUF writer
@@ -86,13 +91,6 @@ def build(shape: dict, out: Path):
                                                   "ffn_up_shexp", "ffn_down_shexp", "ffn_gate", "ffn_up", "ffn_down")}
     write_moe_gguf(model, shape["kind"], hf_dir, gguf_path, expert_type=Q.Q4_0, layer_types=layer_types)
     return hf_dir, gguf_path
-
-
-def read_bandwidth() -> float:
-    """GB/s of a multi-threaded sum over 1 GiB of float32 (best of 5)."""
-    x = torch.ones(2**28)
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -191,7 +189,9 @@ def main() -> None:
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     result = {"shape": shape, "cpu": model_name, "threads": torch.get_num_threads(), "python": platform.python_version(),
               "torch": torch.__version__, "command": " ".join(sys.argv),
-              "load_average_at_start": os.getloadavg()[0], "read_bandwidth_gb_s": round(read_bandwidth(), 2)}
+              "load_average_at_start": os.getloadavg()[0]}
+    stream = measure_stream_gbps()  # the roofline tool's figure, which the MoE layer is set against
+    result["stream_bandwidth"] = {k: round(v, 2) for k, v in stream.items()}
     result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens)
     result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens)
     if not args.skip_hf:
@@ -202,13 +202,14 @@ def main() -> None:
         moe_llama_cpp.use_peers_dir(Path(args.peers_dir))
         peer = moe_llama_cpp.llama_cpp_figures(hf_dir, gguf_path.parent, result["threads"], prompts(4, 16, seed=7), 16)
         result["llama_cpp"] = peer
-        result["fuselm_llama_cpp_q4_0"] = fuselm_figures(peer["files"]["q4_0"], batches, args.tokens)
+        for precision in ("q4_0", "q8_0"):
+            result[f"fuselm_llama_cpp_{precision}"] = fuselm_figures(peer["files"][precision], batches, args.tokens)
     result["load_average_at_end"] = os.getloadavg()[0]  # other processes on these cores skew every figure
-    for name in ("fuselm_float32", "fuselm_gguf_q4_0", "fuselm_llama_cpp_q4_0"):
+    for name in ("fuselm_float32", "fuselm_gguf_q4_0", "fuselm_llama_cpp_q4_0", "fuselm_llama_cpp_q8_0"):
         if name not in result:
             continue
         r = result[name]
-        r["moe_layer_share_of_bandwidth"] = round(r["moe_layer_batch1_gb_s"] / result["read_bandwidth_gb_s"], 3)
+        r["moe_layer_share_of_stream_bandwidth"] = round(r["moe_layer_batch1_gb_s"] / stream["stream_gbps"], 3)
     out = Path(args.out) if args.out else HERE / "results" / f"moe-{args.shape}-epyc-avx512.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -2,10 +2,11 @@
 
 benchmarks/moe.py builds a random Mixtral-like model as an HF directory; this converts that directory
 with llama.cpp's own converter (convert_hf_to_gguf.py, f32) and quantises it with llama-quantize to
-Q4_0 (experts and attention 4-bit; the token embedding and the LM head kept f32, as in fuselm's Q4_0
-file, the router and norms f32 in both), then measures with llama-bench: decode tok/s at batch 1
-(`-n`, tg) and prompt tok/s for 1,024 tokens (`-p`, pp), with and without llama.cpp's CPU weight
-repacking. fuselm also runs llama.cpp's Q4_0 file itself, so both engines read the very same bytes.
+Q4_0 and to Q8_0 (experts and attention quantised; the token embedding and the LM head kept f32, as in
+fuselm's Q4_0 file, the router and norms f32 in all), then measures each with llama-bench: decode
+tok/s at batch 1 (`-n`, tg) and prompt tok/s for 1,024 tokens (`-p`, pp), Q4_0 also without
+llama.cpp's CPU weight repacking. fuselm also runs llama.cpp's Q4_0 and Q8_0 files itself, so both
+engines read the very same bytes.
 
 The greedy check sends token ids (not text) to llama-server's /completion and compares the tokens it
 generates with fuselm's on the HF directory. The benchmark tokenizer is a tiny byte-level BPE whose
@@ -55,19 +56,22 @@ def vendored_llama() -> Path:
     return found[-1]
 
 
-def convert(hf_dir: Path, out_dir: Path) -> tuple[Path, Path]:
-    """llama.cpp's f32 GGUF of hf_dir and its Q4_0 quantisation (made once)."""
-    f32, q4 = out_dir / "llama-f32.gguf", out_dir / "llama-q4_0.gguf"
+def convert(hf_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """llama.cpp's f32 GGUF of hf_dir and its Q4_0 and Q8_0 quantisations (made once), by precision."""
+    f32 = out_dir / "llama-f32.gguf"
     llama = vendored_llama()
     if not f32.exists():
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama), str(llama / "gguf-py"), str(PEERS / "pydeps")]))
         subprocess.run([sys.executable, "-c", _CONVERT, str(llama), str(hf_dir), str(f32) + ".tmp"], check=True, env=env)
         Path(str(f32) + ".tmp").rename(f32)
-    if not q4.exists():
-        subprocess.run([str(BIN / "llama-quantize"), "--output-tensor-type", "f32", "--token-embedding-type", "f32",
-                        str(f32), str(q4) + ".tmp", "Q4_0"], check=True, capture_output=True)
-        Path(str(q4) + ".tmp").rename(q4)
-    return f32, q4
+    files = {"f32": f32}
+    for precision in ("q4_0", "q8_0"):
+        quantised = files[precision] = out_dir / f"llama-{precision}.gguf"
+        if not quantised.exists():
+            subprocess.run([str(BIN / "llama-quantize"), "--output-tensor-type", "f32", "--token-embedding-type", "f32",
+                            str(f32), str(quantised) + ".tmp", precision.upper()], check=True, capture_output=True)
+            Path(str(quantised) + ".tmp").rename(quantised)
+    return files
 
 
 def bench(gguf: Path, threads: int, decode_tokens: int = 32, prompt_tokens: int = 1024, repack: int = 1,
@@ -132,10 +136,11 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 def llama_cpp_figures(hf_dir: Path, out_dir: Path, threads: int, prompts: list[list[int]], max_tokens: int) -> dict:
-    f32, q4 = convert(hf_dir, out_dir)
-    result = {"f32": bench(f32, threads), "q4_0": bench(q4, threads), "q4_0_no_repack": bench(q4, threads, repack=0),
-              "files": {"f32": str(f32), "q4_0": str(q4)}}
-    theirs = greedy_tokens(f32, prompts, max_tokens, threads)
+    files = convert(hf_dir, out_dir)
+    result = {precision: bench(path, threads) for precision, path in files.items()}
+    result["q4_0_no_repack"] = bench(files["q4_0"], threads, repack=0)
+    result["files"] = {precision: str(path) for precision, path in files.items()}
+    theirs = greedy_tokens(files["f32"], prompts, max_tokens, threads)
     ours = fuselm_greedy(str(hf_dir), prompts, max_tokens)
     result["greedy_f32_vs_fuselm"] = {"llama_cpp": theirs, "fuselm": ours, **agreement(theirs, ours)}
     return result

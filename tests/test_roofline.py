@@ -35,13 +35,26 @@ def test_counts_by_hand():
 
 
 def test_roofline_time_is_the_larger_bound():
-    cost = {"flops": 2e9, "weight_bytes": 1e9, "kv_write_bytes": 0.0, "kv_read_bytes": 0.5e9}
+    cost = {"flops": 2e9, "gemm_flops": 2e9, "attention_flops": 0.0, "weight_bytes": 1e9, "kv_write_bytes": 0.0,
+            "kv_read_bytes": 0.5e9}
     peaks = {"fma_gflops": 100.0, "stream_gbps": 10.0, "scattered_gbps": 5.0}
     r = roofline_seconds(cost, peaks)
     assert r["compute_s"] == pytest.approx(0.02) and r["memory_s"] == pytest.approx(0.1 + 0.1)
     assert r["roofline_s"] == r["memory_s"]
-    r = roofline_seconds({**cost, "flops": 1e11}, peaks)
+    r = roofline_seconds({**cost, "flops": 1e11, "gemm_flops": 1e11}, peaks)
     assert r["roofline_s"] == r["compute_s"] == pytest.approx(1.0)
+
+
+def test_phase_serial_bound_adds_the_matmul_and_attention_phases():
+    peaks = {"fma_gflops": 100.0, "stream_gbps": 10.0, "scattered_gbps": 5.0}
+    # matmuls compute-bound (2e9 FLOPs = 0.02 s > 0.1e9 B / 10 GB/s = 0.01 s); attention memory-bound
+    cost = {"gemm_flops": 2e9, "attention_flops": 1e8, "flops": 2.1e9, "weight_bytes": 0.1e9,
+            "kv_write_bytes": 0.01e9, "kv_read_bytes": 0.05e9}
+    r = roofline_seconds(cost, peaks)
+    assert r["gemm_phase_s"] == pytest.approx(0.02)
+    assert r["attention_phase_s"] == pytest.approx(0.01 + 0.001)
+    assert r["phase_serial_s"] == pytest.approx(0.031)
+    assert r["roofline_s"] == pytest.approx(max(0.021, 0.011 + 0.01)) and r["phase_serial_s"] >= r["roofline_s"]
 
 
 def test_gemm_flops_match_torch_flop_counter_on_the_hf_model(tiny_llama):

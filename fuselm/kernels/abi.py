@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 5  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 6  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -84,6 +84,8 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_cascade_supported": ([_I64, _I64], _INT),
     "fuselm_cascade_attention": ([_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _INT,
                                   _INT, _INT, _P], None),
+    "fuselm_cascade_attention_int8": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                                       _I64, _F32, _INT, _INT, _P], None),
     "fuselm_store_kv_rows": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT, _INT], None),
     "fuselm_paged_decode_attention_int8": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,
                                             _I64, _I64, _F32, _INT, _INT], None),
@@ -96,6 +98,9 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_qlinear_ld": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT], None),
     "fuselm_qlinear": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT], None),
     "fuselm_dequantize": ([_P, _P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT], None),
+    "fuselm_qacts_prepare": ([_P, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "fuselm_qacts_release": ([_P], None),
+    "fuselm_qrows": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _I64], None),
     "fuselm_dense_has_simd": ([], _INT),
     "fuselm_dense_packed_size": ([_I64, _I64], _I64),
     "fuselm_dense_pack": ([_P, _P, _I64, _I64, _INT], None),

@@ -38,8 +38,9 @@ logger = logging.getLogger("fuselm")
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = ("abi.c", "paged_attention.c", "paged_attention_int8.c", "layer_ops.c", "quant_linear.c", "dense_linear.c",
-           "decode_layers.c", "moe.c", "cascade_attention.c")
-HEADERS = ("fuselm_kernels.h", "bf16_simd.h", "cascade_blocks.h", "softmax_exp.h", "attention_f32_avx512.h")
+           "decode_layers.c", "moe.c", "cascade_attention.c", "quant_rows.c")
+HEADERS = ("fuselm_kernels.h", "bf16_simd.h", "cascade_blocks.h", "cascade_panel.h", "softmax_exp.h",
+           "attention_f32_avx512.h")
 _BASE_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
 # -Wmissing-prototypes: every exported function is declared in fuselm_kernels.h;
 # -Wredundant-decls: no source declares another's functions again.
@@ -60,12 +61,14 @@ _X86_64_V3 = _X86_64_V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", 
 _X86_64_V4 = _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 # From the most portable to the fastest. x86-64-v3 defines __AVX2__, __FMA__ and __F16C__ (every
-# AVX2 path); the BF16 paths also need __AVX512BF16__.
+# AVX2 path); the BF16 paths also need __AVX512BF16__. Every CPU with AVX512_BF16 (Cooper Lake, Sapphire
+# Rapids, Zen 4) has AVX512_VNNI too, which quant_rows.c's int4 path uses.
 VARIANTS = {v.name: v for v in (
     IsaVariant("generic", (), frozenset(), ""),  # chosen when the CPU lacks x86-64-v3
     IsaVariant("avx2", ("-march=x86-64-v3",), _X86_64_V3, "avx2"),
     IsaVariant("avx512", ("-march=x86-64-v4",), _X86_64_V4, "avx512f"),
-    IsaVariant("avx512bf16", ("-march=x86-64-v4", "-mavx512bf16"), _X86_64_V4 | {"avx512_bf16"}, "avx512_bf16"),
+    IsaVariant("avx512bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"),
+               _X86_64_V4 | {"avx512_bf16", "avx512_vnni"}, "avx512_bf16"),
 )}
 
 

@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 5
+#define FUSELM_ABI_VERSION 6
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -81,6 +81,13 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                               int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
                               int num_threads, const int64_t *shared);
+/* The same over an int8 cache and its scales (as fuselm_paged_decode_attention_int8 takes them); new rows
+ * are quantised as fuselm_store_kv_rows_int8 stores them. */
+void fuselm_cascade_attention_int8(const void *q, void *out, int8_t *k_cache, int8_t *v_cache, uint16_t *k_scale,
+                                   uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
+                                   const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+                                   int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t block_size, float scale, int dtype, int num_threads, const int64_t *shared);
 
 /* ---- per-layer ops (layer_ops.c) ---- */
 
@@ -102,6 +109,28 @@ void fuselm_qlinear(const float *x, const void *qweight, const void *scales, con
                     int float_activations, int num_threads);
 void fuselm_dequantize(const void *qweight, const void *scales, const void *mins, float *out, int64_t N, int64_t K,
                        int64_t G, int bits, int scale_dtype, int num_threads);
+
+/* ---- quantised weight rows against activations rounded once per call (quant_rows.c) ---- */
+
+/* x [M, K] rounded to int16 levels per 32 values (xs: one scale per 32) and, for int4, x's float sums per
+ * group of G (xg). The levels are int16 (xq) or, for int4 with VNNI, split in high and low int8 halves
+ * (xh, xl), in the lane order quant_rows.c's int4 blocks read. layout 0: not prepared. */
+enum { FUSELM_QACTS_NONE = 0, FUSELM_QACTS_INT16 = 1, FUSELM_QACTS_SPLIT8 = 2 };
+typedef struct {
+    int16_t *xq;
+    int8_t *xh, *xl;
+    float *xs, *xg;
+    int64_t M, K, G;
+    int32_t bits, layout;
+} QActs;
+
+/* 1 when ready for weights of `bits` and group G; 0 (nothing held) when this build or shape cannot. */
+int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
+                         int num_threads);
+void fuselm_qacts_release(QActs *a);
+/* y[m * ldy + n] for rows m in [m0, m0 + rows), weight rows n in [n0, n1); qweight/scales/mins at row 0. */
+void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
+                  int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
 
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 

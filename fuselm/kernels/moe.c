@@ -22,31 +22,50 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "fuselm_kernels.h"
 
 #define MOE_CHUNK 64 /* output rows per work item: a multiple of dense_linear.c's 16-column panels */
+#define MOE_THREADED_COPY 65536 /* values from which gathering, SiLU and combining run on every thread */
 
 typedef struct {
     int64_t expert, proj, n0, n1; /* proj 0 gate, 1 up, 2 down */
 } MoeItem;
 
-/* Rows [row0, row0 + M) of the sorted batch (x, row stride ldx) times expert e's rows [n0, n1) of w,
- * written to columns [n0, n1) of y (row stride ldy). */
-static void expert_rows(const QPart *w, int64_t e, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
-                        int64_t n0, int64_t n1, int float_activations) {
+/* Expert e's rows [n0, n1) of w for the sorted batch's rows [r0, r0 + M) (x: row r0 of the batch, row stride
+ * ldx), written to columns [n0, n1) of y (row r0 of the output, row stride ldy). Quantised weights read the
+ * activations `acts` rounded once for the whole call (quant_rows.c) when it holds them. */
+static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, const float *x, int64_t ldx, int64_t M,
+                        float *y, int64_t ldy, int64_t n0, int64_t n1, int float_activations) {
     if (w->bits == 32) {
         const float *packed = (const float *)w->qweight + e * fuselm_dense_packed_size(w->n, w->k) + n0 * w->k;
         fuselm_dense_linear(x, ldx, packed, NULL, y + n0, ldy, M, n1 - n0, w->k, 1);
         return;
     }
     const int64_t groups = w->k / w->group, scale_size = w->scale_dtype == FUSELM_F16 ? 2 : 4;
-    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k, row = e * w->n + n0;
-    const char *q = (const char *)w->qweight + row * row_bytes;
-    const char *s = (const char *)w->scales + row * groups * scale_size;
-    const char *m = w->mins != NULL ? (const char *)w->mins + row * groups * scale_size : NULL;
+    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k;
+    const char *q = (const char *)w->qweight + e * w->n * row_bytes;
+    const char *s = (const char *)w->scales + e * w->n * groups * scale_size;
+    const char *m = w->mins != NULL ? (const char *)w->mins + e * w->n * groups * scale_size : NULL;
+    if (acts->layout != FUSELM_QACTS_NONE) {
+        fuselm_qrows(acts, r0, M, q, s, m, w->scale_dtype, n0, n1, y - r0 * ldy, ldy);
+        return;
+    }
+    q += n0 * row_bytes, s += n0 * groups * scale_size, m = m != NULL ? m + n0 * groups * scale_size : NULL;
     fuselm_qlinear_ld(x, q, s, m, NULL, y + n0, ldy, M, n1 - n0, w->k, w->group, w->bits, w->scale_dtype,
                       float_activations, 1);
+}
+
+/* x [A, k] rounded once for every item of projection w; `acts` stays empty (layout NONE) for float weights,
+ * float activations, or where quant_rows.c cannot run. `same`: an already prepared QActs, shared when it fits. */
+static void prepare_acts(QActs *acts, const QActs *same, const QPart *w, const float *x, int64_t A,
+                         int float_activations, int num_threads) {
+    memset(acts, 0, sizeof *acts);
+    if (same != NULL && same->layout != FUSELM_QACTS_NONE && same->bits == w->bits && same->G == w->group)
+        *acts = *same;
+    else if (w->bits != 32 && !float_activations)
+        fuselm_qacts_prepare(acts, x, w->k, A, w->k, w->group, w->bits, num_threads);
 }
 
 /* Items for the given projections of every expert with rows: MOE_CHUNK output rows each. */
@@ -82,6 +101,8 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         const int64_t p = cursor[topk_ids[a]]++;
         pos[a] = p, src[p] = a;
     }
+    /* the copies and the SiLU are a few microseconds at decode: forking the threads for them costs more */
+    const int copy_threads = A * (H > I ? H : I) >= MOE_THREADED_COPY;
     float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));      /* [A, H] tokens by expert */
     float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float));  /* [A, 2I] gate | up */
     float *act = (float *)malloc((size_t)(A * I) * sizeof(float));     /* [A, I] silu(gate) * up */
@@ -90,11 +111,15 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     MoeItem *items = (MoeItem *)malloc((size_t)(num_experts * 2 * ((most_rows + MOE_CHUNK - 1) / MOE_CHUNK)) *
                                        sizeof(MoeItem));
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t p = 0; p < A; p++) {
         const float *row = x + (src[p] / top_k) * H;
         for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
     }
+
+    QActs acts_gate, acts_up, acts_down;
+    prepare_acts(&acts_gate, NULL, gate, xs, A, float_activations, num_threads);
+    prepare_acts(&acts_up, &acts_gate, up, xs, A, float_activations, num_threads);
 
     const int64_t gate_up[2] = {0, 1}, down_only[1] = {2};
     int64_t num_items = make_items(items, offsets, num_experts, gate_up, 2, I);
@@ -102,30 +127,34 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     for (int64_t i = 0; i < num_items; i++) {
         const MoeItem it = items[i];
         const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
-        expert_rows(it.proj == 0 ? gate : up, it.expert, xs + r0 * H, H, rows, gu + r0 * 2 * I + it.proj * I, 2 * I,
-                    it.n0, it.n1, float_activations);
+        expert_rows(it.proj == 0 ? gate : up, it.expert, it.proj == 0 ? &acts_gate : &acts_up, r0, xs + r0 * H, H, rows,
+                    gu + r0 * 2 * I + it.proj * I, 2 * I, it.n0, it.n1, float_activations);
     }
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t p = 0; p < A; p++)
         for (int64_t i = 0; i < I; i++) {
             const float g = gu[p * 2 * I + i];
             act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
         }
 
+    if (acts_up.xs != acts_gate.xs) fuselm_qacts_release(&acts_up);
+    fuselm_qacts_release(&acts_gate);
+    prepare_acts(&acts_down, NULL, down, act, A, float_activations, num_threads);
+
     num_items = make_items(items, offsets, num_experts, down_only, 1, H);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_items; i++) {
         const MoeItem it = items[i];
         const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
-        expert_rows(down, it.expert, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
+        expert_rows(down, it.expert, &acts_down, r0, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
         for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
             const float w = topk_weights[src[p]];
             for (int64_t h = it.n0; h < it.n1; h++) yd[p * H + h] *= w;
         }
     }
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         const float *first = yd + pos[t * top_k] * H;
@@ -135,6 +164,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
             for (int64_t h = 0; h < H; h++) o[h] += y[h];
         }
     }
+    fuselm_qacts_release(&acts_down);
     free(items), free(yd), free(act), free(gu), free(xs);
     free(src), free(pos), free(cursor), free(offsets);
 }

@@ -381,12 +381,27 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
 }
 
 /* float_activations: 1 keeps x in float (exact weight-only arithmetic, slower); 0 rounds x to int16
- * per 32 values for integer dot products where the CPU has AVX2 (the scalar build is always float). */
+ * per 32 values for integer dot products where the CPU has AVX2 (the scalar build is always float):
+ * quant_rows.c's kernels where the build has AVX-512, else the AVX2 ones above. */
 /* y has row stride ldy (>= N): a fused projection writes each part into its columns. */
 void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
                        int float_activations, int num_threads) {
     const int64_t groups = K / G;
+    QActs acts;
+    if (!float_activations && fuselm_qacts_prepare(&acts, x, K, M, K, G, bits, num_threads)) { /* quant_rows.c */
+        const int64_t row_blocks = (N + QL_BLOCK_N - 1) / QL_BLOCK_N;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int64_t blk = 0; blk < row_blocks; blk++) {
+            const int64_t n0 = blk * QL_BLOCK_N, n1 = n0 + QL_BLOCK_N < N ? n0 + QL_BLOCK_N : N;
+            fuselm_qrows(&acts, 0, M, qweight, scales, mins, scale_dtype, n0, n1, y, ldy);
+            if (bias != NULL)
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = n0; n < n1; n++) y[m * ldy + n] += bias[n];
+        }
+        fuselm_qacts_release(&acts);
+        return;
+    }
     float *xsum = NULL;
     if (bits == 4) { /* per-group sums of x for the min term */
         xsum = (float *)malloc((size_t)(M * groups) * sizeof(float));
