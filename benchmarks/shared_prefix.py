@@ -16,11 +16,13 @@ blocks through its prefix cache). Per shape:
   (`--vllm-python`, `--hf-dir`; skipped with --skip-vllm or when the venv is missing).
 
 `--kernel-sweep` instead times the two kernels over groups of 2..64 rows sharing 1..64 blocks: the
-measurement behind fuselm/layers/cascade.py's minimum group size and shared length.
+measurement behind fuselm/layers/cascade.py's minimum group size and shared length. `--families F`
+instead runs F prompt families arriving interleaved with `prefix_aware_admission` on and off.
 
     .venv/bin/python benchmarks/shared_prefix.py --shared 1000,2000,4000 --dtype bfloat16
     .venv/bin/python benchmarks/shared_prefix.py --shared 500 --rows 16 --output-len 32 --skip-vllm  # quick check
     .venv/bin/python benchmarks/shared_prefix.py --kernel-sweep
+    .venv/bin/python benchmarks/shared_prefix.py --families 8 --rows 128 --shared 1000 --max-num-seqs 64
 """
 
 from __future__ import annotations
@@ -59,17 +61,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-dir", type=Path, default=None, help="HF export of the model for vLLM (default: the peers' "
                                                               "export for --dtype)")
     p.add_argument("--kernel-sweep", action="store_true", help="time the kernels over group sizes and lengths")
+    p.add_argument("--families", type=int, default=0,
+                   help="instead: F prompt families (own prefix each, --rows requests in all) arriving interleaved, "
+                        "end to end with prefix_aware_admission on and off (shared-prefix attention on)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="the engines' max_num_seqs (default: fuselm's)")
     p.add_argument("--tag", default=None, help="result file name: benchmarks/results/shared-prefix-TAG.json")
     return p.parse_args()
 
 
-def prompt_ids(shared: int, rows: int, seed: int) -> list[list[int]]:
+def prompt_ids(shared: int, rows: int, seed: int, prefix_start: int = 0) -> list[list[int]]:
     from fuselm.loader.defaults import default_model_path
     from fuselm.loader.gguf import load_gguf_tokenizer
 
     ids = load_gguf_tokenizer(default_model_path()).encode(TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
     rng = random.Random(seed)
-    prefix = ids[:shared]
+    prefix = ids[prefix_start:prefix_start + shared]
     tails = []
     for _ in range(rows):
         n = rng.randint(*TAIL_RANGE)
@@ -161,6 +167,40 @@ def kernel_sweep(args, kernels, shapes: dict) -> list[dict]:
 
 # ---- end to end ---------------------------------------------------------------------------------
 
+def admission_comparison(args, report: dict) -> None:
+    """Interleaved prompt families, prefix_aware_admission on and off: output tok/s and the KV reads
+    shared-prefix attention saved (larger groups save more), alternated --runs times per shape."""
+    from fuselm import LLM
+
+    options = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    engines = {on: LLM(dtype=args.dtype, prefix_aware_admission=on, max_model_len=8192,
+                       kv_cache_memory_bytes=args.kv_cache_gib << 30, **options) for on in (True, False)}
+    for llm in engines.values():
+        run_fuselm(llm, [list(range(100, 164))] * 2, 4)
+    per_family = args.rows // args.families
+    for shared in map(int, args.shared.split(",")):
+        families = [prompt_ids(shared, per_family, seed=shared + f, prefix_start=f * shared)
+                    for f in range(args.families)]
+        prompts = [families[i % args.families][i // args.families] for i in range(per_family * args.families)]
+        entry = {"label": f"{args.families} families x {per_family} requests, {shared} shared tokens each",
+                 "shared": shared, "rows": len(prompts)}
+        for on in (True, False):
+            entry[f"admission_{'on' if on else 'off'}_tok_s"] = []
+            entry[f"admission_{'on' if on else 'off'}_kv_tokens_saved"] = []
+        for _ in range(args.runs):
+            for on, llm in engines.items():
+                runner = llm.engine.runner
+                saved = runner.cascade_kv_tokens_saved
+                tok_s = run_fuselm(llm, prompts, args.output_len)
+                key = "on" if on else "off"
+                entry[f"admission_{key}_tok_s"].append(tok_s)
+                entry[f"admission_{key}_kv_tokens_saved"].append(runner.cascade_kv_tokens_saved - saved)
+        print(f"{entry['label']}: output tok/s admission on {max(entry['admission_on_tok_s']):.1f} "
+              f"(KV reads saved per layer {entry['admission_on_kv_tokens_saved'][-1]}), off "
+              f"{max(entry['admission_off_tok_s']):.1f} ({entry['admission_off_kv_tokens_saved'][-1]})", flush=True)
+        report["shapes"].append(entry)
+
+
 def run_fuselm(llm, prompts: list[list[int]], output_len: int, n: int = 1) -> float:
     from fuselm import SamplingParams
 
@@ -200,6 +240,14 @@ def main() -> None:
     args = parse_args()
     from fuselm import LLM
     from fuselm.kernels.build import cpu_model_name
+
+    if args.families:
+        report = {"benchmark": "shared_prefix_admission", "timestamp": datetime.now().isoformat(timespec="seconds"),
+                  "cpu": cpu_model_name(), "threads": torch.get_num_threads(), "dtype": args.dtype,
+                  "output_len": args.output_len, "shapes": []}
+        admission_comparison(args, report)
+        write_report(args, report)
+        return
 
     engines = {on: LLM(dtype=args.dtype, enable_cascade_attention=on, max_model_len=8192,
                        kv_cache_memory_bytes=args.kv_cache_gib << 30) for on in (True, False)}
@@ -243,6 +291,10 @@ def main() -> None:
                 print(f"{label}: output tok/s cascade on {max(runs[True]):.1f}, off {max(runs[False]):.1f}, "
                       f"vLLM {'-' if vllm is None else f'{vllm:.1f}'}", flush=True)
             report["shapes"].append(entry)
+    write_report(args, report)
+
+
+def write_report(args, report: dict) -> None:
     tag = args.tag or f"{args.dtype}-{datetime.now():%Y%m%d-%H%M%S}"
     out = HERE / "results" / f"shared-prefix-{tag}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

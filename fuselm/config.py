@@ -175,6 +175,10 @@ class EngineConfig:
         True, "decode and speculative rows whose KV block tables start with the same blocks (a shared prompt "
               "prefix, the n samples of one prompt) read those blocks once per step for all of them, merged "
               "exactly with each row's own part (shared-prefix attention)")
+    prefix_aware_admission: bool = _option(
+        False, "among waiting requests of equal priority, admit first those whose prompt starts with blocks "
+               "running requests have computed, so sharing sequences run together (larger shared-prefix "
+               "groups); a request passed over 8 times goes first (core/prefix_admission.py)")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes; overrides kv_cache_memory_fraction "
                                                       "and gpu_memory_utilization")
     kv_cache_memory_fraction: float = _option(0.25, "CPU: share of the available RAM the KV cache takes")

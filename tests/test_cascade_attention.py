@@ -156,3 +156,40 @@ def test_groups_share_block_ids_and_never_the_written_block():
     assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 2, 2) == [([0, 1], 2)]
     assert find_groups([(1, 2), (1, 2)], [32, 32], bs, 2, 2) == []  # one block at most: below the minimum
     assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 3, 2) == []  # too few rows
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_int8_cache_matches_float64_and_the_plain_int8_kernel(kernels, case, q_dtype):
+    """An int8 cache (per-token, per-head scales): the shared-prefix kernel against float64 attention over
+    the dequantised cache, and against the per-row int8 kernel; new rows are quantised as it stores them."""
+    from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
+
+    bs, kv_heads, group, dim, groups, loners, spec = CASES[case]
+    k_float, v_float, tables, lens, q = make_step(case, bs, kv_heads, group, dim, torch.float32, groups, loners, spec)
+    q = q.to(q_dtype)
+    (k_cache, k_scale), (v_cache, v_scale) = quantize_rows(k_float), quantize_rows(v_float)
+    singles = len(tables) - spec  # rows whose last position each kernel writes itself
+    k_new = torch.randn(singles, kv_heads, dim).to(q_dtype)
+    v_new = torch.randn(singles, kv_heads, dim).to(q_dtype)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=1, min_blocks=2)
+    scale = dim ** -0.5
+    caches = {}
+    for name in ("shared", "plain"):
+        kc, vc, ks, vs = k_cache.clone(), v_cache.clone(), k_scale.clone(), v_scale.clone()
+        out = torch.empty_like(q)
+        if name == "shared":
+            kernels.cascade_attention(q, out, kc, vc, padded(tables, 0), torch.tensor(lens), scale, plan.encoded,
+                                      k_new, v_new, ks, vs)
+        else:
+            kernels.paged_decode_attention(q, out, kc, vc, padded(tables, 0), torch.tensor(lens), scale, k_new, v_new,
+                                           ks, vs)
+        caches[name] = (out, kc, vc, ks, vs)
+    out, kc, vc, ks, vs = caches["shared"]
+    for got, want in zip(caches["shared"][1:], caches["plain"][1:]):  # both store the new rows alike
+        assert torch.equal(got, want)
+    want = reference(q.float(), dequantize_rows(kc, ks, torch.float64), dequantize_rows(vc, vs, torch.float64), tables,
+                     lens, scale)
+    tol = 1e-5 if q_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(out, caches["plain"][0], atol=tol, rtol=tol)

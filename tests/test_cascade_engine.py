@@ -101,3 +101,13 @@ def test_speculative_rows(tiny_llama, cpu_kernels):
                    speculative_config=spec) for cascade in (True, False)]
     assert results[0][0] == results[1][0]
     assert results[0][2] > 0 and results[1][2] == 0
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_int8_kv_cache(tiny_llama, cpu_kernels):
+    """An int8 KV cache: the shared-prefix kernel (paged_attention_int8.c's cache layout) and the torch path."""
+    prompts, prefixes = shared_prefix_batch([3, 9], prefix_blocks=4, loners=2, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    results = [run(tiny_llama[0], prompts, params, cascade, warm=prefixes, cpu_kernels=cpu_kernels,
+                   kv_cache_dtype="int8") for cascade in (True, False)]
+    assert_same(*results)

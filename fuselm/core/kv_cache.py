@@ -112,6 +112,12 @@ class KVCacheManager:
         self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
+    def prompt_block_hashes(self, request: Request) -> list[int]:
+        """The chained hashes of the blocks find_cached_prefix could find for `request` (no lookup made)."""
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._hash_full_blocks(request, max_blocks * self.block_size)
+        return request.block_hashes[:max_blocks]
+
     def leader_prefix(self, leader: Request, usable: int) -> list[int]:
         """The first `usable` blocks of an n > 1 request's first sample, for a sibling to share."""
         return leader.block_ids[:usable]

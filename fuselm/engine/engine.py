@@ -22,6 +22,7 @@ from fuselm.config import EngineConfig, parse_dtype, resolve_device
 from fuselm.engine.detokenizer import append_text, find_stop_string, flush_text, visible_text
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.kv_groups import GroupedKVCacheManager, sequence_capacity
+from fuselm.core.prefix_admission import PrefixAdmission
 from fuselm.core.request import Request
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.engine.structured_output import StructuredOutputManager, prepare_token_constraints, trim_speculation
@@ -97,7 +98,8 @@ class LLMEngine:
         if config.max_decode_slowdown is not None:
             limiter = PromptChunkLimiter(config.max_decode_slowdown)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, limiter,
-                                   config.max_num_seqs_per_client)
+                                   config.max_num_seqs_per_client,
+                                   PrefixAdmission(self.kv) if config.prefix_aware_admission else None)
         self.groups: dict[str, list[Request]] = {}
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, eos)  # grammars, on first use
         self.stats = EngineStats()

@@ -5,7 +5,9 @@ Each step has one budget of `max_num_batched_tokens`. Running requests that need
 waiting requests are admitted with their prompts chunked so the budget is filled exactly. The
 admission order is (priority, client's attained service, arrival): among equal priorities the
 client the engine has served fewest tokens goes first (core/fair_share.py), so one client's
-backlog never holds another's requests back; with one client it is plain (priority, arrival).
+backlog never holds another's requests back; with one client it is plain (priority, arrival), or
+with `prefix_aware_admission` those sharing a computed prefix with running requests first, within
+bounds (core/prefix_admission.py).
 With `max_num_seqs_per_client` set, a client already running that many sequences admits no more
 while another client has requests waiting or running (or had, within the last second). With `max_decode_slowdown` set, a
 PromptChunkLimiter (core/step_cost.py) also caps the prompt tokens of a step that has decodes,
@@ -28,6 +30,7 @@ from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.kv_eviction import (evict_streaming, finish_snapkv, h2o_step, is_h2o, snapkv_chunk, snapkv_step,
                                      streaming_cache_positions, streaming_window)
+from fuselm.core.prefix_admission import PrefixAdmission
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
@@ -35,13 +38,15 @@ from fuselm.core.step_cost import PromptChunkLimiter
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 prompt_limiter: PromptChunkLimiter | None = None, max_num_seqs_per_client: int | None = None) -> None:
+                 prompt_limiter: PromptChunkLimiter | None = None, max_num_seqs_per_client: int | None = None,
+                 prefix_admission: PrefixAdmission | None = None) -> None:
         self.kv = kv
         self.prompt_limiter = prompt_limiter  # caps prompt tokens in steps with decodes (max_decode_slowdown)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_seqs_per_client = max_num_seqs_per_client  # None: no cap
         self.fair = FairShare()
+        self.prefix_admission = prefix_admission  # admits requests sharing running ones' prefix first; None: off
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []  # sorted by (priority, arrival)
         self.num_preemptions = 0
@@ -139,7 +144,11 @@ class Scheduler:
         for req, n in chosen.values():
             self.fair.charge(req.client_id, n)
         blocked = self._capped_clients()
-        for req in self.fair.order(self.waiting, blocked):
+        order = self.fair.order(self.waiting, blocked)
+        if (self.prefix_admission is not None and self.fair.num_active_clients <= 1 and budget
+                and len(self.running) < self.max_num_seqs):
+            order = self.prefix_admission.order(order, self.running)
+        for req in order:
             if budget == 0 or prompt_budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             leader = req.group_leader

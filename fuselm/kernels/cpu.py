@@ -59,6 +59,7 @@ class CpuKernels:
         self._decode_int8 = lib.fuselm_paged_decode_attention_int8  # an int8 KV cache (paged_attention_int8.c)
         self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
         self._cascade_supported = lib.fuselm_cascade_supported
+        self._cascade_int8 = lib.fuselm_cascade_attention_int8
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
@@ -216,9 +217,11 @@ class CpuKernels:
 
     def cascade_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_table: torch.Tensor, ctx_lens: torch.Tensor, scale: float, shared: torch.Tensor,
-                          k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+                          k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         """paged_decode_attention's contract, with `shared` (int64, fuselm/layers/cascade.py's encoding of
-        the shared-prefix groups): each group's queries read its shared blocks once, together."""
+        the shared-prefix groups): each group's queries read its shared blocks once, together. An int8
+        cache comes with its bf16 scales k_scale/v_scale, as for paged_decode_attention."""
         assert q.is_contiguous() and out.is_contiguous() and block_table.is_contiguous() and shared.is_contiguous()
         assert q.dtype == out.dtype and block_table.dtype == ctx_lens.dtype == shared.dtype == torch.int64
         n, num_heads, head_dim = q.shape
@@ -227,6 +230,14 @@ class CpuKernels:
             num_write = k_new.shape[0]
             assert num_write <= n and k_new.dtype == v_new.dtype == q.dtype
             k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        if k_cache.dtype == torch.int8:
+            assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
+            self._cascade_int8(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(),
+                               v_scale.data_ptr(), None if k_new is None else k_new.data_ptr(),
+                               None if v_new is None else v_new.data_ptr(), num_write, block_table.data_ptr(),
+                               ctx_lens.data_ptr(), n, block_table.shape[1], num_heads, k_cache.shape[2], head_dim,
+                               k_cache.shape[1], scale, DTYPE_CODES[q.dtype], torch.get_num_threads(), shared.data_ptr())
+            return
         self._cascade(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                       None if k_new is None else k_new.data_ptr(), None if v_new is None else v_new.data_ptr(),
                       num_write, block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads,

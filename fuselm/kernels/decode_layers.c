@@ -171,9 +171,14 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
             if (num_single < M)
                 fuselm_store_kv_rows_int8(L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v, num_single, M, block_table,
                                           ctx_lens, dims->max_blocks, Hkv, D, dims->block_size, FUSELM_F32);
-            fuselm_paged_decode_attention_int8(q, attn, L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v, num_single,
-                                               block_table, ctx_lens, M, dims->max_blocks, Hq, Hkv, D, dims->block_size,
-                                               dims->scale, FUSELM_F32, dims->num_threads);
+            if (shared != NULL)
+                fuselm_cascade_attention_int8(q, attn, L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v, num_single,
+                                              block_table, ctx_lens, M, dims->max_blocks, Hq, Hkv, D, dims->block_size,
+                                              dims->scale, FUSELM_F32, dims->num_threads, shared);
+            else
+                fuselm_paged_decode_attention_int8(q, attn, L->k_cache, L->v_cache, L->k_scale, L->v_scale, k, v,
+                                                   num_single, block_table, ctx_lens, M, dims->max_blocks, Hq, Hkv, D,
+                                                   dims->block_size, dims->scale, FUSELM_F32, dims->num_threads);
             attention_outputs(L, dims, x, attn, M, h, gu, act, out);
             continue;
         }

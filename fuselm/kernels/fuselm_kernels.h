@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 5
+#define FUSELM_ABI_VERSION 6
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -81,6 +81,13 @@ void fuselm_cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                               int64_t num_seqs, int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, float scale, int dtype, int kv_dtype,
                               int num_threads, const int64_t *shared);
+/* The same over an int8 cache and its scales (as fuselm_paged_decode_attention_int8 takes them); new rows
+ * are quantised as fuselm_store_kv_rows_int8 stores them. */
+void fuselm_cascade_attention_int8(const void *q, void *out, int8_t *k_cache, int8_t *v_cache, uint16_t *k_scale,
+                                   uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
+                                   const int64_t *block_table, const int64_t *ctx_lens, int64_t num_seqs,
+                                   int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t block_size, float scale, int dtype, int num_threads, const int64_t *shared);
 
 /* ---- per-layer ops (layer_ops.c) ---- */
 

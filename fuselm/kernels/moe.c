@@ -27,6 +27,7 @@
 #include "fuselm_kernels.h"
 
 #define MOE_CHUNK 64 /* output rows per work item: a multiple of dense_linear.c's 16-column panels */
+#define MOE_THREADED_COPY 65536 /* values from which gathering, SiLU and combining run on every thread */
 
 typedef struct {
     int64_t expert, proj, n0, n1; /* proj 0 gate, 1 up, 2 down */
@@ -100,6 +101,8 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         const int64_t p = cursor[topk_ids[a]]++;
         pos[a] = p, src[p] = a;
     }
+    /* the copies and the SiLU are a few microseconds at decode: forking the threads for them costs more */
+    const int copy_threads = A * (H > I ? H : I) >= MOE_THREADED_COPY;
     float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));      /* [A, H] tokens by expert */
     float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float));  /* [A, 2I] gate | up */
     float *act = (float *)malloc((size_t)(A * I) * sizeof(float));     /* [A, I] silu(gate) * up */
@@ -108,7 +111,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     MoeItem *items = (MoeItem *)malloc((size_t)(num_experts * 2 * ((most_rows + MOE_CHUNK - 1) / MOE_CHUNK)) *
                                        sizeof(MoeItem));
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t p = 0; p < A; p++) {
         const float *row = x + (src[p] / top_k) * H;
         for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
@@ -128,7 +131,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
                     gu + r0 * 2 * I + it.proj * I, 2 * I, it.n0, it.n1, float_activations);
     }
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t p = 0; p < A; p++)
         for (int64_t i = 0; i < I; i++) {
             const float g = gu[p * 2 * I + i];
@@ -151,7 +154,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         }
     }
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         const float *first = yd + pos[t * top_k] * H;

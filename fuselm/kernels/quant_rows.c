@@ -122,7 +122,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
     }
     a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
     a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M >= 8)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
         if (a->layout == FUSELM_QACTS_SPLIT8)
@@ -281,18 +281,33 @@ static inline __attribute__((always_inline)) void int4_quad(const int8_t *xh, co
     }
 }
 
-/* One int4 weight row against MT rows of split activations; w: the row's block scales. */
+/* 16 scales from `count` (<= 16) at p + i, float16 (sdt FUSELM_F16) or float32, zero past them. */
+static inline __m512 load_scales16(const void *p, int64_t i, int sdt, __mmask16 count) {
+    if (sdt == FUSELM_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(count, (const uint16_t *)p + i));
+    return _mm512_maskz_loadu_ps(count, (const float *)p + i);
+}
+
+/* One int4 weight row against MT rows of split activations. Groups of 32 (scales and mins one per
+ * block: GGUF's Q4_0/Q4_1/Q4_K) read the row's own scales and mins as they go; other groups pass w
+ * and mins as floats per block / per group (block_scales). */
 static inline __attribute__((always_inline)) void int4_row_split(const QActs *a, int64_t m0, const uint8_t *q,
+                                                                 const void *row_scales, const void *row_mins, int sdt,
                                                                  const float *w, const float *mins, const int MT,
                                                                  float *out) {
     const int64_t K = a->K, blocks = K / 32, groups = K / a->G;
+    const int per_block = a->G == 32;
     __m512 acc[4][2], cz[4];
     for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < blocks; kb += 16) { /* runs of 16 blocks: four quads */
         const int64_t nb = blocks - kb < 16 ? blocks - kb : 16;
         const __mmask16 run = (__mmask16)((1u << nb) - 1u);
-        const __m512 wv = _mm512_maskz_loadu_ps(run, w + kb);
+        const __m512 wv = per_block ? load_scales16(row_scales, kb, sdt, run) : _mm512_maskz_loadu_ps(run, w + kb);
         for (int m = 0; m < MT; m++) cz[m] = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(run, a->xs + (m0 + m) * blocks + kb));
+        if (per_block) { /* the min term, min x group sum of x, joins the accumulator's lanes */
+            const __m512 mv = load_scales16(row_mins, kb, sdt, run);
+            for (int m = 0; m < MT; m++)
+                acc[m][1] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(run, a->xg + (m0 + m) * groups + kb), acc[m][1]);
+        }
         const int8_t *h = a->xh + m0 * K + kb * 32, *l = a->xl + m0 * K + kb * 32;
         const uint8_t *qq = q + kb * 16;
         int4_quad(h, l, K, qq, cz, quad_index(0), MT, acc, 0);
@@ -300,13 +315,14 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
         if (nb > 8) int4_quad(h + 256, l + 256, K, qq + 128, cz, quad_index(2), MT, acc, 0);
         if (nb > 12) int4_quad(h + 384, l + 384, K, qq + 192, cz, quad_index(3), MT, acc, 1);
     }
-    for (int m = 0; m < MT; m++) { /* the min term, min x group sum of x, joins the accumulator's lanes */
-        const float *xg = a->xg + (m0 + m) * groups;
-        int64_t g = 0;
-        for (; g + 16 <= groups; g += 16)
-            acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + g), _mm512_loadu_ps(xg + g), acc[m][1]);
-        const __mmask16 rest = (__mmask16)((1u << (groups - g)) - 1u);
-        acc[m][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, mins + g), _mm512_maskz_loadu_ps(rest, xg + g), acc[m][1]);
+    for (int m = 0; m < MT; m++) {
+        if (!per_block) {
+            const float *xg = a->xg + (m0 + m) * groups;
+            for (int64_t g = 0; g < groups; g += 16) {
+                const __mmask16 part = (__mmask16)(groups - g >= 16 ? 0xFFFFu : (1u << (groups - g)) - 1u);
+                acc[m][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(part, mins + g), _mm512_maskz_loadu_ps(part, xg + g), acc[m][1]);
+            }
+        }
         out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
     }
 }
@@ -323,21 +339,26 @@ static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int6
         if (n + QR_PREFETCH_ROWS < n1) /* one core alone does not keep enough misses in flight */
             for (int64_t i = 0; i < row_bytes; i += 64)
                 _mm_prefetch((const char *)qweight + (n + QR_PREFETCH_ROWS) * row_bytes + i, _MM_HINT_T0);
-        block_scales((const char *)scales + n * scale_row, sdt, K, G, wlo, whi);
+        const char *row_scales = (const char *)scales + n * scale_row;
+        const char *row_mins = mins != NULL ? (const char *)mins + n * scale_row : NULL;
 #if QR_SPLIT
         if (a->layout == FUSELM_QACTS_SPLIT8) {
-            scales_to_float((const char *)mins + n * scale_row, groups, sdt, mn);
-            int4_row_split(a, m0, (const uint8_t *)qweight + n * (K / 2), wlo, mn, MT, out);
+            if (G != 32) {
+                block_scales(row_scales, sdt, K, G, wlo, whi);
+                scales_to_float(row_mins, groups, sdt, mn);
+            }
+            int4_row_split(a, m0, (const uint8_t *)qweight + n * (K / 2), row_scales, row_mins, sdt, wlo, mn, MT, out);
             for (int m = 0; m < MT; m++) y[(m0 + m) * ldy + n] = out[m];
             continue;
         }
 #endif
+        block_scales(row_scales, sdt, K, G, wlo, whi);
         for (int m = 0; m < MT; m++) {
             scale_products(wlo, a->xs + (m0 + m) * blocks, blocks, clo + m * blocks);
             if (G == 16) scale_products(whi, a->xs + (m0 + m) * blocks, blocks, chi + m * blocks);
         }
         if (a->bits == 4) {
-            scales_to_float((const char *)mins + n * scale_row, groups, sdt, mn);
+            scales_to_float(row_mins, groups, sdt, mn);
             int4_row(a, m0, (const uint8_t *)qweight + n * (K / 2), clo, mn, MT, out);
         } else if (G == 16) {
             int8_row(a, m0, (const int8_t *)qweight + n * K, clo, chi, 1, MT, out);

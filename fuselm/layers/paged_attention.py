@@ -182,7 +182,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     if kernel_writes and meta.cascade is not None and window is None:
         meta.cpu_kernels.cascade_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache, meta.decode_block_table,
-                                           meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw])
+                                           meta.decode_ctx_lens, scale, meta.cascade.encoded, k[:nw], v[:nw],
+                                           k_scale, v_scale)
     elif kernel_writes:
         starts = None if window is None else query_rows_window_starts(meta, window)
         meta.cpu_kernels.paged_decode_attention(q[:nd].contiguous(), out[:nd], k_cache, v_cache,

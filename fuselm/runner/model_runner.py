@@ -137,9 +137,7 @@ class ModelRunner:
         self.expert_stats = ExpertStats.attach(self.model) if parallel is None or parallel.is_driver else None
         # shared-prefix attention (layers/cascade.py), where the attention path takes these shapes
         self.cascade = config.enable_cascade_attention and self.kv_groups[0].window is None and (
-            self.cpu_kernels is None or (
-                self.kv_dtype != torch.int8  # the C cascade kernel reads float caches; int8 takes paged_attention_int8.c
-                and self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size)))
+            self.cpu_kernels is None or self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size))
         self.cascade_kv_tokens_saved = 0  # per layer: KV token reads not repeated thanks to it, since start
         layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
         if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps

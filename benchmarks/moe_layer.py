@@ -1,0 +1,108 @@
+"""One MoE layer's routed experts on fuselm's C kernels, alone (not a test): time and bytes/s per format.
+
+benchmarks/moe.py measures whole models, which takes many minutes; this times only the grouped
+expert call (GroupedExperts -> kernels/moe.c) of a Mixtral-like layer (hidden 1024, 32 experts of
+512, top-4) for a few rows, in float32 and in the kept quantised formats (int4 g32 as GGUF Q4_0
+loads, int8 g32 as Q8_0), with random weights made directly in those formats. Sixteen layers are
+cycled, a different random routing each call, so the routed experts come from memory (16 layers x
+32 experts is 3.2 GB at float32, 0.4-0.7 GB quantised: far beyond any cache), as in a decode step.
+
+Bytes per call at one row are the four routed experts' gate, up and down as stored; the figure is
+set against the roofline tool's stream bandwidth (fuselm/bench/roofline.py `measure_stream_gbps`,
+measured in the same run with the same threads). With --threads 1 each call's CPU time is reported
+too, which other processes on a loaded machine disturb less than wall time.
+
+    .venv/bin/python benchmarks/moe_layer.py                       # all formats, 1 and 4 rows, all threads
+    .venv/bin/python benchmarks/moe_layer.py --formats int4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from fuselm.bench.roofline import measure_stream_gbps
+from fuselm.kernels.cpu import get_kernels
+from fuselm.layers.moe import GroupedExperts
+from fuselm.quant.formats import QuantWeight
+
+EXPERTS, HIDDEN, WIDTH, TOP_K = 32, 1024, 512, 4
+LAYERS = {"float32": 4, "int4": 16, "int8": 16}
+
+
+def expert_weights(fmt: str, n: int, k: int, g: torch.Generator):
+    """One projection of every expert: [E, n, k] floats or a QuantWeight of E * n rows."""
+    rows = EXPERTS * n
+    if fmt == "int4":
+        return QuantWeight(4, 32, (rows, k), torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, generator=g),
+                           (torch.rand(rows, k // 32, generator=g) * 0.01).half(),
+                           (torch.rand(rows, k // 32, generator=g) * -0.08).half(), "gguf:Q4_0")
+    if fmt == "int8":
+        return QuantWeight(8, 32, (rows, k), torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g),
+                           (torch.rand(rows, k // 32, generator=g) * 0.001).half(), None, "gguf:Q8_0")
+    return torch.randn(EXPERTS, n, k, generator=g) * k ** -0.5
+
+
+def layer_figures(fmt: str, rows_list: list[int], calls_per_layer: int, repeats: int) -> dict:
+    kernels = get_kernels()
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(LAYERS[fmt]):
+        layer = GroupedExperts(EXPERTS, HIDDEN, WIDTH)
+        layer.load(*(expert_weights(fmt, n, k, g) for n, k in ((WIDTH, HIDDEN), (WIDTH, HIDDEN), (HIDDEN, WIDTH))))
+        reason = layer.use_cpu_kernels(kernels, torch.float32)
+        if reason is not None:
+            raise SystemExit(f"{fmt}: the C expert kernel does not run here ({reason})")
+        layers.append(layer)
+    per_expert = sum(t.numel() * t.element_size() for t in layers[0].weight_tensors()) / EXPERTS
+    out = {"kind": layers[0].kind, "routed_bytes_at_one_row": int(TOP_K * per_expert)}
+    for rows in rows_list:
+        x = torch.randn(rows, HIDDEN, generator=g)
+        weights = torch.full((rows, TOP_K), 1.0 / TOP_K)
+        calls = [(layer, torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(rows)]))
+                 for _ in range(calls_per_layer) for layer in layers]
+        for layer, ids in calls[:len(layers)]:
+            layer(x, ids, weights)  # first touch, thread pool
+        wall = cpu = float("inf")
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for layer, ids in calls:
+                layer(x, ids, weights)
+            wall = min(wall, (time.perf_counter() - start) / len(calls))
+            cpu = min(cpu, (time.process_time() - start_cpu) / len(calls))
+        out[f"rows{rows}_us"] = round(wall * 1e6, 1)
+        if torch.get_num_threads() == 1:
+            out[f"rows{rows}_cpu_us"] = round(cpu * 1e6, 1)
+        if rows == 1:
+            out["rows1_gb_s"] = round(TOP_K * per_expert / wall / 1e9, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="float32,int4,int8", help=f"comma-separated, of {sorted(LAYERS)}")
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--calls-per-layer", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    stream = measure_stream_gbps()
+    result = {"threads": args.threads, "load_average_at_start": os.getloadavg()[0],
+              "stream_gbps": round(stream["stream_gbps"], 2)}
+    for fmt in args.formats.split(","):
+        if fmt not in LAYERS:
+            raise SystemExit(f"unknown format {fmt!r}: use {sorted(LAYERS)}")
+        figures = layer_figures(fmt, [int(r) for r in args.rows.split(",")], args.calls_per_layer, args.repeats)
+        figures["rows1_share_of_stream"] = round(figures["rows1_gb_s"] / stream["stream_gbps"], 3)
+        result[fmt] = figures
+    result["load_average_at_end"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+/* The shared pass of cascade attention (cascade_attention.c) as register-tiled matrix products: all the
+ * M queries of a group and KV head against a span of shared keys, cut into panels of PANEL keys.
+ *
+ * Queries lie along the vector lanes (Qt [D, Mp], Mp = M rounded up to PL, the lanes of a register),
+ * keys and dimensions are broadcast: a PL-query slice of a score S[t, q] = sum_d K[t, d] Qt[d, q] is
+ * one FMA chain, and so is a slice of acc[d, q] += V[t, d] P[t, q]. In that layout the online
+ * softmax is lane-wise (a query's max and sum over the panel's keys are element-wise max and add
+ * over the keys' score rows), no horizontal sum is needed, and K and V are used row-major as the
+ * cache stores them: a panel's rows are copied (widened from bf16, or int8 times its scale) into
+ * kp / vp [PANEL, D] once for every query of the group, then
+ *   1. scores: tiles of KT keys x RV PL-query slices (KT * RV accumulators) over d, per d RV loads of
+ *      Qt and KT broadcasts of K;
+ *   2. softmax: per query slice, the panel max, the correction exp(m_old - m_new), P = exp(S - m),
+ *      the sum;
+ *   3. P V: tiles of DT dimensions x RV slices (DT * RV accumulators), rescaled by the correction
+ *      as they are loaded, over the panel's keys.
+ * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are 8 queries wide
+ * (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c alone.
+ */
+#ifndef FUSELM_CASCADE_PANEL_H
+#define FUSELM_CASCADE_PANEL_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16_simd.h"
+#include "cascade_blocks.h"
+#include "fuselm_kernels.h"
+
+#if defined(__AVX512F__)
+#define PL 16 /* lanes of one query slice: a zmm register */
+#define KT 8  /* keys of a score tile */
+#define DT 8  /* dimensions of a P V tile */
+#define RV 3  /* query slices of either tile */
+#elif defined(__AVX2__)
+#define PL 8 /* a ymm register */
+#define KT 4
+#define DT 4
+#define RV 2
+#else
+#define PL 4 /* an xmm register */
+#define KT 4
+#define DT 4
+#define RV 2
+#endif
+#define PANEL 64 /* keys multiplied together against every query; a multiple of KT */
+
+typedef float pvec __attribute__((vector_size(PL * 4)));
+typedef int32_t pveci __attribute__((vector_size(PL * 4)));
+
+static inline pvec loadp(const float *p) {
+    pvec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void storep(float *p, pvec v) { memcpy(p, &v, sizeof v); }
+
+/* A paged KV cache as the panel path reads it: float32, bfloat16, or int8 with bf16 scales
+ * [blocks, block_size, num_kv_heads] (k_scale / v_scale, else NULL). */
+typedef struct {
+    const void *k, *v;
+    const uint16_t *k_scale, *v_scale;
+    int dtype;
+    int64_t num_kv_heads;
+} PagedKv;
+
+/* Per-thread scratch of the shared pass: Qt and acc [D, Mp], m and l [Mp], kp and vp [PANEL, D],
+ * s [PANEL, RV * PL] (one row tile's scores, then its probabilities). */
+typedef struct {
+    float *qt, *acc, *m, *l, *kp, *vp, *s;
+} PanelScratch;
+
+/* The lane-wise maximum (vmaxps where there is one; a compare and select elsewhere). */
+static inline pvec maxp(pvec a, pvec b) {
+#if defined(__AVX512F__)
+    return (pvec)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+    return (pvec)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    const pveci take_a = a > b;
+    pveci ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const pveci r = (ai & take_a) | (bi & ~take_a);
+    pvec out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+#endif
+}
+
+/* exp(x) for x <= 0 on PL lanes: exp_nonpositive's polynomial, with rounding to nearest done by adding
+ * and subtracting 1.5 * 2^23 (exact for |x log2 e| < 2^22). */
+static inline pvec expp_nonpositive(pvec x) {
+    const pvec lo = {0}, magic = lo + 12582912.0f;
+    x = maxp(x, lo - 87.0f);
+    const pvec t = x * 1.44269504088896341f;
+    const pvec n = (t + magic) - magic;
+    const pvec f = t - n;
+    pvec p = lo + 1.5403530393381609e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    const pveci bits = (__builtin_convertvector(n, pveci) + 127) << 23;
+    pvec scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Copy `count` rows of KV head h (`count` keys from context position `first`, through the block
+ * table) into dst [PANEL, D] as floats (an int8 row times its scale); rows count .. round-up to KT
+ * are zeroed. */
+static void pack_panel(const void *cache, const uint16_t *scales, int kv_dtype, const int64_t *table, int64_t first,
+                       int64_t count, int64_t bs, int64_t h, int64_t Hkv, int64_t D, float *dst) {
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t pos = first + t, slot = table[pos / bs] * bs + pos % bs, row = (slot * Hkv + h) * D;
+        if (kv_dtype == FUSELM_F32) {
+            memcpy(dst + t * D, (const float *)cache + row, sizeof(float) * (size_t)D);
+        } else if (kv_dtype == FUSELM_I8) {
+            const float s = bf16_to_f32(scales[slot * Hkv + h]);
+            for (int64_t d = 0; d < D; d++) dst[t * D + d] = (float)((const int8_t *)cache)[row + d] * s;
+        } else {
+            for (int64_t d = 0; d < D; d++) dst[t * D + d] = bf16_to_f32(((const uint16_t *)cache)[row + d]);
+        }
+    }
+    const int64_t padded = (count + KT - 1) / KT * KT;
+    memset(dst + count * D, 0, sizeof(float) * (size_t)((padded - count) * D));
+}
+
+/* Ask for the K and V rows of KV head h at context positions [first, first + count). */
+static void prefetch_panel(PagedKv kv, const int64_t *table, int64_t first, int64_t count, int64_t bs, int64_t h,
+                           int64_t D) {
+    const int64_t width = kv.dtype == FUSELM_F32 ? 4 : kv.dtype == FUSELM_I8 ? 1 : 2;
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t pos = first + t, at = ((table[pos / bs] * bs + pos % bs) * kv.num_kv_heads + h) * D * width;
+        for (int64_t off = 0; off < D * width; off += 64) {
+            __builtin_prefetch((const char *)kv.k + at + off);
+            __builtin_prefetch((const char *)kv.v + at + off);
+        }
+    }
+}
+
+/* s[t, r * PL ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
+ * query slices from q0 on. */
+static inline __attribute__((always_inline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R,
+                                                              const float *kp, int64_t nk, int64_t D, float *s) {
+    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        pvec a[KT][RV];
+        for (int k = 0; k < KT; k++)
+            for (int r = 0; r < R; r++) a[k][r] = (pvec){0};
+        for (int64_t d = 0; d < D; d++) {
+            pvec q[RV];
+            for (int r = 0; r < R; r++) q[r] = loadp(qt + d * Mp + q0 + r * PL);
+            for (int k = 0; k < KT; k++) {
+                const float key = kp[(t0 + k) * D + d];
+                for (int r = 0; r < R; r++) a[k][r] += key * q[r];
+            }
+        }
+        for (int k = 0; k < KT; k++)
+            for (int r = 0; r < R; r++) storep(s + (t0 + k) * RV * PL + r * PL, a[k][r]);
+    }
+}
+
+/* The online-softmax step of R slices over `count` keys' scores in s: s becomes P = exp(s - new max),
+ * m and l (from q0 on) move on, corr receives each query's factor for its old acc. */
+static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, float *corr) {
+    for (int r = 0; r < R; r++) {
+        const pvec old = loadp(m + r * PL);
+        pvec top = old;
+        for (int64_t t = 0; t < count; t++) top = maxp(top, loadp(s + t * RV * PL + r * PL));
+        pvec sum = {0};
+        for (int64_t t = 0; t < count; t++) {
+            const pvec p = expp_nonpositive(loadp(s + t * RV * PL + r * PL) - top);
+            storep(s + t * RV * PL + r * PL, p);
+            sum += p;
+        }
+        const pvec c = expp_nonpositive(old - top);
+        storep(corr + r * PL, c);
+        storep(l + r * PL, loadp(l + r * PL) * c + sum);
+        storep(m + r * PL, top);
+    }
+}
+
+/* acc[d, q0 + ..] = acc * corr + sum over keys t < count of V[t, d] P[t, ..] for R slices. */
+static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t Mp, int64_t q0, int R, const float *s,
+                                                           int64_t count, const float *vp, int64_t D,
+                                                           const float *corr) {
+    for (int64_t d0 = 0; d0 < D; d0 += DT) {
+        pvec a[DT][RV];
+        for (int j = 0; j < DT; j++)
+            for (int r = 0; r < R; r++) a[j][r] = loadp(acc + (d0 + j) * Mp + q0 + r * PL) * loadp(corr + r * PL);
+        for (int64_t t = 0; t < count; t++) {
+            pvec p[RV];
+            for (int r = 0; r < R; r++) p[r] = loadp(s + t * RV * PL + r * PL);
+            for (int j = 0; j < DT; j++) {
+                const float v = vp[t * D + d0 + j];
+                for (int r = 0; r < R; r++) a[j][r] += v * p[r];
+            }
+        }
+        for (int j = 0; j < DT; j++)
+            for (int r = 0; r < R; r++) storep(acc + (d0 + j) * Mp + q0 + r * PL, a[j][r]);
+    }
+}
+
+/* One row tile (R slices from q0) against a packed panel of `count` keys. */
+static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int64_t Mp, int64_t q0, int R,
+                                                             int64_t count, int64_t D, float *corr) {
+    score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s);
+    panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr);
+    pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
+}
+
+/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
+ * [first, end) of one block table. */
+static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
+                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
+    const int64_t Mp = (M + PL - 1) / PL * PL;
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t i = 0; i < Mp; i++) w.qt[d * Mp + i] = i < M ? Q[i * D + d] : 0.0f;
+    for (int64_t i = 0; i < Mp; i++) {
+        w.m[i] = i < M ? st.m[i] : -INFINITY;
+        w.l[i] = i < M ? st.l[i] : 0.0f;
+        for (int64_t d = 0; d < D; d++) w.acc[d * Mp + i] = i < M ? st.acc[i * D + d] : 0.0f;
+    }
+    float corr[RV * PL];
+    for (int64_t p0 = first; p0 < end; p0 += PANEL) {
+        const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
+        pack_panel(kv.k, kv.k_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.kp);
+        pack_panel(kv.v, kv.v_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.vp);
+        if (p0 + PANEL < end) {
+            const int64_t next = end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL;
+            prefetch_panel(kv, table, p0 + PANEL, next, bs, h, D);
+        }
+        for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
+            const int64_t slices = (Mp - q0) / PL;
+            if (slices >= RV) panel_tile(w, Mp, q0, RV, count, D, corr);
+#if RV > 1
+            else if (slices == 1) panel_tile(w, Mp, q0, 1, count, D, corr);
+#endif
+#if RV > 2
+            else panel_tile(w, Mp, q0, 2, count, D, corr);
+#endif
+        }
+    }
+    for (int64_t i = 0; i < M; i++) {
+        st.m[i] = w.m[i];
+        st.l[i] = w.l[i];
+        for (int64_t d = 0; d < D; d++) st.acc[i * D + d] = w.acc[d * Mp + i];
+    }
+}
+
+#endif
