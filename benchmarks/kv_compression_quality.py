@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prompt chunk size (a cache-position stream places a chunk's queries as of its start)")
     p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument("--no-full-cache", action="store_true", help="leave out the full-cache reference (measured before)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = llm.get_tokenizer()
     prose_ids = tokenizer.encode(PROSE.read_text())
     print(f"CPU: {cpu_model_name()}; model {llm.engine.model_name}; {len(prose_ids)} prose tokens", flush=True)
-    configs = [("full", None)] + [(f"{m} 1/{round(1 / f)}", (m, f)) for m in args.methods for f in args.fractions]
+    configs = [("full", None)] * (not args.no_full_cache) + [(f"{m} 1/{round(1 / f)}", (m, f)) for m in args.methods for f in args.fractions]
     results = []
     for length in args.lengths:
         prompts = needle_prompts(tokenizer, prose_ids, length, args.depths, seed=length)
