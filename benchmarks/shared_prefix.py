@@ -74,6 +74,9 @@ def prompt_ids(shared: int, rows: int, seed: int, prefix_start: int = 0) -> list
     from fuselm.loader.gguf import load_gguf_tokenizer
 
     ids = load_gguf_tokenizer(default_model_path()).encode(TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
+    if prefix_start + shared + TAIL_RANGE[1] >= len(ids):  # a cut-short prefix would share less than asked
+        raise SystemExit(f"{TEXT.name} has {len(ids)} tokens: too few for a prefix of tokens {prefix_start}.."
+                         f"{prefix_start + shared} and its tails (fewer --families or a shorter --shared)")
     rng = random.Random(seed)
     prefix = ids[prefix_start:prefix_start + shared]
     tails = []
@@ -178,6 +181,8 @@ def admission_comparison(args, report: dict) -> None:
     for llm in engines.values():
         run_fuselm(llm, [list(range(100, 164))] * 2, 4)
     per_family = args.rows // args.families
+    if per_family == 0:
+        raise SystemExit(f"--rows {args.rows} is fewer than --families {args.families}")
     for shared in map(int, args.shared.split(",")):
         families = [prompt_ids(shared, per_family, seed=shared + f, prefix_start=f * shared)
                     for f in range(args.families)]

@@ -115,3 +115,20 @@ def test_engine_output_is_the_same_with_it_on_and_off(tiny_llama, group_small_sh
         results[on] = ([o.outputs[0].token_ids for o in outs], llm.engine.runner.cascade_kv_tokens_saved)
     assert results[True][0] == results[False][0]
     assert results[True][1] >= results[False][1]
+
+
+def test_a_request_that_takes_no_prefix_hits_is_not_moved_ahead():
+    """A request with prompt_logprobs computes its whole prompt (find_cached_prefix gives it nothing), so
+    sharing running requests' prefix gains it nothing: it keeps its place behind an earlier request."""
+    kv = KVCacheManager(256, BS, enable_prefix_caching=True)
+    sched = Scheduler(kv, max_num_batched_tokens=4096, max_num_seqs=2, prefix_admission=PrefixAdmission(kv))
+    shared, other = families(2)
+    sched.add_request(make_request(shared + [1]))
+    step(sched)
+    earlier = make_request(other + [2])
+    scoring = Request("scoring", None, shared + [3], SamplingParams(max_tokens=4, prompt_logprobs=1), 4,
+                      arrival_seq=next(_arrivals))
+    assert kv.find_cached_prefix(scoring) == []  # the reference: it would take no shared block
+    sched.add_request(earlier)
+    sched.add_request(scoring)
+    assert step(sched) == [earlier]  # one free slot

@@ -2,8 +2,8 @@
 float64 product of the dequantised weight, on the shapes its block layouts treat apart: an odd
 number of 32-blocks (a last int4 block outside the pairs), a K that is a multiple of 128 but not of
 512 (VNNI runs of 16 blocks cut short), K not a multiple of 128 (the int16 layout even with VNNI),
-int4 groups of 32/64/128, int8 groups of 16 (two scales per block) and per channel, float16 and
-float32 scales, 1 to 6 rows (4-row tiles and the rest). Each variant the CPU supports runs (the
+int4 groups of 32/64/128, int8 groups of 16 (two scales per block), of 48 (a group boundary inside a
+block: the float path) and per channel, float16 and float32 scales, 1 to 6 rows (4-row tiles and the rest). Each variant the CPU supports runs (the
 `kernels` fixture), so the AVX2, AVX-512 and AVX-512 + VNNI code paths are all checked here."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ FORMATS = {
     "int4 g64 fp32": lambda w: _fp32_scales(quantize_int4(w, _group(w, 64))),
     "int4 g128": lambda w: quantize_int4(w, _group(w, 128)),
     "int8 g16 fp32": lambda w: _fp32_scales(quantize_int8(w, 16)),
+    "int8 g48": lambda w: quantize_int8(w, _group(w, 48)),  # a group boundary inside a 32-block
     "int8 g32": lambda w: quantize_int8(w, 32),
     "int8 per channel": lambda w: quantize_int8(w),
 }

@@ -95,10 +95,14 @@ class KVCacheManager:
             parent = hashes[-1] if hashes else None
             hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
 
+    def takes_prefix_hits(self, request: Request) -> bool:
+        """Whether find_cached_prefix may give `request` blocks (prompt logprobs score the whole prompt;
+        compressed blocks are private, core/kv_eviction.py)."""
+        return self.enable_prefix_caching and request.params.prompt_logprobs is None and request.kv_compression is None
+
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Block ids holding this request's longest cached prefix (at least one token is left to compute)."""
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None \
-                or request.kv_compression is not None:  # compressed blocks are private (core/kv_eviction.py)
+        if not self.takes_prefix_hits(request):
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._hash_full_blocks(request, max_blocks * self.block_size)

@@ -34,7 +34,10 @@ class PrefixAdmission:
         self.passes: dict[int, int] = {}  # seq_id -> times passed over by a reordering, while waiting
 
     def shared_blocks(self, request: Request, running_hashes: set[int]) -> int:
-        """Leading full prompt blocks of `request` that running requests have computed."""
+        """Leading full prompt blocks of `request` that running requests have computed (none for a request
+        that takes no prefix-cache hits: it would compute them again)."""
+        if not self.kv.takes_prefix_hits(request):
+            return 0
         count = 0
         for h in self.kv.prompt_block_hashes(request):
             if h not in running_hashes:

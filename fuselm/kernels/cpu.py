@@ -91,8 +91,9 @@ class CpuKernels:
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.
 
-        By default (with AVX2) x is rounded to int8 per 32 values for integer dot products, as
-        llama.cpp does; float_activations=True keeps x in float (exact weight-only arithmetic)."""
+        By default (with AVX2) x is rounded to int16 per 32 values for integer dot products (quant_linear.c,
+        quant_rows.c; int4 groups, int8 groups of 16 or a multiple of 32); float_activations=True keeps x in
+        float (exact weight-only arithmetic)."""
         assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == weight.in_features
         assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         x = x.contiguous()

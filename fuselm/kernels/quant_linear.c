@@ -415,7 +415,8 @@ void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, 
     int16_t *xq = NULL;
     float *xs = NULL;
 #if QL_AVX2
-    if (!float_activations && K % 32 == 0 && K / 32 <= QL_MAX_BLOCKS) {
+    /* row_a16 gives a 32-block one scale or two (G = 16): groups of 48, 80... take the float path */
+    if (!float_activations && K % 32 == 0 && K / 32 <= QL_MAX_BLOCKS && (G == 16 || G % 32 == 0)) {
         xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
         xs = (float *)malloc((size_t)(M * K / 32) * sizeof(float));
         quantize_activations(x, M, K, xq, xs);

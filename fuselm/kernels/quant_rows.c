@@ -110,7 +110,9 @@ static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *x
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
                          int num_threads) {
     memset(a, 0, sizeof *a);
-    if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || G % 16 != 0 || K % G != 0) return 0;
+    /* a 32-block takes one scale (G a multiple of 32) or two (G = 16): an odd multiple of 16 such as 48
+     * puts a group boundary inside a block, which only quant_linear.c's float path follows */
+    if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
     a->layout = QR_SPLIT && bits == 4 && K % 128 == 0 ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
