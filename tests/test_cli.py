@@ -46,7 +46,7 @@ NON_DEFAULT = {
     "block_size": 32, "enable_prefix_caching": False, "kv_cache_memory_bytes": 1 << 20,
     "kv_cache_memory_fraction": 0.5, "gpu_memory_utilization": 0.5, "seed": 7, "num_threads": 3,
     "kv_cache_dtype": "int8", "quantization": "int8", "quantization_group_size": 64, "quantize_lm_head": False,
-    "cpu_kernels": False, "enable_cascade_attention": False,
+    "cpu_kernels": False, "enable_cascade_attention": False, "prefix_aware_admission": True,
     "kv_compression": {"method": "snapkv", "budget": 512, "window": 16},
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5},
 }
