@@ -77,24 +77,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
         }
         for (int64_t j = 0; j < num_heads; j++) {
             float *sj = scores + j * block_size;
-            /* lanes outside skip .. count - 1 (maybe NaN: rows the context does not reach) are masked out */
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            for (int64_t t0 = 0; t0 < count; t0 += 16)
-                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                                 tail_mask(count - t0) & ~tail_mask(skip - t0), sj + t0));
-            const float block_max = _mm512_reduce_max_ps(vmax);
-            const float new_max = block_max > m[j] ? block_max : m[j];
-            const float correction = exp_nonpositive(m[j] - new_max);
-            const __m512 vnew = _mm512_set1_ps(new_max);
-            __m512 vsum = _mm512_setzero_ps();
-            for (int64_t t0 = 0; t0 < count; t0 += 16) {
-                const __mmask16 mask = tail_mask(count - t0) & ~tail_mask(skip - t0);
-                const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
-                _mm512_storeu_ps(sj + t0, e);
-                vsum = _mm512_add_ps(vsum, e);
-            }
-            l[j] = l[j] * correction + _mm512_reduce_add_ps(vsum);
-            m[j] = new_max;
+            const float correction = softmax_block_update16(sj, count, skip, &m[j], &l[j]);
 
             if (next_v != NULL) prefetch_block_slice(next_v, bytes, j, num_heads);
             const int64_t head_off = base + (j / group) * head_dim;

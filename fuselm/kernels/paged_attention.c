@@ -115,23 +115,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
          * unroll), two tokens at a time into two sets of accumulators to keep the FMA chains short. */
         for (int64_t j = 0; j < num_heads; j++) {
             float *sj = scores + j * block_size;
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            for (int64_t t0 = 0; t0 < count; t0 += 16)
-                vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                                 tail_mask(count - t0) & ~tail_mask(skip - t0), sj + t0));
-            const float block_max = _mm512_reduce_max_ps(vmax);
-            const float new_max = block_max > m[j] ? block_max : m[j];
-            const float correction = exp_nonpositive(m[j] - new_max);
-            const __m512 vnew = _mm512_set1_ps(new_max);
-            __m512 vsum = _mm512_setzero_ps();
-            for (int64_t t0 = 0; t0 < count; t0 += 16) {
-                const __mmask16 mask = tail_mask(count - t0) & ~tail_mask(skip - t0);
-                const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
-                _mm512_storeu_ps(sj + t0, e);
-                vsum = _mm512_add_ps(vsum, e);
-            }
-            l[j] = l[j] * correction + _mm512_reduce_add_ps(vsum);
-            m[j] = new_max;
+            const float correction = softmax_block_update16(sj, count, skip, &m[j], &l[j]);
 
             const uint16_t *vh = vb + (j / group) * head_dim;
             float *aj = acc + j * head_dim;

@@ -43,6 +43,31 @@ static inline __m512 exp512_nonpositive(__m512 x) {
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
+#include "bf16_simd.h" /* tail_mask */
+/* The online-softmax update of one block's scores for one query head, 16 lanes at a time: sj[skip ..
+ * count - 1] become exp(s - new max) in place (the lanes outside, maybe NaN where the context does not
+ * reach, are masked to 0); *m and *l take the new running max and sum. Returns the factor that rescales
+ * what was accumulated before this block. */
+static inline float softmax_block_update16(float *sj, int64_t count, int64_t skip, float *m, float *l) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < count; t0 += 16)
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                         tail_mask(count - t0) & ~tail_mask(skip - t0), sj + t0));
+    const float block_max = _mm512_reduce_max_ps(vmax);
+    const float new_max = block_max > *m ? block_max : *m;
+    const float correction = exp_nonpositive(*m - new_max);
+    const __m512 vnew = _mm512_set1_ps(new_max);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < count; t0 += 16) {
+        const __mmask16 mask = tail_mask(count - t0) & ~tail_mask(skip - t0);
+        const __m512 e = _mm512_maskz_mov_ps(mask, exp512_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), vnew)));
+        _mm512_storeu_ps(sj + t0, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    *l = *l * correction + _mm512_reduce_add_ps(vsum);
+    *m = new_max;
+    return correction;
+}
 #endif
 
 #endif
