@@ -14,7 +14,7 @@ the scheduler admits and preempts by the compressed size.
   entries leave the table and return to the pool. No K/V moves. What a query sees depends on its
   position only (`streaming_first_visible`), never on how prompts were chunked: the runner masks
   a chunk's queries to their own windows, and a single decode token sees what the cache holds.
-- SnapKV (`snapkv_step`, `finish_snapkv`): the step that computes the last token of a prefill is
+- SnapKV (`snapkv_step`, then `finish_compaction`): the step that computes the last token of a prefill is
   marked (`snapkv_chunk` keeps the last `window` prompt tokens together in that step); the
   runner scores and compacts the kept entries of every layer into cache indices
   0 .. budget-1 of the same blocks (runner/kv_compaction.py); after the step the blocks past them
@@ -24,7 +24,7 @@ the scheduler admits and preempts by the compressed size.
   `keep` is set (the step reaches the sequence's end and leaves budget + recent + one block of
   entries or more), compacts the cache to `keep` = budget + recent entries
   (runner/h2o_compaction.py); after the step the blocks past them return to the pool
-  (`finish_snapkv` does the same for both). A step that ends the prompt computed it with full
+  (`finish_compaction` does the same for both). A step that ends the prompt computed it with full
   attention, so the first generated token is the uncompressed one.
 
 Compressed requests never use the prefix cache: they take no hits and register no blocks
@@ -100,12 +100,13 @@ def snapkv_step(request: Request, start: int, num_new_tokens: int) -> tuple[int,
     return settings.budget, settings.window, settings.pool
 
 
-def finish_snapkv(kv: KVCacheManager, request: Request, budget: int) -> None:
-    """After the runner compacted the request's cache to `budget` entries: free the blocks past them."""
-    keep = -(-budget // kv.block_size)
+def finish_compaction(kv: KVCacheManager, request: Request, kept: int) -> None:
+    """After the runner compacted the request's cache to `kept` entries (SnapKV's budget, H2O's budget
+    plus recent): free the blocks past them."""
+    keep = -(-kept // kv.block_size)
     kv.pool.release(request.block_ids[keep:])
     del request.block_ids[keep:]
-    request.kv_offset = request.num_computed_tokens - budget
+    request.kv_offset = request.num_computed_tokens - kept
 
 
 def h2o_step(request: Request, start: int, num_new_tokens: int, block_size: int) -> tuple[int, int, int] | None:

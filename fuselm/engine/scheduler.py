@@ -28,8 +28,8 @@ import bisect
 
 from fuselm.core.fair_share import FairShare
 from fuselm.core.kv_cache import KVCacheManager
-from fuselm.core.kv_eviction import (evict_streaming, finish_snapkv, h2o_step, is_h2o, snapkv_chunk, snapkv_step,
-                                     streaming_cache_positions, streaming_window)
+from fuselm.core.kv_eviction import (evict_streaming, finish_compaction, h2o_step, is_h2o, snapkv_chunk,
+                                     snapkv_step, streaming_cache_positions, streaming_window)
 from fuselm.core.prefix_admission import PrefixAdmission
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -235,9 +235,9 @@ class Scheduler:
                 continue
             req.num_computed_tokens = row.num_computed_tokens + row.num_new_tokens - row.num_spec_tokens
             if row.snapkv is not None:  # the runner compacted its cache to the budget
-                finish_snapkv(self.kv, req, row.snapkv[0])
+                finish_compaction(self.kv, req, row.snapkv[0])
             elif row.h2o is not None and row.h2o[2]:  # the runner compacted its cache to budget + recent
-                finish_snapkv(self.kv, req, row.h2o[2])
+                finish_compaction(self.kv, req, row.h2o[2])
             self.kv.cache_full_blocks(req)
 
     def accept_speculative(self, req: Request, num_accepted: int) -> None:
