@@ -36,7 +36,7 @@ def test_dense_linear_matches_float64(m, n, k, bias):
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600)])
+@pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600), (1000, 520)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
     """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..100 rows
