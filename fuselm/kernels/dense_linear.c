@@ -189,6 +189,8 @@ static int64_t row_panels(const float *x, const float *packed, const float *bias
     for (; p + ROW_PANELS <= p1 && (p + ROW_PANELS) * NR <= N; p += ROW_PANELS) {
         const float *w = packed + p * K * NR;
         __m512 t[ROW_PANELS], c[ROW_PANELS];
+#pragma GCC unroll 8
+        for (int j = 0; j < ROW_PANELS; j++) t[j] = _mm512_setzero_ps(); /* set by the first KC block */
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t k1 = k0 + KC < K ? k0 + KC : K;
 #pragma GCC unroll 8
