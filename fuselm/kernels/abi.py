@@ -108,6 +108,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_layer_attention_inputs": ([_P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_layer_attention_outputs": ([_P, _I64, _P, _P, _P, _I64], None),
     "fuselm_project": ([_P, _P, _P, _I64, _INT], None),
+    "fuselm_qproject": ([_P, _P, _P, _I64, _INT], _INT),
     "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
     "fuselm_moe_block": ([_P, _P, _P, _I64, _INT], None),

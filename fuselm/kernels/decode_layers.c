@@ -24,6 +24,7 @@
 #include "fuselm_kernels.h"
 
 static void project(const QProj *p, const float *x, float *y, int64_t M, int num_threads) {
+    if (fuselm_qproject(p, x, y, M, num_threads)) return; /* quantised parts in one pass (quant_project.c) */
     int64_t total = 0, col = 0;
     for (int64_t i = 0; i < p->num_parts; i++) total += p->parts[i].n;
     for (int64_t i = 0; i < p->num_parts; i++) {

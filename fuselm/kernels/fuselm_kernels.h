@@ -188,6 +188,9 @@ void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QMode
                                     const float *attn, int64_t M);
 /* y [M, sum of parts' n] = x [M, k] @ p^T (+ bias), the parts side by side. */
 void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num_threads);
+/* quant_project.c: every part of p quantised alike, in one pass over activations rounded once; 0 (nothing
+ * written) where it does not apply (float parts, mixed formats, a build without quant_rows.c's kernels). */
+int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num_threads);
 /* shared: the step's shared-prefix groups (the cascade encoding above), or NULL for none */
 void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModelDims *dims, float *x, int64_t M,
                           int64_t num_single, const float *cos, const float *sin, const int64_t *block_table,

@@ -338,9 +338,18 @@ static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int6
     float wlo[blocks], whi[blocks], clo[MT * blocks], chi[MT * blocks], mn[groups], out[4];
     const int64_t row_bytes = a->bits == 4 ? K / 2 : K;
     for (int64_t n = n0; n < n1; n++) {
-        if (n + QR_PREFETCH_ROWS < n1) /* one core alone does not keep enough misses in flight */
+        /* one core alone does not keep enough misses in flight: each row asks for the row QR_PREFETCH_ROWS
+         * on, the first one for the rows up to there as well */
+        for (int64_t ahead = n == n0 ? n : n + QR_PREFETCH_ROWS; ahead <= n + QR_PREFETCH_ROWS && ahead < n1; ahead++) {
             for (int64_t i = 0; i < row_bytes; i += 64)
-                _mm_prefetch((const char *)qweight + (n + QR_PREFETCH_ROWS) * row_bytes + i, _MM_HINT_T0);
+                _mm_prefetch((const char *)qweight + ahead * row_bytes + i, _MM_HINT_T0);
+            /* the scales and mins are streams of their own, a cache line per 1,024 weights (g32, float16):
+             * left to the hardware they missed at every row (half of a routed layer's time at one row) */
+            for (int64_t i = 0; i < scale_row; i += 64) {
+                _mm_prefetch((const char *)scales + ahead * scale_row + i, _MM_HINT_T0);
+                if (mins != NULL) _mm_prefetch((const char *)mins + ahead * scale_row + i, _MM_HINT_T0);
+            }
+        }
         const char *row_scales = (const char *)scales + n * scale_row;
         const char *row_mins = mins != NULL ? (const char *)mins + n * scale_row : NULL;
 #if QR_SPLIT
