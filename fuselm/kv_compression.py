@@ -12,12 +12,15 @@ the key (HTTP 400) before anything is queued:
   `"positions": "cache"` (as the paper): they take their index in the cache, and the window's keys
   are re-rotated when blocks before them leave (runner/cache_positions.py), so the distance to the
   sinks stays within sinks + window however long the stream runs.
-- `{"method": "snapkv", "budget": 1024, "window": 32, "pool": 7}` (SnapKV): at the end of the
+- `{"method": "snapkv", "budget": 1024, "window": 32, "pool": 15}` (SnapKV): at the end of the
   prompt's prefill every prompt position is scored, per layer and KV head, by the attention the
   last `window` prompt queries give it (summed over those queries and the KV head's query heads,
   max-pooled over `pool` neighbouring positions); the last `window` positions and the best
   `budget - window` others are kept, compacted into the request's first blocks, and the rest of
-  its blocks are freed. Generated tokens are appended uncompressed.
+  its blocks are freed. Generated tokens are appended uncompressed. The pool is wider than the
+  paper's 7 because the window's queries point at the start of an answer (the first digits of a
+  number) while decoding reads on through it: 15 keeps seven tokens on each side of an attended
+  one (docs/kv_compression.md, "Quality and speed").
 - `{"method": "h2o", "budget": 1024, "recent": 128}` (H2O, heavy hitters): every position is
   scored, per layer and KV head, by the attention it has received so far (summed over the KV head's
   query heads, over every prompt query and every decode step's query); once the request's cache
@@ -49,7 +52,7 @@ class KVCompression:
     budget: int = 0  # snapkv: positions kept per layer and KV head; h2o: heavy hitters kept besides the recent ones
     window: int = 0  # streaming: recent positions kept; snapkv: observation window (last prompt queries)
     sink: int = 0  # streaming: first positions always kept
-    pool: int = 7  # snapkv: max-pool width over neighbouring positions' scores (odd)
+    pool: int = 15  # snapkv: max-pool width over neighbouring positions' scores (odd)
     recent: int = 0  # h2o: the last positions always kept
     positions: str = "text"  # streaming: rotary positions in the "text" or in the "cache" (the paper's)
 
@@ -91,7 +94,7 @@ class KVCompression:
             return cls("h2o", budget=integer("budget", None, 1), recent=integer("recent", None, 1))
         window = integer("window", 32, 1)
         budget = integer("budget", None, 1)
-        pool = integer("pool", 7, 1)
+        pool = integer("pool", 15, 1)
         if budget < window:
             raise InvalidRequestError(f"{param}.budget ({budget}) must be at least its window ({window}): the window's "
                                       "own positions are always kept", param=f"{param}.budget")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fuselm.kv_compression import KVCompression
 from fuselm.runner.kv_compaction import kept_entries
 
 
@@ -46,3 +47,9 @@ def test_a_wide_pool_keeps_the_span_after_an_attended_token():
     narrow = kept_entries(scores, 15 + window, window, 7)[0, :15].tolist()
     assert narrow == list(range(0, 8)) + list(range(37, 44))
 
+
+
+def test_the_default_pool_is_fifteen_positions():
+    """The documented default (docs/kv_compression.md): a window of 32 queries, max-pooling over 15."""
+    settings = KVCompression.parse({"method": "snapkv", "budget": 512})
+    assert (settings.window, settings.pool) == (32, 15)
