@@ -19,6 +19,8 @@ thread (the OpenMP workers are inside the C calls).
 
     python benchmarks/step_breakdown.py                        # 256 chat requests, float32
     python benchmarks/step_breakdown.py --num-requests 64 --engine-option max_num_seqs=256
+    python benchmarks/step_breakdown.py --shared-prefix 2000 --num-requests 64 --output-len 128 \
+        --quantization gguf --engine-option enable_cascade_attention=true  # shared_prefix.py's end-to-end run
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--quantization", default="none", help="'none' keeps the float weights (as run_all does)")
+    p.add_argument("--quantization", default="none", help="'none' keeps the float weights (as run_all does); "
+                                                           "'gguf' the GGUF file's own (as shared_prefix.py does)")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="S",
+                   help="instead of --workload: shared_prefix.py's requests, one S-token prefix and a tail of their own")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request with --shared-prefix")
     p.add_argument("--bucket", type=int, default=16, help="decode-row bucket width of the batch table")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra engine option, e.g. max_num_seqs=256 (repeatable)")
@@ -54,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 ROWS = ["STEP total", "schedule", "build batch", "norm+qkv+rotary (C)", "attention (all)", "  decode kernel",
-        "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update",
+        "  shared-prefix kernel", "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update",
         "Python GC"]
 
 
@@ -103,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     from fuselm.bench.workloads import Request, load_text, make_workload
     from fuselm.llm import LLM
 
-    llm = LLM(dtype=args.dtype, quantization=args.quantization, **engine_options(args.engine_option))
+    llm = LLM(dtype=args.dtype, quantization=None if args.quantization == "gguf" else args.quantization,
+              **engine_options(args.engine_option))
     engine, runner = llm.engine, llm.engine.runner
     model = runner.model
-    text_ids = llm.get_tokenizer().encode(load_text(), add_special_tokens=False)
-    requests = make_workload(args.workload, text_ids, args.num_requests, args.seed)
+    if args.shared_prefix:
+        from shared_prefix import prompt_ids
+
+        requests = [Request(p, args.output_len) for p in prompt_ids(args.shared_prefix, args.num_requests,
+                                                                     seed=args.shared_prefix)]
+    else:
+        text_ids = llm.get_tokenizer().encode(load_text(), add_special_tokens=False)
+        requests = make_workload(args.workload, text_ids, args.num_requests, args.seed)
     run_throughput(llm, [Request(requests[0].prompt[:16], 4)], warmup=False)  # untimed warm-up, out of the tables
 
     timers = Timers()
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     timers.wrap(attention_module.F, "scaled_dot_product_attention", "  torch SDPA")
     if runner.cpu_kernels is not None:
         timers.wrap(runner.cpu_kernels, "paged_decode_attention", "  decode kernel")
+        timers.wrap(runner.cpu_kernels, "cascade_attention", "  shared-prefix kernel")
     fused = model.c_layers
     if fused is not None:
         timers.wrap(fused, "run", "one-call decode step (C)")
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_throughput(llm, requests, warmup=False)  # what `fuselm bench throughput` times
     elapsed, produced = result["elapsed_s"], result["output_tokens"]
 
-    print(f"{args.num_requests} {args.workload} requests: {elapsed:.1f} s, {produced} output tokens, "
+    workload = f"shared-prefix ({args.shared_prefix} tokens)" if args.shared_prefix else args.workload
+    print(f"{args.num_requests} {workload} requests: {elapsed:.1f} s, {produced} output tokens, "
           f"{produced / elapsed:.1f} output tok/s, {len(steps)} steps")
     print("\n| step kind | component | seconds | calls |\n|---|---|---:|---:|")
     for kind in ("prompt", "decode"):

@@ -31,6 +31,7 @@ from fuselm.core.kv_cache import KVCacheManager
 from fuselm.core.kv_eviction import (evict_streaming, finish_compaction, h2o_step, is_h2o, snapkv_chunk,
                                      snapkv_step, streaming_cache_positions, streaming_window)
 from fuselm.core.prefix_admission import PrefixAdmission
+from fuselm.core.prefix_in_flight import blocks_in_flight, waits_for_prefix
 from fuselm.core.request import Request, RequestStatus
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.core.step_cost import PromptChunkLimiter
@@ -148,6 +149,7 @@ class Scheduler:
         if (self.prefix_admission is not None and self.fair.num_active_clients <= 1 and budget
                 and len(self.running) < self.max_num_seqs):
             order = self.prefix_admission.order(order, self.running)
+        in_flight: set[int] | None = None  # prompt blocks running requests are computing (core/prefix_in_flight.py)
         for req in order:
             if budget == 0 or prompt_budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -156,6 +158,10 @@ class Scheduler:
                 continue  # let the first sample compute the shared prompt
             if req.grammar is not None and not req.grammar.ready:
                 continue  # its grammar is still compiling
+            if in_flight is None:
+                in_flight = blocks_in_flight(self.running) if self.kv.enable_prefix_caching else set()
+            if waits_for_prefix(self.kv, req, in_flight):
+                continue  # running requests are computing its next prompt blocks: take them from the cache later
             shared = self._shared_prefix(req)
             remaining = req.num_tokens - req.num_computed_tokens - len(shared) * self.kv.block_size
             n = snapkv_chunk(req, remaining, min(remaining, budget if prompt_budget is None else prompt_budget))
@@ -169,6 +175,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=Request.sort_key)
             chosen[id(req)] = (req, n)
+            in_flight.update(blocks_in_flight([req]))
             self.fair.charge(req.client_id, n)
             budget -= n
             if prompt_budget is not None:

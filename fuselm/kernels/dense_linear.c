@@ -294,7 +294,9 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
     const int64_t num_panels = (N + NR - 1) / NR;
     if (num_threads < 1) num_threads = 1;
     int64_t per_block = PANELS_PER_BLOCK;
-    if (M <= MR || (num_panels + per_block - 1) / per_block >= ITEMS_PER_THREAD * num_threads) {
+    /* one thread (each grouped expert's piece in moe.c) has nothing to balance: items of one panel would only
+     * trade the two-panel tiles for one-panel ones */
+    if (M <= MR || num_threads == 1 || (num_panels + per_block - 1) / per_block >= ITEMS_PER_THREAD * num_threads) {
         if (num_threads > num_panels) num_threads = (int)num_panels;
 #pragma omp parallel num_threads(num_threads)
         {

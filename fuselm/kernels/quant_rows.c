@@ -55,20 +55,15 @@
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
 #include <immintrin.h>
 
-/* 32 values -> int16 levels in [-limit, limit] (round to nearest even) and their scale; `order` places
- * value j. */
-static void round_block(const float *x, int16_t *out, float *scale, const int *order, float limit) {
-    float amax = 0.0f;
-    for (int j = 0; j < 32; j++) {
-        const float a = x[j] < 0.0f ? -x[j] : x[j];
-        amax = a > amax ? a : amax;
-    }
+/* 32 values -> int16 levels in [-limit, limit] (round to nearest even), values 0-15 in lo and 16-31 in hi, and
+ * their scale. */
+static inline void round_block(const float *x, float *scale, float limit, __m256i *lo, __m256i *hi) {
+    const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     *scale = amax / limit;
     const __m512 inv = _mm512_set1_ps(amax > 0.0f ? limit / amax : 0.0f);
-    int32_t q[32];
-    _mm512_storeu_si512((void *)q, _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inv)));
-    _mm512_storeu_si512((void *)(q + 16), _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), inv)));
-    for (int j = 0; j < 32; j++) out[order[j]] = (int16_t)q[j];
+    *lo = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)));
+    *hi = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)));
 }
 
 #if defined(__AVX512VNNI__)
@@ -79,13 +74,14 @@ static void round_block(const float *x, int16_t *out, float *scale, const int *o
 
 /* One row's int16 levels (pairs layout for int4: per two blocks A 0-15, B 0-15, A 16-31, B 16-31). */
 static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, float *xs) {
-    int natural[32], first[32], second[32]; /* lane of value j: natural, block A / B of an int4 pair */
-    for (int j = 0; j < 32; j++) natural[j] = j, first[j] = j < 16 ? j : j + 16, second[j] = j < 16 ? j + 16 : j + 32;
     const int64_t blocks = K / 32;
     for (int64_t kb = 0; kb < blocks; kb++) {
+        __m256i lo, hi;
+        round_block(row + kb * 32, xs + kb, 32767.0f, &lo, &hi);
         const int paired = bits == 4 && (kb | 1) < blocks; /* the last odd block stays in natural order */
-        const int *order = !paired ? natural : kb % 2 == 0 ? first : second;
-        round_block(row + kb * 32, q + (paired ? (kb & ~(int64_t)1) * 32 : kb * 32), xs + kb, order, 32767.0f);
+        int16_t *at = paired ? q + (kb & ~(int64_t)1) * 32 + (kb % 2) * 16 : q + kb * 32;
+        _mm256_storeu_si256((__m256i *)at, lo);
+        _mm256_storeu_si256((__m256i *)(at + (paired ? 32 : 16)), hi);
     }
 }
 
@@ -93,17 +89,25 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
  * hold), the high bytes in xh and the low ones in xl. */
 static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs) {
-    int natural[32];
-    int16_t v[32];
-    for (int j = 0; j < 32; j++) natural[j] = j;
     for (int64_t kb = 0; kb < K / 32; kb++) {
-        round_block(row + kb * 32, v, xs + kb, natural, 32639.0f);
+        __m256i v[2];
+        round_block(row + kb * 32, xs + kb, 32639.0f, &v[0], &v[1]);
         const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
-        for (int j = 0; j < 32; j++) {
-            const int64_t at = base + (j < 16 ? j : 64 + j - 16);
-            const int high = (v[j] + 128) >> 8; /* arithmetic shift: floor */
-            xh[at] = (int8_t)high, xl[at] = (int8_t)(v[j] - 256 * high);
+        for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 64 */
+            const __m256i high = _mm256_srai_epi16(_mm256_add_epi16(v[half], _mm256_set1_epi16(128)), 8); /* floor */
+            const __m256i low = _mm256_sub_epi16(v[half], _mm256_slli_epi16(high, 8));
+            _mm_storeu_si128((__m128i *)(xh + base + 64 * half), _mm256_cvtepi16_epi8(high));
+            _mm_storeu_si128((__m128i *)(xl + base + 64 * half), _mm256_cvtepi16_epi8(low));
         }
+    }
+}
+
+/* Each group's sum of x (G a multiple of 16), 16 values at a time. */
+static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
+    for (int64_t g = 0; g < K / G; g++) {
+        float sum = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) sum += _mm512_reduce_add_ps(_mm512_loadu_ps(row + k));
+        xg[g] = sum;
     }
 }
 
@@ -131,12 +135,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
             prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks);
         else
             prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
-        if (bits == 4)
-            for (int64_t g = 0; g < groups; g++) {
-                float s = 0.0f;
-                for (int64_t k = g * G; k < (g + 1) * G; k++) s += row[k];
-                a->xg[m * groups + g] = s;
-            }
+        if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
     }
     return 1;
 }

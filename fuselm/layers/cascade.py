@@ -31,6 +31,16 @@ import torch
 # sharing 2,000. `benchmarks/shared_prefix.py --kernel-sweep` repeats the measurement.
 MIN_GROUP_ROWS = 8
 MIN_SHARED_BLOCKS = 32
+# A prompt chunk over a long cached context (a request's own tail after a cached shared prefix) attends
+# as one query row per token on the C kernel path: its rows share all their cached blocks, so they form
+# a group of their own (or join the other rows over the same prefix) and the cached context is read in
+# the shared pass's matrix form, instead of one torch SDPA call per chunk.
+CHUNK_QUERY_ROWS_MAX_TOKENS = 512
+
+
+def chunk_as_query_rows(num_new_tokens: int, num_cached: int, block_size: int) -> bool:
+    """Whether a prompt chunk of `num_new_tokens` after `num_cached` cached positions attends as query rows."""
+    return num_new_tokens <= CHUNK_QUERY_ROWS_MAX_TOKENS and num_cached >= MIN_SHARED_BLOCKS * block_size
 
 
 @dataclass(slots=True)

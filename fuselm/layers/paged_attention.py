@@ -69,6 +69,9 @@ class AttentionMetadata:
     h2o: list | None = None
     # query rows that share leading blocks, attended to as groups (layers/cascade.py); None: no group
     cascade: SharedPrefixGroups | None = None
+    # query rows that are prompt-chunk tokens (layers/cascade.py chunk_as_query_rows): the step's matmuls
+    # are a prompt chunk's, so the model takes its prompt-step path, with these rows' attention in C
+    chunk_query_rows: int = 0
 
 
 _current: AttentionMetadata | None = None

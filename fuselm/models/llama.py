@@ -68,7 +68,7 @@ class LlamaForCausalLM(nn.Module):
             t = input_ids.shape[0]
             x = x.contiguous()
             cos, sin = rope[0].reshape(t, -1).contiguous(), rope[1].reshape(t, -1).contiguous()
-            if (meta.num_query_rows == t and not meta.prefill_rows
+            if (meta.num_query_rows == t and not meta.prefill_rows and not meta.chunk_query_rows
                     and meta.cpu_kernels is not None and meta.decode_block_table is not None
                     and not meta.snapkv and not meta.h2o):  # scoring rows need each layer's q
                 # every token a query row: decodes, and speculative tokens being verified

@@ -17,7 +17,7 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_groups
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
-from fuselm.layers.cascade import plan_shared_prefix
+from fuselm.layers.cascade import chunk_as_query_rows, plan_shared_prefix
 from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.group_layout import group_metadata
@@ -205,6 +205,12 @@ class ModelRunner:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size  # [end - start]
 
+    def _chunk_as_query_rows(self, r: ScheduledRequest) -> bool:
+        """Whether prompt chunk `r` attends as query rows through the shared-prefix kernel (layers/cascade.py)."""
+        return (self.cascade and self.cpu_kernels is not None and r.snapkv is None and r.h2o is None
+                and not r.cache_positions and chunk_as_query_rows(r.num_new_tokens, r.num_computed_tokens - r.kv_offset,
+                                                                  self.block_size))
+
     def _build_batch(self, out: SchedulerOutput):
         """Pack the step: query rows first (single-token rows, then each token of short rows), then long rows.
 
@@ -215,9 +221,10 @@ class ModelRunner:
         rows = out.scheduled
         single = [i for i, r in enumerate(rows) if r.num_new_tokens == 1]
         # (a StreamingLLM row of several tokens is a long row: its queries are masked to their own windows)
-        short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens <= QUERY_ROW_MAX_TOKENS and r.kv_window is None]
-        long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > QUERY_ROW_MAX_TOKENS
-                     or (r.num_new_tokens > 1 and r.kv_window is not None)]
+        short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens and r.kv_window is None and (
+            r.num_new_tokens <= QUERY_ROW_MAX_TOKENS or self._chunk_as_query_rows(r))]
+        as_query_rows = set(short)
+        long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > 1 and i not in as_query_rows]
         row_start = [0] * len(rows)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -262,6 +269,8 @@ class ModelRunner:
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
+                                 chunk_query_rows=sum(rows[i].num_new_tokens for i in short
+                                                      if rows[i].num_new_tokens > QUERY_ROW_MAX_TOKENS),
                                  snapkv=snapkv_captures(rows, row_start, self._slots, self.device),
                                  h2o=self.h2o_scores.captures(rows, row_start, self._slots, self.device))
         if nd:
