@@ -1,7 +1,7 @@
 """Shared-prefix attention: decode attention time per step and end-to-end output tok/s with
 `enable_cascade_attention` on and off, and vLLM CPU (prefix caching on) on the same token ids.
 
-Workloads (SmolLM2-135M-Instruct, the embedded GGUF; prompts cut from
+Workloads (SmolLM2-135M-Instruct: fuselm loads the embedded GGUF, or `--fuselm-model`; prompts cut from
 benchmarks/data/public_domain_prose.txt): R requests whose prompts are one shared prefix of S tokens
 plus a tail of their own (16-47 tokens), each decoding exactly `--output-len` tokens greedily; and
 `n = 16` samples of one prompt of the longest S (vLLM gets 16 copies of the prompt: it shares their
@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-python", type=Path, default=HERE / "peers" / ".venv-vllm" / "bin" / "python")
     p.add_argument("--hf-dir", type=Path, default=None, help="HF export of the model for vLLM (default: the peers' "
                                                               "export for --dtype)")
+    p.add_argument("--fuselm-model", default=None,
+                   help="the model fuselm loads (default: the embedded GGUF); give --hf-dir's path to run both "
+                        "engines on the same float weights")
     p.add_argument("--kernel-sweep", action="store_true", help="time the kernels over group sizes and lengths")
     p.add_argument("--families", type=int, default=0,
                    help="instead: F prompt families (own prefix each, --rows requests in all) arriving interleaved, "
@@ -254,8 +257,9 @@ def main() -> None:
         write_report(args, report)
         return
 
+    model = {} if args.fuselm_model is None else {"model": args.fuselm_model}
     engines = {on: LLM(dtype=args.dtype, enable_cascade_attention=on, max_model_len=8192,
-                       kv_cache_memory_bytes=args.kv_cache_gib << 30) for on in (True, False)}
+                       kv_cache_memory_bytes=args.kv_cache_gib << 30, **model) for on in (True, False)}
     for llm in engines.values():  # warm-up, untimed (as vllm_offline.py does for vLLM)
         run_fuselm(llm, [list(range(100, 164))] * 2, 4)
     kernels = engines[True].engine.runner.cpu_kernels
@@ -263,7 +267,8 @@ def main() -> None:
     report = {"benchmark": "shared_prefix", "timestamp": datetime.now().isoformat(timespec="seconds"),
               "cpu": cpu_model_name(), "threads": torch.get_num_threads(), "dtype": args.dtype,
               "kv_dtype": str(shapes["kv_dtype"]).removeprefix("torch."), "isa": getattr(kernels, "isa", None),
-              "output_len": args.output_len, "shapes": []}
+              "output_len": args.output_len, "fuselm_model": args.fuselm_model or "embedded GGUF",
+              "shapes": []}
     if kernels is None:
         sys.exit("the C kernels are not in use: nothing to compare")
     if args.kernel_sweep:
