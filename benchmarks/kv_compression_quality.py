@@ -1,7 +1,7 @@
 """Quality of KV compression: needle-in-a-haystack retrieval and long-text perplexity, for each
 method at budgets of 1/2, 1/4 and 1/8 of the context, against the full cache.
 
-Methods: SnapKV (the engine's defaults: observation window 32, max-pooling over 7; `--snapkv` runs
+Methods: SnapKV (the engine's defaults: observation window 32, max-pooling over 15; `--snapkv` runs
 other settings side by side, e.g. `--snapkv '{}' '{"window": 64}'`), StreamingLLM (4 sinks, the budget as window; `streaming`
 with rotary positions in the text, `streaming-cache` in the cache), H2O (the budget split evenly
 between heavy hitters and recent tokens, as the paper's experiments do).
