@@ -107,6 +107,10 @@ class CpuKernels:
                       torch.get_num_threads())
         return y
 
+    def dense_packed_size(self, n: int, k: int) -> int:
+        """Floats that dense_pack makes of an [n, k] weight."""
+        return int(self._dense_size(n, k))
+
     def dense_pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A float32 [N, K] weight in dense_linear.c's panel layout (a flat float32 tensor)."""
         assert weight.dtype == torch.float32 and weight.dim() == 2

@@ -204,6 +204,11 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
 void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
                         int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
                         int float_activations, int num_threads);
+/* fuselm_moe_experts for float32 experts (every QPart bits 32) in one parallel region (moe_float.c), given the
+ * step's grouping: offsets [E + 1] (expert e's sorted rows), pos [A] (assignment -> sorted row), src [A] (its inverse). */
+void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,
+                              const int64_t *offsets, const int64_t *pos, const int64_t *src, const QPart *gate,
+                              const QPart *up, const QPart *down, float *out, int num_threads);
 /* out [M, hidden] = the MoE block of h [M, hidden]: router logits, softmax, top_k (renormalised when
  * moe->renormalize), then fuselm_moe_experts. */
 void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads);

@@ -101,6 +101,11 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         const int64_t p = cursor[topk_ids[a]]++;
         pos[a] = p, src[p] = a;
     }
+    if (gate->bits == 32 && up->bits == 32 && down->bits == 32) { /* one parallel region (moe_float.c) */
+        fuselm_moe_float_experts(x, T, top_k, topk_weights, num_experts, offsets, pos, src, gate, up, down, out, num_threads);
+        free(src), free(pos), free(cursor), free(offsets);
+        return;
+    }
     /* the copies and the SiLU are a few microseconds at decode: forking the threads for them costs more */
     const int copy_threads = A * (H > I ? H : I) >= MOE_THREADED_COPY;
     float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));      /* [A, H] tokens by expert */

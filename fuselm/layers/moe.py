@@ -97,6 +97,18 @@ class ExpertWeights:
         return "float32" if self.dense is None else str(self.dense.dtype).removeprefix("torch.")  # None: packed
 
 
+def _packed_experts(kernels, w: ExpertWeights) -> torch.Tensor:
+    """Every expert of `w` in dense_linear.c's panels, end to end, on huge pages where the OS grants them
+    (kernels/huge_pages.py: a batch-32 step streams all of them)."""
+    from fuselm.kernels.huge_pages import empty_float32
+
+    size = kernels.dense_packed_size(w.out_features, w.in_features)
+    flat = empty_float32(w.num_experts * size)
+    for e in range(w.num_experts):
+        flat[e * size:(e + 1) * size] = kernels.dense_pack(w.dense[e])
+    return flat
+
+
 class GroupedExperts(LinearMethod):
     """Every expert of one MoE layer; forward(x, ids, weights) -> the weighted sum of each token's experts.
 
@@ -166,7 +178,7 @@ class GroupedExperts(LinearMethod):
         parts, packed = [], []
         for w in weights:
             if w.dense is not None:  # each expert in dense_linear.c's panels, end to end
-                flat = torch.cat([kernels.dense_pack(w.dense[e]) for e in range(w.num_experts)])
+                flat = _packed_experts(kernels, w)
                 packed.append(flat)
                 parts.append(QPart(flat.data_ptr(), None, None, w.out_features, w.in_features, 0, 32, 0))
                 w.dense = None  # the panels are the only copy
