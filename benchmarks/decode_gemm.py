@@ -22,6 +22,7 @@ thread's CPU time (what a loaded machine distorts least); with more, wall time.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fuselm.kernels import build
+from fuselm.kernels import abi, build
 from fuselm.kernels.cpu import CpuKernels, get_kernels
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576),
@@ -49,7 +50,13 @@ def tree_kernels(tree: Path) -> CpuKernels:
     spec.loader.exec_module(other)
     variant = other.VARIANTS[build.candidates()[0][0].name]
     built = other.build(variant, other.find_compiler(), build.cache_dir() / "baseline")
-    return CpuKernels(built)
+    signatures = abi.SIGNATURES  # bind the functions both builds have: one may export more than the other
+    lib = ctypes.CDLL(str(built.path))
+    abi.SIGNATURES = {name: types for name, types in signatures.items() if hasattr(lib, name)}
+    try:
+        return CpuKernels(built)
+    finally:
+        abi.SIGNATURES = signatures
 
 
 def clock(threads: int):

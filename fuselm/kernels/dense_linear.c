@@ -14,7 +14,10 @@
  * (AVX-512, loaded machine, one thread, best of 21 interleaved rounds, SmolLM2-135M shapes):
  * 1.3-1.5x at one row, 2.0-2.4x from 8 to 256 rows (benchmarks/kernel_isa.py). At one row the same
  * loop reads each panel once, sequentially, so decode streams the weight at memory speed. K is
- * blocked by KC so the panel slice and the x tile stay in L1; panels are split between threads.
+ * cut into blocks of at most KC_MAX (one block for K <= 768: a 12-row x tile of SmolLM2's K = 576 is
+ * 27 KB of a 48 KB L1, and each tile's outputs are stored once instead of after 256 + 256 + 64);
+ * from a tile of rows on, panels go in blocks that share one pass over the x rows, and each block's
+ * tiles prefetch the next block into L2 (Prefetch below); panels are split between threads.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -42,7 +45,7 @@
 
 #define NR 16
 #define TW (NR * TILE_PANELS) /* columns of a full tile */
-#define KC_MAX 768 /* the longest K block (see k_block) */
+#define KC_MAX 768 /* the longest K block (k_block) */
 #define PANELS_PER_BLOCK 8 /* panels that share one pass over the x rows (their slices stay in L2) */
 
 int fuselm_dense_has_simd(void) { return FL_DENSE_SIMD; }
@@ -178,10 +181,11 @@ static inline int64_t k_block(int64_t K) {
 
 /* Weight lines to bring into L2 while tiles compute: the panels a thread multiplies next. Decode steps
  * stream every layer's weight from memory (SmolLM2-135M's 30 layers are ~425 MB in float32); without this
- * the first row tile over each panel block waited for its slices, and a one-thread C decode step ran
- * its projections at 196-239 GFLOP/s against 275-283 for the same shapes with their weights in cache.
- * The lines are spread over the tiles (`per_tile` each, one per k step of the tile's loop) so the
- * loads overlap the arithmetic instead of queueing behind each other. */
+ * the first row tile over each panel block waited for its slices: a one-thread C decode step of 64-256
+ * rows ran its projections at 196-239 GFLOP/s against 275-283 for the same shapes with their weights in
+ * cache, 222-248 with this (2-vCPU AMD EPYC with AVX-512, benchmarks/decode_gemm.py). The lines are
+ * spread over the tiles (`per_tile` each, one per k step of the tile's loop) so the loads overlap the
+ * arithmetic instead of queueing behind each other. */
 typedef struct {
     const char *next;
     int64_t left, per_tile;
@@ -216,7 +220,7 @@ static void tile_run(const float *x, int64_t ldx, const float *packed, const flo
 #define ROW_PASS_ROWS 6 /* up to this many rows take it: 6 x 4 accumulators */
 /* R rows of x against the whole panels [p0, p1) that lie inside N, ROW_PANELS at a time: the 1-row tiles
  * above keep two FMA chains (two panels) in flight, which held an LM head GEMV to ~38 GB/s on one core.
- * Each output is summed as tile_run sums it (per KC block one chain from zero over k, blocks added in
+ * Each output is summed as tile_run sums it (per K block one chain from zero over k, blocks added in
  * turn, the bias after the first), so the bits are the same. Returns the first panel not done. */
 static inline __attribute__((always_inline)) int64_t row_panels(const float *x, int64_t ldx, const float *packed,
                                                                 const float *bias, float *y, int64_t ldy, int64_t N,
@@ -229,7 +233,7 @@ static inline __attribute__((always_inline)) int64_t row_panels(const float *x, 
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-            for (int j = 0; j < ROW_PANELS; j++) t[r][j] = _mm512_setzero_ps(); /* set by the first KC block */
+            for (int j = 0; j < ROW_PANELS; j++) t[r][j] = _mm512_setzero_ps(); /* set by the first K block */
         for (int64_t k0 = 0; k0 < K; k0 += kb) {
             const int64_t k1 = k0 + kb < K ? k0 + kb : K;
 #pragma GCC unroll 6
@@ -285,9 +289,9 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
     const int64_t M = m_end - m_begin, kb = k_block(K);
     x += m_begin * ldx, y += m_begin * ldy;
     if (M <= MR) { /* one tile of rows (decode, speculative verification): the weight streams from memory,
-                    * so each panel is read once, front to back; blocking panels by KC (below) made 5 rows
+                    * so each panel is read once, front to back; blocking panels by K block (below) made 5 rows
                     * of SmolLM2's LM head take 2x one row's time. Each output is summed in the same order
-                    * on both paths (per KC block one FMA chain from zero, blocks added to y in turn, the
+                    * on both paths (per K block one FMA chain from zero, blocks added to y in turn, the
                     * bias after the first), so a row's result does not depend on how many rows share the
                     * call, nor on how the work is split: a verification computes bit for bit what plain
                     * decoding does (tests/test_dense_linear.py). */
