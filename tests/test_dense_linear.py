@@ -48,7 +48,7 @@ def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
     x = torch.randn(100, k, generator=g)
     packed = kernels.dense_pack(w)
     alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(100)])
-    for m in (2, 5, 6, 7, 13, 100):  # 100: rows cut into chunks handed out to threads (narrow layers)
+    for m in (2, 5, 6, 7, 8, 10, 12, 13, 100):  # 7-12: the few-row pass twice; 100: chunks handed to threads
         assert torch.equal(kernels.dense_linear(x[:m], packed, b, n), alone[:m]), m
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # nor on how the work is split between threads
@@ -125,7 +125,7 @@ def test_avx512_tiles_match_float64_and_the_avx2_bits(isa):
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
         packed = wide.dense_pack(w)
         assert torch.equal(packed, narrow.dense_pack(w))  # one layout for every variant
-        for m in (1, 2, 4, 6, 7, 12, 13, 25, 100):
+        for m in (1, 2, 4, 6, 7, 9, 12, 13, 25, 100):
             x = torch.randn(m, k, generator=g)
             got = wide.dense_linear(x, packed, b, n)
             want = x.double() @ w.double().T + b.double()

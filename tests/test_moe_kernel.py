@@ -102,3 +102,41 @@ def test_no_tokens():
     fast, _ = _pair(4, 64, 32, "float32", seed=5)
     out = fast(torch.empty(0, 64), torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2))
     assert out.shape == (0, 64)
+
+
+def test_float_experts_with_every_row_count_from_0_to_13():
+    """kernels/moe_float.c at batch-32 shapes: expert e gets e rows (0 for expert 0, 13 for the last), so
+    every few-row case of dense_linear.c runs (1-6 rows in one pass, 7-12 in two, 13 in tiles), the panel
+    widths of a real layer (64-column items, 1,024-deep panels); a token alone gets the same bits."""
+    num_experts, hidden, inter, top_k = 14, 1024, 192, 7
+    fast, ref = _pair(num_experts, hidden, inter, "float32", seed=6)
+    slots = torch.cat([torch.full((e,), e) for e in range(num_experts)])  # 91 assignments, expert e has e
+    tokens = slots.numel() // top_k  # 13 tokens of 7 distinct experts each
+    ids = slots[torch.arange(slots.numel()).view(top_k, tokens).T.reshape(-1)].view(tokens, top_k)
+    assert all(len(set(row.tolist())) == top_k for row in ids)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=g)
+    weights = torch.rand(tokens, top_k, generator=g)
+    want = ref(x, ids, weights)
+    got = fast(x, ids, weights)
+    assert (got - want).abs().max().item() < _tolerance("float32", want)
+    for t in (0, tokens - 1):
+        assert torch.equal(fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0], got[t])
+
+
+def test_huge_page_buffer_holds_what_is_written():
+    """kernels/huge_pages.py: the float32 expert buffer starts on a 2 MB boundary (Linux), has the asked size,
+    and keeps its values (it is a view into a larger allocation, which must stay alive)."""
+    import sys
+
+    from fuselm.kernels.huge_pages import HUGE_PAGE, empty_float32
+
+    numel = 3 * HUGE_PAGE // 4 + 5  # 3 huge pages and a bit
+    buf = empty_float32(numel)
+    assert buf.dtype == torch.float32 and buf.numel() == numel and buf.is_contiguous()
+    if sys.platform.startswith("linux"):
+        assert buf.data_ptr() % HUGE_PAGE == 0
+    values = torch.arange(numel, dtype=torch.float32)
+    buf.copy_(values)
+    assert torch.equal(buf, values)
+    assert empty_float32(10).numel() == 10  # small buffers are ordinary tensors

@@ -112,6 +112,12 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
     "fuselm_moe_block": ([_P, _P, _P, _I64, _INT], None),
+    "fuselm_int4_rows16_available": ([], _INT),
+    "fuselm_int4_rows16_bytes": ([_I64, _I64, _INT], _I64),
+    "fuselm_int4_rows16": ([_P, _I64, _I64, _P, _INT, _I64, _I64, _P, _I64], None),
+    "fuselm_int4_rows16_expert": ([_P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64], None),
+    "fuselm_moe_experts_few": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], _INT),
+    "fuselm_moe_float_experts": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _INT], None),
 }
 
 

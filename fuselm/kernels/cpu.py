@@ -87,6 +87,8 @@ class CpuKernels:
         self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
         # every routed expert of an MoE layer in one call (moe.c; fuselm/layers/moe.py builds its QParts)
         self.moe_experts_fn = lib.fuselm_moe_experts
+        # int4 g32 experts repacked sixteen rows to a tile (int4_rows16.c; builds with AVX512_VNNI)
+        self.int4_rows16_available = bool(lib.fuselm_int4_rows16_available())
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.
@@ -106,6 +108,10 @@ class CpuKernels:
                       y.data_ptr(), m, n, k, weight.group_size, weight.bits, sdt, int(float_activations),
                       torch.get_num_threads())
         return y
+
+    def dense_packed_size(self, n: int, k: int) -> int:
+        """Floats that dense_pack makes of an [n, k] weight."""
+        return int(self._dense_size(n, k))
 
     def dense_pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A float32 [N, K] weight in dense_linear.c's panel layout (a flat float32 tensor)."""

@@ -132,6 +132,17 @@ void fuselm_qacts_release(QActs *a);
 void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
                   int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
 
+/* ---- int4 g32 weights sixteen rows to a tile (int4_rows16.c; fuselm/quant/int4_rows16.py packs them) ---- */
+
+/* 1 when this build has the kernel (AVX512_VNNI); elsewhere nothing may be repacked. */
+int fuselm_int4_rows16_available(void);
+/* Bytes of an [N, K] weight's tiles (N a multiple of 16, K of 32). */
+int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
+/* y[m * ldy + n] for activation rows [m0, m0 + rows) of `a` (layout FUSELM_QACTS_SPLIT8, G 32) and weight rows
+ * [n0, n1) (multiples of 16) of the tiles. */
+void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy);
+
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 
 int fuselm_dense_has_simd(void);
@@ -204,6 +215,20 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
 void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
                         int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
                         int float_activations, int num_threads);
+/* fuselm_moe_experts for float32 experts (every QPart bits 32) in one parallel region (moe_float.c), given the
+ * step's grouping: offsets [E + 1] (expert e's sorted rows), pos [A] (assignment -> sorted row), src [A] (its inverse). */
+void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,
+                              const int64_t *offsets, const int64_t *pos, const int64_t *src, const QPart *gate,
+                              const QPart *up, const QPart *down, float *out, int num_threads);
+/* Expert e of a stacked QPart in tiles (bits 4, scales NULL: every expert's tiles end to end), as
+ * fuselm_int4_rows16. */
+void fuselm_int4_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
+                               int64_t n1, float *y, int64_t ldy);
+/* moe_few_rows.c: fuselm_moe_experts for a decode step's few (token, slot) assignments of quantised experts in one
+ * parallel region, the same bits; 0 (nothing written) where it does not apply. */
+int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
+                           int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
+                           int float_activations, int num_threads);
 /* out [M, hidden] = the MoE block of h [M, hidden]: router logits, softmax, top_k (renormalised when
  * moe->renormalize), then fuselm_moe_experts. */
 void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads);

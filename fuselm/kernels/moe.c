@@ -38,6 +38,10 @@ typedef struct {
  * activations `acts` rounded once for the whole call (quant_rows.c) when it holds them. */
 static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, const float *x, int64_t ldx, int64_t M,
                         float *y, int64_t ldy, int64_t n0, int64_t n1, int float_activations) {
+    if (w->bits == 4 && w->scales == NULL) { /* int4 tiles (int4_rows16.c) */
+        fuselm_int4_rows16_expert(w, e, acts, r0, M, n0, n1, y - r0 * ldy, ldy);
+        return;
+    }
     if (w->bits == 32) {
         const float *packed = (const float *)w->qweight + e * fuselm_dense_packed_size(w->n, w->k) + n0 * w->k;
         fuselm_dense_linear(x, ldx, packed, NULL, y + n0, ldy, M, n1 - n0, w->k, 1);
@@ -64,7 +68,7 @@ static void prepare_acts(QActs *acts, const QActs *same, const QPart *w, const f
     memset(acts, 0, sizeof *acts);
     if (same != NULL && same->layout != FUSELM_QACTS_NONE && same->bits == w->bits && same->G == w->group)
         *acts = *same;
-    else if (w->bits != 32 && !float_activations)
+    else if (w->bits != 32 && (!float_activations || w->scales == NULL)) /* tiles take only rounded ones */
         fuselm_qacts_prepare(acts, x, w->k, A, w->k, w->group, w->bits, num_threads);
 }
 
@@ -91,6 +95,9 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
                         int float_activations, int num_threads) {
     const int64_t H = gate->k, I = gate->n, A = T * top_k;
     if (A == 0) return;
+    if (fuselm_moe_experts_few(x, T, top_k, topk_ids, topk_weights, num_experts, gate, up, down, out, float_activations,
+                               num_threads))
+        return; /* a decode step's few quantised rows: one parallel region (moe_few_rows.c) */
     int64_t *offsets = (int64_t *)calloc((size_t)(num_experts + 1), sizeof(int64_t));
     int64_t *cursor = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t));
     int64_t *pos = (int64_t *)malloc((size_t)A * sizeof(int64_t)); /* assignment -> sorted row */
@@ -100,6 +107,11 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     for (int64_t a = 0; a < A; a++) {
         const int64_t p = cursor[topk_ids[a]]++;
         pos[a] = p, src[p] = a;
+    }
+    if (gate->bits == 32 && up->bits == 32 && down->bits == 32) { /* one parallel region (moe_float.c) */
+        fuselm_moe_float_experts(x, T, top_k, topk_weights, num_experts, offsets, pos, src, gate, up, down, out, num_threads);
+        free(src), free(pos), free(cursor), free(offsets);
+        return;
     }
     /* the copies and the SiLU are a few microseconds at decode: forking the threads for them costs more */
     const int copy_threads = A * (H > I ? H : I) >= MOE_THREADED_COPY;

@@ -1,0 +1,136 @@
+/* int4 weights (groups of 32) repacked sixteen rows to a tile, for vpdpbusd with broadcast activations.
+ *
+ * quant_rows.c multiplies one weight row at a time: each 64-byte load holds four blocks of one row, so
+ * every row ends in a horizontal reduction, reads its scales and mins as two further streams, and
+ * turns each block's four int32 lanes into floats with a permute of the scale products. At batch 1 on a
+ * Mixtral-like MoE layer (K = 512-1,024: 4-8 loads per row) that per-row work is as large as the dot
+ * products themselves. Here a tile holds one 32-weight block of sixteen consecutive rows:
+ *
+ *     bytes 0-255: four 64-byte vectors; vector v, int32 lane r holds row r's bytes 4v..4v+3 of the
+ *                  block (low nibbles: weights 4v..4v+3, high nibbles: 16+4v..16+4v+3, the GGUF order)
+ *     then the sixteen rows' scales, then their mins (float16 or float32, as the weight had them)
+ *
+ * so one vpdpbusd of a vector's low nibbles against four activation bytes broadcast to every lane
+ * advances sixteen rows by four weights, each row in its own lane. A block ends with one convert and two
+ * FMAs for all sixteen rows (scales x the block's activation scale, mins x its sum of x), and a group of
+ * sixteen rows ends with one 64-byte store: no horizontal reduction, one stream.
+ *
+ * The activations are quant_rows.c's split int16 levels (QActs layout FUSELM_QACTS_SPLIT8, v = 256 h + l,
+ * int8 halves): four consecutive weights of a block are four consecutive bytes there too. Each lane's
+ * int32 sum is the block's exact int16 dot product (256 x high-half products + low-half products), as in
+ * quant_rows.c; only the order of the float sums over blocks differs (one block after the other here).
+ * Every output row is computed by the same instructions whatever the other activation rows of the call
+ * are, so a token's result does not depend on its batch.
+ *
+ * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI and
+ * the shapes fit (rows a multiple of 16, K of 128); the tiles then replace the rows, scales and mins
+ * (one copy). kernels/moe.c and moe_few_rows.c recognise such a QPart by its missing scales pointer.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "fuselm_kernels.h"
+
+#define R16_PREFETCH_TILES 24 /* tiles fetched ahead of the one being multiplied */
+
+int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
+    const int64_t scale_size = scale_dtype == FUSELM_F16 ? 2 : 4;
+    return (N / 16) * (K / 32) * (256 + 2 * 16 * scale_size);
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#include <immintrin.h>
+
+int fuselm_int4_rows16_available(void) {
+    return 1;
+}
+
+static inline __m512 load_16(const uint8_t *p, int sdt) {
+    if (sdt == FUSELM_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_loadu_ps((const float *)p);
+}
+
+static inline __m512i broadcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+/* One group of sixteen weight rows (its tiles from `tile`) against MT activation rows from m0. */
+static inline __attribute__((always_inline)) void group_rows(const QActs *a, int64_t m0, const uint8_t *tile,
+                                                             int64_t tile_bytes, int sdt, const int MT, float *y,
+                                                             int64_t ldy) {
+    const int64_t K = a->K, blocks = K / 32;
+    const int64_t scale_bytes = 16 * (sdt == FUSELM_F16 ? 2 : 4);
+    const __m512i mask = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    __m512 acc[4], acc_min[4];
+    for (int m = 0; m < MT; m++) acc[m] = acc_min[m] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
+        for (int64_t line = 0; line < tile_bytes; line += 64)
+            _mm_prefetch((const char *)tile + R16_PREFETCH_TILES * tile_bytes + line, _MM_HINT_T0);
+        __m512i lo[4], hi[4];
+        for (int v = 0; v < 4; v++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(tile + 64 * v));
+            lo[v] = _mm512_and_si512(b, mask);
+            hi[v] = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+        }
+        const __m512 scales = load_16(tile + 256, sdt), mins = load_16(tile + 256 + scale_bytes, sdt);
+        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16; /* the block's values 0-15 in the split layout */
+        for (int m = 0; m < MT; m++) {
+            const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
+            __m512i hl = zero, hh = zero, ll = zero, lh = zero; /* four chains: halves x nibbles */
+            for (int v = 0; v < 4; v++) {
+                hl = _mm512_dpbusd_epi32(hl, lo[v], broadcast4(h + 4 * v));
+                hh = _mm512_dpbusd_epi32(hh, hi[v], broadcast4(h + 64 + 4 * v));
+                ll = _mm512_dpbusd_epi32(ll, lo[v], broadcast4(l + 4 * v));
+                lh = _mm512_dpbusd_epi32(lh, hi[v], broadcast4(l + 64 + 4 * v));
+            }
+            const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(hl, hh), 8), _mm512_add_epi32(ll, lh));
+            const float *xs = a->xs + (m0 + m) * blocks, *xg = a->xg + (m0 + m) * blocks;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(scales, _mm512_set1_ps(xs[kb])), acc[m]);
+            acc_min[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xg[kb]), acc_min[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(y + (m0 + m) * ldy, _mm512_add_ps(acc[m], acc_min[m]));
+}
+
+static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
+                                                            int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
+    const int64_t blocks = a->K / 32, tile_bytes = 256 + 2 * 16 * (sdt == FUSELM_F16 ? 2 : 4);
+    for (int64_t n = n0; n < n1; n += 16)
+        group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+}
+
+void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    const uint8_t *t = (const uint8_t *)tiles;
+    const int64_t tile_bytes = 256 + 2 * 16 * (scale_dtype == FUSELM_F16 ? 2 : 4);
+    const int64_t first = (n0 / 16) * (a->K / 32) * tile_bytes, last = (n1 / 16) * (a->K / 32) * tile_bytes;
+    /* each tile asks for the one R16_PREFETCH_TILES on; the first ones are asked for here */
+    for (int64_t at = first; at < last && at < first + R16_PREFETCH_TILES * tile_bytes; at += 64)
+        _mm_prefetch((const char *)t + at, _MM_HINT_T0);
+    int64_t m = m0;
+    for (; m + 4 <= m0 + rows; m += 4) rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 4);
+    switch (m0 + rows - m) {
+    case 3: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 3); break;
+    case 2: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 2); break;
+    case 1: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 1); break;
+    default: break;
+    }
+}
+#else /* without VNNI nothing is repacked (fuselm_int4_rows16_available says so), so this is never reached */
+int fuselm_int4_rows16_available(void) {
+    return 0;
+}
+
+void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    (void)a, (void)m0, (void)rows, (void)tiles, (void)scale_dtype, (void)n0, (void)n1, (void)y, (void)ldy;
+}
+#endif
+
+void fuselm_int4_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
+                               int64_t n1, float *y, int64_t ldy) {
+    const char *tiles = (const char *)w->qweight + e * fuselm_int4_rows16_bytes(w->n, w->k, w->scale_dtype);
+    fuselm_int4_rows16(a, m0, rows, tiles, w->scale_dtype, n0, n1, y, ldy);
+}

@@ -1,0 +1,134 @@
+/* The routed experts of a decode step's few rows, quantised, in one parallel region.
+ *
+ * At batch 1 a Mixtral-like layer's four routed int4 experts (hidden 1024, 512 wide) are ~4 MB and
+ * ~65 us of arithmetic on two cores. kernels/moe.c's general path, built for batches, forks the threads
+ * twice (gate/up items, then down items) and runs the SiLU, the activation rounding for down and the
+ * combine on one thread between and after them. Here, when a call has at most MOE_FEW_MAX_ROWS
+ * (token, slot) assignments and quantised experts:
+ *
+ * - one region: gate/up items (MOE_FEW_CHUNK intermediate rows of one expert, gate then up) each end
+ *   with the SiLU of their own columns, so no pass over [gate | up] remains after them;
+ * - a barrier; one thread rounds the SiLU output for down (a few thousand values), a barrier;
+ * - down items (MOE_FEW_CHUNK output columns of every routed expert) each end with the routing weight
+ *   and the combine of their columns, so the region ends when the output is complete.
+ *
+ * The arithmetic is moe.c's to the bit: the same quant_rows.c calls per (expert, rows), the same SiLU
+ * expression, the same routing-weight product and the same slot-order sum, so a token's output is the
+ * same whichever path ran it (tests/test_moe_kernel.py checks a token alone against it in a batch).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fuselm_kernels.h"
+
+#define MOE_FEW_MAX_ROWS 8 /* assignments (tokens x top_k) up to which this path runs */
+#define MOE_FEW_CHUNK 64   /* weight rows per call of an item: long runs for quant_rows.c's prefetching */
+
+static int quantised(const QPart *w) {
+    return w->bits == 4 || w->bits == 8;
+}
+
+/* Expert e's first weight row, scales and mins in a stacked QPart. */
+static void expert_part(const QPart *w, int64_t e, const void **q, const void **s, const void **m) {
+    const int64_t groups = w->k / w->group, scale_size = w->scale_dtype == FUSELM_F16 ? 2 : 4;
+    const int64_t row_bytes = w->bits == 4 ? w->k / 2 : w->k;
+    *q = (const char *)w->qweight + e * w->n * row_bytes;
+    *s = (const char *)w->scales + e * w->n * groups * scale_size;
+    *m = w->mins != NULL ? (const char *)w->mins + e * w->n * groups * scale_size : NULL;
+}
+
+/* Rows [n0, n1) of expert e of w for sorted rows [r0, r0 + rows), into y (row r0 of the output, stride ldy). */
+static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
+                        float *y, int64_t ldy) {
+    if (w->scales == NULL) { /* int4 tiles (int4_rows16.c) */
+        fuselm_int4_rows16_expert(w, e, acts, r0, rows, n0, n1, y - r0 * ldy, ldy);
+        return;
+    }
+    const void *q, *s, *m;
+    expert_part(w, e, &q, &s, &m);
+    fuselm_qrows(acts, r0, rows, q, s, m, w->scale_dtype, n0, n1, y - r0 * ldy, ldy);
+}
+
+int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
+                           int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
+                           int float_activations, int num_threads) {
+    const int64_t H = gate->k, I = gate->n, A = T * top_k;
+    if (A == 0 || A > MOE_FEW_MAX_ROWS || float_activations || !quantised(gate) || !quantised(up) || !quantised(down))
+        return 0;
+    int64_t expert_of[MOE_FEW_MAX_ROWS], first_row[MOE_FEW_MAX_ROWS], row_count[MOE_FEW_MAX_ROWS];
+    int64_t pos[MOE_FEW_MAX_ROWS], src[MOE_FEW_MAX_ROWS], active = 0;
+    /* assignments grouped by expert (ascending id, slot order within one), as moe.c's counting sort */
+    for (int64_t e = 0, p = 0; e < num_experts && p < A; e++) {
+        int64_t rows = 0;
+        for (int64_t a = 0; a < A; a++)
+            if (topk_ids[a] == e) pos[a] = p + rows, src[p + rows] = a, rows++;
+        if (rows == 0) continue;
+        expert_of[active] = e, first_row[active] = p, row_count[active] = rows, active++;
+        p += rows;
+    }
+    float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] tokens by expert */
+    float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float)); /* [A, 2I] gate | up */
+    float *act = (float *)malloc((size_t)(A * I) * sizeof(float));    /* [A, I] silu(gate) * up */
+    float *yd = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] weighted expert outputs */
+    for (int64_t p = 0; p < A; p++) memcpy(xs + p * H, x + (src[p] / top_k) * H, (size_t)H * sizeof(float));
+    QActs acts_gate, acts_up, acts_down;
+    memset(&acts_up, 0, sizeof acts_up), memset(&acts_down, 0, sizeof acts_down);
+    int ready = fuselm_qacts_prepare(&acts_gate, xs, H, A, H, gate->group, gate->bits, 1);
+    const int shared_acts = ready && up->bits == gate->bits && up->group == gate->group;
+    if (shared_acts)
+        acts_up = acts_gate;
+    else
+        ready = ready && fuselm_qacts_prepare(&acts_up, xs, H, A, H, up->group, up->bits, 1);
+    int down_ready = 1;
+    const int64_t up_items = (I + MOE_FEW_CHUNK - 1) / MOE_FEW_CHUNK, down_items = (H + MOE_FEW_CHUNK - 1) / MOE_FEW_CHUNK;
+    if (ready) {
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < active * up_items; item++) {
+                const int64_t j = item / up_items, n0 = (item % up_items) * MOE_FEW_CHUNK;
+                const int64_t n1 = n0 + MOE_FEW_CHUNK < I ? n0 + MOE_FEW_CHUNK : I;
+                const int64_t r0 = first_row[j], rows = row_count[j];
+                expert_rows(gate, expert_of[j], &acts_gate, r0, rows, n0, n1, gu + r0 * 2 * I, 2 * I);
+                expert_rows(up, expert_of[j], &acts_up, r0, rows, n0, n1, gu + r0 * 2 * I + I, 2 * I);
+                for (int64_t p = r0; p < r0 + rows; p++)
+                    for (int64_t i = n0; i < n1; i++) {
+                        const float g = gu[p * 2 * I + i];
+                        act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
+                    }
+            }
+#pragma omp single
+            down_ready = fuselm_qacts_prepare(&acts_down, act, I, A, I, down->group, down->bits, 1);
+            if (down_ready) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t item = 0; item < down_items; item++) {
+                    const int64_t n0 = item * MOE_FEW_CHUNK, n1 = n0 + MOE_FEW_CHUNK < H ? n0 + MOE_FEW_CHUNK : H;
+                    for (int64_t j = 0; j < active; j++) {
+                        const int64_t r0 = first_row[j], rows = row_count[j];
+                        expert_rows(down, expert_of[j], &acts_down, r0, rows, n0, n1, yd + r0 * H, H);
+                        for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
+                            const float w = topk_weights[src[p]];
+                            for (int64_t h = n0; h < n1; h++) yd[p * H + h] *= w;
+                        }
+                    }
+                    for (int64_t t = 0; t < T; t++) { /* the combine of these columns, in slot order */
+                        float *o = out + t * H;
+                        const float *first = yd + pos[t * top_k] * H;
+                        for (int64_t h = n0; h < n1; h++) o[h] = first[h];
+                        for (int64_t s = 1; s < top_k; s++) {
+                            const float *y = yd + pos[t * top_k + s] * H;
+                            for (int64_t h = n0; h < n1; h++) o[h] += y[h];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if (!shared_acts) fuselm_qacts_release(&acts_up);
+    fuselm_qacts_release(&acts_gate);
+    fuselm_qacts_release(&acts_down);
+    free(yd), free(act), free(gu), free(xs);
+    return ready && down_ready;
+}

@@ -1,0 +1,108 @@
+/* float32 grouped experts of one MoE step in a single parallel region (moe.c hands over the step's grouping).
+ *
+ * moe.c's general path runs a step as five parallel regions (gather, gate/up items, SiLU, down items,
+ * combine), each ending in a barrier where both threads wait for the slower one. At batch 32 an MoE layer
+ * streams 201 MB of float32 experts in a few milliseconds per thread, and on a 2-vCPU VM whose other
+ * processes or hypervisor take a vCPU away for a while, every barrier can wait out such a pause. Float
+ * experts need no per-projection activation rounding, so here one region does it all:
+ *
+ * - gather the tokens of each expert into consecutive rows, then one barrier;
+ * - one list of work items, taken in order from a shared counter: first every (expert, 64 intermediate
+ *   columns) item, which computes those columns of gate and of up for the expert's rows and applies
+ *   SiLU(gate) * up to them at once (the activations are still in L1), then every (expert, 64 output
+ *   columns) item of down, with the routing weight applied as its rows are written. A down item waits
+ *   only for its own expert's gate/up items (a per-expert count), not for every expert's: items are
+ *   handed out in list order, so by then they are all taken and nearly always done;
+ * - one barrier, then the combine (each token's top_k rows summed in slot order).
+ *
+ * Every output is computed by the same calls in the same order as moe.c's general path (dense_linear.c
+ * on one thread per piece, the same SiLU expression), so the results are the same bits.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "fuselm_kernels.h"
+
+#define FLOAT_CHUNK 64 /* output columns per item: four of dense_linear.c's 16-column panels, 256 KB of a 1,024-wide weight */
+
+static inline void pause_briefly(void) {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+}
+
+/* y[rows, n0..n1) = x[rows, :] @ W_e[n0..n1, :]^T for the packed weight of expert e (one thread). */
+static void expert_columns(const QPart *w, int64_t e, const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy,
+                           int64_t n0, int64_t n1) {
+    const float *packed = (const float *)w->qweight + e * fuselm_dense_packed_size(w->n, w->k) + n0 * w->k;
+    fuselm_dense_linear(x, ldx, packed, NULL, y + n0, ldy, rows, n1 - n0, w->k, 1);
+}
+
+void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,
+                              const int64_t *offsets, const int64_t *pos, const int64_t *src, const QPart *gate,
+                              const QPart *up, const QPart *down, float *out, int num_threads) {
+    const int64_t H = gate->k, I = gate->n, A = T * top_k;
+    const int64_t gate_up_chunks = (I + FLOAT_CHUNK - 1) / FLOAT_CHUNK, down_chunks = (H + FLOAT_CHUNK - 1) / FLOAT_CHUNK;
+    float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] tokens by expert */
+    float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float)); /* [A, 2I] gate | up */
+    float *act = (float *)malloc((size_t)(A * I) * sizeof(float));    /* [A, I] silu(gate) * up */
+    float *yd = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] weighted expert outputs */
+    int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t)); /* experts with rows, in order */
+    int64_t *done = (int64_t *)calloc((size_t)num_experts, sizeof(int64_t));   /* finished gate/up items per expert */
+    int64_t num_active = 0, next_item = 0;
+    for (int64_t e = 0; e < num_experts; e++)
+        if (offsets[e + 1] > offsets[e]) active[num_active++] = e;
+    const int64_t gate_up_items = num_active * gate_up_chunks, items = gate_up_items + num_active * down_chunks;
+    if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
+
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < A; p++) {
+            const float *row = x + (src[p] / top_k) * H;
+            for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
+        }
+        for (;;) {
+            const int64_t i = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+            if (i >= items) break;
+            if (i < gate_up_items) {
+                const int64_t e = active[i / gate_up_chunks], r0 = offsets[e], rows = offsets[e + 1] - r0;
+                const int64_t n0 = i % gate_up_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < I ? n0 + FLOAT_CHUNK : I;
+                float *g = gu + r0 * 2 * I;
+                expert_columns(gate, e, xs + r0 * H, H, rows, g, 2 * I, n0, n1);
+                expert_columns(up, e, xs + r0 * H, H, rows, g + I, 2 * I, n0, n1);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = n0; c < n1; c++) {
+                        const float v = g[r * 2 * I + c];
+                        act[(r0 + r) * I + c] = v / (1.0f + expf(-v)) * g[r * 2 * I + I + c];
+                    }
+                __atomic_add_fetch(&done[e], 1, __ATOMIC_RELEASE);
+                continue;
+            }
+            const int64_t d = i - gate_up_items, e = active[d / down_chunks], r0 = offsets[e], rows = offsets[e + 1] - r0;
+            const int64_t n0 = d % down_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < H ? n0 + FLOAT_CHUNK : H;
+            while (__atomic_load_n(&done[e], __ATOMIC_ACQUIRE) < gate_up_chunks) pause_briefly();
+            expert_columns(down, e, act + r0 * I, I, rows, yd + r0 * H, H, n0, n1);
+            for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
+                const float w = topk_weights[src[p]];
+                for (int64_t h = n0; h < n1; h++) yd[p * H + h] *= w;
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *o = out + t * H;
+            const float *first = yd + pos[t * top_k] * H;
+            for (int64_t h = 0; h < H; h++) o[h] = first[h];
+            for (int64_t j = 1; j < top_k; j++) {
+                const float *y = yd + pos[t * top_k + j] * H;
+                for (int64_t h = 0; h < H; h++) o[h] += y[h];
+            }
+        }
+    }
+    free(done), free(active), free(yd), free(act), free(gu), free(xs);
+}

@@ -1,0 +1,88 @@
+"""int4 g32 weights in kernels/int4_rows16.c's tiles: sixteen rows' 32-weight block, then their scales and mins.
+
+The C MoE path (GroupedExperts on CPU with AVX512_VNNI) repacks its int4 experts into these tiles once at
+load, and the tiles replace the QuantWeight's rows, scales and mins: one copy of the weights. What else
+reads the experts (the torch reference path, memory accounting, the plan line) goes through `Int4Rows16`,
+which answers like the QuantWeight it came from: `rows` unpacks a range of rows back into one.
+
+A tile, for rows 16g..16g+15 and block b (weights 32b..32b+31), uint8:
+
+    [0, 256)    vector v (64 bytes), int32 lane r: row r's packed bytes 4v..4v+3 of the block
+    [256, ...)  the sixteen rows' scales of block b, then their mins (float16 or float32)
+
+tiles: uint8 [N / 16, K / 32, tile_bytes], the groups of rows in order, so the rows of expert e of a
+stacked weight (N a multiple of 16 per expert) are one contiguous run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fuselm.quant.formats import QuantWeight
+
+TILE_ROWS = 16
+
+
+def tile_bytes(scale_dtype: torch.dtype) -> int:
+    return 256 + 2 * TILE_ROWS * (2 if scale_dtype == torch.float16 else 4)
+
+
+def fits(q: QuantWeight, rows_per_expert: int) -> bool:
+    """Whether the tile kernel takes this weight: int4 in groups of 32 with float16/float32 scales and mins,
+    whole groups of sixteen rows per expert, and K a multiple of 128 (quant_rows.c's split activations)."""
+    return (q.bits == 4 and q.group_size == 32 and q.mins is not None
+            and q.scales.dtype in (torch.float16, torch.float32) and q.mins.dtype == q.scales.dtype
+            and rows_per_expert % TILE_ROWS == 0 and q.in_features % 128 == 0 and q.qweight.device.type == "cpu")
+
+
+@dataclass
+class Int4Rows16:
+    shape: tuple[int, int]  # (out_features, in_features) of the full-precision weight
+    scale_dtype: torch.dtype
+    tiles: torch.Tensor  # uint8 [N / 16, K / 32, tile_bytes]
+    source: str = "rtn"
+    bits: int = 4
+    group_size: int = 32
+
+    @classmethod
+    def pack(cls, q: QuantWeight) -> Int4Rows16:
+        n, k = q.shape
+        groups, blocks = n // TILE_ROWS, k // 32
+        weights = q.qweight.reshape(groups, TILE_ROWS, blocks, 4, 4).permute(0, 2, 3, 1, 4).reshape(groups, blocks, 256)
+
+        def per_tile(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] -> bytes [groups, blocks, 16 * size]
+            return t.reshape(groups, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+
+        tiles = torch.cat([weights, per_tile(q.scales), per_tile(q.mins)], dim=2).contiguous()
+        return cls((n, k), q.scales.dtype, tiles, q.source)
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tiles.numel()
+
+    def rows(self, start: int, stop: int) -> QuantWeight:
+        """Rows [start, stop) (multiples of 16) as a plain QuantWeight (a copy)."""
+        k, blocks, size = self.shape[1], self.shape[1] // 32, 2 if self.scale_dtype == torch.float16 else 4
+        part = self.tiles[start // TILE_ROWS:stop // TILE_ROWS]
+        groups, n = part.shape[0], stop - start
+        qweight = part[:, :, :256].reshape(groups, blocks, 4, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(n, k // 2)
+
+        def per_row(offset: int) -> torch.Tensor:  # bytes [groups, blocks, 16 * size] -> [N, blocks]
+            raw = part[:, :, offset:offset + TILE_ROWS * size].contiguous().view(self.scale_dtype)
+            return raw.transpose(1, 2).reshape(n, blocks)
+
+        return QuantWeight(4, 32, (n, k), qweight.contiguous(), per_row(256), per_row(256 + TILE_ROWS * size),
+                           self.source)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(0, self.shape[0]).dequantize(dtype)
