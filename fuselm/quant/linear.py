@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.layers.linear import LinearMethod
+from fuselm.quant import int4_rows16
 from fuselm.quant.formats import QuantWeight, stack_rows
+from fuselm.quant.int4_rows16 import Int4Rows16
 
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
@@ -41,7 +43,8 @@ class QuantLinear(LinearMethod):
     CPU (from DEQUANTIZED_GEMM_ROWS rows on: a float GEMM over a dequantised scratch copy) or by
     dequantising per call elsewhere."""
 
-    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> None:
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, keep_layout: bool = False) -> None:
+        """keep_layout: the parts are read elsewhere too (a tied embedding table) and must stay QuantWeights."""
         super().__init__()
         if not parts or any(p.in_features != parts[0].in_features for p in parts):
             raise ValueError("QuantLinear needs one or more weights with the same in_features")
@@ -52,6 +55,7 @@ class QuantLinear(LinearMethod):
         # allocated (Module.to_empty would otherwise wipe it)
         self.bias = bias
         self.kernels = None  # fuselm.kernels.cpu.CpuKernels, set by use_cpu_kernels()
+        self.keep_layout = keep_layout
 
     @property
     def kind(self) -> str:
@@ -59,11 +63,19 @@ class QuantLinear(LinearMethod):
         return f"{formats}-{'c' if self.kernels is not None else 'dequant'}"
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for p in self.parts for t in (p.qweight, p.scales, p.mins) if t is not None]
+        tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, Int4Rows16) else
+                                                   (p.qweight, p.scales, p.mins)) if t is not None]
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
-        self.kernels = kernels if kernels is not None and self.parts[0].qweight.device.type == "cpu" else None
+        """Multiply with `kernels` (None: the portable path). On builds with AVX512_VNNI the int4 g32 parts are
+        repacked into kernels/int4_rows16.c's tiles, which replace them (one copy of the weight)."""
+        on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, Int4Rows16) else p.qweight.device.type == "cpu"
+                     for p in self.parts)
+        self.kernels = kernels if kernels is not None and on_cpu else None
+        if self.kernels is not None and not self.keep_layout and int4_rows16.tiles_enabled(kernels):
+            self.parts = [Int4Rows16.pack(p) if isinstance(p, QuantWeight) and int4_rows16.fits(
+                p, p.out_features, k_multiple=32) else p for p in self.parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
