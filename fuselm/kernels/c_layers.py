@@ -92,12 +92,16 @@ class CLayers:
         self._outputs_fn = kernels.layer_attention_outputs_fn
         # The C halves multiply quantised weights with fuselm_qlinear at every row count; for long
         # chunks the torch layer's dequantise-then-GEMM is faster (fuselm/quant/linear.py), so
-        # quantised models take the halves only for steps below that crossover.
+        # quantised models take the halves only for steps below that crossover, unless every quantised
+        # part is in int4_rows16.c's tiles, which beat that GEMM at every row count.
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import DEQUANTIZED_GEMM_ROWS
 
-        dense = all(isinstance(m, DenseLinear) for layer in layers for m in _projections(layer))
-        self.max_prompt_step_tokens = None if dense else DEQUANTIZED_GEMM_ROWS - 1
+        def without_crossover(module) -> bool:
+            return isinstance(module, DenseLinear) or all(isinstance(p, Int4Rows16) for p in module.parts)
+
+        whole = all(without_crossover(m) for layer in layers for m in _projections(layer))
+        self.max_prompt_step_tokens = None if whole else DEQUANTIZED_GEMM_ROWS - 1
 
     @staticmethod
     def unsupported_reason(model) -> str | None:

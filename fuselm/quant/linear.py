@@ -2,7 +2,8 @@
 full-precision weight.
 
 On CPU with fuselm's C kernels the matmul runs in fuselm/kernels/quant_linear.c (weights widened
-32 at a time in registers). Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
+32 at a time in registers); on builds with AVX512_VNNI the int4 g32 parts are repacked at load into
+kernels/int4_rows16.c's sixteen-row tiles (fuselm/quant/int4_rows16.py), which replace them. Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
 path dequantises one layer's weight for the call and runs F.linear: correct everywhere, fast only
 where the GEMM dominates (large batches on a GPU).
 
@@ -24,6 +25,8 @@ from fuselm.quant.int4_rows16 import Int4Rows16
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
+# Not for int4 g32 in tiles (int4_rows16.c): they beat the dequantised GEMM 1.4-3.3x at 48-512 rows
+# (benchmarks/int4_tiles.py, docs/performance.md), so tiled parts take the kernel at every row count.
 DEQUANTIZED_GEMM_ROWS = 48
 
 
@@ -60,7 +63,8 @@ class QuantLinear(LinearMethod):
     @property
     def kind(self) -> str:
         formats = "+".join(dict.fromkeys(f"int{p.bits}g{p.group_size}" for p in self.parts))
-        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}"
+        tiles = "-tiles" if any(isinstance(p, Int4Rows16) for p in self.parts) else ""
+        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}{tiles}"
 
     def weight_tensors(self) -> list[torch.Tensor]:
         tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, Int4Rows16) else
@@ -82,10 +86,9 @@ class QuantLinear(LinearMethod):
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None and x2.device.type == "cpu":
             xf = x2.float()
-            if xf.shape[0] >= DEQUANTIZED_GEMM_ROWS:
-                outs = [F.linear(xf, self.kernels.dequantize(p)) for p in self.parts]
-            else:
-                outs = [self.kernels.qlinear(xf, p, None) for p in self.parts]
+            gemm = xf.shape[0] >= DEQUANTIZED_GEMM_ROWS  # tiles beat it at every row count: they never take it
+            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm and not isinstance(p, Int4Rows16)
+                    else self.kernels.qlinear(xf, p, None) for p in self.parts]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:
                 y = y + self.bias.float()
