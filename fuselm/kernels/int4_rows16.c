@@ -23,8 +23,13 @@
  * are, so a token's result does not depend on its batch.
  *
  * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI and
- * the shapes fit (rows a multiple of 16, K of 128); the tiles then replace the rows, scales and mins
- * (one copy). kernels/moe.c and moe_few_rows.c recognise such a QPart by its missing scales pointer.
+ * the shapes fit (rows a multiple of 16, K of 128), and QuantLinear its dense int4 g32 parts (rows a
+ * multiple of 16, K of 32: the split activations then end in a shorter quad of blocks, whose values 16-31
+ * follow its values 0-15 at 16 bytes per block instead of 64); the tiles then replace the rows, scales
+ * and mins (one copy). kernels/moe.c, moe_few_rows.c, quant_project.c and quant_linear.c recognise such a
+ * weight by its missing scales pointer. fuselm_int4_rows16_linear is a whole dense layer (it beats the
+ * dequantise-then-GEMM path at every row count measured, 1-512), fuselm_int4_rows16_dequantize the float
+ * weight back.
  */
 #include <stdint.h>
 #include <string.h>
