@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(kernels is None or not kernels.has_simd_dense,
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 64, 131])
-@pytest.mark.parametrize("n, k", [(1, 1), (17, 3), (80, 96), (130, 257), (33, 600)])
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 3), (80, 96), (130, 257), (33, 600), (40, 1537)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_matches_float64(m, n, k, bias):
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
@@ -36,7 +36,7 @@ def test_dense_linear_matches_float64(m, n, k, bias):
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600), (1000, 520)])
+@pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600), (1000, 520), (70, 1537)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
     """Bit-for-bit: a row computed alone (the decode path) equals the same row inside 2..100 rows
@@ -120,7 +120,7 @@ def test_avx512_tiles_match_float64_and_the_avx2_bits(isa):
         pytest.skip(f"this CPU lacks {isa}")
     wide, narrow = load_kernels(isa), load_kernels("avx2")
     assert wide.has_simd_dense and narrow.has_simd_dense
-    for n, k in ((17, 3), (80, 96), (130, 257), (600, 40), (200, 300)):
+    for n, k in ((17, 3), (80, 96), (130, 257), (600, 40), (200, 300), (50, 1000)):
         g = torch.Generator().manual_seed(n + k)
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
         packed = wide.dense_pack(w)

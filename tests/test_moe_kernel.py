@@ -125,13 +125,13 @@ def test_float_experts_with_every_row_count_from_0_to_13():
 
 
 def test_huge_page_buffer_holds_what_is_written():
-    """kernels/huge_pages.py: the float32 expert buffer starts on a 2 MB boundary (Linux), has the asked size,
+    """kernels/huge_pages.py: a large float32 buffer starts on a 2 MB boundary (Linux), has the asked size,
     and keeps its values (it is a view into a larger allocation, which must stay alive)."""
     import sys
 
-    from fuselm.kernels.huge_pages import HUGE_PAGE, empty_float32
+    from fuselm.kernels.huge_pages import HUGE_MIN_BYTES, HUGE_PAGE, empty_float32
 
-    numel = 3 * HUGE_PAGE // 4 + 5  # 3 huge pages and a bit
+    numel = HUGE_MIN_BYTES // 4 + 5  # just past the size that takes huge pages
     buf = empty_float32(numel)
     assert buf.dtype == torch.float32 and buf.numel() == numel and buf.is_contiguous()
     if sys.platform.startswith("linux"):

@@ -28,6 +28,7 @@ import torch
 
 from fuselm.kernels import abi, build
 from fuselm.kernels.abi import DTYPE_CODES
+from fuselm.kernels.huge_pages import empty_float32
 
 logger = logging.getLogger("fuselm")
 
@@ -131,7 +132,7 @@ class CpuKernels:
         assert weight.dtype == torch.float32 and weight.dim() == 2
         weight = weight.contiguous()
         n, k = weight.shape
-        out = torch.empty(self._dense_size(n, k), dtype=torch.float32)
+        out = empty_float32(self._dense_size(n, k))  # the largest (an LM head) on huge pages
         self._dense_pack(weight.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads())
         return out
 

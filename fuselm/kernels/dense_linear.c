@@ -14,7 +14,10 @@
  * (AVX-512, loaded machine, one thread, best of 21 interleaved rounds, SmolLM2-135M shapes):
  * 1.3-1.5x at one row, 2.0-2.4x from 8 to 256 rows (benchmarks/kernel_isa.py). At one row the same
  * loop reads each panel once, sequentially, so decode streams the weight at memory speed. K is
- * blocked by KC so the panel slice and the x tile stay in L1; panels are split between threads.
+ * cut into blocks of at most KC_MAX (one block for K <= 768: a 12-row x tile of SmolLM2's K = 576 is
+ * 27 KB of a 48 KB L1, and each tile's outputs are stored once instead of after 256 + 256 + 64);
+ * from a tile of rows on, panels go in blocks that share one pass over the x rows, and each block's
+ * tiles prefetch the next block into L2 (Prefetch below); panels are split between threads.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -42,7 +45,7 @@
 
 #define NR 16
 #define TW (NR * TILE_PANELS) /* columns of a full tile */
-#define KC 256
+#define KC_MAX 768 /* the longest K block (k_block) */
 #define PANELS_PER_BLOCK 8 /* panels that share one pass over the x rows (their slices stay in L2) */
 
 int fuselm_dense_has_simd(void) { return FL_DENSE_SIMD; }
@@ -78,7 +81,7 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
  * chain from zero over k whatever the tile shape or ISA, so the AVX2 and AVX-512 tiles give the
  * same bits. first: start from bias (or 0) instead of y. Columns from `ncols` on are not stored. */
 #define FL_TILE_ARGS const float *x, int64_t ldx, const float *panel, int64_t stride, float *y, int64_t ldy, int64_t kc, \
-                     int ncols, int first, const float *bias
+                     int ncols, int first, const float *bias, const char *pf, int64_t pf_lines
 #if defined(__AVX512F__)
 #define FL_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps()
 #define FL_FMA(r)                                                        \
@@ -99,6 +102,7 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
         FL_ACC(6); FL_ACC(7); FL_ACC(8); FL_ACC(9); FL_ACC(10); FL_ACC(11);                                  \
         const float *next = panel + stride;                                                                  \
         for (int64_t k = 0; k < kc; k++) {                                                                   \
+            if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);                                        \
             const __m512 b0 = _mm512_loadu_ps(panel + k * NR);                                               \
             const __m512 b1 = PANELS > 1 ? _mm512_loadu_ps(next + k * NR) : b0;                              \
             FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                      \
@@ -128,6 +132,7 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
         (void)stride;                                                                                        \
         FL_ACC(0); FL_ACC(1); FL_ACC(2); FL_ACC(3); FL_ACC(4); FL_ACC(5);                                    \
         for (int64_t k = 0; k < kc; k++) {                                                                   \
+            if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);                                        \
             const __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);    \
             FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                      \
         }                                                                                                    \
@@ -139,6 +144,7 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
 #define FL_TILE(MRC, NP)                                                                                     \
     static void tile##MRC##_##NP(FL_TILE_ARGS) {                                                             \
         float out[MR][TW] = {{0}};                                                                           \
+        (void)pf, (void)pf_lines;                                                                            \
         for (int r = 0; r < MRC; r++)                                                                        \
             for (int64_t k = 0; k < kc; k++)                                                                 \
                 for (int j = 0; j < NR * NP; j++)                                                            \
@@ -164,15 +170,47 @@ static const tile_fn tiles[TILE_PANELS + 1][MR + 1] = {
     {NULL}, {NULL, tile1_1, tile2_1, tile3_1, tile4_1, tile5_1, tile6_1}};
 #endif
 
-/* Tiles of mr rows over panels [p_begin, p_end) for one KC block [k0, k0 + kc): TILE_PANELS
- * panels at a time, one at the end where fewer are left. */
+/* The length of the K blocks for a reduction of length K: one block up to KC_MAX, else equal blocks of at
+ * most KC_MAX. Every path (few rows, tiles, any split between threads) blocks K alike, so a row's sums do
+ * not depend on the path. */
+static inline int64_t k_block(int64_t K) {
+    if (K <= KC_MAX) return K;
+    const int64_t blocks = (K + KC_MAX - 1) / KC_MAX;
+    return (K + blocks - 1) / blocks;
+}
+
+/* Weight lines to bring into L2 while tiles compute: the panels a thread multiplies next. Decode steps
+ * stream every layer's weight from memory (SmolLM2-135M's 30 layers are ~425 MB in float32); without this
+ * the first row tile over each panel block waited for its slices: a one-thread C decode step of 64-256
+ * rows ran its projections at 196-239 GFLOP/s against 275-283 for the same shapes with their weights in
+ * cache, 222-248 with this (2-vCPU AMD EPYC with AVX-512, benchmarks/decode_gemm.py). The lines are
+ * spread over the tiles (`per_tile` each, one per k step of the tile's loop) so the loads overlap the
+ * arithmetic instead of queueing behind each other. */
+typedef struct {
+    const char *next;
+    int64_t left, per_tile;
+} Prefetch;
+
+static Prefetch prefetch_over(const float *from, int64_t floats, int64_t tiles_left) {
+    const int64_t lines = floats * (int64_t)sizeof(float) / 64;
+    Prefetch pf = {(const char *)from, from != NULL ? lines : 0, 0};
+    pf.per_tile = tiles_left > 0 ? (pf.left + tiles_left - 1) / tiles_left : 0;
+    return pf;
+}
+
+/* Tiles of mr rows over panels [p_begin, p_end) for one K block [k0, k0 + kc): TILE_PANELS
+ * panels at a time, one at the end where fewer are left; each takes its share of `pf`. */
 static void tile_run(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                     int mr, int64_t N, int64_t K, int64_t k0, int64_t kc, int64_t p_begin, int64_t p_end) {
+                     int mr, int64_t N, int64_t K, int64_t k0, int64_t kc, int64_t p_begin, int64_t p_end,
+                     Prefetch *pf) {
     for (int64_t p = p_begin; p < p_end;) {
         const int np = p + TILE_PANELS <= p_end ? TILE_PANELS : 1;
         const int64_t cols = N - p * NR < np * NR ? N - p * NR : np * NR;
+        int64_t lines = pf->per_tile < pf->left ? pf->per_tile : pf->left;
+        if (lines > kc) lines = kc;
         tiles[np][mr](x + k0, ldx, packed + (p * K + k0) * NR, K * NR, y + p * NR, ldy, kc, (int)cols, k0 == 0,
-                      bias != NULL ? bias + p * NR : NULL);
+                      bias != NULL ? bias + p * NR : NULL, pf->next, lines);
+        pf->next += lines * 64, pf->left -= lines;
         p += np;
     }
 }
@@ -182,11 +220,12 @@ static void tile_run(const float *x, int64_t ldx, const float *packed, const flo
 #define ROW_PASS_ROWS 6 /* up to this many rows take it at once (6 x 4 accumulators); 7-12 rows take it twice */
 /* R rows of x against the whole panels [p0, p1) that lie inside N, ROW_PANELS at a time: the 1-row tiles
  * above keep two FMA chains (two panels) in flight, which held an LM head GEMV to ~38 GB/s on one core.
- * Each output is summed as tile_run sums it (per KC block one chain from zero over k, blocks added in
+ * Each output is summed as tile_run sums it (per K block one chain from zero over k, blocks added in
  * turn, the bias after the first), so the bits are the same. Returns the first panel not done. */
 static inline __attribute__((always_inline)) int64_t row_panels(const float *x, int64_t ldx, const float *packed,
                                                                 const float *bias, float *y, int64_t ldy, int64_t N,
                                                                 int64_t K, int64_t p0, int64_t p1, const int R) {
+    const int64_t kb = k_block(K);
     int64_t p = p0;
     for (; p + ROW_PANELS <= p1 && (p + ROW_PANELS) * NR <= N; p += ROW_PANELS) {
         const float *w = packed + p * K * NR;
@@ -194,9 +233,9 @@ static inline __attribute__((always_inline)) int64_t row_panels(const float *x, 
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-            for (int j = 0; j < ROW_PANELS; j++) t[r][j] = _mm512_setzero_ps(); /* set by the first KC block */
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int j = 0; j < ROW_PANELS; j++) t[r][j] = _mm512_setzero_ps(); /* set by the first K block */
+        for (int64_t k0 = 0; k0 < K; k0 += kb) {
+            const int64_t k1 = k0 + kb < K ? k0 + kb : K;
 #pragma GCC unroll 6
             for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
@@ -261,15 +300,17 @@ static int64_t rows_panels_twice(const float *x, int64_t ldx, const float *packe
 }
 #endif
 
-/* Rows [m_begin, m_end) x panels [p0, p1) of y = x @ W^T (+ bias). */
+/* Rows [m_begin, m_end) x panels [p0, p1) of y = x @ W^T (+ bias). From a tile of rows on, each panel block's
+ * tiles prefetch the next block, and the last block `after` (after_floats floats; NULL: nothing). */
 static void panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                   int64_t m_begin, int64_t m_end, int64_t N, int64_t K, int64_t p0, int64_t p1) {
-    const int64_t M = m_end - m_begin;
+                   int64_t m_begin, int64_t m_end, int64_t N, int64_t K, int64_t p0, int64_t p1, const float *after,
+                   int64_t after_floats) {
+    const int64_t M = m_end - m_begin, kb = k_block(K);
     x += m_begin * ldx, y += m_begin * ldy;
     if (M <= MR) { /* one tile of rows (decode, speculative verification): the weight streams from memory,
-                    * so each panel is read once, front to back; blocking panels by KC (below) made 5 rows
+                    * so each panel is read once, front to back; blocking panels by K block (below) made 5 rows
                     * of SmolLM2's LM head take 2x one row's time. Each output is summed in the same order
-                    * on both paths (per KC block one FMA chain from zero, blocks added to y in turn, the
+                    * on both paths (per K block one FMA chain from zero, blocks added to y in turn, the
                     * bias after the first), so a row's result does not depend on how many rows share the
                     * call, nor on how the work is split: a verification computes bit for bit what plain
                     * decoding does (tests/test_dense_linear.py). */
@@ -279,18 +320,25 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
 #endif
         for (int64_t p = p0; p < p1; p += TILE_PANELS) {
             const int64_t pe = p + TILE_PANELS < p1 ? p + TILE_PANELS : p1;
-            for (int64_t k0 = 0; k0 < K; k0 += KC)
-                tile_run(x, ldx, packed, bias, y, ldy, (int)M, N, K, k0, K - k0 < KC ? K - k0 : KC, p, pe);
+            for (int64_t k0 = 0; k0 < K; k0 += kb) {
+                Prefetch none = {NULL, 0, 0}; /* the panels stream front to back: the hardware follows them */
+                tile_run(x, ldx, packed, bias, y, ldy, (int)M, N, K, k0, K - k0 < kb ? K - k0 : kb, p, pe, &none);
+            }
         }
         return;
     }
+    const int64_t row_tiles = (M + MR - 1) / MR, k_blocks = (K + kb - 1) / kb;
     for (int64_t pb = p0; pb < p1; pb += PANELS_PER_BLOCK) {
         const int64_t pe = pb + PANELS_PER_BLOCK < p1 ? pb + PANELS_PER_BLOCK : p1;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = K - k0 < KC ? K - k0 : KC;
+        const int64_t next_end = pe + PANELS_PER_BLOCK < p1 ? pe + PANELS_PER_BLOCK : p1;
+        const int64_t tiles_here = k_blocks * row_tiles * ((pe - pb + TILE_PANELS - 1) / TILE_PANELS);
+        Prefetch pf = pe < p1 ? prefetch_over(packed + pe * K * NR, (next_end - pe) * K * NR, tiles_here)
+                              : prefetch_over(after, after_floats, tiles_here);
+        for (int64_t k0 = 0; k0 < K; k0 += kb) {
+            const int64_t kc = K - k0 < kb ? K - k0 : kb;
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
                 const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-                tile_run(x + m0 * ldx, ldx, packed, bias, y + m0 * ldy, ldy, mr, N, K, k0, kc, pb, pe);
+                tile_run(x + m0 * ldx, ldx, packed, bias, y + m0 * ldy, ldy, mr, N, K, k0, kc, pb, pe, &pf);
             }
         }
     }
@@ -325,7 +373,7 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
 #else
             const int64_t t = 0, T = 1;
 #endif
-            panels(x, ldx, packed, bias, y, ldy, 0, M, N, K, num_panels * t / T, num_panels * (t + 1) / T);
+            panels(x, ldx, packed, bias, y, ldy, 0, M, N, K, num_panels * t / T, num_panels * (t + 1) / T, NULL, 0);
         }
         return;
     }
@@ -341,6 +389,10 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
         const int64_t pb = item / row_chunks * per_block, rc = item % row_chunks;
         const int64_t pe = pb + per_block < num_panels ? pb + per_block : num_panels;
         const int64_t m_end = (rc + 1) * ROW_CHUNK < M ? (rc + 1) * ROW_CHUNK : M;
-        panels(x, ldx, packed, bias, y, ldy, rc * ROW_CHUNK, m_end, N, K, pb, pe); /* one panel block */
+        /* each row chunk's item prefetches its share of the next panel block, which some thread takes next */
+        const int64_t next = ((pe + per_block < num_panels ? pe + per_block : num_panels) - pe) * K * NR;
+        const int64_t share0 = next * rc / row_chunks / 16 * 16, share1 = next * (rc + 1) / row_chunks / 16 * 16;
+        panels(x, ldx, packed, bias, y, ldy, rc * ROW_CHUNK, m_end, N, K, pb, pe, next > 0 ? packed + pe * K * NR + share0 : NULL,
+               share1 - share0); /* one panel block */
     }
 }
