@@ -1,8 +1,10 @@
 """Whole-model A/B of the int4 tiles (kernels/int4_rows16.c) against the QuantWeight layout, in one process.
 
-Two engines on the same GGUF file: one built with FUSELM_INT4_TILES=0 (the QuantWeight layout: quant_rows.c's
-rows, the dequantised GEMM for prompt chunks of 48 rows and more), one with the tiles. Rounds alternate the
-engines; each figure is the process CPU time (all threads; run with --threads 1 for one core's work), the
+Two engines on the same GGUF file: one built with FUSELM_INT4_TILES=experts (the dense projections in the
+QuantWeight layout: quant_rows.c's rows, the dequantised GEMM for prompt chunks of 48 rows and more; MoE
+experts in tiles, as before the dense tiles), one with the dense projections in tiles too. Rounds alternate the
+engines (both on the fixed rules' choices, FUSELM_KERNEL_CHOICE=rules, so both run the C layer step);
+each figure is the process CPU time (all threads; run with --threads 1 for one core's work), the
 least over rounds (the machine this was written on is shared and noisy):
 
     decode b=1     CPU per token of one sequence: (16 + 32 tokens) - (16 + 0), over 32
@@ -28,7 +30,8 @@ from fuselm.kernels.build import cpu_model_name
 
 
 def engine(model: str | None, tiles: bool) -> LLM:
-    os.environ["FUSELM_INT4_TILES"] = "1" if tiles else "0"
+    os.environ["FUSELM_INT4_TILES"] = "1" if tiles else "experts"  # MoE experts are in tiles on both sides
+    os.environ.setdefault("FUSELM_KERNEL_CHOICE", "rules")  # both engines on the C layer step, no timed choice
     llm = LLM(model, dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=512,
               enable_prefix_caching=False)
     print(f"# tiles={int(tiles)}: {llm.engine.runner.plan.linear}, layers {llm.engine.runner.plan.layers}")

@@ -77,7 +77,7 @@ class QuantLinear(LinearMethod):
         on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, Int4Rows16) else p.qweight.device.type == "cpu"
                      for p in self.parts)
         self.kernels = kernels if kernels is not None and on_cpu else None
-        if self.kernels is not None and not self.keep_layout and int4_rows16.tiles_enabled(kernels):
+        if self.kernels is not None and not self.keep_layout and int4_rows16.tiles_enabled(kernels, dense=True):
             self.parts = [Int4Rows16.pack(p) if isinstance(p, QuantWeight) and int4_rows16.fits(
                 p, p.out_features, k_multiple=32) else p for p in self.parts]
 
