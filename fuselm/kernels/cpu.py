@@ -39,6 +39,20 @@ class LibraryMismatch(RuntimeError):
     """The library is not the build its record describes (another key or ISA inside)."""
 
 
+def _weight_pointers(weight) -> tuple:
+    """(qweight, scales, mins) pointers of a QuantWeight, or (tiles, NULL, NULL) of an Int4Rows16: the C side
+    tells the tiles by their missing scales (quant_linear.c)."""
+    tiles = getattr(weight, "tiles", None)
+    if tiles is not None:
+        return tiles.data_ptr(), None, None
+    return (weight.qweight.data_ptr(), weight.scales.data_ptr(),
+            None if weight.mins is None else weight.mins.data_ptr())
+
+
+def _scale_code(weight) -> int:
+    return DTYPE_CODES[getattr(weight, "scale_dtype", None) or weight.scales.dtype]
+
+
 class CpuKernels:
     """One loaded build of the library (`isa`: its variant), with typed wrappers around its functions.
     Construction refuses a library whose ABI version, recorded build or structure layout differs."""
@@ -92,7 +106,8 @@ class CpuKernels:
         self.int4_rows16_available = bool(lib.fuselm_int4_rows16_available())
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
-        """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight on CPU.
+        """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight (or its
+        Int4Rows16 tiles, which always take rounded activations) on CPU.
 
         By default (with AVX2) x is rounded to int16 per 32 values for integer dot products (quant_linear.c,
         quant_rows.c; int4 groups, int8 groups of 16 or a multiple of 32); float_activations=True keeps x in
@@ -103,10 +118,8 @@ class CpuKernels:
         m, k = x.shape
         n = weight.out_features
         y = torch.empty((m, n), dtype=torch.float32)
-        sdt = DTYPE_CODES[weight.scales.dtype]
-        self._qlinear(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
-                      None if weight.mins is None else weight.mins.data_ptr(), None if bias is None else bias.data_ptr(),
-                      y.data_ptr(), m, n, k, weight.group_size, weight.bits, sdt, int(float_activations),
+        self._qlinear(x.data_ptr(), *_weight_pointers(weight), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+                      weight.group_size, weight.bits, _scale_code(weight), int(float_activations),
                       torch.get_num_threads())
         return y
 
@@ -149,16 +162,14 @@ class CpuKernels:
         return y
 
     def dequantize(self, weight) -> torch.Tensor:
-        """A QuantWeight as float32 [N, K], written into a scratch buffer shared by every layer (valid
+        """A QuantWeight (or Int4Rows16) as float32 [N, K], written into a scratch buffer shared by every layer (valid
         until the next call): prompt chunks multiply by it with a float GEMM."""
         n, k = weight.shape
         if self._scratch.numel() < n * k:
             self._scratch = torch.empty(n * k, dtype=torch.float32)
         out = self._scratch[: n * k].view(n, k)
-        sdt = DTYPE_CODES[weight.scales.dtype]
-        self._dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(),
-                         None if weight.mins is None else weight.mins.data_ptr(), out.data_ptr(), n, k,
-                         weight.group_size, weight.bits, sdt, torch.get_num_threads())
+        self._dequantize(*_weight_pointers(weight), out.data_ptr(), n, k, weight.group_size, weight.bits,
+                         _scale_code(weight), torch.get_num_threads())
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -128,6 +128,8 @@ typedef struct {
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
                          int num_threads);
 void fuselm_qacts_release(QActs *a);
+/* fuselm_qacts_prepare for int4 g32 tiles (int4_rows16.c): the split layout at any K % 32 == 0; 0 without VNNI. */
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads);
 /* y[m * ldy + n] for rows m in [m0, m0 + rows), weight rows n in [n0, n1); qweight/scales/mins at row 0. */
 void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
                   int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
@@ -142,6 +144,13 @@ int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
  * [n0, n1) (multiples of 16) of the tiles. */
 void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy);
+/* A dense layer in tiles: y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias), x rounded once, the rows split
+ * between threads. fuselm_qlinear_ld takes this path for a weight given with scales NULL (bits 4, G 32). */
+void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
+                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
+/* The tiles' weight as float32 [N, K] (q * scale + min), as fuselm_dequantize. */
+void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
+                                   int num_threads);
 
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 

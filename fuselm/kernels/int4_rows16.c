@@ -23,8 +23,13 @@
  * are, so a token's result does not depend on its batch.
  *
  * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI and
- * the shapes fit (rows a multiple of 16, K of 128); the tiles then replace the rows, scales and mins
- * (one copy). kernels/moe.c and moe_few_rows.c recognise such a QPart by its missing scales pointer.
+ * the shapes fit (rows a multiple of 16, K of 128), and QuantLinear its dense int4 g32 parts (rows a
+ * multiple of 16, K of 32: the split activations then end in a shorter quad of blocks, whose values 16-31
+ * follow its values 0-15 at 16 bytes per block instead of 64); the tiles then replace the rows, scales
+ * and mins (one copy). kernels/moe.c, moe_few_rows.c, quant_project.c and quant_linear.c recognise such a
+ * weight by its missing scales pointer. fuselm_int4_rows16_linear is a whole dense layer (it beats the
+ * dequantise-then-GEMM path at every row count measured, 1-512), fuselm_int4_rows16_dequantize the float
+ * weight back.
  */
 #include <stdint.h>
 #include <string.h>
@@ -32,6 +37,7 @@
 #include "fuselm_kernels.h"
 
 #define R16_PREFETCH_TILES 24 /* tiles fetched ahead of the one being multiplied */
+#define R16_CHUNK_ROWS 64     /* weight rows per work item of a dense layer (fuselm_int4_rows16_linear) */
 
 int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
     const int64_t scale_size = scale_dtype == FUSELM_F16 ? 2 : 4;
@@ -75,15 +81,18 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
             hi[v] = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
         }
         const __m512 scales = load_16(tile + 256, sdt), mins = load_16(tile + 256 + scale_bytes, sdt);
-        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16; /* the block's values 0-15 in the split layout */
+        /* the block's values 0-15 in the split layout, and how far on its values 16-31 are: 64 bytes in a whole
+         * quad of blocks, 16 per block in a shorter last one (quant_rows.c) */
+        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
+        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
         for (int m = 0; m < MT; m++) {
             const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
             __m512i hl = zero, hh = zero, ll = zero, lh = zero; /* four chains: halves x nibbles */
             for (int v = 0; v < 4; v++) {
                 hl = _mm512_dpbusd_epi32(hl, lo[v], broadcast4(h + 4 * v));
-                hh = _mm512_dpbusd_epi32(hh, hi[v], broadcast4(h + 64 + 4 * v));
+                hh = _mm512_dpbusd_epi32(hh, hi[v], broadcast4(h + high + 4 * v));
                 ll = _mm512_dpbusd_epi32(ll, lo[v], broadcast4(l + 4 * v));
-                lh = _mm512_dpbusd_epi32(lh, hi[v], broadcast4(l + 64 + 4 * v));
+                lh = _mm512_dpbusd_epi32(lh, hi[v], broadcast4(l + high + 4 * v));
             }
             const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(hl, hh), 8), _mm512_add_epi32(ll, lh));
             const float *xs = a->xs + (m0 + m) * blocks, *xg = a->xg + (m0 + m) * blocks;
@@ -118,7 +127,46 @@ void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *ti
     default: break;
     }
 }
-#else /* without VNNI nothing is repacked (fuselm_int4_rows16_available says so), so this is never reached */
+
+void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
+                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
+    QActs acts;
+    if (!fuselm_qacts_prepare_tiles(&acts, x, K, M, K, num_threads)) return; /* not on a build that has tiles */
+    const int64_t items = (N + R16_CHUNK_ROWS - 1) / R16_CHUNK_ROWS;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t n0 = item * R16_CHUNK_ROWS, n1 = n0 + R16_CHUNK_ROWS < N ? n0 + R16_CHUNK_ROWS : N;
+        fuselm_int4_rows16(&acts, 0, M, tiles, scale_dtype, n0, n1, y, ldy);
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++) y[m * ldy + n] += bias[n];
+    }
+    fuselm_qacts_release(&acts);
+}
+
+void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
+                                   int num_threads) {
+    const int64_t blocks = K / 32, tile_bytes = 256 + 2 * 16 * (scale_dtype == FUSELM_F16 ? 2 : 4);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t group = 0; group < N / 16; group++) {
+        for (int64_t kb = 0; kb < blocks; kb++) {
+            const uint8_t *tile = (const uint8_t *)tiles + (group * blocks + kb) * tile_bytes;
+            float scales[16], mins[16];
+            _mm512_storeu_ps(scales, load_16(tile + 256, scale_dtype));
+            _mm512_storeu_ps(mins, load_16(tile + 256 + (tile_bytes - 256) / 2, scale_dtype));
+            for (int r = 0; r < 16; r++) {
+                float *o = out + (group * 16 + r) * K + kb * 32;
+                for (int v = 0; v < 4; v++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t b = tile[64 * v + 4 * r + j];
+                        o[4 * v + j] = (float)(b & 0x0F) * scales[r] + mins[r];
+                        o[16 + 4 * v + j] = (float)(b >> 4) * scales[r] + mins[r];
+                    }
+            }
+        }
+    }
+}
+#else /* without VNNI nothing is repacked (fuselm_int4_rows16_available says so), so these are never reached */
 int fuselm_int4_rows16_available(void) {
     return 0;
 }
@@ -126,6 +174,17 @@ int fuselm_int4_rows16_available(void) {
 void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy) {
     (void)a, (void)m0, (void)rows, (void)tiles, (void)scale_dtype, (void)n0, (void)n1, (void)y, (void)ldy;
+}
+
+void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
+                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
+    (void)x, (void)tiles, (void)scale_dtype, (void)bias, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    (void)num_threads;
+}
+
+void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
+                                   int num_threads) {
+    (void)tiles, (void)scale_dtype, (void)out, (void)N, (void)K, (void)num_threads;
 }
 #endif
 

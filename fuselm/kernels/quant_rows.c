@@ -87,17 +87,20 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
 
 /* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout: per four blocks,
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
- * hold), the high bytes in xh and the low ones in xl. */
+ * hold), the high bytes in xh and the low ones in xl. A last quad of fewer blocks (K not a multiple of 128,
+ * which only int4_rows16.c reads) holds its r blocks' values 0-15, then their values 16-31 16 * r on. */
 static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs) {
-    for (int64_t kb = 0; kb < K / 32; kb++) {
+    const int64_t blocks = K / 32;
+    for (int64_t kb = 0; kb < blocks; kb++) {
         __m256i v[2];
         round_block(row + kb * 32, xs + kb, 32639.0f, &v[0], &v[1]);
         const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
-        for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 64 */
+        const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
+        for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 16 * in_quad */
             const __m256i high = _mm256_srai_epi16(_mm256_add_epi16(v[half], _mm256_set1_epi16(128)), 8); /* floor */
             const __m256i low = _mm256_sub_epi16(v[half], _mm256_slli_epi16(high, 8));
-            _mm_storeu_si128((__m128i *)(xh + base + 64 * half), _mm256_cvtepi16_epi8(high));
-            _mm_storeu_si128((__m128i *)(xl + base + 64 * half), _mm256_cvtepi16_epi8(low));
+            _mm_storeu_si128((__m128i *)(xh + base + 16 * in_quad * half), _mm256_cvtepi16_epi8(high));
+            _mm_storeu_si128((__m128i *)(xl + base + 16 * in_quad * half), _mm256_cvtepi16_epi8(low));
         }
     }
 }
@@ -111,15 +114,17 @@ static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
     }
 }
 
-int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
-                         int num_threads) {
+/* split_any_k: the split layout for int4 at any K % 32 == 0 (int4_rows16.c's tiles read tails), not only
+ * K % 128 == 0 (what fuselm_qrows's int4 rows read) */
+static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits, int num_threads,
+                   int split_any_k) {
     memset(a, 0, sizeof *a);
     /* a 32-block takes one scale (G a multiple of 32) or two (G = 16): an odd multiple of 16 such as 48
      * puts a group boundary inside a block, which only quant_linear.c's float path follows */
     if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
-    a->layout = QR_SPLIT && bits == 4 && K % 128 == 0 ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
+    a->layout = QR_SPLIT && bits == 4 && (K % 128 == 0 || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));
@@ -138,6 +143,19 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
         if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
     }
     return 1;
+}
+
+int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
+                         int num_threads) {
+    return prepare(a, x, ldx, M, K, G, bits, num_threads, 0);
+}
+
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads) {
+    if (!QR_SPLIT) {
+        memset(a, 0, sizeof *a);
+        return 0;
+    }
+    return prepare(a, x, ldx, M, K, 32, 4, num_threads, 1);
 }
 
 /* n scales of one weight row (float16 or float32) -> float. */
@@ -394,6 +412,12 @@ void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight,
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
                          int num_threads) {
     (void)x, (void)ldx, (void)M, (void)K, (void)G, (void)bits, (void)num_threads;
+    memset(a, 0, sizeof *a);
+    return 0;
+}
+
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads) {
+    (void)x, (void)ldx, (void)M, (void)K, (void)num_threads;
     memset(a, 0, sizeof *a);
     return 0;
 }

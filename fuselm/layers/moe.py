@@ -182,7 +182,7 @@ class GroupedExperts(LinearMethod):
                                         or not kernels.has_simd_dense) for w in weights):
             return "float experts run in C only as float32 with AVX2"
         parts, packed = [], []
-        tiles_run = getattr(kernels, "int4_rows16_available", False)
+        tiles_run = int4_rows16.tiles_enabled(kernels)
         for w in weights:
             if w.dense is not None:  # each expert in dense_linear.c's panels, end to end
                 flat = _packed_experts(kernels, w)

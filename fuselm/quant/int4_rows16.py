@@ -1,9 +1,10 @@
 """int4 g32 weights in kernels/int4_rows16.c's tiles: sixteen rows' 32-weight block, then their scales and mins.
 
-The C MoE path (GroupedExperts on CPU with AVX512_VNNI) repacks its int4 experts into these tiles once at
-load, and the tiles replace the QuantWeight's rows, scales and mins: one copy of the weights. What else
-reads the experts (the torch reference path, memory accounting, the plan line) goes through `Int4Rows16`,
-which answers like the QuantWeight it came from: `rows` unpacks a range of rows back into one.
+On CPU with AVX512_VNNI the C MoE path (GroupedExperts) and the dense quantised projections (QuantLinear:
+q/k/v, o, gate/up, down, an untied LM head) repack their int4 g32 weights into these tiles once at load, and
+the tiles replace the QuantWeight's rows, scales and mins: one copy of the weights. What else reads them
+(the torch reference path, memory accounting, the plan line) goes through `Int4Rows16`, which answers like
+the QuantWeight it came from: `rows` unpacks a range of rows back into one, `dequantize` the whole weight.
 
 A tile, for rows 16g..16g+15 and block b (weights 32b..32b+31), uint8:
 
@@ -16,6 +17,7 @@ stacked weight (N a multiple of 16 per expert) are one contiguous run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +31,24 @@ def tile_bytes(scale_dtype: torch.dtype) -> int:
     return 256 + 2 * TILE_ROWS * (2 if scale_dtype == torch.float16 else 4)
 
 
-def fits(q: QuantWeight, rows_per_expert: int) -> bool:
+def tiles_enabled(kernels, dense: bool = False) -> bool:
+    """Whether weights that fit are repacked into tiles (`dense`: a dense projection's, else MoE experts'): the
+    loaded build has the kernel (AVX512_VNNI) and FUSELM_INT4_TILES allows it. For comparisons, 0 keeps the
+    QuantWeight layout and quant_rows.c's kernels everywhere, `experts` tiles only the MoE experts."""
+    allowed = os.environ.get("FUSELM_INT4_TILES", "1")
+    return bool(getattr(kernels, "int4_rows16_available", False)) and allowed != "0" and not (
+        dense and allowed == "experts")
+
+
+def fits(q: QuantWeight, rows_per_expert: int, k_multiple: int = 128) -> bool:
     """Whether the tile kernel takes this weight: int4 in groups of 32 with float16/float32 scales and mins,
-    whole groups of sixteen rows per expert, and K a multiple of 128 (quant_rows.c's split activations)."""
+    whole groups of sixteen rows per expert, and K a multiple of `k_multiple`: 128 where the activations are
+    prepared for quant_rows.c's rows as well (kernels/moe.c), 32 for a dense layer (quant_rows.c's split
+    layout with a shorter last quad of blocks, which only the tiles read)."""
     return (q.bits == 4 and q.group_size == 32 and q.mins is not None
             and q.scales.dtype in (torch.float16, torch.float32) and q.mins.dtype == q.scales.dtype
-            and rows_per_expert % TILE_ROWS == 0 and q.in_features % 128 == 0 and q.qweight.device.type == "cpu")
+            and rows_per_expert % TILE_ROWS == 0 and q.in_features % k_multiple == 0
+            and q.qweight.device.type == "cpu")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 full-precision weight.
 
 On CPU with fuselm's C kernels the matmul runs in fuselm/kernels/quant_linear.c (weights widened
-32 at a time in registers). Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
+32 at a time in registers); on builds with AVX512_VNNI the int4 g32 parts are repacked at load into
+kernels/int4_rows16.c's sixteen-row tiles (fuselm/quant/int4_rows16.py), which replace them. Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
 path dequantises one layer's weight for the call and runs F.linear: correct everywhere, fast only
 where the GEMM dominates (large batches on a GPU).
 
@@ -17,11 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.layers.linear import LinearMethod
+from fuselm.quant import int4_rows16
 from fuselm.quant.formats import QuantWeight, stack_rows
+from fuselm.quant.int4_rows16 import Int4Rows16
 
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
+# Not for int4 g32 in tiles (int4_rows16.c): they beat the dequantised GEMM 1.4-3.3x at 48-512 rows
+# (benchmarks/int4_tiles.py, docs/performance.md), so tiled parts take the kernel at every row count.
 DEQUANTIZED_GEMM_ROWS = 48
 
 
@@ -41,7 +46,8 @@ class QuantLinear(LinearMethod):
     CPU (from DEQUANTIZED_GEMM_ROWS rows on: a float GEMM over a dequantised scratch copy) or by
     dequantising per call elsewhere."""
 
-    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> None:
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, keep_layout: bool = False) -> None:
+        """keep_layout: the parts are read elsewhere too (a tied embedding table) and must stay QuantWeights."""
         super().__init__()
         if not parts or any(p.in_features != parts[0].in_features for p in parts):
             raise ValueError("QuantLinear needs one or more weights with the same in_features")
@@ -52,28 +58,37 @@ class QuantLinear(LinearMethod):
         # allocated (Module.to_empty would otherwise wipe it)
         self.bias = bias
         self.kernels = None  # fuselm.kernels.cpu.CpuKernels, set by use_cpu_kernels()
+        self.keep_layout = keep_layout
 
     @property
     def kind(self) -> str:
         formats = "+".join(dict.fromkeys(f"int{p.bits}g{p.group_size}" for p in self.parts))
-        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}"
+        tiles = "-tiles" if any(isinstance(p, Int4Rows16) for p in self.parts) else ""
+        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}{tiles}"
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for p in self.parts for t in (p.qweight, p.scales, p.mins) if t is not None]
+        tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, Int4Rows16) else
+                                                   (p.qweight, p.scales, p.mins)) if t is not None]
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
-        self.kernels = kernels if kernels is not None and self.parts[0].qweight.device.type == "cpu" else None
+        """Multiply with `kernels` (None: the portable path). On builds with AVX512_VNNI the int4 g32 parts are
+        repacked into kernels/int4_rows16.c's tiles, which replace them (one copy of the weight)."""
+        on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, Int4Rows16) else p.qweight.device.type == "cpu"
+                     for p in self.parts)
+        self.kernels = kernels if kernels is not None and on_cpu else None
+        if self.kernels is not None and not self.keep_layout and int4_rows16.tiles_enabled(kernels, dense=True):
+            self.parts = [Int4Rows16.pack(p) if isinstance(p, QuantWeight) and int4_rows16.fits(
+                p, p.out_features, k_multiple=32) else p for p in self.parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None and x2.device.type == "cpu":
             xf = x2.float()
-            if xf.shape[0] >= DEQUANTIZED_GEMM_ROWS:
-                outs = [F.linear(xf, self.kernels.dequantize(p)) for p in self.parts]
-            else:
-                outs = [self.kernels.qlinear(xf, p, None) for p in self.parts]
+            gemm = xf.shape[0] >= DEQUANTIZED_GEMM_ROWS  # tiles beat it at every row count: they never take it
+            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm and not isinstance(p, Int4Rows16)
+                    else self.kernels.qlinear(xf, p, None) for p in self.parts]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:
                 y = y + self.bias.float()
