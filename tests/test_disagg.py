@@ -190,6 +190,37 @@ def test_slot_pool_never_reuses_slots_of_a_failed_transfer():
     pool.close()
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is not under /dev/shm here")
+def test_decode_engine_shutdown_removes_its_transfer_segment(tiny_llama):
+    """The decode side's segment (256 MB by default) is gone from /dev/shm once its engine shuts down,
+    also after the prefill side (here the same process) attached it."""
+    from fuselm.disagg.transport import attach
+
+    server, engine = start_instance(tiny_llama[0], "decode")
+    server.stop()
+    segment, _ = engine.receiver.slot_pool.take(1)
+    attach(segment.name, segment.block_bytes)
+    assert (SHM_DIR / segment.name).exists()
+    engine.shutdown()
+    assert not (SHM_DIR / segment.name).exists()
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is not under /dev/shm here")
+def test_segment_of_a_crashed_process_is_removed_by_its_resource_tracker():
+    """A process that made a segment and attached it itself, then died without closing it: the resource
+    tracker still removes the segment (attaching must not drop the creator's own registration)."""
+    code = ("import os; from fuselm.disagg.transport import SharedSlots, attach; s = SharedSlots(64, 4); "
+            "attach(s.name, 64); print(s.name, flush=True); os._exit(1)")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=60)
+    name = out.stdout.strip()
+    assert name, out.stderr
+    assert wait_until(lambda: not (SHM_DIR / name).exists(), 20), f"{name} is left in {SHM_DIR}"
+
+
 def test_sliding_window_model_is_refused(tmp_path):
     """A model with sliding-window layers keeps KV groups the transfer does not move: refused, not served wrong."""
     import transformers

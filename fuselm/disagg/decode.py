@@ -244,3 +244,8 @@ class DecodeEngine(AsyncLLMEngine):
             receiver = self.receiver
             self.call_soon(lambda: receiver.hold_until_admitted(request_id, held))
         return stream
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        super().shutdown(timeout)
+        if self.receiver is not None:  # the transfer segment would otherwise outlive the process in /dev/shm
+            self.receiver.slot_pool.close()

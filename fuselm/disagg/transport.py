@@ -83,6 +83,9 @@ class FrameReader:
         return index, slot, payload
 
 
+_created: set[str] = set()  # segments this process created (and its resource tracker unlinks if it dies)
+
+
 class SharedSlots:
     """A shared-memory segment of `num_slots` blocks: created by the decode side, attached by the prefill."""
 
@@ -92,11 +95,15 @@ class SharedSlots:
         if self.owner:
             self.shm = shared_memory.SharedMemory(create=True, size=max(1, block_bytes * num_slots))
             self.shm.buf[:] = bytes(len(self.shm.buf))  # touch every page now, not during transfers
+            _created.add(self.shm.name)
         else:
             self.shm = shared_memory.SharedMemory(name=name)
             # Attaching registers the segment with this process's resource tracker, which would unlink
-            # it when this process exits; the creator owns it.
-            resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
+            # it when this process exits; the creator owns it. When the creator is this very process
+            # (both instances in one process) the registration is the creator's own and stays: the
+            # tracker keeps one per name, and dropping it would leave the segment behind after a crash.
+            if self.shm.name not in _created:
+                resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
         self.name = self.shm.name
         self.num_slots = len(self.shm.buf) // block_bytes
         self.rows = torch.frombuffer(self.shm.buf, dtype=torch.uint8)[:self.num_slots * block_bytes].view(
@@ -108,10 +115,16 @@ class SharedSlots:
             raise ValueError(f"shared-memory slots {bad[:5]} are outside the segment")
 
     def close(self) -> None:
-        del self.rows
-        self.shm.close()
+        """Let go of the segment; its creator also removes its name, so the memory returns once every
+        process has let go."""
         if self.owner:
             self.shm.unlink()
+            _created.discard(self.name)
+        del self.rows
+        try:
+            self.shm.close()
+        except BufferError:  # a tensor still views the buffer: the mapping goes when that view does
+            pass
 
 
 class SlotPool:
