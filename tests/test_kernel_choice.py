@@ -65,6 +65,17 @@ def test_cache_key_follows_cpu_model_and_shapes(monkeypatch):
     assert other["cpu"] == "Another CPU" and cache_path(other) != cache_path(key)
 
 
+def test_cpu_name_tells_apart_hosts_with_the_same_model_name():
+    """Cloud guests on a Zen 4 and a Zen 5 host both read "AMD EPYC": family/model/stepping keep their
+    measured choices apart; the first processor's block is the one described."""
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    zen4 = block.format(0, 25, 17) + "\n" + block.format(1, 99, 99)
+    zen5 = block.format(0, 26, 2)
+    assert build.cpu_model_name(zen4) == "AMD EPYC (family 25 model 17 stepping 1)"
+    assert build.cpu_model_name(zen5) == "AMD EPYC (family 26 model 2 stepping 1)"
+    assert build.cpu_model_name("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"
+
+
 def _roles():
     return {"qkv": (torch.empty(4, 8), {"slow-default": None, "fast": None, "torch": None})}
 
@@ -173,3 +184,26 @@ def test_every_role_is_timed_where_the_c_layers_cannot_run(tiny_model_factory, m
     plan = llm.engine.runner.plan
     assert set(plan.measured) == {"qkv", "o", "gate_up", "down", "lm_head"} and plan.layers == "torch"
     assert all(plan.linear[role] == plan.measured[role].chosen for role in plan.measured)
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_simd_dense, reason="needs the C kernels with the fp32 GEMM")
+def test_router_faster_in_torch_does_not_cost_the_c_layer_step(tmp_path, monkeypatch):
+    """An MoE router is read by the C layer step: even where torch times faster on it alone, it keeps
+    fuselm's layout (untimed) and the C layer step stays, measured as a whole."""
+    from moe_models import make_tiny_moe
+
+    make_tiny_moe(tmp_path / "mixtral", "mixtral", expert_intermediate=256)
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+
+    def torch_always_fastest(candidates, in_features, dtype, rows):
+        return {kind: [1e-6 if kind == TorchLinear.kind else 1e-3] * len(rows) for kind in candidates}
+
+    monkeypatch.setattr(kernel_choice, "measure_linear", torch_always_fastest)
+    monkeypatch.setattr(kernel_choice, "measure_layer_step", lambda runner, steps: {"c": [1e-6] * len(steps), "torch": [1e-3] * len(steps)})
+    llm = LLM(str(tmp_path / "mixtral"), dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=32)
+    plan = llm.engine.runner.plan
+    assert "router" not in plan.measured and plan.linear["router"] != TorchLinear.kind
+    assert plan.layers == "c" and llm.engine.runner.model.c_layers is not None
+    assert plan.linear["lm_head"] == TorchLinear.kind  # the roles the C layers do not read are still measured
