@@ -61,6 +61,10 @@ def convert(hf_dir: Path, out_dir: Path) -> dict[str, Path]:
     f32 = out_dir / "llama-f32.gguf"
     llama = vendored_llama()
     if not f32.exists():
+        pydeps = PEERS / "pydeps"  # the converter imports sentencepiece; like llama_cpp.sh, kept out of the venv
+        if subprocess.run([sys.executable, "-c", "import sentencepiece"], env=dict(os.environ, PYTHONPATH=str(pydeps)),
+                          capture_output=True).returncode != 0:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--target", str(pydeps), "sentencepiece"], check=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama), str(llama / "gguf-py"), str(PEERS / "pydeps")]))
         subprocess.run([sys.executable, "-c", _CONVERT, str(llama), str(hf_dir), str(f32) + ".tmp"], check=True, env=env)
         Path(str(f32) + ".tmp").rename(f32)

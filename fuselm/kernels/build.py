@@ -209,15 +209,29 @@ class BuildError(RuntimeError):
     pass
 
 
-def cpu_model_name() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+def cpu_model_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's processor string elsewhere), with its
+    family, model and stepping where it gives them: cloud guests often see only "AMD EPYC", the same
+    string on a Zen 4 and a Zen 5 host, whose measured kernel choices and figures differ."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown"
+    ident = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                          ("stepping", "stepping")) if fields.get(key)]
+    return f"{name} ({' '.join(ident)})" if ident else name
 
 
 def build(variant: IsaVariant, compiler: Compiler, directory: Path | None = None) -> Built:
