@@ -255,7 +255,7 @@ def main() -> int:
     from fuselm.bench.report import machine_info
 
     machine = machine_info()
-    cpu = "-".join(str(machine.get("cpu_model") or "cpu").lower().split()[:3])
+    cpu = "-".join(str(machine.get("cpu_model") or "cpu").split(" (")[0].lower().split()[:3])
     path = Path(args.json or HERE / "results" / f"router-{args.mode}-{cpu}.json")
     path.write_text(json.dumps({"benchmark": f"router-{args.mode}", "machine": machine,
                                 "options": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows},
