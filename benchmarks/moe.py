@@ -35,6 +35,7 @@ import platform
 import subprocess
 import sys
 import time
+import statistics
 from pathlib import Path
 
 import torch
@@ -104,7 +105,8 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(5, 384, (batch, length), generator=g).tolist()
 
 
-def fuselm_figures(model: str, batches: list[int], tokens: int) -> dict:
+def fuselm_figures(model: str, batches: list[int], tokens: int, repeats: int = 1) -> dict:
+    """Decode tok/s at each batch (the median of `repeats` runs, each listed), the 1,024-token prompt, one MoE layer."""
     from fuselm import LLM, SamplingParams
 
     llm = LLM(model, dtype="float32", device="cpu", max_num_seqs=max(batches))
@@ -113,10 +115,15 @@ def fuselm_figures(model: str, batches: list[int], tokens: int) -> dict:
     for b in batches:
         ps = prompts(b, 16, seed=b)
         llm.generate(ps, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)  # prefix-cache the prompts
-        res = llm.generate(ps, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
-        first = min(o.metrics.first_token_time for o in res)
-        last = max(o.metrics.last_token_time for o in res)
-        out[f"decode_batch{b}_tok_s"] = round(b * (tokens - 1) / (last - first), 2)
+        runs = []
+        for _ in range(repeats):
+            res = llm.generate(ps, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+            first = min(o.metrics.first_token_time for o in res)
+            last = max(o.metrics.last_token_time for o in res)
+            runs.append(round(b * (tokens - 1) / (last - first), 2))
+        out[f"decode_batch{b}_tok_s"] = statistics.median(runs)
+        if repeats > 1:
+            out[f"decode_batch{b}_runs"] = runs
     long = prompts(1, 1024, seed=99)
     llm.generate(prompts(1, 64, seed=98), SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)  # warm-up
     seconds = _timed(lambda: llm.generate(long, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
@@ -174,6 +181,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per request (fuselm)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="decode runs per batch size; the median is reported (llama-bench repeats 5 by default)")
     ap.add_argument("--hf-tokens", type=int, default=10, help="decode tokens per request (HF transformers)")
     ap.add_argument("--build-dir", default=str(HERE.parent / ".build" / "moe-bench"))
     ap.add_argument("--skip-hf", action="store_true")
@@ -192,8 +201,8 @@ def main() -> None:
               "load_average_at_start": os.getloadavg()[0]}
     stream = measure_stream_gbps()  # the roofline tool's figure, which the MoE layer is set against
     result["stream_bandwidth"] = {k: round(v, 2) for k, v in stream.items()}
-    result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens)
-    result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens)
+    result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens, args.repeats)
+    result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens, args.repeats)
     if not args.skip_hf:
         result["hf_transformers_float32"] = hf_figures(hf_dir, batches, args.hf_tokens)
     if args.llama_cpp:  # llama.cpp's own conversion and Q4_0 of hf_dir; fuselm also runs that Q4_0 file
@@ -203,7 +212,7 @@ def main() -> None:
         peer = moe_llama_cpp.llama_cpp_figures(hf_dir, gguf_path.parent, result["threads"], prompts(4, 16, seed=7), 16)
         result["llama_cpp"] = peer
         for precision in ("q4_0", "q8_0"):
-            result[f"fuselm_llama_cpp_{precision}"] = fuselm_figures(peer["files"][precision], batches, args.tokens)
+            result[f"fuselm_llama_cpp_{precision}"] = fuselm_figures(peer["files"][precision], batches, args.tokens, args.repeats)
     result["load_average_at_end"] = os.getloadavg()[0]  # other processes on these cores skew every figure
     for name in ("fuselm_float32", "fuselm_gguf_q4_0", "fuselm_llama_cpp_q4_0", "fuselm_llama_cpp_q8_0"):
         if name not in result:

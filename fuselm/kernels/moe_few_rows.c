@@ -113,15 +113,8 @@ int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64
                             for (int64_t h = n0; h < n1; h++) yd[p * H + h] *= w;
                         }
                     }
-                    for (int64_t t = 0; t < T; t++) { /* the combine of these columns, in slot order */
-                        float *o = out + t * H;
-                        const float *first = yd + pos[t * top_k] * H;
-                        for (int64_t h = n0; h < n1; h++) o[h] = first[h];
-                        for (int64_t s = 1; s < top_k; s++) {
-                            const float *y = yd + pos[t * top_k + s] * H;
-                            for (int64_t h = n0; h < n1; h++) o[h] += y[h];
-                        }
-                    }
+                    for (int64_t t = 0; t < T; t++) /* the combine of these columns */
+                        fuselm_moe_combine(out, yd, pos, t, top_k, H, n0, n1);
                 }
             }
         }

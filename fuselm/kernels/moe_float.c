@@ -94,15 +94,7 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            float *o = out + t * H;
-            const float *first = yd + pos[t * top_k] * H;
-            for (int64_t h = 0; h < H; h++) o[h] = first[h];
-            for (int64_t j = 1; j < top_k; j++) {
-                const float *y = yd + pos[t * top_k + j] * H;
-                for (int64_t h = 0; h < H; h++) o[h] += y[h];
-            }
-        }
+        for (int64_t t = 0; t < T; t++) fuselm_moe_combine(out, yd, pos, t, top_k, H, 0, H);
     }
     free(done), free(active), free(yd), free(act), free(gu), free(xs);
 }
