@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import statistics
@@ -194,9 +193,9 @@ def main() -> None:
     shape = SHAPES[args.shape]
     batches = [int(b) for b in args.batches.split(",")]
     hf_dir, gguf_path = build(shape, Path(args.build_dir) / args.shape)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    result = {"shape": shape, "cpu": model_name, "threads": torch.get_num_threads(), "python": platform.python_version(),
+    from fuselm.kernels.build import cpu_model_name
+
+    result = {"shape": shape, "cpu": cpu_model_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
               "torch": torch.__version__, "command": " ".join(sys.argv),
               "load_average_at_start": os.getloadavg()[0]}
     stream = measure_stream_gbps()  # the roofline tool's figure, which the MoE layer is set against

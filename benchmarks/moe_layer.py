@@ -26,6 +26,7 @@ import time
 import torch
 
 from fuselm.bench.roofline import measure_stream_gbps
+from fuselm.kernels.build import cpu_model_name
 from fuselm.kernels.cpu import get_kernels
 from fuselm.layers.moe import GroupedExperts
 from fuselm.quant.formats import QuantWeight
@@ -92,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     stream = measure_stream_gbps()
-    result = {"threads": args.threads, "load_average_at_start": os.getloadavg()[0],
+    result = {"cpu": cpu_model_name(), "threads": args.threads, "load_average_at_start": os.getloadavg()[0],
               "stream_gbps": round(stream["stream_gbps"], 2)}
     for fmt in args.formats.split(","):
         if fmt not in LAYERS:
