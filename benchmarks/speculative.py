@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import time
 from datetime import datetime
 from pathlib import Path
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         r["identical_to_plain"] = r["token_ids"] == plain[r["batch"]]["token_ids"]
     for r in results:
         del r["token_ids"]
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": platform.processor() or platform.machine(),
+    from fuselm.kernels.build import cpu_model_name
+
+    report = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model_name(),
               "model": args.model or "embedded SmolLM2-135M-Instruct", "draft_model": args.draft_model,
               "dtype": str(parse_dtype(args.dtype, "cpu")).removeprefix("torch."), "max_tokens": args.max_tokens,
               "k": args.k, "workload": args.workload, "results": results}
