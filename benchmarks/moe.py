@@ -32,9 +32,9 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
-import statistics
 from pathlib import Path
 
 import torch

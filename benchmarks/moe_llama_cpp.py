@@ -65,7 +65,7 @@ def convert(hf_dir: Path, out_dir: Path) -> dict[str, Path]:
         if subprocess.run([sys.executable, "-c", "import sentencepiece"], env=dict(os.environ, PYTHONPATH=str(pydeps)),
                           capture_output=True).returncode != 0:
             subprocess.run([sys.executable, "-m", "pip", "install", "--target", str(pydeps), "sentencepiece"], check=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama), str(llama / "gguf-py"), str(PEERS / "pydeps")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama), str(llama / "gguf-py"), str(pydeps)]))
         subprocess.run([sys.executable, "-c", _CONVERT, str(llama), str(hf_dir), str(f32) + ".tmp"], check=True, env=env)
         Path(str(f32) + ".tmp").rename(f32)
     files = {"f32": f32}

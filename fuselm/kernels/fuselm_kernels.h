@@ -218,9 +218,6 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
 
 /* ---- mixture-of-experts feed-forward, every routed expert of a step in one call (moe.c) ---- */
 
-/* out [T, hidden] = sum over each token's top_k (expert, weight) pairs of weight * down(silu(gate(x)) * up(x)).
- * gate/up/down: every expert's weight end to end, one QPart each (n, k per expert; bits 4/8 quantised rows,
- * bits 32 dense_linear.c panels of fuselm_dense_packed_size(n, k) floats per expert). */
 /* Token t's output columns [h0, h1): the sum of its top_k expert rows of yd (row pos[t * top_k + s] for
  * slot s), added in slot order, which fixes the rounding every MoE path shares. */
 static inline void fuselm_moe_combine(float *out, const float *yd, const int64_t *pos, int64_t t, int64_t top_k,
@@ -234,6 +231,9 @@ static inline void fuselm_moe_combine(float *out, const float *yd, const int64_t
     }
 }
 
+/* out [T, hidden] = sum over each token's top_k (expert, weight) pairs of weight * down(silu(gate(x)) * up(x)).
+ * gate/up/down: every expert's weight end to end, one QPart each (n, k per expert; bits 4/8 quantised rows,
+ * bits 32 dense_linear.c panels of fuselm_dense_packed_size(n, k) floats per expert). */
 void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
                         int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
                         int float_activations, int num_threads);
