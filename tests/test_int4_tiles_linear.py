@@ -73,7 +73,7 @@ def test_weights_that_keep_their_layout(monkeypatch):
     g = torch.Generator().manual_seed(2)
     kept = [_int4(40, 256, torch.float16, g),  # rows not a multiple of 16
             quantize_int4(torch.randn(32, 256, generator=g), 64),  # groups of 64
-            quantize_int8(torch.randn(32, 256, generator=g), 32)]
+            quantize_int8(torch.randn(32, 256, generator=g), -1)]  # int8 per channel (int8 g32: test_int8_rows16.py)
     for q in kept:
         layer = QuantLinear([q])
         layer.use_cpu_kernels(kernels)

@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 6  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 7  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -100,7 +100,9 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_dequantize": ([_P, _P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT], None),
     "fuselm_qacts_prepare": ([_P, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "fuselm_qacts_release": ([_P], None),
-    "fuselm_qacts_prepare_tiles": ([_P, _P, _I64, _I64, _I64, _INT], _INT),
+    "fuselm_qacts_prepare_tiles": ([_P, _P, _I64, _I64, _I64, _INT, _INT], _INT),
+    "fuselm_qacts_prepare_part": ([_P, _P, _P, _I64, _I64, _INT], _INT),
+    "fuselm_qacts_fit": ([_P, _P], _INT),
     "fuselm_qrows": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _I64], None),
     "fuselm_dense_has_simd": ([], _INT),
     "fuselm_dense_packed_size": ([_I64, _I64], _I64),
@@ -118,7 +120,11 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_int4_rows16": ([_P, _I64, _I64, _P, _INT, _I64, _I64, _P, _I64], None),
     "fuselm_int4_rows16_linear": ([_P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _INT], None),
     "fuselm_int4_rows16_dequantize": ([_P, _INT, _P, _I64, _I64, _INT], None),
-    "fuselm_int4_rows16_expert": ([_P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64], None),
+    "fuselm_int8_rows16_bytes": ([_I64, _I64, _INT], _I64),
+    "fuselm_int8_rows16": ([_P, _I64, _I64, _P, _INT, _I64, _I64, _P, _I64], None),
+    "fuselm_int8_rows16_linear": ([_P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _INT], None),
+    "fuselm_int8_rows16_dequantize": ([_P, _INT, _P, _I64, _I64, _INT], None),
+    "fuselm_rows16_expert": ([_P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64], None),
     "fuselm_moe_experts_few": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], _INT),
     "fuselm_moe_float_experts": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _INT], None),
 }

@@ -21,7 +21,7 @@ from fuselm.kernels.abi import DTYPE_CODES, MAX_PARTS as _MAX_PARTS
 from fuselm.kernels.abi import QLayer as _QLayer, QModelDims as _QModelDims, QPart as _QPart, QProj as _QProj
 from fuselm.kernels.c_moe import MoELayers, unsupported_reason as _moe_unsupported_reason
 from fuselm.layers.moe import MoEBlock
-from fuselm.quant.int4_rows16 import Int4Rows16
+from fuselm.quant.tiles import TILED
 
 # the structures mirror fuselm_kernels.h (fuselm/kernels/abi.py); their layout is checked when the library loads
 _KV_DTYPES = {dtype: DTYPE_CODES[dtype] for dtype in (torch.float32, torch.bfloat16, torch.int8)}
@@ -38,8 +38,8 @@ def _proj(module) -> _QProj:
         return proj
     proj.num_parts = len(module.parts)
     for i, p in enumerate(module.parts):
-        if isinstance(p, Int4Rows16):  # int4_rows16.c's tiles: the C side tells them by their missing scales
-            proj.parts[i] = _QPart(p.tiles.data_ptr(), None, None, p.out_features, p.in_features, 32, 4,
+        if isinstance(p, TILED):  # int4_rows16.c's or int8_rows16.c's tiles: the C side tells them by their missing scales
+            proj.parts[i] = _QPart(p.tiles.data_ptr(), None, None, p.out_features, p.in_features, 32, p.bits,
                                    DTYPE_CODES[p.scale_dtype])
             continue
         proj.parts[i] = _QPart(p.qweight.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
@@ -93,12 +93,12 @@ class CLayers:
         # The C halves multiply quantised weights with fuselm_qlinear at every row count; for long
         # chunks the torch layer's dequantise-then-GEMM is faster (fuselm/quant/linear.py), so
         # quantised models take the halves only for steps below that crossover, unless every quantised
-        # part is in int4_rows16.c's tiles, which beat that GEMM at every row count.
+        # part is in tiles (fuselm/quant/tiles.py), which beat that GEMM at every row count.
         from fuselm.kernels.dense_linear import DenseLinear
         from fuselm.quant.linear import DEQUANTIZED_GEMM_ROWS
 
         def without_crossover(module) -> bool:
-            return isinstance(module, DenseLinear) or all(isinstance(p, Int4Rows16) for p in module.parts)
+            return isinstance(module, DenseLinear) or all(isinstance(p, TILED) for p in module.parts)
 
         whole = all(without_crossover(m) for layer in layers for m in _projections(layer))
         self.max_prompt_step_tokens = None if whole else DEQUANTIZED_GEMM_ROWS - 1

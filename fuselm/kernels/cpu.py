@@ -40,8 +40,8 @@ class LibraryMismatch(RuntimeError):
 
 
 def _weight_pointers(weight) -> tuple:
-    """(qweight, scales, mins) pointers of a QuantWeight, or (tiles, NULL, NULL) of an Int4Rows16: the C side
-    tells the tiles by their missing scales (quant_linear.c)."""
+    """(qweight, scales, mins) pointers of a QuantWeight, or (tiles, NULL, NULL) of an Int4Rows16 / Int8Rows16:
+    the C side tells the tiles by their missing scales (quant_linear.c)."""
     tiles = getattr(weight, "tiles", None)
     if tiles is not None:
         return tiles.data_ptr(), None, None
@@ -102,12 +102,12 @@ class CpuKernels:
         self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
         # every routed expert of an MoE layer in one call (moe.c; fuselm/layers/moe.py builds its QParts)
         self.moe_experts_fn = lib.fuselm_moe_experts
-        # int4 g32 experts repacked sixteen rows to a tile (int4_rows16.c; builds with AVX512_VNNI)
+        # int4/int8 g32 weights repacked sixteen rows to a tile (int4_rows16.c, int8_rows16.c; AVX512_VNNI builds)
         self.int4_rows16_available = bool(lib.fuselm_int4_rows16_available())
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight (or its
-        Int4Rows16 tiles, which always take rounded activations) on CPU.
+        Int4Rows16 / Int8Rows16 tiles, which always take rounded activations) on CPU.
 
         By default (with AVX2) x is rounded to int16 per 32 values for integer dot products (quant_linear.c,
         quant_rows.c; int4 groups, int8 groups of 16 or a multiple of 32); float_activations=True keeps x in
@@ -162,7 +162,7 @@ class CpuKernels:
         return y
 
     def dequantize(self, weight) -> torch.Tensor:
-        """A QuantWeight (or Int4Rows16) as float32 [N, K], written into a scratch buffer shared by every layer (valid
+        """A QuantWeight (or its tiles) as float32 [N, K], written into a scratch buffer shared by every layer (valid
         until the next call): prompt chunks multiply by it with a float GEMM."""
         n, k = weight.shape
         if self._scratch.numel() < n * k:

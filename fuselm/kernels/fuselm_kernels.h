@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 6
+#define FUSELM_ABI_VERSION 7
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -113,13 +113,15 @@ void fuselm_dequantize(const void *qweight, const void *scales, const void *mins
 /* ---- quantised weight rows against activations rounded once per call (quant_rows.c) ---- */
 
 /* x [M, K] rounded to int16 levels per 32 values (xs: one scale per 32) and, for int4, x's float sums per
- * group of G (xg). The levels are int16 (xq) or, for int4 with VNNI, split in high and low int8 halves
- * (xh, xl), in the lane order quant_rows.c's int4 blocks read. layout 0: not prepared. */
+ * group of G (xg). The levels are int16 (xq) or, for int4 and the tiles with VNNI, split in high and low int8
+ * halves (xh, xl), in the lane order quant_rows.c's int4 blocks read, with each block's level sum (xv).
+ * layout 0: not prepared. */
 enum { FUSELM_QACTS_NONE = 0, FUSELM_QACTS_INT16 = 1, FUSELM_QACTS_SPLIT8 = 2 };
 typedef struct {
     int16_t *xq;
     int8_t *xh, *xl;
     float *xs, *xg;
+    int32_t *xv;
     int64_t M, K, G;
     int32_t bits, layout;
 } QActs;
@@ -128,8 +130,10 @@ typedef struct {
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
                          int num_threads);
 void fuselm_qacts_release(QActs *a);
-/* fuselm_qacts_prepare for int4 g32 tiles (int4_rows16.c): the split layout at any K % 32 == 0; 0 without VNNI. */
-int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads);
+/* fuselm_qacts_prepare for int4 or int8 (bits) g32 tiles (int4_rows16.c, int8_rows16.c): the split layout at any
+ * K % 32 == 0; 0 without VNNI. */
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
+                               int num_threads);
 /* y[m * ldy + n] for rows m in [m0, m0 + rows), weight rows n in [n0, n1); qweight/scales/mins at row 0. */
 void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
                   int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
@@ -150,6 +154,20 @@ void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtyp
                                int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
 /* The tiles' weight as float32 [N, K] (q * scale + min), as fuselm_dequantize. */
 void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
+                                   int num_threads);
+
+/* ---- int8 g32 weights sixteen rows to a tile (int8_rows16.c; fuselm/quant/int8_rows16.py packs them) ---- */
+
+/* Available where fuselm_int4_rows16_available says. Bytes of an [N, K] weight's tiles (N a multiple of 16, K of 32). */
+int64_t fuselm_int8_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
+/* As fuselm_int4_rows16, for int8 tiles (activations from fuselm_qacts_prepare_tiles with bits 8). */
+void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy);
+/* A dense layer in int8 tiles (fuselm_qlinear_ld's path for bits 8 with scales NULL). */
+void fuselm_int8_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
+                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
+/* The tiles' weight as float32 [N, K] (q * scale). */
+void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads);
 
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
@@ -242,9 +260,13 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
 void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,
                               const int64_t *offsets, const int64_t *pos, const int64_t *src, const QPart *gate,
                               const QPart *up, const QPart *down, float *out, int num_threads);
-/* Expert e of a stacked QPart in tiles (bits 4, scales NULL: every expert's tiles end to end), as
- * fuselm_int4_rows16. */
-void fuselm_int4_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
+/* fuselm_qacts_prepare or, for a part in tiles (scales NULL), fuselm_qacts_prepare_tiles: x [M, w->k] rounded for w. */
+int fuselm_qacts_prepare_part(QActs *a, const QPart *w, const float *x, int64_t ldx, int64_t M, int num_threads);
+/* 1 when activations prepared for one part can be read by part w (same bits, group, K and layout). */
+int fuselm_qacts_fit(const QActs *a, const QPart *w);
+/* Expert e of a stacked QPart in tiles (bits 4 or 8, scales NULL: every expert's tiles end to end), as
+ * fuselm_int4_rows16 or fuselm_int8_rows16. */
+void fuselm_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
                                int64_t n1, float *y, int64_t ldy);
 /* moe_few_rows.c: fuselm_moe_experts for a decode step's few (token, slot) assignments of quantised experts in one
  * parallel region, the same bits; 0 (nothing written) where it does not apply. */

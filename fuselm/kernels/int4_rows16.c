@@ -131,7 +131,7 @@ void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *ti
 void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
                                int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
     QActs acts;
-    if (!fuselm_qacts_prepare_tiles(&acts, x, K, M, K, num_threads)) return; /* not on a build that has tiles */
+    if (!fuselm_qacts_prepare_tiles(&acts, x, K, M, K, 4, num_threads)) return; /* not on a build that has tiles */
     const int64_t items = (N + R16_CHUNK_ROWS - 1) / R16_CHUNK_ROWS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t item = 0; item < items; item++) {
@@ -188,8 +188,13 @@ void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
 }
 #endif
 
-void fuselm_int4_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
-                               int64_t n1, float *y, int64_t ldy) {
+void fuselm_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0, int64_t n1,
+                          float *y, int64_t ldy) {
+    if (w->bits == 8) {
+        const char *tiles = (const char *)w->qweight + e * fuselm_int8_rows16_bytes(w->n, w->k, w->scale_dtype);
+        fuselm_int8_rows16(a, m0, rows, tiles, w->scale_dtype, n0, n1, y, ldy);
+        return;
+    }
     const char *tiles = (const char *)w->qweight + e * fuselm_int4_rows16_bytes(w->n, w->k, w->scale_dtype);
     fuselm_int4_rows16(a, m0, rows, tiles, w->scale_dtype, n0, n1, y, ldy);
 }

@@ -38,8 +38,8 @@ typedef struct {
  * activations `acts` rounded once for the whole call (quant_rows.c) when it holds them. */
 static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, const float *x, int64_t ldx, int64_t M,
                         float *y, int64_t ldy, int64_t n0, int64_t n1, int float_activations) {
-    if (w->bits == 4 && w->scales == NULL) { /* int4 tiles (int4_rows16.c) */
-        fuselm_int4_rows16_expert(w, e, acts, r0, M, n0, n1, y - r0 * ldy, ldy);
+    if (w->bits != 32 && w->scales == NULL) { /* int4 or int8 tiles (int4_rows16.c, int8_rows16.c) */
+        fuselm_rows16_expert(w, e, acts, r0, M, n0, n1, y - r0 * ldy, ldy);
         return;
     }
     if (w->bits == 32) {
@@ -66,10 +66,10 @@ static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0
 static void prepare_acts(QActs *acts, const QActs *same, const QPart *w, const float *x, int64_t A,
                          int float_activations, int num_threads) {
     memset(acts, 0, sizeof *acts);
-    if (same != NULL && same->layout != FUSELM_QACTS_NONE && same->bits == w->bits && same->G == w->group)
+    if (same != NULL && fuselm_qacts_fit(same, w))
         *acts = *same;
     else if (w->bits != 32 && (!float_activations || w->scales == NULL)) /* tiles take only rounded ones */
-        fuselm_qacts_prepare(acts, x, w->k, A, w->k, w->group, w->bits, num_threads);
+        fuselm_qacts_prepare_part(acts, w, x, w->k, A, num_threads);
 }
 
 /* Items for the given projections of every expert with rows: MOE_CHUNK output rows each. */

@@ -42,8 +42,8 @@ static void expert_part(const QPart *w, int64_t e, const void **q, const void **
 /* Rows [n0, n1) of expert e of w for sorted rows [r0, r0 + rows), into y (row r0 of the output, stride ldy). */
 static void expert_rows(const QPart *w, int64_t e, const QActs *acts, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
                         float *y, int64_t ldy) {
-    if (w->scales == NULL) { /* int4 tiles (int4_rows16.c) */
-        fuselm_int4_rows16_expert(w, e, acts, r0, rows, n0, n1, y - r0 * ldy, ldy);
+    if (w->scales == NULL) { /* int4 or int8 tiles (int4_rows16.c, int8_rows16.c) */
+        fuselm_rows16_expert(w, e, acts, r0, rows, n0, n1, y - r0 * ldy, ldy);
         return;
     }
     const void *q, *s, *m;
@@ -75,12 +75,12 @@ int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64
     for (int64_t p = 0; p < A; p++) memcpy(xs + p * H, x + (src[p] / top_k) * H, (size_t)H * sizeof(float));
     QActs acts_gate, acts_up, acts_down;
     memset(&acts_up, 0, sizeof acts_up), memset(&acts_down, 0, sizeof acts_down);
-    int ready = fuselm_qacts_prepare(&acts_gate, xs, H, A, H, gate->group, gate->bits, 1);
-    const int shared_acts = ready && up->bits == gate->bits && up->group == gate->group;
+    int ready = fuselm_qacts_prepare_part(&acts_gate, gate, xs, H, A, 1);
+    const int shared_acts = ready && fuselm_qacts_fit(&acts_gate, up);
     if (shared_acts)
         acts_up = acts_gate;
     else
-        ready = ready && fuselm_qacts_prepare(&acts_up, xs, H, A, H, up->group, up->bits, 1);
+        ready = ready && fuselm_qacts_prepare_part(&acts_up, up, xs, H, A, 1);
     int down_ready = 1;
     const int64_t up_items = (I + MOE_FEW_CHUNK - 1) / MOE_FEW_CHUNK, down_items = (H + MOE_FEW_CHUNK - 1) / MOE_FEW_CHUNK;
     if (ready) {
@@ -100,7 +100,7 @@ int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64
                     }
             }
 #pragma omp single
-            down_ready = fuselm_qacts_prepare(&acts_down, act, I, A, I, down->group, down->bits, 1);
+            down_ready = fuselm_qacts_prepare_part(&acts_down, down, act, I, A, 1);
             if (down_ready) {
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t item = 0; item < down_items; item++) {

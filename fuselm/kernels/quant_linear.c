@@ -382,14 +382,18 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
 
 /* float_activations: 1 keeps x in float (exact weight-only arithmetic, slower); 0 rounds x to int16
  * per 32 values for integer dot products where the CPU has AVX2 (the scalar build is always float):
- * quant_rows.c's kernels where the build has AVX-512, else the AVX2 ones above. An int4 g32 weight in
- * int4_rows16.c's tiles comes with scales NULL (the tiles hold them) and always takes rounded activations. */
+ * quant_rows.c's kernels where the build has AVX-512, else the AVX2 ones above. An int4 or int8 g32 weight in
+ * int4_rows16.c's or int8_rows16.c's tiles comes with scales NULL (the tiles hold them) and always takes rounded
+ * activations. */
 /* y has row stride ldy (>= N): a fused projection writes each part into its columns. */
 void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
                        int float_activations, int num_threads) {
-    if (bits == 4 && scales == NULL) { /* int4 g32 in sixteen-row tiles (int4_rows16.c): rounded activations only */
-        fuselm_int4_rows16_linear(x, qweight, scale_dtype, bias, y, ldy, M, N, K, num_threads);
+    if (scales == NULL) { /* g32 in sixteen-row tiles (int4_rows16.c, int8_rows16.c): rounded activations only */
+        if (bits == 8)
+            fuselm_int8_rows16_linear(x, qweight, scale_dtype, bias, y, ldy, M, N, K, num_threads);
+        else
+            fuselm_int4_rows16_linear(x, qweight, scale_dtype, bias, y, ldy, M, N, K, num_threads);
         return;
     }
     const int64_t groups = K / G;
@@ -459,8 +463,11 @@ void fuselm_qlinear(const float *x, const void *qweight, const void *scales, con
  * row-streaming kernel above, and the copy is one layer's worth of scratch, reused. */
 void fuselm_dequantize(const void *qweight, const void *scales, const void *mins, float *out, int64_t N, int64_t K,
                        int64_t G, int bits, int scale_dtype, int num_threads) {
-    if (bits == 4 && scales == NULL) { /* tiles */
-        fuselm_int4_rows16_dequantize(qweight, scale_dtype, out, N, K, num_threads);
+    if (scales == NULL) { /* tiles */
+        if (bits == 8)
+            fuselm_int8_rows16_dequantize(qweight, scale_dtype, out, N, K, num_threads);
+        else
+            fuselm_int4_rows16_dequantize(qweight, scale_dtype, out, N, K, num_threads);
         return;
     }
     const int64_t groups = K / G;

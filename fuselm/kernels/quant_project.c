@@ -8,8 +8,8 @@
  * Here the parts share one QActs (quant_rows.c) and their rows are cut into items of QP_CHUNK rows,
  * handed to the threads dynamically. Each output row is computed by fuselm_qrows exactly as
  * fuselm_qlinear_ld computes it (the bias added after the row's sum), so the result is the same bits.
- * A part in int4_rows16.c's tiles (scales NULL) runs on fuselm_int4_rows16 over the same activations
- * (QP_CHUNK is a multiple of its sixteen-row groups).
+ * A part in int4_rows16.c's or int8_rows16.c's tiles (scales NULL) runs on their kernel over the same
+ * activations (QP_CHUNK is a multiple of their sixteen-row groups).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,12 +26,13 @@ int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num
         if (w->bits == 32 || w->bits != first->bits || w->group != first->group || w->k != first->k) return 0;
         total += w->n;
         items += (w->n + QP_CHUNK - 1) / QP_CHUNK;
-        tiled += w->scales == NULL; /* int4 g32 in int4_rows16.c's tiles */
+        tiled += w->scales == NULL; /* g32 in int4_rows16.c's or int8_rows16.c's tiles */
     }
-    /* tiles read the split activations at any K % 32, rows of int4 only at K % 128 (both with VNNI) */
-    if (tiled && tiled < p->num_parts && first->k % 128 != 0) return 0;
+    /* tiles read the split activations at any K % 32, rows of int4 only at K % 128 (both with VNNI), int8 rows
+     * never */
+    if (tiled && tiled < p->num_parts && (first->bits == 8 || first->k % 128 != 0)) return 0;
     QActs acts;
-    if (tiled ? !fuselm_qacts_prepare_tiles(&acts, x, first->k, M, first->k, num_threads)
+    if (tiled ? !fuselm_qacts_prepare_tiles(&acts, x, first->k, M, first->k, first->bits, num_threads)
               : !fuselm_qacts_prepare(&acts, x, first->k, M, first->k, first->group, first->bits, num_threads))
         return 0;
     int64_t part_of[FUSELM_MAX_PARTS + 1], col_of[FUSELM_MAX_PARTS]; /* items of part i: [part_of[i], part_of[i+1]) */
@@ -47,7 +48,9 @@ int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num
         const QPart *w = &p->parts[i];
         const int64_t n0 = (item - part_of[i]) * QP_CHUNK, n1 = n0 + QP_CHUNK < w->n ? n0 + QP_CHUNK : w->n;
         float *out = y + col_of[i];
-        if (w->scales == NULL)
+        if (w->scales == NULL && w->bits == 8)
+            fuselm_int8_rows16(&acts, 0, M, w->qweight, w->scale_dtype, n0, n1, out, total);
+        else if (w->scales == NULL)
             fuselm_int4_rows16(&acts, 0, M, w->qweight, w->scale_dtype, n0, n1, out, total);
         else
             fuselm_qrows(&acts, 0, M, w->qweight, w->scales, w->mins, w->scale_dtype, n0, n1, out, total);

@@ -89,11 +89,15 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
  * hold), the high bytes in xh and the low ones in xl. A last quad of fewer blocks (K not a multiple of 128,
  * which only int4_rows16.c reads) holds its r blocks' values 0-15, then their values 16-31 16 * r on. */
-static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs) {
+static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
     const int64_t blocks = K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t kb = 0; kb < blocks; kb++) {
         __m256i v[2];
         round_block(row + kb * 32, xs + kb, 32639.0f, &v[0], &v[1]);
+        /* the block's level sum (int8_rows16.c's correction for its biased weights) */
+        const __m256i pairs = _mm256_add_epi32(_mm256_madd_epi16(v[0], ones), _mm256_madd_epi16(v[1], ones));
+        xv[kb] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(pairs));
         const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
         const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
         for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 16 * in_quad */
@@ -114,8 +118,8 @@ static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
     }
 }
 
-/* split_any_k: the split layout for int4 at any K % 32 == 0 (int4_rows16.c's tiles read tails), not only
- * K % 128 == 0 (what fuselm_qrows's int4 rows read) */
+/* split_any_k: the split layout at any K % 32 == 0, for the tiles of int4_rows16.c and int8_rows16.c (they read
+ * tails), not only K % 128 == 0 (what fuselm_qrows's int4 rows read) */
 static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits, int num_threads,
                    int split_any_k) {
     memset(a, 0, sizeof *a);
@@ -124,10 +128,12 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
-    a->layout = QR_SPLIT && bits == 4 && (K % 128 == 0 || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
+    /* int4 rows read the split layout at K % 128 == 0, the tiles (int4 or int8) at any K % 32 == 0 */
+    a->layout = QR_SPLIT && ((bits == 4 && K % 128 == 0) || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));
+        a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
     } else {
         a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
     }
@@ -137,7 +143,7 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
         if (a->layout == FUSELM_QACTS_SPLIT8)
-            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks);
+            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks, a->xv + m * blocks);
         else
             prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
         if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
@@ -150,12 +156,13 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
     return prepare(a, x, ldx, M, K, G, bits, num_threads, 0);
 }
 
-int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads) {
-    if (!QR_SPLIT) {
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
+                               int num_threads) {
+    if (!QR_SPLIT || (bits != 4 && bits != 8)) {
         memset(a, 0, sizeof *a);
         return 0;
     }
-    return prepare(a, x, ldx, M, K, 32, 4, num_threads, 1);
+    return prepare(a, x, ldx, M, K, 32, bits, num_threads, 1);
 }
 
 /* n scales of one weight row (float16 or float32) -> float. */
@@ -416,8 +423,9 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
     return 0;
 }
 
-int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int num_threads) {
-    (void)x, (void)ldx, (void)M, (void)K, (void)num_threads;
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
+                               int num_threads) {
+    (void)x, (void)ldx, (void)M, (void)K, (void)bits, (void)num_threads;
     memset(a, 0, sizeof *a);
     return 0;
 }
@@ -429,7 +437,18 @@ void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight,
 }
 #endif
 
+int fuselm_qacts_prepare_part(QActs *a, const QPart *w, const float *x, int64_t ldx, int64_t M, int num_threads) {
+    if (w->scales == NULL) return fuselm_qacts_prepare_tiles(a, x, ldx, M, w->k, w->bits, num_threads);
+    return fuselm_qacts_prepare(a, x, ldx, M, w->k, w->group, w->bits, num_threads);
+}
+
+int fuselm_qacts_fit(const QActs *a, const QPart *w) {
+    if (a->layout == FUSELM_QACTS_NONE || a->bits != w->bits || a->G != w->group || a->K != w->k) return 0;
+    /* int8 tiles read the split layout, int8 rows the int16 one; int4 rows and tiles both read the split one */
+    return w->bits != 8 || (a->layout == FUSELM_QACTS_SPLIT8) == (w->scales == NULL);
+}
+
 void fuselm_qacts_release(QActs *a) {
-    free(a->xq), free(a->xh), free(a->xl), free(a->xs), free(a->xg);
+    free(a->xq), free(a->xh), free(a->xl), free(a->xs), free(a->xg), free(a->xv);
     memset(a, 0, sizeof *a);
 }

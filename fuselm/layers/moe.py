@@ -37,6 +37,8 @@ from torch import nn
 from fuselm.layers.linear import LinearMethod, TorchLinear
 from fuselm.quant.formats import QuantWeight
 from fuselm.quant.int4_rows16 import Int4Rows16
+from fuselm.quant.int8_rows16 import Int8Rows16
+from fuselm.quant.tiles import TILED
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +53,14 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 @dataclass
 class ExpertWeights:
     """One projection of every expert: float [E, N, K], or a QuantWeight of E * N rows (expert e's
-    rows are e * N .. e * N + N - 1); on the C path int4 g32 rows become Int4Rows16 tiles (the only copy)."""
+    rows are e * N .. e * N + N - 1); on the C path int4 and int8 g32 rows become Int4Rows16 / Int8Rows16 tiles
+    (the only copy: fuselm/quant/tiles.py)."""
 
     num_experts: int
     out_features: int  # N, per expert
     in_features: int  # K
     dense: torch.Tensor | None = None
-    quant: QuantWeight | Int4Rows16 | None = None
+    quant: QuantWeight | Int4Rows16 | Int8Rows16 | None = None
 
     @classmethod
     def from_parts(cls, value, num_experts: int, out_features: int, in_features: int) -> "ExpertWeights":
@@ -76,7 +79,7 @@ class ExpertWeights:
     def expert_quant(self, e: int) -> QuantWeight:
         """Expert e's rows of the stacked QuantWeight (views, no copy)."""
         q, n = self.quant, self.out_features
-        if isinstance(q, Int4Rows16):
+        if isinstance(q, TILED):
             return q.rows(e * n, (e + 1) * n)
         part = lambda t: None if t is None else t[e * n:(e + 1) * n]  # noqa: E731
         return QuantWeight(q.bits, q.group_size, (n, self.in_features), part(q.qweight), part(q.scales),
@@ -91,7 +94,7 @@ class ExpertWeights:
     def tensors(self) -> list[torch.Tensor]:
         if self.dense is not None:
             return [self.dense]
-        if isinstance(self.quant, Int4Rows16):
+        if isinstance(self.quant, TILED):
             return [self.quant.tiles]
         return [t for t in (self.quant.qweight, self.quant.scales, self.quant.mins) if t is not None]
 
@@ -171,7 +174,7 @@ class GroupedExperts(LinearMethod):
     def use_cpu_kernels(self, kernels, dtype: torch.dtype) -> str | None:
         """Run on fuselm's C kernel when it can; returns why not, or None."""
         from fuselm.kernels.abi import DTYPE_CODES, QPart
-        from fuselm.quant import int4_rows16
+        from fuselm.quant import tiles
 
         weights = (self.gate, self.up, self.down)
         if kernels is None or not hasattr(kernels, "moe_experts_fn"):
@@ -182,21 +185,19 @@ class GroupedExperts(LinearMethod):
                                         or not kernels.has_simd_dense) for w in weights):
             return "float experts run in C only as float32 with AVX2"
         parts, packed = [], []
-        tiles_run = int4_rows16.tiles_enabled(kernels)
         for w in weights:
             if w.dense is not None:  # each expert in dense_linear.c's panels, end to end
                 flat = _packed_experts(kernels, w)
                 packed.append(flat)
                 parts.append(QPart(flat.data_ptr(), None, None, w.out_features, w.in_features, 0, 32, 0))
                 w.dense = None  # the panels are the only copy
-            elif isinstance(w.quant, Int4Rows16) or (tiles_run and int4_rows16.fits(w.quant, w.out_features)):
-                if not isinstance(w.quant, Int4Rows16):  # kernels/int4_rows16.c's tiles replace the rows
-                    w.quant = Int4Rows16.pack(w.quant)
-                q = w.quant
-                parts.append(QPart(q.tiles.data_ptr(), None, None, w.out_features, w.in_features, 32, 4,
+                continue
+            # kernels/int4_rows16.c's or int8_rows16.c's tiles replace the rows where this build runs them
+            q = w.quant = tiles.repack(w.quant, kernels, w.out_features)
+            if isinstance(q, TILED):
+                parts.append(QPart(q.tiles.data_ptr(), None, None, w.out_features, w.in_features, 32, q.bits,
                                    int(DTYPE_CODES[q.scale_dtype])))
             else:
-                q = w.quant
                 parts.append(QPart(q.qweight.data_ptr(), q.scales.data_ptr(),
                                    None if q.mins is None else q.mins.data_ptr(), w.out_features, w.in_features,
                                    q.group_size, q.bits, int(DTYPE_CODES[q.scales.dtype])))

@@ -17,7 +17,6 @@ stacked weight (N a multiple of 16 per expert) are one contiguous run.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +28,6 @@ TILE_ROWS = 16
 
 def tile_bytes(scale_dtype: torch.dtype) -> int:
     return 256 + 2 * TILE_ROWS * (2 if scale_dtype == torch.float16 else 4)
-
-
-def tiles_enabled(kernels, dense: bool = False) -> bool:
-    """Whether weights that fit are repacked into tiles (`dense`: a dense projection's, else MoE experts'): the
-    loaded build has the kernel (AVX512_VNNI) and FUSELM_INT4_TILES allows it. For comparisons, 0 keeps the
-    QuantWeight layout and quant_rows.c's kernels everywhere, `experts` tiles only the MoE experts."""
-    allowed = os.environ.get("FUSELM_INT4_TILES", "1")
-    return bool(getattr(kernels, "int4_rows16_available", False)) and allowed != "0" and not (
-        dense and allowed == "experts")
 
 
 def fits(q: QuantWeight, rows_per_expert: int, k_multiple: int = 128) -> bool:

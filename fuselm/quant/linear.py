@@ -2,8 +2,9 @@
 full-precision weight.
 
 On CPU with fuselm's C kernels the matmul runs in fuselm/kernels/quant_linear.c (weights widened
-32 at a time in registers); on builds with AVX512_VNNI the int4 g32 parts are repacked at load into
-kernels/int4_rows16.c's sixteen-row tiles (fuselm/quant/int4_rows16.py), which replace them. Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
+32 at a time in registers); on builds with AVX512_VNNI the int4 and int8 g32 parts are repacked at load
+into sixteen-row tiles (kernels/int4_rows16.c, kernels/int8_rows16.c; fuselm/quant/tiles.py), which
+replace them. Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
 path dequantises one layer's weight for the call and runs F.linear: correct everywhere, fast only
 where the GEMM dominates (large batches on a GPU).
 
@@ -18,15 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.layers.linear import LinearMethod
-from fuselm.quant import int4_rows16
+from fuselm.quant import tiles
 from fuselm.quant.formats import QuantWeight, stack_rows
-from fuselm.quant.int4_rows16 import Int4Rows16
+from fuselm.quant.tiles import TILED
 
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
-# Not for int4 g32 in tiles (int4_rows16.c): they beat the dequantised GEMM 1.4-3.3x at 48-512 rows
-# (benchmarks/int4_tiles.py, docs/performance.md), so tiled parts take the kernel at every row count.
+# Not for weights in tiles (fuselm/quant/tiles.py): int4 g32 tiles beat the dequantised GEMM 1.4-3.3x at
+# 48-512 rows (benchmarks/int4_tiles.py, docs/performance.md), so tiled parts take the kernel at every row count.
 DEQUANTIZED_GEMM_ROWS = 48
 
 
@@ -63,23 +64,22 @@ class QuantLinear(LinearMethod):
     @property
     def kind(self) -> str:
         formats = "+".join(dict.fromkeys(f"int{p.bits}g{p.group_size}" for p in self.parts))
-        tiles = "-tiles" if any(isinstance(p, Int4Rows16) for p in self.parts) else ""
-        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}{tiles}"
+        tiled = "-tiles" if any(isinstance(p, TILED) for p in self.parts) else ""
+        return f"{formats}-{'c' if self.kernels is not None else 'dequant'}{tiled}"
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, Int4Rows16) else
+        tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, TILED) else
                                                    (p.qweight, p.scales, p.mins)) if t is not None]
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
-        """Multiply with `kernels` (None: the portable path). On builds with AVX512_VNNI the int4 g32 parts are
-        repacked into kernels/int4_rows16.c's tiles, which replace them (one copy of the weight)."""
-        on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, Int4Rows16) else p.qweight.device.type == "cpu"
+        """Multiply with `kernels` (None: the portable path). On builds with AVX512_VNNI the int4 and int8 g32 parts
+        are repacked into sixteen-row tiles (fuselm/quant/tiles.py), which replace them (one copy of the weight)."""
+        on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, TILED) else p.qweight.device.type == "cpu"
                      for p in self.parts)
         self.kernels = kernels if kernels is not None and on_cpu else None
-        if self.kernels is not None and not self.keep_layout and int4_rows16.tiles_enabled(kernels, dense=True):
-            self.parts = [Int4Rows16.pack(p) if isinstance(p, QuantWeight) and int4_rows16.fits(
-                p, p.out_features, k_multiple=32) else p for p in self.parts]
+        if self.kernels is not None and not self.keep_layout:
+            self.parts = [tiles.repack(p, kernels, p.out_features, dense=True) for p in self.parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -87,7 +87,7 @@ class QuantLinear(LinearMethod):
         if self.kernels is not None and x2.device.type == "cpu":
             xf = x2.float()
             gemm = xf.shape[0] >= DEQUANTIZED_GEMM_ROWS  # tiles beat it at every row count: they never take it
-            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm and not isinstance(p, Int4Rows16)
+            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm and not isinstance(p, TILED)
                     else self.kernels.qlinear(xf, p, None) for p in self.parts]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:
