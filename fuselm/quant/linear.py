@@ -27,7 +27,7 @@ from fuselm.quant.tiles import TILED
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
 # Not for weights in tiles (fuselm/quant/tiles.py): int4 g32 tiles beat the dequantised GEMM 1.4-3.3x at
-# 48-512 rows (benchmarks/int4_tiles.py, docs/performance.md), so tiled parts take the kernel at every row count.
+# 48-512 rows (benchmarks/tiles_layer.py, docs/performance.md), so tiled parts take the kernel at every row count.
 DEQUANTIZED_GEMM_ROWS = 48
 
 

@@ -1,5 +1,5 @@
-"""A/B of a dense int4 g32 projection in kernels/int4_rows16.c's sixteen-row tiles against the QuantWeight
-layout (quant_rows.c's rows), in one process, per row count: the row-streaming kernels and the
+"""A/B of a dense int4 or int8 g32 projection in sixteen-row tiles (kernels/int4_rows16.c, int8_rows16.c) against
+the QuantWeight layout (quant_rows.c's rows), in one process, per row count: the row-streaming kernels and the
 dequantise-then-float-GEMM path that QuantLinear takes for prompt chunks.
 
 Shapes: SmolLM2-135M's projections (the embedded Q4_1 model) and the attention projections of
@@ -8,11 +8,12 @@ same random weight and activations, rounds interleaved so a noisy neighbour slow
 the process CPU time per call, the median over rounds (--best: the least, for a loaded machine):
 
     rows          fuselm_qlinear on the QuantWeight (quant_rows.c)
-    tiles         fuselm_qlinear on the tiles (int4_rows16.c)
+    tiles         fuselm_qlinear on the tiles (int4_rows16.c or int8_rows16.c)
     rows-gemm     fuselm_dequantize of the QuantWeight into scratch, then F.linear
     tiles-gemm    the same from the tiles
 
-    python benchmarks/int4_tiles.py [--rows 1,8,64,256,512] [--threads 1] [--rounds 15] [--best] [--json out.json]
+    python benchmarks/tiles_layer.py [--bits 4|8] [--rows 1,8,64,256,512] [--threads 1] [--rounds 15] [--best]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 
 from fuselm.kernels.build import cpu_model_name
 from fuselm.kernels.cpu import get_kernels
-from fuselm.quant.formats import quantize_int4
+from fuselm.quant.formats import quantize_int4, quantize_int8
 from fuselm.quant.int4_rows16 import Int4Rows16
+from fuselm.quant.int8_rows16 import Int8Rows16
 
 SHAPES = {"smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up": (3072, 576),
           "smollm2 down": (576, 1536), "mixtral qkv": (1536, 1024), "mixtral o": (1024, 1024)}
@@ -46,6 +48,7 @@ def cpu_time(fn, rounds: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, choices=(4, 8), default=4, help="int4 (GGUF Q4_0/Q4_1) or int8 (Q8_0) g32")
     ap.add_argument("--rows", default="1,8,64,256,512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--methods", default="rows,tiles,rows-gemm,tiles-gemm")
@@ -62,13 +65,14 @@ def main() -> None:
     methods = args.methods.split(",")
     pick = min if args.best else statistics.median
     results = []
-    print(f"# {cpu_model_name()}, {args.threads} thread(s), CPU time per call in us "
+    print(f"# {cpu_model_name()}, int{args.bits} g32, {args.threads} thread(s), CPU time per call in us "
           f"({'best' if args.best else 'median'} of {args.rounds} interleaved rounds)")
     print(f"{'shape':18} {'N x K':>11} {'rows':>5} " + " ".join(f"{m:>11}" for m in methods))
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        q = quantize_int4(torch.randn(n, k, generator=g) * k ** -0.5, 32)
-        tiles = Int4Rows16.pack(q)
+        quantize, tiled = (quantize_int4, Int4Rows16) if args.bits == 4 else (quantize_int8, Int8Rows16)
+        q = quantize(torch.randn(n, k, generator=g) * k ** -0.5, 32)
+        tiles = tiled.pack(q)
         for m in map(int, args.rows.split(",")):
             x = torch.randn(m, k, generator=g)
             calls = {"rows": lambda: kernels.qlinear(x, q, None), "tiles": lambda: kernels.qlinear(x, tiles, None),
@@ -83,7 +87,7 @@ def main() -> None:
             print(f"{name:18} {f'{n}x{k}':>11} {m:5d} " + " ".join(f"{cell[meth]:11.1f}" for meth in methods))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model_name(), "threads": args.threads, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model_name(), "bits": args.bits, "threads": args.threads, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
