@@ -5,6 +5,7 @@ and HF transformers, in float32 and with quantised GGUF experts; families the C 
 from __future__ import annotations
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from conftest import random_prompts
@@ -70,3 +71,20 @@ def test_families_the_c_step_cannot_run_say_why(tmp_path, kind, why):
     plan = LLM(str(tmp_path), dtype="float32", device="cpu").engine.runner.plan
     assert plan.layers == "torch"
     assert any(why in reason for reason in plan.reasons)
+
+
+@pytest.mark.parametrize("layers,tokens", [(1, 3), (4, 1), (3, 9)])
+def test_routing_statistics_of_all_layers_at_once_equal_one_layer_at_a_time(layers, tokens):
+    """ExpertStats.record_all (the C layer step's one call per step) against `record` called for each layer in order."""
+    from fuselm.runner.expert_stats import ExpertStats
+
+    g = torch.Generator().manual_seed(layers * 10 + tokens)
+    together, alone = (ExpertStats(list(range(layers)), 8, 2, torch.device("cpu")) for _ in range(2))
+    for _ in range(3):  # three steps
+        ids = torch.stack([torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+                           for _ in range(layers)])  # [layers, tokens, 2]
+        together.record_all(ids)
+        for p in range(layers):
+            alone.record(p, ids[p])
+    assert together.to_json() == alone.to_json()
+    assert together.steps == 3 and together.tokens == 3 * tokens

@@ -43,6 +43,7 @@ class MoELayers:
                                    int(block.renormalize), 0, None)
         self.top_k = max((b.top_k for b in self.blocks.values()), default=1)
         self._routed = torch.empty((len(self.blocks), 0, self.top_k), dtype=torch.int64)  # [MoE layers, rows, k]
+        self._recorders, self._stats = None, None  # the blocks' recorders, and their one ExpertStats if they share it
 
     def pointer(self, layer: int):
         """The QMoe pointer for QLayer.moe (None: a dense layer)."""
@@ -58,7 +59,31 @@ class MoELayers:
 
     def record(self, rows: int, layer: int | None = None) -> None:
         """Hand the ids the last call chose to the recorders: every MoE layer's, or only `layer`'s."""
+        if layer is None and self._record_all(rows):
+            return
         for i in self.blocks if layer is None else [layer] if layer in self.blocks else []:
             block = self.blocks[i]
             if block.recorder is not None:
                 block.recorder(self._routed[self.position[i], :rows, :block.top_k])
+
+    def _record_all(self, rows: int) -> bool:
+        """Every layer's ids in one call of the routing statistics, where all blocks record into one ExpertStats in
+        the buffer's layer order and with one top_k; False where they do not (then each recorder is called)."""
+        recorders = tuple(self.blocks[i].recorder for i in self.blocks)
+        if recorders != self._recorders:  # what they are is checked once, not every step
+            self._recorders, self._stats = recorders, self._one_stats(recorders)
+        if self._stats is None:
+            return False
+        self._stats.record_all(self._routed[:, :rows])
+        return True
+
+    def _one_stats(self, recorders: tuple):
+        from fuselm.runner.expert_stats import LayerRecorder
+
+        if not recorders or not all(isinstance(r, LayerRecorder) for r in recorders):
+            return None
+        stats = recorders[0].stats
+        if (any(r.stats is not stats or r.position != self.position[i] for r, i in zip(recorders, self.blocks))
+                or len(recorders) != len(stats.layers) or any(b.top_k != self.top_k for b in self.blocks.values())):
+            return None
+        return stats
