@@ -148,10 +148,6 @@ int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
  * [n0, n1) (multiples of 16) of the tiles. */
 void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy);
-/* A dense layer in tiles: y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias), x rounded once, the rows split
- * between threads. fuselm_qlinear_ld takes this path for a weight given with scales NULL (bits 4, G 32). */
-void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
 /* The tiles' weight as float32 [N, K] (q * scale + min), as fuselm_dequantize. */
 void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads);
@@ -163,12 +159,19 @@ int64_t fuselm_int8_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
 /* As fuselm_int4_rows16, for int8 tiles (activations from fuselm_qacts_prepare_tiles with bits 8). */
 void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy);
-/* A dense layer in int8 tiles (fuselm_qlinear_ld's path for bits 8 with scales NULL). */
-void fuselm_int8_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
 /* The tiles' weight as float32 [N, K] (q * scale). */
 void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads);
+
+/* ---- the tiles by width (rows16.c): bits 4 -> int4_rows16.c, 8 -> int8_rows16.c ---- */
+
+/* fuselm_int4_rows16 or fuselm_int8_rows16. */
+void fuselm_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int bits, int scale_dtype, int64_t n0,
+                   int64_t n1, float *y, int64_t ldy);
+/* A dense layer in tiles: y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias), x rounded once, the rows split
+ * between threads. fuselm_qlinear_ld takes this path for a weight given with scales NULL. */
+void fuselm_rows16_linear(const float *x, const void *tiles, int bits, int scale_dtype, const float *bias, float *y,
+                          int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads);
 
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 
@@ -265,9 +268,9 @@ int fuselm_qacts_prepare_part(QActs *a, const QPart *w, const float *x, int64_t 
 /* 1 when activations prepared for one part can be read by part w (same bits, group, K and layout). */
 int fuselm_qacts_fit(const QActs *a, const QPart *w);
 /* Expert e of a stacked QPart in tiles (bits 4 or 8, scales NULL: every expert's tiles end to end), as
- * fuselm_int4_rows16 or fuselm_int8_rows16. */
-void fuselm_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0,
-                               int64_t n1, float *y, int64_t ldy);
+ * fuselm_rows16 (rows16.c). */
+void fuselm_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0, int64_t n1,
+                          float *y, int64_t ldy);
 /* moe_few_rows.c: fuselm_moe_experts for a decode step's few (token, slot) assignments of quantised experts in one
  * parallel region, the same bits; 0 (nothing written) where it does not apply. */
 int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,

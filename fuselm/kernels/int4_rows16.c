@@ -27,9 +27,9 @@
  * multiple of 16, K of 32: the split activations then end in a shorter quad of blocks, whose values 16-31
  * follow its values 0-15 at 16 bytes per block instead of 64); the tiles then replace the rows, scales
  * and mins (one copy). kernels/moe.c, moe_few_rows.c, quant_project.c and quant_linear.c recognise such a
- * weight by its missing scales pointer. fuselm_int4_rows16_linear is a whole dense layer (it beats the
- * dequantise-then-GEMM path at every row count measured, 1-512), fuselm_int4_rows16_dequantize the float
- * weight back.
+ * weight by its missing scales pointer and reach this kernel through rows16.c, whose fuselm_rows16_linear is a
+ * whole dense layer (it beats the dequantise-then-GEMM path at every row count measured, 1-512);
+ * fuselm_int4_rows16_dequantize gives the float weight back.
  */
 #include <stdint.h>
 #include <string.h>
@@ -37,7 +37,6 @@
 #include "fuselm_kernels.h"
 
 #define R16_PREFETCH_TILES 24 /* tiles fetched ahead of the one being multiplied */
-#define R16_CHUNK_ROWS 64     /* weight rows per work item of a dense layer (fuselm_int4_rows16_linear) */
 
 int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
     const int64_t scale_size = scale_dtype == FUSELM_F16 ? 2 : 4;
@@ -128,22 +127,6 @@ void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *ti
     }
 }
 
-void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
-    QActs acts;
-    if (!fuselm_qacts_prepare_tiles(&acts, x, K, M, K, 4, num_threads)) return; /* not on a build that has tiles */
-    const int64_t items = (N + R16_CHUNK_ROWS - 1) / R16_CHUNK_ROWS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t n0 = item * R16_CHUNK_ROWS, n1 = n0 + R16_CHUNK_ROWS < N ? n0 + R16_CHUNK_ROWS : N;
-        fuselm_int4_rows16(&acts, 0, M, tiles, scale_dtype, n0, n1, y, ldy);
-        if (bias != NULL)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t n = n0; n < n1; n++) y[m * ldy + n] += bias[n];
-    }
-    fuselm_qacts_release(&acts);
-}
-
 void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads) {
     const int64_t blocks = K / 32, tile_bytes = 256 + 2 * 16 * (scale_dtype == FUSELM_F16 ? 2 : 4);
@@ -176,25 +159,8 @@ void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *ti
     (void)a, (void)m0, (void)rows, (void)tiles, (void)scale_dtype, (void)n0, (void)n1, (void)y, (void)ldy;
 }
 
-void fuselm_int4_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
-    (void)x, (void)tiles, (void)scale_dtype, (void)bias, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    (void)num_threads;
-}
-
 void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads) {
     (void)tiles, (void)scale_dtype, (void)out, (void)N, (void)K, (void)num_threads;
 }
 #endif
-
-void fuselm_rows16_expert(const QPart *w, int64_t e, const QActs *a, int64_t m0, int64_t rows, int64_t n0, int64_t n1,
-                          float *y, int64_t ldy) {
-    if (w->bits == 8) {
-        const char *tiles = (const char *)w->qweight + e * fuselm_int8_rows16_bytes(w->n, w->k, w->scale_dtype);
-        fuselm_int8_rows16(a, m0, rows, tiles, w->scale_dtype, n0, n1, y, ldy);
-        return;
-    }
-    const char *tiles = (const char *)w->qweight + e * fuselm_int4_rows16_bytes(w->n, w->k, w->scale_dtype);
-    fuselm_int4_rows16(a, m0, rows, tiles, w->scale_dtype, n0, n1, y, ldy);
-}

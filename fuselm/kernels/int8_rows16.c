@@ -34,7 +34,6 @@
 /* bytes of tiles fetched ahead of the one being multiplied, a compile-time constant: one MoE layer in Q8_0 at one
  * row, one thread, took 370-410 us with 12-16 KB, 540 us with int4_rows16.c's 24 tiles computed from tile_bytes */
 #define R16_PREFETCH_BYTES 16384
-#define R16_CHUNK_ROWS 64       /* weight rows per work item of a dense layer (fuselm_int8_rows16_linear) */
 
 static int64_t tile_bytes_of(int scale_dtype) {
     return 512 + 16 * (scale_dtype == FUSELM_F16 ? 2 : 4);
@@ -117,22 +116,6 @@ void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *ti
     }
 }
 
-void fuselm_int8_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
-    QActs acts;
-    if (!fuselm_qacts_prepare_tiles(&acts, x, K, M, K, 8, num_threads)) return; /* not on a build that has tiles */
-    const int64_t items = (N + R16_CHUNK_ROWS - 1) / R16_CHUNK_ROWS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t n0 = item * R16_CHUNK_ROWS, n1 = n0 + R16_CHUNK_ROWS < N ? n0 + R16_CHUNK_ROWS : N;
-        fuselm_int8_rows16(&acts, 0, M, tiles, scale_dtype, n0, n1, y, ldy);
-        if (bias != NULL)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t n = n0; n < n1; n++) y[m * ldy + n] += bias[n];
-    }
-    fuselm_qacts_release(&acts);
-}
-
 void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
                                    int num_threads) {
     const int64_t blocks = K / 32, tile_bytes = tile_bytes_of(scale_dtype);
@@ -157,12 +140,6 @@ void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
 void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy) {
     (void)a, (void)m0, (void)rows, (void)tiles, (void)scale_dtype, (void)n0, (void)n1, (void)y, (void)ldy;
-}
-
-void fuselm_int8_rows16_linear(const float *x, const void *tiles, int scale_dtype, const float *bias, float *y,
-                               int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads) {
-    (void)x, (void)tiles, (void)scale_dtype, (void)bias, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    (void)num_threads;
 }
 
 void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,

@@ -390,10 +390,7 @@ void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, 
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
                        int float_activations, int num_threads) {
     if (scales == NULL) { /* g32 in sixteen-row tiles (int4_rows16.c, int8_rows16.c): rounded activations only */
-        if (bits == 8)
-            fuselm_int8_rows16_linear(x, qweight, scale_dtype, bias, y, ldy, M, N, K, num_threads);
-        else
-            fuselm_int4_rows16_linear(x, qweight, scale_dtype, bias, y, ldy, M, N, K, num_threads);
+        fuselm_rows16_linear(x, qweight, bits, scale_dtype, bias, y, ldy, M, N, K, num_threads);
         return;
     }
     const int64_t groups = K / G;

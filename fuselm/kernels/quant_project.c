@@ -48,10 +48,8 @@ int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num
         const QPart *w = &p->parts[i];
         const int64_t n0 = (item - part_of[i]) * QP_CHUNK, n1 = n0 + QP_CHUNK < w->n ? n0 + QP_CHUNK : w->n;
         float *out = y + col_of[i];
-        if (w->scales == NULL && w->bits == 8)
-            fuselm_int8_rows16(&acts, 0, M, w->qweight, w->scale_dtype, n0, n1, out, total);
-        else if (w->scales == NULL)
-            fuselm_int4_rows16(&acts, 0, M, w->qweight, w->scale_dtype, n0, n1, out, total);
+        if (w->scales == NULL)
+            fuselm_rows16(&acts, 0, M, w->qweight, w->bits, w->scale_dtype, n0, n1, out, total);
         else
             fuselm_qrows(&acts, 0, M, w->qweight, w->scales, w->mins, w->scale_dtype, n0, n1, out, total);
         if (p->bias != NULL) {
