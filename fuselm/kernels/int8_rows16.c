@@ -44,18 +44,7 @@ int64_t fuselm_int8_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
-#include <immintrin.h>
-
-static inline __m512 load_16(const uint8_t *p, int sdt) {
-    if (sdt == FUSELM_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_loadu_ps((const float *)p);
-}
-
-static inline __m512i broadcast4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm512_set1_epi32(v);
-}
+#include "rows16_simd.h"
 
 /* One group of sixteen weight rows (its tiles from `tile`) against MT activation rows from m0. */
 static inline __attribute__((always_inline)) void group_rows(const QActs *a, int64_t m0, const uint8_t *tile,
