@@ -88,10 +88,12 @@ def _random_blocks(qtype, shape: tuple[int, ...], seed: int):
     return raw.reshape(*shape[:-1], shape[-1] // block * size)
 
 
-def write_moe_gguf(model, kind: str, tokenizer_dir: Path, out_path: Path, expert_type=None, layer_types=None) -> Path:
+def write_moe_gguf(model, kind: str, tokenizer_dir: Path, out_path: Path, expert_type=None, layer_types=None,
+                   flat_shared_gate: bool = False) -> Path:
     """Write an HF MoE model as convert_hf_to_gguf.py would: experts stacked as blk.{i}.ffn_{gate,up,down}_exps
     [E, N, K], q/k rows permuted for arch llama (Mixtral). expert_type: a GGMLQuantizationType for the
-    stacked experts (None: F32); layer_types: {GGUF tensor suffix: type} for other 2-D weights."""
+    stacked experts (None: F32); layer_types: {GGUF tensor suffix: type} for other 2-D weights;
+    flat_shared_gate: Qwen2-MoE's shared-expert gate [1, hidden] written as [hidden], as llama-quantize writes it."""
     import gguf
 
     from gguf_writer import _write_tokenizer, llama_cpp_permute
@@ -152,6 +154,8 @@ def write_moe_gguf(model, kind: str, tokenizer_dir: Path, out_path: Path, expert
                 t = llama_cpp_permute(t, cfg.num_attention_heads)
             elif arch == "llama" and suffix == "self_attn.k_proj.weight":
                 t = llama_cpp_permute(t, cfg.num_key_value_heads)
+            if flat_shared_gate and suffix == "mlp.shared_expert_gate.weight":
+                t = t.reshape(-1)
             add(f"blk.{i}.{gguf_suffix}", t, layer_types.get(gguf_suffix) if t.dim() == 2 else None)
         if p + "mlp.experts.gate_up_proj" in state:  # transformers keeps experts stacked: [E, 2I, H], [E, H, I]
             gate, up = state[p + "mlp.experts.gate_up_proj"].chunk(2, dim=1)

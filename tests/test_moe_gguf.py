@@ -63,3 +63,20 @@ def test_quantised_experts_stay_quantised_and_match_dequantised_reference(tmp_pa
     # the C path rounds activations to int16 per 32 values (kernels/quant_linear.c), the torch path is exact
     tolerance = 2e-3 * max(1.0, want.abs().max().item()) if cpu_kernels else 1e-4
     assert (ours - want).abs().max().item() < tolerance
+
+
+def test_qwen2_moe_shared_gate_written_flat_as_llama_quantize_writes_it(tmp_path):
+    """llama-quantize stores Qwen2-MoE's shared-expert gate [1, hidden] as a 1-D [hidden] tensor; it loads as the
+    gate and the file computes like HF."""
+    import gguf
+
+    hf = make_tiny_moe(tmp_path / "hf", "qwen2_moe")
+    path = write_moe_gguf(hf, "qwen2_moe", tmp_path / "hf", tmp_path / "moe.gguf", expert_type=Q.Q8_0,
+                          flat_shared_gate=True)
+    shapes = {t.name: tuple(t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+    assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (hf.config.hidden_size,)  # the layout under test
+    llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=1024)
+    ref = _with_dequantised_experts(hf, path)
+    prompts = random_prompts([1, 17, 90], seed=5)
+    ours, want = packed_last_logits(llm, prompts), hf_last_logits(ref, prompts)
+    assert (ours - want).abs().max().item() < 2e-3 * max(1.0, want.abs().max().item())

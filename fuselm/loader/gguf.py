@@ -398,6 +398,8 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
                 t = _unpermute(t, config.num_key_value_heads)
             elif arch in _NORM_PLUS_ONE and hf.endswith("norm.weight"):
                 t = t - 1
+            elif hf.endswith("shared_expert_gate.weight") and t.dim() == 1:
+                t = t.unsqueeze(0)  # llama-quantize writes Qwen2-MoE's [1, hidden] gate as [hidden]
             if rank_shard is not None:  # a tensor-parallel rank keeps its part; the whole tensor goes
                 t = rank_shard.apply(hf, t)
         except (ValueError, RuntimeError) as exc:  # a shape that does not fit the config
