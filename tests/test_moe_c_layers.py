@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 
 from conftest import random_prompts
 from fuselm import LLM, SamplingParams
+from fuselm.layers.moe import MoEBlock
 from moe_models import make_tiny_moe, write_moe_gguf
 from tiny_models import hf_greedy
 
@@ -54,6 +55,41 @@ def test_c_layer_step_matches_torch_layers(mixtral, tmp_path, expert_type):
         assert c_ids == [hf_greedy(hf, p, PARAMS.max_tokens) for p in prompts]
 
 
+@pytest.mark.parametrize("expert_type", [None, Q.Q8_0, Q.Q4_0], ids=["hf-float32", "gguf-q8_0", "gguf-q4_0"])
+def test_c_layer_step_runs_the_qwen2_moe_shared_expert(tmp_path, expert_type):
+    """Qwen2-MoE's shared expert (a gated MLP every row takes, scaled by sigmoid of its [1, hidden] gate) inside
+    the C layer step: greedy tokens and logprobs of the torch layers, and HF's greedy tokens for the float model."""
+    hf = make_tiny_moe(tmp_path / "hf", "qwen2_moe", expert_intermediate=256, seed=3)
+    with torch.no_grad():  # the tiny model's shared expert moves logprobs by ~1e-5; scaled, by ~1e-3
+        for layer in (layer for layer in hf.model.layers if hasattr(layer.mlp, "shared_expert")):
+            layer.mlp.shared_expert.down_proj.weight.mul_(300.0)
+    hf.save_pretrained(tmp_path / "hf")
+    model = str(tmp_path / "hf") if expert_type is None else str(
+        write_moe_gguf(hf, "qwen2_moe", tmp_path / "hf", tmp_path / "m.gguf", expert_type=expert_type,
+                       layer_types={"ffn_gate_shexp.weight": expert_type, "ffn_up_shexp.weight": expert_type}))
+    # (the shared down projection, 48 wide, stays float: GGUF blocks are 32)
+    prompts = random_prompts([3, 7, 12, 20, 5, 9, 30, 16], seed=22)
+    options = dict(dtype="float32", device="cpu", max_num_batched_tokens=24, enable_prefix_caching=False)
+    c = LLM(model, **options)
+    assert c.engine.runner.plan.layers == "c", c.engine.runner.plan.reasons
+    moe = c.engine.runner.model.c_layers.moe
+    assert all(struct.shared_gate_up for struct in moe.structs.values())  # the shared expert is in the C step
+    c_ids, c_logprobs = run(c, prompts)
+    t_ids, t_logprobs = run(torch_layers(LLM(model, **options)), prompts)
+
+    def differ(logprobs) -> float:
+        return max(abs(a - b) for x, y in zip(c_logprobs, logprobs) for a, b in zip(x, y))
+
+    assert c_ids == t_ids and differ(t_logprobs) < 2e-5
+    if expert_type is None:
+        assert c_ids == [hf_greedy(hf, p, PARAMS.max_tokens) for p in prompts]
+    without = torch_layers(LLM(model, **options))
+    for layer in without.engine.runner.model.layers:
+        if isinstance(layer.mlp, MoEBlock):
+            layer.mlp.shared_expert = None
+    assert differ(run(without, prompts)[1]) > 5e-4  # the comparison above sees a missing shared expert
+
+
 def test_c_layer_step_records_the_routing(mixtral):
     path, _ = mixtral
     prompts = random_prompts([4, 11, 17], seed=5)
@@ -64,8 +100,7 @@ def test_c_layer_step_records_the_routing(mixtral):
     assert c.engine.runner.expert_stats.to_json() == t.engine.runner.expert_stats.to_json()
 
 
-@pytest.mark.parametrize("kind, why", [("qwen3_moe", "do not implement"), ("olmoe", "do not implement"),
-                                       ("qwen2_moe", "shared expert")])
+@pytest.mark.parametrize("kind, why", [("qwen3_moe", "do not implement"), ("olmoe", "do not implement")])
 def test_families_the_c_step_cannot_run_say_why(tmp_path, kind, why):
     make_tiny_moe(tmp_path, kind)
     plan = LLM(str(tmp_path), dtype="float32", device="cpu").engine.runner.plan

@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 7  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 8  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -43,7 +43,8 @@ class QProj(ctypes.Structure):
 class QMoe(ctypes.Structure):
     _fields_ = [("router", QProj), ("gate", QPart), ("up", QPart), ("down", QPart), ("num_experts", ctypes.c_int64),
                 ("top_k", ctypes.c_int64), ("renormalize", ctypes.c_int32), ("float_activations", ctypes.c_int32),
-                ("routed_ids", ctypes.c_void_p)]
+                ("routed_ids", ctypes.c_void_p), ("shared_gate_up", ctypes.c_void_p), ("shared_down", ctypes.c_void_p),
+                ("shared_gate", ctypes.c_void_p), ("shared_intermediate", ctypes.c_int64)]
 
 
 class QLayer(ctypes.Structure):
@@ -112,6 +113,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_layer_attention_outputs": ([_P, _I64, _P, _P, _P, _I64], None),
     "fuselm_project": ([_P, _P, _P, _I64, _INT], None),
     "fuselm_qproject": ([_P, _P, _P, _I64, _INT], _INT),
+    "fuselm_silu_mul": ([_P, _P, _I64, _I64, _INT], None),
     "fuselm_decode_layers": ([_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P], None),
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
     "fuselm_moe_block": ([_P, _P, _P, _I64, _INT], None),

@@ -49,6 +49,15 @@ def _proj(module) -> _QProj:
     return proj
 
 
+def _all_projections(layer) -> tuple:
+    """_projections, and an MoE layer's shared-expert projections (moe.c reads them through the layer's QMoe)."""
+    mlp = layer.mlp
+    if isinstance(mlp, MoEBlock) and mlp.shared_expert is not None:
+        shared = mlp.shared_expert
+        return (*_projections(layer), shared.gate_up_proj, shared.down_proj, shared.expert_gate)
+    return _projections(layer)
+
+
 def _projections(layer) -> tuple:
     """A decoder layer's projections, in the order decode_layers.c's QLayer holds them: q/k/v, o, then the
     dense MLP's gate/up and down, or an MoE layer's router (its experts are GroupedExperts', c_moe.py)."""
@@ -69,7 +78,7 @@ class CLayers:
         self.layers = (_QLayer * len(layers))()
         self.moe = MoELayers(model, _proj)
         for i, layer in enumerate(layers):
-            for module in _projections(layer):
+            for module in _all_projections(layer):
                 if module.bias is not None:
                     module.bias = module.bias.float().contiguous()
             norms = [layer.input_layernorm.weight.detach().float().contiguous(),
@@ -100,7 +109,7 @@ class CLayers:
         def without_crossover(module) -> bool:
             return isinstance(module, DenseLinear) or all(isinstance(p, TILED) for p in module.parts)
 
-        whole = all(without_crossover(m) for layer in layers for m in _projections(layer))
+        whole = all(without_crossover(m) for layer in layers for m in _all_projections(layer))
         self.max_prompt_step_tokens = None if whole else DEQUANTIZED_GEMM_ROWS - 1
 
     @staticmethod
@@ -124,7 +133,7 @@ class CLayers:
             attn = layer.self_attn
             if attn.k_cache is None or attn.k_cache.dtype not in _KV_DTYPES:
                 return "the KV cache's dtype is one the C layers do not read"
-            for module in _projections(layer):
+            for module in _all_projections(layer):
                 if isinstance(module, DenseLinear):
                     continue
                 if not isinstance(module, QuantLinear) or module.kernels is None:

@@ -1,6 +1,6 @@
 """The MoE blocks of a model in the C layer step: what decode_layers.c needs to run a Mixtral-style
-layer's feed-forward (router, top-k routing, grouped experts: moe.c `fuselm_moe_block`) without
-returning to Python, and the routing statistics it hands back.
+layer's feed-forward (router, top-k routing, grouped experts, a Qwen2-MoE shared expert: moe.c
+`fuselm_moe_block`) without returning to Python, and the routing statistics it hands back.
 
 A `QMoe` per MoE layer points at the router's packed or quantised weight and at the experts' weights
 that `GroupedExperts` already prepared for kernels/moe.c. Each call writes the experts every row chose
@@ -22,8 +22,6 @@ def unsupported_reason(block: MoEBlock) -> str | None:
     """Why the C layer step cannot run this MoE block (None when it can)."""
     if block.experts._c_parts is None:
         return "its experts run on the torch path"
-    if block.shared_expert is not None:
-        return "it has a shared expert, which the C layers do not implement"
     if block.local_experts is not None or block.reduce is not None:
         return "it holds only some experts (expert parallelism)"
     return None
@@ -37,10 +35,18 @@ class MoELayers:
         self.blocks = {i: layer.mlp for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)}
         self.position = {i: p for p, i in enumerate(self.blocks)}  # layer index -> index among MoE layers
         self.structs: dict[int, QMoe] = {}
+        self._shared: list[QProj] = []  # the shared experts' projections, which the QMoe structures point at
         for i, block in self.blocks.items():
             gate, up, down = block.experts._c_parts
-            self.structs[i] = QMoe(router_proj(block.gate), gate, up, down, block.experts.num_experts, block.top_k,
-                                   int(block.renormalize), 0, None)
+            struct = QMoe(router_proj(block.gate), gate, up, down, block.experts.num_experts, block.top_k,
+                          int(block.renormalize), 0, None)
+            if (shared := block.shared_expert) is not None:  # Qwen2-MoE: gated MLP every row takes, sigmoid-scaled
+                projs = [router_proj(m) for m in (shared.gate_up_proj, shared.down_proj, shared.expert_gate)]
+                self._shared.extend(projs)
+                struct.shared_gate_up, struct.shared_down, struct.shared_gate = (
+                    ctypes.addressof(p) for p in projs)
+                struct.shared_intermediate = shared.intermediate
+            self.structs[i] = struct
         self.top_k = max((b.top_k for b in self.blocks.values()), default=1)
         self._routed = torch.empty((len(self.blocks), 0, self.top_k), dtype=torch.int64)  # [MoE layers, rows, k]
         self._recorders, self._stats = None, None  # the blocks' recorders, and their one ExpertStats if they share it

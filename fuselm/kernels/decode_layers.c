@@ -45,7 +45,7 @@ void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num
 
 /* act[m, i] = silu(gu[m, i]) * gu[m, I + i] for M rows of [gate | up]. Vectorised and split between
  * threads: with libm's expf, one element at a time, it took ~3% of a 128-row decode step. */
-static void silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads) {
+void fuselm_silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * I >= 16384)
     for (int64_t m = 0; m < M; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
@@ -118,7 +118,7 @@ static void attention_outputs(const QLayer *L, const QModelDims *dims, float *x,
         fuselm_moe_block(L->moe, h, out, M, threads);
     } else {
         project(&L->gate_up, h, gu, M, threads);
-        silu_mul(gu, act, M, I, threads);
+        fuselm_silu_mul(gu, act, M, I, threads);
         project(&L->down, act, out, M, threads);
     }
     for (int64_t i = 0; i < M * H; i++) x[i] += out[i];

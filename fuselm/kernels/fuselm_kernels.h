@@ -12,7 +12,7 @@
 #define FUSELM_KERNELS_H
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 7
+#define FUSELM_ABI_VERSION 8
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -200,13 +200,19 @@ typedef struct {
 } QProj;
 
 /* A mixture-of-experts feed-forward (moe.c fuselm_moe_block): the router, then every expert end to end
- * as fuselm_moe_experts takes them. routed_ids [M, top_k] receives each call's chosen experts. */
+ * as fuselm_moe_experts takes them. routed_ids [M, top_k] receives each call's chosen experts. A shared
+ * expert (Qwen2-MoE; NULL pointers: none) adds sigmoid(shared_gate(h)) * shared_down(silu(g) * u), [g | u] =
+ * shared_gate_up(h), to every row. */
 typedef struct {
     QProj router; /* [num_experts, hidden] */
     QPart gate, up, down;
     int64_t num_experts, top_k;
     int32_t renormalize, float_activations;
     int64_t *routed_ids;
+    const QProj *shared_gate_up; /* [2 * shared_intermediate, hidden] */
+    const QProj *shared_down;    /* [hidden, shared_intermediate] */
+    const QProj *shared_gate;    /* [1, hidden] */
+    int64_t shared_intermediate;
 } QMoe;
 
 typedef struct {
@@ -229,6 +235,8 @@ void fuselm_layer_attention_outputs(const QLayer *layers, int64_t l, const QMode
                                     const float *attn, int64_t M);
 /* y [M, sum of parts' n] = x [M, k] @ p^T (+ bias), the parts side by side. */
 void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num_threads);
+/* act [M, I] = silu(gu[:, :I]) * gu[:, I:] for gu [M, 2I] (the gated MLP's middle). */
+void fuselm_silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads);
 /* quant_project.c: every part of p quantised alike, in one pass over activations rounded once; 0 (nothing
  * written) where it does not apply (float parts, mixed formats, a build without quant_rows.c's kernels). */
 int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num_threads);

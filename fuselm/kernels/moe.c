@@ -202,6 +202,25 @@ static void route_rows(const float *logits, int64_t M, int64_t E, int64_t top_k,
     }
 }
 
+/* out += sigmoid(shared_gate(h)) * shared_down(silu(g) * u), [g | u] = shared_gate_up(h): Qwen2-MoE's shared
+ * expert, added after the routed experts' sum as fuselm/layers/moe.py's MoEBlock adds it. */
+static void shared_expert(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads) {
+    const int64_t H = moe->gate.k, I = moe->shared_intermediate;
+    float *gu = (float *)malloc((size_t)(M * 2 * I) * sizeof(float));
+    float *act = (float *)malloc((size_t)(M * I) * sizeof(float));
+    float *y = (float *)malloc((size_t)(M * H) * sizeof(float));
+    float *gate = (float *)malloc((size_t)M * sizeof(float));
+    fuselm_project(moe->shared_gate_up, h, gu, M, num_threads);
+    fuselm_silu_mul(gu, act, M, I, num_threads);
+    fuselm_project(moe->shared_down, act, y, M, num_threads);
+    fuselm_project(moe->shared_gate, h, gate, M, num_threads);
+    for (int64_t m = 0; m < M; m++) {
+        const float s = 1.0f / (1.0f + expf(-gate[m]));
+        for (int64_t i = 0; i < H; i++) out[m * H + i] += s * y[m * H + i];
+    }
+    free(gate), free(y), free(act), free(gu);
+}
+
 void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, int num_threads) {
     const int64_t E = moe->num_experts, k = moe->top_k;
     float *logits = (float *)malloc((size_t)(M * E) * sizeof(float));
@@ -211,4 +230,5 @@ void fuselm_moe_block(const QMoe *moe, const float *h, float *out, int64_t M, in
     fuselm_moe_experts(h, M, k, moe->routed_ids, weights, E, &moe->gate, &moe->up, &moe->down, out,
                        moe->float_activations, num_threads);
     free(weights), free(logits);
+    if (moe->shared_gate_up != NULL) shared_expert(moe, h, out, M, num_threads);
 }

@@ -49,9 +49,9 @@ logger = logging.getLogger("fuselm")
 
 CHOICE_ENV = "FUSELM_KERNEL_CHOICE"
 ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
-# The projections the C layers read (an MoE layer's router too): where the C layer step can run they keep
-# fuselm's layout untimed, and the step itself is timed; a faster torch router alone would cost the step.
-LAYER_ROLES = (*ROLES[:4], "router")
+# The projections the C layers read (an MoE layer's router and shared expert too): where the C layer step can run
+# they keep fuselm's layout untimed, and the step itself is timed; a faster torch router alone would cost the step.
+LAYER_ROLES = (*ROLES[:4], "router", "shared_gate_up", "shared_down", "shared_gate")
 LAYER_STEP_KINDS = ("c", "torch")
 PREFILL_ROWS_CAP = 256  # per-row cost is flat beyond a few hundred rows; larger chunks would only slow start-up
 LAYER_STEP_ROWS_CAP = 64  # whole synthetic steps cost tens of ms: decode steps of up to 64 rows, chunks of up to 128
