@@ -64,3 +64,26 @@ def test_gguf_qwen3_matches_hf(qwen3, tmp_path):
     quant = LLM(str(quant_path), dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20)
     assert quant.engine.runner.model.layers[0].self_attn.qkv_proj.kind != "torch"
     assert (packed_last_logits(quant, prompts) - hf_last_logits(hf, prompts)).abs().max().item() < 0.05
+
+
+def test_c_layer_step_runs_the_q_k_norms(qwen3):
+    """The C layer step (decode_layers.c, per-head q/k RMSNorm) against the torch layers on the same engine, and
+    HF's greedy tokens."""
+    from fuselm import SamplingParams
+
+    path, hf = qwen3
+    prompts = random_prompts([3, 9, 17, 30], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    options = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, enable_prefix_caching=False)
+    runs = []
+    for c_layers in (True, False):
+        llm = LLM(path, **options)
+        assert llm.engine.runner.plan.layers == "c", llm.engine.runner.plan.reasons
+        if not c_layers:
+            llm.engine.runner.model.c_layers = None
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, [s[t].logprob for s, t in zip(o.outputs[0].logprobs,
+                                                                            o.outputs[0].token_ids)]) for o in outs])
+    for (c_ids, c_lp), (t_ids, t_lp) in zip(*runs):
+        assert c_ids == t_ids and max(abs(a - b) for a, b in zip(c_lp, t_lp)) < 1e-4
+    assert [ids for ids, _ in runs[0]] == [hf_greedy(hf, p, 8) for p in prompts]

@@ -59,6 +59,8 @@ static const FuselmAbiEntry abi_table[] = {
     FIELD(QLayer, k_scale),
     FIELD(QLayer, v_scale),
     FIELD(QLayer, moe),
+    FIELD(QLayer, q_norm),
+    FIELD(QLayer, k_norm),
     SIZE(QMoe),
     FIELD(QMoe, router),
     FIELD(QMoe, gate),

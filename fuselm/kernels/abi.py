@@ -51,7 +51,8 @@ class QLayer(ctypes.Structure):
     _fields_ = [("qkv", QProj), ("o", QProj), ("gate_up", QProj), ("down", QProj),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe))]
+                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe)),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
 class QModelDims(ctypes.Structure):

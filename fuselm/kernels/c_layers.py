@@ -88,10 +88,15 @@ class CLayers:
             projs = list(map(_proj, _projections(layer)))
             if len(projs) == 3:  # an MoE layer: no dense gate_up/down
                 projs[2:] = [_QProj(), _QProj()]
+            qk_norms = [None, None]  # Qwen3's per-head q/k RMSNorm weights [head_dim], or none
+            if attn.q_norm is not None:
+                qk_norms = [n.weight.detach().float().contiguous() for n in (attn.q_norm, attn.k_norm)]
+                self._keep.extend(qk_norms)
             self.layers[i] = _QLayer(*projs, norms[0].data_ptr(), norms[1].data_ptr(),
                                      attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                                      None if attn.k_scale is None else attn.k_scale.data_ptr(),
-                                     None if attn.v_scale is None else attn.v_scale.data_ptr(), self.moe.pointer(i))
+                                     None if attn.v_scale is None else attn.v_scale.data_ptr(), self.moe.pointer(i),
+                                     *(None if n is None else n.data_ptr() for n in qk_norms))
         a = layers[0].self_attn
         self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                                 model.config.intermediate_size, a.k_cache.shape[1], 0,
@@ -122,6 +127,10 @@ class CLayers:
 
         if not getattr(model, "supports_c_layers", False):
             return f"{type(model).__name__}'s layers have blocks the C layers do not implement"
+        eps = model.layers[0].input_layernorm.eps
+        if any(layer.self_attn.q_norm is not None and (layer.self_attn.q_norm.eps != eps or layer.self_attn.k_norm.eps
+                                                       != eps) for layer in model.layers):
+            return "the q/k norms' epsilon differs from the layer norms', and the C layers take one"
         windowed = sum(1 for layer in model.layers if layer.self_attn.sliding_window)
         if windowed:
             return f"{windowed} of {len(model.layers)} layers have a sliding window, which the C layers do not take"

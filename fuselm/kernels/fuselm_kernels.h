@@ -221,6 +221,7 @@ typedef struct {
     void *k_cache, *v_cache;
     void *k_scale, *v_scale; /* an int8 cache's bf16 scales [blocks, block_size, num_kv_heads]; else NULL */
     const QMoe *moe; /* NULL: the dense gated MLP (gate_up, down); else this MoE block instead */
+    const float *q_norm, *k_norm; /* [head_dim]: RMSNorm of each q and k head before rotary (Qwen3); NULL: none */
 } QLayer;
 
 typedef struct {

@@ -4,8 +4,8 @@ embedding, and no q/k/v biases.
 Everything but the attention is Llama's (models/llama.py): the same fused projections, MLP, norms
 and weight names, plus `self_attn.q_norm.weight` and `self_attn.k_norm.weight` per layer. A config
 with sliding-window layers (`layer_types` naming "sliding_attention", set by use_sliding_window and
-max_window_layers) gives those layers their window. The C layer stack implements Llama's layer
-only, so this family runs the torch layers (with the C attention kernel when no layer is windowed).
+max_window_layers) gives those layers their window. Without windowed layers the C layer step runs it
+(decode_layers.c has the per-head q/k norm); with them, the torch layers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def layer_windows(config: ModelConfig, max_positions: int) -> list[int | None]:
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    supports_c_layers = False  # decode_layers.c has no q/k norm
+    supports_c_layers = True  # decode_layers.c runs the per-head q/k RMSNorm (QLayer.q_norm, k_norm)
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(config, max_positions, dtype)

@@ -14,7 +14,7 @@ from fuselm.models.qwen2_moe import num_experts, qwen_sparse_layer
 
 
 class Qwen3MoeForCausalLM(MoEForCausalLM):
-    supports_c_layers = False  # decode_layers.c has no q/k norm
+    supports_c_layers = True  # decode_layers.c runs the per-head q/k norm and the MoE block (moe.c)
 
     @staticmethod
     def moe_settings(config: ModelConfig) -> MoESettings:
