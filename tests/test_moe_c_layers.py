@@ -115,12 +115,36 @@ def test_c_layer_step_records_the_routing(mixtral):
     assert c.engine.runner.expert_stats.to_json() == t.engine.runner.expert_stats.to_json()
 
 
-@pytest.mark.parametrize("kind, why", [("olmoe", "do not implement")])
-def test_families_the_c_step_cannot_run_say_why(tmp_path, kind, why):
-    make_tiny_moe(tmp_path, kind)
-    plan = LLM(str(tmp_path), dtype="float32", device="cpu").engine.runner.plan
-    assert plan.layers == "torch"
-    assert any(why in reason for reason in plan.reasons)
+def test_c_layer_step_runs_olmoe_with_its_clamp(tmp_path):
+    """OLMoE (q/k norms over the whole projection, q/k/v clamped to +-clip_qkv) in the C layer step, with the clamp
+    set low enough to cut values: the torch layers' tokens and logprobs, HF's greedy tokens; the same engine
+    without the clamp gives other logprobs, so the comparison sees it."""
+    import json
+
+    import transformers
+
+    make_tiny_moe(tmp_path, "olmoe", expert_intermediate=256, seed=5)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["clip_qkv"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = random_prompts([3, 7, 12, 20, 5, 9], seed=24)
+    options = dict(dtype="float32", device="cpu", max_num_batched_tokens=24, enable_prefix_caching=False)
+    c = LLM(str(tmp_path), **options)
+    assert c.engine.runner.plan.layers == "c", c.engine.runner.plan.reasons
+    assert all(layer.clip_qkv == 0.5 and layer.qk_norm_whole == 1 for layer in c.engine.runner.model.c_layers.layers)
+    c_ids, c_logprobs = run(c, prompts)
+    t_ids, t_logprobs = run(torch_layers(LLM(str(tmp_path), **options)), prompts)
+
+    def differ(logprobs) -> float:
+        return max(abs(a - b) for x, y in zip(c_logprobs, logprobs) for a, b in zip(x, y))
+
+    assert c_ids == t_ids and differ(t_logprobs) < 1e-4
+    assert c_ids == [hf_greedy(hf, p, PARAMS.max_tokens) for p in prompts]
+    unclamped = torch_layers(LLM(str(tmp_path), **options))
+    for layer in unclamped.engine.runner.model.layers:
+        layer.self_attn.clip_qkv = None
+    assert differ(run(unclamped, prompts)[1]) > 1e-3
 
 
 @pytest.mark.parametrize("layers,tokens", [(1, 3), (4, 1), (3, 9)])

@@ -61,6 +61,8 @@ static const FuselmAbiEntry abi_table[] = {
     FIELD(QLayer, moe),
     FIELD(QLayer, q_norm),
     FIELD(QLayer, k_norm),
+    FIELD(QLayer, qk_norm_whole),
+    FIELD(QLayer, clip_qkv),
     SIZE(QMoe),
     FIELD(QMoe, router),
     FIELD(QMoe, gate),

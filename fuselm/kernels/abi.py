@@ -52,7 +52,8 @@ class QLayer(ctypes.Structure):
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("moe", ctypes.POINTER(QMoe)),
-                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("qk_norm_whole", ctypes.c_int32),
+                ("clip_qkv", ctypes.c_float)]
 
 
 class QModelDims(ctypes.Structure):

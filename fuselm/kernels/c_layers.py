@@ -88,15 +88,17 @@ class CLayers:
             projs = list(map(_proj, _projections(layer)))
             if len(projs) == 3:  # an MoE layer: no dense gate_up/down
                 projs[2:] = [_QProj(), _QProj()]
-            qk_norms = [None, None]  # Qwen3's per-head q/k RMSNorm weights [head_dim], or none
+            qk_norms = [None, None]  # q/k RMSNorm weights: per head (Qwen3, [head_dim]), whole (OLMoE), or none
             if attn.q_norm is not None:
                 qk_norms = [n.weight.detach().float().contiguous() for n in (attn.q_norm, attn.k_norm)]
                 self._keep.extend(qk_norms)
+            whole = int(qk_norms[0] is not None and qk_norms[0].numel() != attn.head_dim)
+            clip = float(getattr(attn, "clip_qkv", None) or 0.0)
             self.layers[i] = _QLayer(*projs, norms[0].data_ptr(), norms[1].data_ptr(),
                                      attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                                      None if attn.k_scale is None else attn.k_scale.data_ptr(),
                                      None if attn.v_scale is None else attn.v_scale.data_ptr(), self.moe.pointer(i),
-                                     *(None if n is None else n.data_ptr() for n in qk_norms))
+                                     *(None if n is None else n.data_ptr() for n in qk_norms), whole, clip)
         a = layers[0].self_attn
         self.dims = _QModelDims(model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                                 model.config.intermediate_size, a.k_cache.shape[1], 0,

@@ -85,8 +85,8 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t heads, 
 }
 
 /* The half of a layer before attention, for M rows of the residual stream x [M, hidden]: RMSNorm,
- * q/k/v projection (+ bias), split into q [M, Hq*D], k and v [M, Hkv*D], the per-head q/k RMSNorm where the
- * layer has one (Qwen3), rotary on q and k. h [M, hidden] and qkv [M, qkv_dim] are scratch. */
+ * q/k/v projection (+ bias), split into q [M, Hq*D], k and v [M, Hkv*D], the q/k RMSNorm where the layer has
+ * one (per head: Qwen3; whole: OLMoE), the q/k/v clamp (OLMoE), rotary on q and k. h [M, hidden] and qkv [M, qkv_dim] are scratch. */
 static void attention_inputs(const QLayer *L, const QModelDims *dims, const float *x, int64_t M, const float *cos,
                              const float *sin, float *h, float *qkv, float *q, float *k, float *v) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;
@@ -96,14 +96,22 @@ static void attention_inputs(const QLayer *L, const QModelDims *dims, const floa
 #pragma omp parallel for schedule(static) num_threads(dims->num_threads) if (M >= 64)
     for (int64_t m = 0; m < M; m++) {
         const float *row = qkv + m * qkv_dim;
-        if (L->q_norm != NULL) { /* each head its own row of fuselm_rms_norm, as the torch layers' RMSNorm runs it */
-            fuselm_rms_norm(row, L->q_norm, q + m * Hq * D, Hq, D, dims->eps, FUSELM_F32, 1);
-            fuselm_rms_norm(row + Hq * D, L->k_norm, k + m * Hkv * D, Hkv, D, dims->eps, FUSELM_F32, 1);
+        if (L->q_norm != NULL) { /* each head (or the whole q / k) a row of fuselm_rms_norm, as the torch layers' */
+            const int64_t qw = L->qk_norm_whole ? Hq * D : D, kw = L->qk_norm_whole ? Hkv * D : D;
+            fuselm_rms_norm(row, L->q_norm, q + m * Hq * D, Hq * D / qw, qw, dims->eps, FUSELM_F32, 1);
+            fuselm_rms_norm(row + Hq * D, L->k_norm, k + m * Hkv * D, Hkv * D / kw, kw, dims->eps, FUSELM_F32, 1);
         } else {
             memcpy(q + m * Hq * D, row, sizeof(float) * (size_t)(Hq * D));
             memcpy(k + m * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
         }
         memcpy(v + m * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+        if (L->clip_qkv > 0.0f) {
+            const float c = L->clip_qkv;
+            float *parts[3] = {q + m * Hq * D, k + m * Hkv * D, v + m * Hkv * D};
+            const int64_t sizes[3] = {Hq * D, Hkv * D, Hkv * D};
+            for (int p = 0; p < 3; p++)
+                for (int64_t i = 0; i < sizes[p]; i++) parts[p][i] = parts[p][i] < -c ? -c : parts[p][i] > c ? c : parts[p][i];
+        }
         rotate(q + m * Hq * D, cos + m * D, sin + m * D, Hq, D);
         rotate(k + m * Hkv * D, cos + m * D, sin + m * D, Hkv, D);
     }

@@ -221,7 +221,9 @@ typedef struct {
     void *k_cache, *v_cache;
     void *k_scale, *v_scale; /* an int8 cache's bf16 scales [blocks, block_size, num_kv_heads]; else NULL */
     const QMoe *moe; /* NULL: the dense gated MLP (gate_up, down); else this MoE block instead */
-    const float *q_norm, *k_norm; /* [head_dim]: RMSNorm of each q and k head before rotary (Qwen3); NULL: none */
+    const float *q_norm, *k_norm; /* RMSNorm of q and k before rotary; NULL: none. [head_dim], each head (Qwen3); */
+    int32_t qk_norm_whole;        /* 1: [Hq * head_dim] / [Hkv * head_dim], over the whole q / k (OLMoE) */
+    float clip_qkv;               /* > 0: q, k (after their norms) and v clamped to +-clip_qkv (OLMoE); 0: none */
 } QLayer;
 
 typedef struct {

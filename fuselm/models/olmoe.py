@@ -37,7 +37,7 @@ class OlmoeAttention(Attention):
 
 
 class OlmoeForCausalLM(MoEForCausalLM):
-    supports_c_layers = False  # decode_layers.c has no q/k norm
+    supports_c_layers = True  # decode_layers.c runs the whole-projection q/k norm and the clamp (QLayer)
 
     @staticmethod
     def moe_settings(config: ModelConfig) -> MoESettings:
