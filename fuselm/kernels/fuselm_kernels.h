@@ -114,7 +114,7 @@ void fuselm_dequantize(const void *qweight, const void *scales, const void *mins
 
 /* x [M, K] rounded to int16 levels per 32 values (xs: one scale per 32) and, for int4, x's float sums per
  * group of G (xg). The levels are int16 (xq) or, for int4 and the tiles with VNNI, split in high and low int8
- * halves (xh, xl), in the lane order quant_rows.c's int4 blocks read, with each block's level sum (xv).
+ * halves (xh, xl), in the lane order quant_rows.c's int4 blocks read, with each block's level sum (xv) for int8 tiles.
  * layout 0: not prepared. */
 enum { FUSELM_QACTS_NONE = 0, FUSELM_QACTS_INT16 = 1, FUSELM_QACTS_SPLIT8 = 2 };
 typedef struct {

@@ -32,7 +32,6 @@
  * fuselm_int4_rows16_dequantize gives the float weight back.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "fuselm_kernels.h"
 

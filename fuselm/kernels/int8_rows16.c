@@ -27,7 +27,6 @@
  * tiles by bits 8 and scales NULL.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "fuselm_kernels.h"
 

@@ -89,15 +89,17 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
  * hold), the high bytes in xh and the low ones in xl. A last quad of fewer blocks (K not a multiple of 128,
  * which only int4_rows16.c reads) holds its r blocks' values 0-15, then their values 16-31 16 * r on. */
-static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
+static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs,
+                              int32_t *xv /* NULL: int4 weights, which need no level sums */) {
     const int64_t blocks = K / 32;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t kb = 0; kb < blocks; kb++) {
         __m256i v[2];
         round_block(row + kb * 32, xs + kb, 32639.0f, &v[0], &v[1]);
-        /* the block's level sum (int8_rows16.c's correction for its biased weights) */
-        const __m256i pairs = _mm256_add_epi32(_mm256_madd_epi16(v[0], ones), _mm256_madd_epi16(v[1], ones));
-        xv[kb] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(pairs));
+        if (xv != NULL) { /* the block's level sum (int8_rows16.c's correction for its biased weights) */
+            const __m256i pairs = _mm256_add_epi32(_mm256_madd_epi16(v[0], ones), _mm256_madd_epi16(v[1], ones));
+            xv[kb] = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(pairs));
+        }
         const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
         const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
         for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 16 * in_quad */
@@ -133,7 +135,7 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));
-        a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
+        if (bits == 8) a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
     } else {
         a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
     }
@@ -143,7 +145,8 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
         if (a->layout == FUSELM_QACTS_SPLIT8)
-            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks, a->xv + m * blocks);
+            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks,
+                              a->xv != NULL ? a->xv + m * blocks : NULL);
         else
             prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
         if (bits == 4) group_sums(row, K, G, a->xg + m * groups);

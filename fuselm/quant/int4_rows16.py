@@ -41,8 +41,34 @@ def fits(q: QuantWeight, rows_per_expert: int, k_multiple: int = 128) -> bool:
             and q.qweight.device.type == "cpu")
 
 
+class TiledWeight:
+    """What a weight in sixteen-row tiles (Int4Rows16, fuselm/quant/int8_rows16.py's Int8Rows16) answers like the
+    QuantWeight it came from, given its `shape`, `tiles` and `rows`."""
+
+    shape: tuple[int, int]
+    tiles: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tiles.numel()
+
+    def rows(self, start: int, stop: int) -> QuantWeight:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(0, self.shape[0]).dequantize(dtype)
+
+
 @dataclass
-class Int4Rows16:
+class Int4Rows16(TiledWeight):
     shape: tuple[int, int]  # (out_features, in_features) of the full-precision weight
     scale_dtype: torch.dtype
     tiles: torch.Tensor  # uint8 [N / 16, K / 32, tile_bytes]
@@ -62,18 +88,6 @@ class Int4Rows16:
         tiles = torch.cat([weights, per_tile(q.scales), per_tile(q.mins)], dim=2).contiguous()
         return cls((n, k), q.scales.dtype, tiles, q.source)
 
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.tiles.numel()
-
     def rows(self, start: int, stop: int) -> QuantWeight:
         """Rows [start, stop) (multiples of 16) as a plain QuantWeight (a copy)."""
         k, blocks, size = self.shape[1], self.shape[1] // 32, 2 if self.scale_dtype == torch.float16 else 4
@@ -87,6 +101,3 @@ class Int4Rows16:
 
         return QuantWeight(4, 32, (n, k), qweight.contiguous(), per_row(256), per_row(256 + TILE_ROWS * size),
                            self.source)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.rows(0, self.shape[0]).dequantize(dtype)

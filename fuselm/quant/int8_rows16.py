@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fuselm.quant.formats import QuantWeight
-from fuselm.quant.int4_rows16 import TILE_ROWS
+from fuselm.quant.int4_rows16 import TILE_ROWS, TiledWeight
 
 
 def tile_bytes(scale_dtype: torch.dtype) -> int:
@@ -39,7 +39,7 @@ def fits(q: QuantWeight, rows_per_expert: int) -> bool:
 
 
 @dataclass
-class Int8Rows16:
+class Int8Rows16(TiledWeight):
     shape: tuple[int, int]  # (out_features, in_features) of the full-precision weight
     scale_dtype: torch.dtype
     tiles: torch.Tensor  # uint8 [N / 16, K / 32, tile_bytes]
@@ -58,18 +58,6 @@ class Int8Rows16:
         scales = q.scales.reshape(groups, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
         return cls((n, k), q.scales.dtype, torch.cat([weights, scales], dim=2).contiguous(), q.source)
 
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.tiles.numel()
-
     def rows(self, start: int, stop: int) -> QuantWeight:
         """Rows [start, stop) (multiples of 16) as a plain QuantWeight (a copy)."""
         k, blocks = self.shape[1], self.shape[1] // 32
@@ -81,6 +69,3 @@ class Int8Rows16:
         raw = part[:, :, 512:512 + TILE_ROWS * size].contiguous().view(self.scale_dtype)
         scales = raw.transpose(1, 2).reshape(n, blocks)
         return QuantWeight(8, 32, (n, k), qweight.contiguous(), scales.contiguous(), None, self.source)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.rows(0, self.shape[0]).dequantize(dtype)
