@@ -6,8 +6,13 @@
  * three times. At batch 1 on a Mixtral-like layer (hidden 1024, Q4_0) that was a sixth of the
  * projection's time, and each fork costs the most on a 2-vCPU VM whose vCPUs lose time to steal.
  * Here the parts share one QActs (quant_rows.c) and their rows are cut into items of QP_CHUNK rows,
- * handed to the threads dynamically. Each output row is computed by fuselm_qrows exactly as
- * fuselm_qlinear_ld computes it (the bias added after the row's sum), so the result is the same bits.
+ * handed out statically, each thread a contiguous run: a call's weight prefetch runs past the end of its rows
+ * into the next item, which is then the same thread's (handed out dynamically, it was often the other
+ * thread's; moe_few_rows.c found the same). llama.cpp's Mixtral-like Q4_0 / Q8_0 files at batch 1 on a 2-vCPU
+ * Zen 4 EPYC, three alternated rounds: 111-131 / 86-106 tok/s against 107-112 / 81-85 dynamically; the
+ * embedded SmolLM2-135M Q4_1 there: 211-226 against 157-188.
+ * Each output row is computed by fuselm_qrows exactly as fuselm_qlinear_ld computes it (the bias added after
+ * the row's sum), so the result is the same bits.
  * A part in int4_rows16.c's or int8_rows16.c's tiles (scales NULL) runs on their kernel over the same
  * activations (QP_CHUNK is a multiple of their sixteen-row groups).
  */
@@ -41,7 +46,7 @@ int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num
         part_of[i + 1] = part_of[i] + (p->parts[i].n + QP_CHUNK - 1) / QP_CHUNK;
         col_of[i] = col, col += p->parts[i].n;
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t item = 0; item < items; item++) {
         int64_t i = 0;
         while (item >= part_of[i + 1]) i++;
