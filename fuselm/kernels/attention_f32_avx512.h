@@ -36,14 +36,15 @@ static inline void prefetch_block_slice(const char *block, int64_t bytes, int64_
 }
 
 /* One sequence: q, out [num_heads, head_dim] float32; positions from .. len - 1 of the paged cache
- * through `table`; head_dim % 16 == 0, block_size % 16 == 0, head_dim <= F32_AVX512_MAX_DIM.
+ * through `table`, whose rows are row_elems apart (num_kv_heads * head_dim, or more where these heads are
+ * part of a row: the caches then point at the first one); head_dim % 16 == 0, block_size % 16 == 0,
+ * head_dim <= F32_AVX512_MAX_DIM.
  * acc [num_heads, head_dim], scores [num_heads, block_size], m and l [num_heads] are scratch. */
 static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
     const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *acc,
-    float *scores, float *m, float *l, int kv_bf16) {
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t row_elems, int64_t block_size, float scale,
+    float *acc, float *scores, float *m, float *l, int kv_bf16) {
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t row_elems = num_kv_heads * head_dim;
     const int64_t bytes = block_size * row_elems * (kv_bf16 ? 2 : 4);
     const int64_t chunks = head_dim / 16;
     const __m512 vscale = _mm512_set1_ps(scale);
