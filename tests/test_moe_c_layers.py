@@ -154,11 +154,21 @@ def test_routing_statistics_of_all_layers_at_once_equal_one_layer_at_a_time(laye
 
     g = torch.Generator().manual_seed(layers * 10 + tokens)
     together, alone = (ExpertStats(list(range(layers)), 8, 2, torch.device("cpu")) for _ in range(2))
+    load = [[0] * 8 for _ in range(layers)]  # the counts by plain loops
+    pairs = [[[0] * 8 for _ in range(8)] for _ in range(layers - 1)]
     for _ in range(3):  # three steps
         ids = torch.stack([torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
                            for _ in range(layers)])  # [layers, tokens, 2]
         together.record_all(ids)
         for p in range(layers):
             alone.record(p, ids[p])
+        for p, rows in enumerate(ids.tolist()):
+            for t, row in enumerate(rows):
+                for e in row:
+                    load[p][e] += 1
+                    if p + 1 < layers:
+                        for nxt in ids[p + 1, t].tolist():
+                            pairs[p][e][nxt] += 1
     assert together.to_json() == alone.to_json()
+    assert together.load.tolist() == load and together.co_occurrence.tolist() == pairs
     assert together.steps == 3 and together.tokens == 3 * tokens

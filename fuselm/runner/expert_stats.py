@@ -10,8 +10,10 @@ is enough) gives each MoE block a recorder, called with the step's expert ids [T
 - `co_occurrence[p, a, b]`: pairs (a token's slot in MoE layer p on expert a, its slot in MoE layer
   p + 1 on expert b); a row sums to k times load[p, a].
 
-Each record is a bincount on the device the model runs on, added to a running total there: no copy
-to the host and no synchronisation per step. Every token the forward computes counts (prompt chunks,
+Each record adds ones at the ids' positions of the running totals on the device the model runs on
+(`index_add_`): no copy to the host, no synchronisation per step, and no table-sized temporary (a bincount
+with minlength E * E per layer pair allocated, zeroed and added 61,440 counts a step for 16 layers of 64
+experts, whatever the batch). Every token the forward computes counts (prompt chunks,
 decodes, recomputation after preemption; prefix-cache hits are not computed, so not counted): that
 is the work the experts do. `to_json` is the file `fuselm placement --stats` reads.
 """
@@ -25,6 +27,11 @@ from pathlib import Path
 import torch
 
 STATS_FORMAT = "fuselm-expert-stats"
+
+
+def _count(totals: torch.Tensor, index: torch.Tensor) -> None:
+    """totals.view(-1)[i] += 1 for each i in index (repeats counted)."""
+    totals.view(-1).index_add_(0, index, torch.ones_like(index))
 
 
 class ExpertStats:
@@ -56,16 +63,16 @@ class ExpertStats:
     def record(self, position: int, ids: torch.Tensor) -> None:
         """The expert ids [T, k] the `position`-th MoE layer chose this step."""
         e = self.num_experts
-        counts = torch.bincount(ids.reshape(-1), minlength=e)  # [E]
-        pairs = None
+        flat = ids.reshape(-1) + position * e  # into load.view(-1)
+        joint = None
         previous = self._previous
         if position > 0 and previous is not None and previous.shape[0] == ids.shape[0]:
-            joint = previous.unsqueeze(2) * e + ids.unsqueeze(1)  # [T, k, k]: (expert before, expert now)
-            pairs = torch.bincount(joint.reshape(-1), minlength=e * e).view(e, e)  # [E, E]
+            # [T, k, k]: (expert before, expert now), into co_occurrence.view(-1)
+            joint = (previous.unsqueeze(2) * e + ids.unsqueeze(1) + (position - 1) * e * e).reshape(-1)
         with self._lock:
-            self.load[position] += counts
-            if pairs is not None:
-                self.co_occurrence[position - 1] += pairs
+            _count(self.load, flat)
+            if joint is not None:
+                _count(self.co_occurrence, joint)
             if position == 0:
                 self.steps += 1
                 self.tokens += ids.shape[0]
@@ -80,15 +87,14 @@ class ExpertStats:
             raise ValueError(f"ids of {num_layers} MoE layers, the model has {len(self.layers)}")
         e = self.num_experts
         layer_of = torch.arange(num_layers, device=ids.device).view(-1, 1, 1)
-        load = torch.bincount((ids + layer_of * e).reshape(-1), minlength=num_layers * e).view(num_layers, e)
-        pairs = None
+        flat = (ids + layer_of * e).reshape(-1)
+        joint = None
         if num_layers > 1:  # [L-1, T, k, k]: (expert in layer p, expert in layer p + 1) of each token
-            joint = ids[:-1].unsqueeze(3) * e + ids[1:].unsqueeze(2) + layer_of[:-1].unsqueeze(3) * e * e
-            pairs = torch.bincount(joint.reshape(-1), minlength=(num_layers - 1) * e * e).view(num_layers - 1, e, e)
+            joint = (ids[:-1].unsqueeze(3) * e + ids[1:].unsqueeze(2) + layer_of[:-1].unsqueeze(3) * e * e).reshape(-1)
         with self._lock:
-            self.load += load
-            if pairs is not None:
-                self.co_occurrence += pairs
+            _count(self.load, flat)
+            if joint is not None:
+                _count(self.co_occurrence, joint)
             self.steps += 1
             self.tokens += tokens
         self._previous = None
