@@ -362,7 +362,7 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
 
 /* Whether one of the fast paths below takes these shapes (the portable loop never splits a sequence's heads). */
 static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_size) {
-    (void)kv_dtype;
+    (void)dtype, (void)kv_dtype, (void)head_dim, (void)block_size; /* a build without a fast path reads none */
 #ifdef HAVE_BF16_FAST_PATH
     if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) return 1;
 #endif
@@ -417,6 +417,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
             const void *qn = (const char *)q + q_at * q_width;
             void *on = (char *)out + q_at * q_width;
             const void *kc = (const char *)k_cache + kv_at * kv_width, *vc = (const char *)v_cache + kv_at * kv_width;
+            (void)qn, (void)on, (void)kc, (void)vc, (void)heads; /* read only by the fast paths a build may lack */
             if (k_new != NULL && n < num_write) { /* this step's token is the context's last: write it, then attend */
                 const int64_t slot = last_slot(block_table, ctx_lens, n, max_blocks, block_size);
                 store_heads(k_cache, slot, k_new, n, row_elems, kv_at, kvh * head_dim, dtype, kv_dtype);
