@@ -103,7 +103,9 @@ class ModelRunner:
         self.h2o_scores = H2OScores()  # accumulated attention of running H2O sequences, by seq_id
         self.cache_positions = CachePositions()  # StreamingLLM rotary positions in the cache: offsets applied
         # KV cache groups (core/kv_groups.py): one unless sliding-window layers can drop old blocks
-        windows = [layer.self_attn.sliding_window for layer in self.model.layers]
+        # each layer's attention module, once: the step hands them to the KV rewriters (24 us a step to rebuild)
+        self.attention_layers = [layer.self_attn for layer in self.model.layers]
+        windows = [attn.sliding_window for attn in self.attention_layers]
         self.kv_groups = kv_cache_groups(windows if group_kv_by_window else [None] * len(windows))
         self.max_chunk_tokens = config.max_num_batched_tokens
         self.num_blocks = self._kv_cache_blocks(max_model_len)
@@ -300,14 +302,14 @@ class ModelRunner:
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, meta, row_start = self._build_batch(out)
-        self.cache_positions.rerotate(out.scheduled, [layer.self_attn for layer in self.model.layers],
+        self.cache_positions.rerotate(out.scheduled, self.attention_layers,
                                       getattr(self.model, "rope", None), self.block_size, self._slots)
         with forward_context(meta):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         if meta.snapkv:
-            compact(meta.snapkv, [layer.self_attn for layer in self.model.layers])
+            compact(meta.snapkv, self.attention_layers)
         if meta.h2o:
-            self.h2o_scores.update(meta.h2o, [layer.self_attn for layer in self.model.layers])
+            self.h2o_scores.update(meta.h2o, self.attention_layers)
         return hidden, row_start
 
     @torch.inference_mode()
