@@ -104,13 +104,33 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(5, 384, (batch, length), generator=g).tolist()
 
 
-def fuselm_figures(model: str, batches: list[int], tokens: int, repeats: int = 1) -> dict:
+def warm_up(llm, seconds: float) -> float:
+    """Decode at batch 1 for `seconds` after loading; returns the tok/s of the last run.
+
+    The first seconds after a load run slower on a VM: fuselm repacks the weights into freshly allocated memory, and
+    a Mixtral-like float32 model decoded at ~47-54 tok/s for its first ~10 runs of 24 tokens (no page faults after the
+    second) before settling at 60-66 on a 2-vCPU Zen 4 guest (llama.cpp reads its weights from the page cache, and
+    llama-bench runs a warm-up of its own). Each engine is measured after this, never during it."""
+    from fuselm import SamplingParams
+
+    end, last = time.perf_counter() + seconds, 0.0
+    while time.perf_counter() < end:
+        res = llm.generate(prompts(1, 16, seed=7), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)
+        m = res[0].metrics
+        last = 23 / (m.last_token_time - m.first_token_time)
+    return round(last, 2)
+
+
+def fuselm_figures(model: str, batches: list[int], tokens: int, repeats: int = 1, warm_up_s: float = 0.0) -> dict:
     """Decode tok/s at each batch (the median of `repeats` runs, each listed), the 1,024-token prompt, one MoE layer."""
     from fuselm import LLM, SamplingParams
 
     llm = LLM(model, dtype="float32", device="cpu", max_num_seqs=max(batches))
     runner = llm.engine.runner
     out = {"plan": runner.plan.summary(), "weight_mib": round(runner.weight_bytes / 2**20, 1)}
+    if warm_up_s > 0:
+        out["warm_up_s"], out["warm_up_last_batch1_tok_s"] = warm_up_s, warm_up(llm, warm_up_s)
     for b in batches:
         ps = prompts(b, 16, seed=b)
         llm.generate(ps, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)  # prefix-cache the prompts
@@ -156,12 +176,15 @@ def moe_layer_bandwidth(llm, rounds: int = 8) -> dict:
             "moe_layer_batch1_gb_s": round(top_k * per_expert / seconds / 1e9, 2), "experts_kind": experts.kind}
 
 
-def hf_figures(hf_dir: Path, batches: list[int], tokens: int) -> dict:
+def hf_figures(hf_dir: Path, batches: list[int], tokens: int, warm_up_s: float = 0.0) -> dict:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     out = {}
     with torch.inference_mode():
+        end = time.perf_counter() + warm_up_s  # the same settling time after the load as fuselm gets (warm_up)
+        while time.perf_counter() < end:
+            model.generate(torch.tensor(prompts(1, 16, seed=7)), max_new_tokens=8, do_sample=False, pad_token_id=0)
         for b in batches:
             ids = torch.tensor(prompts(b, 16, seed=b))
             gen = dict(do_sample=False, pad_token_id=0)
@@ -185,6 +208,8 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=10, help="decode tokens per request (HF transformers)")
     ap.add_argument("--build-dir", default=str(HERE.parent / ".build" / "moe-bench"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--warm-up", type=float, default=10.0,
+                    help="seconds of batch-1 decoding after each fuselm load before measuring (see warm_up)")
     ap.add_argument("--out", help="result file (default: benchmarks/results/moe-<shape>-epyc-avx512.json)")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on the same weights (moe_llama_cpp.py)")
     ap.add_argument("--peers-dir", default=str(HERE / "peers" / ".build"), help="where llama_cpp.sh built llama.cpp")
@@ -200,10 +225,10 @@ def main() -> None:
               "load_average_at_start": os.getloadavg()[0]}
     stream = measure_stream_gbps()  # the roofline tool's figure, which the MoE layer is set against
     result["stream_bandwidth"] = {k: round(v, 2) for k, v in stream.items()}
-    result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens, args.repeats)
-    result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens, args.repeats)
+    result["fuselm_float32"] = fuselm_figures(str(hf_dir), batches, args.tokens, args.repeats, args.warm_up)
+    result["fuselm_gguf_q4_0"] = fuselm_figures(str(gguf_path), batches, args.tokens, args.repeats, args.warm_up)
     if not args.skip_hf:
-        result["hf_transformers_float32"] = hf_figures(hf_dir, batches, args.hf_tokens)
+        result["hf_transformers_float32"] = hf_figures(hf_dir, batches, args.hf_tokens, args.warm_up)
     if args.llama_cpp:  # llama.cpp's own conversion and Q4_0 of hf_dir; fuselm also runs that Q4_0 file
         import moe_llama_cpp
 
@@ -211,7 +236,8 @@ def main() -> None:
         peer = moe_llama_cpp.llama_cpp_figures(hf_dir, gguf_path.parent, result["threads"], prompts(4, 16, seed=7), 16)
         result["llama_cpp"] = peer
         for precision in ("q4_0", "q8_0"):
-            result[f"fuselm_llama_cpp_{precision}"] = fuselm_figures(peer["files"][precision], batches, args.tokens, args.repeats)
+            result[f"fuselm_llama_cpp_{precision}"] = fuselm_figures(peer["files"][precision], batches, args.tokens,
+                                                                      args.repeats, args.warm_up)
     result["load_average_at_end"] = os.getloadavg()[0]  # other processes on these cores skew every figure
     for name in ("fuselm_float32", "fuselm_gguf_q4_0", "fuselm_llama_cpp_q4_0", "fuselm_llama_cpp_q8_0"):
         if name not in result:
