@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--build-dir", default=str(HERE.parent / ".build" / "moe-bench"))
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--warm-up", type=float, default=10.0,
-                    help="seconds of batch-1 decoding after each fuselm load before measuring (see warm_up)")
+                    help="seconds of batch-1 decoding after each load (fuselm's and HF's) before measuring (see warm_up)")
     ap.add_argument("--out", help="result file (default: benchmarks/results/moe-<shape>-epyc-avx512.json)")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on the same weights (moe_llama_cpp.py)")
     ap.add_argument("--peers-dir", default=str(HERE / "peers" / ".build"), help="where llama_cpp.sh built llama.cpp")
