@@ -86,7 +86,8 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t heads, 
 
 /* The half of a layer before attention, for M rows of the residual stream x [M, hidden]: RMSNorm,
  * q/k/v projection (+ bias), split into q [M, Hq*D], k and v [M, Hkv*D], the q/k RMSNorm where the layer has
- * one (per head: Qwen3; whole: OLMoE), the q/k/v clamp (OLMoE), rotary on q and k. h [M, hidden] and qkv [M, qkv_dim] are scratch. */
+ * one (per head: Qwen3; whole: OLMoE), the q/k/v clamp (OLMoE), rotary on q and k. h [M, hidden] and
+ * qkv [M, qkv_dim] are scratch. */
 static void attention_inputs(const QLayer *L, const QModelDims *dims, const float *x, int64_t M, const float *cos,
                              const float *sin, float *h, float *qkv, float *q, float *k, float *v) {
     const int64_t H = dims->hidden, D = dims->head_dim, Hq = dims->num_heads, Hkv = dims->num_kv_heads;

@@ -360,19 +360,22 @@ void fuselm_paged_decode_attention(const void *q, void *out, void *k_cache, void
                                   kv_dtype, num_threads);
 }
 
-/* Whether one of the fast paths below takes these shapes (the portable loop never splits a sequence's heads). */
+/* Which per-sequence path of this build takes these shapes, the first that does in this order; PATH_PORTABLE (the
+ * loop at the end of fuselm_paged_window_attention, which never splits a sequence's heads) where none does. */
+enum { PATH_PORTABLE = 0, PATH_BF16 = 1, PATH_F32_AVX512 = 2, PATH_F32_AVX2 = 3 };
 static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_size) {
     (void)dtype, (void)kv_dtype, (void)head_dim, (void)block_size; /* a build without a fast path reads none */
 #ifdef HAVE_BF16_FAST_PATH
-    if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) return 1;
+    if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) return PATH_BF16;
 #endif
 #ifdef __AVX512F__
-    if (dtype == FUSELM_F32 && head_dim % 16 == 0 && block_size % 16 == 0 && head_dim <= F32_AVX512_MAX_DIM) return 1;
+    if (dtype == FUSELM_F32 && head_dim % 16 == 0 && block_size % 16 == 0 && head_dim <= F32_AVX512_MAX_DIM)
+        return PATH_F32_AVX512;
 #endif
 #ifdef HAVE_F32_FAST_PATH
-    if (dtype == FUSELM_F32 && head_dim % 8 == 0 && block_size % 8 == 0) return 1;
+    if (dtype == FUSELM_F32 && head_dim % 8 == 0 && block_size % 8 == 0) return PATH_F32_AVX2;
 #endif
-    return 0;
+    return PATH_PORTABLE;
 }
 
 /* fuselm_paged_decode_attention where row n attends to positions ctx_starts[n] .. ctx_lens[n] - 1
@@ -392,8 +395,9 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
     const int64_t group = num_heads / num_kv_heads;
     const int64_t row_elems = num_kv_heads * head_dim;
     const int64_t q_width = dtype == FUSELM_F32 ? 4 : 2, kv_width = kv_dtype == FUSELM_F32 ? 4 : 2;
+    const int path = fast_path(dtype, kv_dtype, head_dim, block_size);
     int64_t splits = 1; /* items per row: runs of KV heads, only where they come out even */
-    if (num_seqs > 0 && num_seqs < num_threads && fast_path(dtype, kv_dtype, head_dim, block_size)) {
+    if (num_seqs > 0 && num_seqs < num_threads && path != PATH_PORTABLE) {
         splits = (num_threads + num_seqs - 1) / num_seqs;
         splits = splits < num_kv_heads ? splits : num_kv_heads;
         while (num_kv_heads % splits != 0) splits--;
@@ -425,7 +429,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
             }
             const int64_t from = ctx_starts != NULL ? ctx_starts[n] : 0;
 #ifdef HAVE_BF16_FAST_PATH
-            if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && head_dim % 32 == 0 && block_size % 16 == 0) {
+            if (path == PATH_BF16) {
 #define SEQ_ATTENTION_BF16(D)                                                                                   \
     seq_attention_bf16((const uint16_t *)qn, (uint16_t *)on, (const uint16_t *)kc, (const uint16_t *)vc,        \
                        block_table + n * max_blocks, from, ctx_lens[n], heads, kvh, D, row_elems, block_size,  \
@@ -442,7 +446,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
             }
 #endif
 #ifdef __AVX512F__
-            if (dtype == FUSELM_F32 && head_dim % 16 == 0 && block_size % 16 == 0 && head_dim <= F32_AVX512_MAX_DIM) {
+            if (path == PATH_F32_AVX512) {
 #define SEQ_ATTENTION_F32_AVX512(D, BF16)                                                                       \
     seq_attention_f32_avx512((const float *)qn, (float *)on, kc, vc, block_table + n * max_blocks, from,      \
                              ctx_lens[n], heads, kvh, D, row_elems, block_size, scale, acc, scores, m, l, BF16)
@@ -460,7 +464,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
             }
 #endif
 #ifdef HAVE_F32_FAST_PATH
-            if (dtype == FUSELM_F32 && head_dim % 8 == 0 && block_size % 8 == 0) {
+            if (path == PATH_F32_AVX2) {
 #define SEQ_ATTENTION_F32(D, BF16)                                                                             \
     seq_attention_f32((const float *)qn, (float *)on, kc, vc, block_table + n * max_blocks, from, ctx_lens[n], \
                       heads, kvh, D, row_elems, block_size, scale, acc, scores, m, l, BF16)

@@ -80,8 +80,8 @@ class ExpertStats:
 
     def record_all(self, ids: torch.Tensor) -> None:
         """Every MoE layer's ids of one forward at once, [layers, T, k]: what `record` gives called for each layer in
-        order, in two bincounts instead of two per layer (the one-call C layer step returns all layers' ids together;
-        at batch 1 the per-layer calls cost more than a tenth of a millisecond a token)."""
+        order, in two index additions instead of two per layer (the one-call C layer step returns all layers' ids
+        together; at batch 1 the per-layer calls cost more than a tenth of a millisecond a token)."""
         num_layers, tokens = ids.shape[0], ids.shape[1]
         if num_layers != len(self.layers):
             raise ValueError(f"ids of {num_layers} MoE layers, the model has {len(self.layers)}")
