@@ -92,14 +92,24 @@ def test_one_expert_gets_every_token_and_most_get_none(tokens):
 
 
 @needs_tiles
-def test_a_tokens_result_does_not_depend_on_the_batch():
-    """Bit for bit: a token alone (moe_few_rows.c) or among 40 others (moe.c's general path)."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_tokens_result_does_not_depend_on_the_batch(threads):
+    """Bit for bit: a token alone or two together (moe_few_rows.c: whole experts per thread where the routed
+    experts divide evenly between the threads, else items split across them) or among 40 others (moe.c's
+    general path)."""
     fast, _ = _pair(8, 256, 128, torch.float16, seed=4)
-    x = torch.randn(41, 256)
-    weights, ids = route(torch.randn(41, 8), 4, renormalize=True)
-    together = fast(x, ids, weights)
-    for t in (0, 17, 40):
-        assert torch.equal(fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0], together[t])
+    x = torch.randn(42, 256)
+    weights, ids = route(torch.randn(42, 8), 4, renormalize=True)
+    ids[40:] = torch.tensor([[1, 3, 5, 7], [1, 2, 5, 6]])  # six experts, two of them with both tokens
+    before = torch.get_num_threads()
+    try:
+        together = fast(x, ids, weights)
+        torch.set_num_threads(threads)
+        for t in (0, 17, 39):
+            assert torch.equal(fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0], together[t])
+        assert torch.equal(fast(x[40:], ids[40:], weights[40:]), together[40:])
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_tiles
