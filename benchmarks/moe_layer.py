@@ -9,9 +9,10 @@ routing each call, so the routed experts come from memory (16 Mixtral-like layer
 0.4-0.7 GB quantised: far beyond any cache), as in a decode step.
 
 Bytes per call at one row are the routed experts' gate, up and down as stored. On a VM the memory bandwidth
-moves by half from one minute to the next, and between allocations (one 256 MB array read at 31-36 GB/s,
-the next at 57-64, on the same 2-vCPU Zen 4 guest), so each repeat first measures two reads and then times
-the layer, and each share is the median over repeats of the layer's bytes/s over the read just before it:
+moves by half from one minute to the next (a 256 MB array read at 57-64 GB/s in one format's repeats and at
+31-36 in the next format's, one process on a 2-vCPU Zen 4 guest), so each repeat first measures two reads and
+then times the layer, and each share is the median over repeats of the layer's bytes/s over the read just
+before it:
 
 - `rows1_share_of_stream`: a sum over a fresh 256 MB array (as the roofline tool's stream read,
   fuselm/bench/roofline.py, same threads);
