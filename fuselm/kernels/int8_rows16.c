@@ -30,8 +30,13 @@
 
 #include "fuselm_kernels.h"
 
-/* bytes of tiles fetched ahead of the one being multiplied, a compile-time constant: one MoE layer in Q8_0 at one
- * row, one thread, took 370-410 us with 12-16 KB, 540 us with int4_rows16.c's 24 tiles computed from tile_bytes */
+/* bytes of a call's first tiles asked for at its start; past them the hardware prefetchers alone stream the tiles.
+ * Each tile used to ask for the one 16 KB on as well (one MoE layer in Q8_0 at one row, one thread, took 370-410 us
+ * with 12-16 KB, 540 us with 24 tiles), but with both threads streaming it held the reads back: on a 2-vCPU Zen 4
+ * EPYC, in-process alternation, batch-1 decode of the Mixtral-like / Qwen2-MoE-like Q8_0 files 79.4 -> 98.2 and
+ * 62.4 -> 78.1 tok/s (16 rounds, medians), batch 8 / 32 1.09x / 1.08x, one Qwen2-MoE-like layer from 0.66-0.69 to
+ * 0.82-0.83 of a plain read of the same weights, one thread 349-367 -> 325 us. int4_rows16.c's per-tile
+ * prefetch measured neither better nor worse without it (0.96x / 1.00x), so it stays. */
 #define R16_PREFETCH_BYTES 16384
 
 static int64_t tile_bytes_of(int scale_dtype) {
@@ -54,8 +59,6 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
     __m512 acc[4];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
-        for (int64_t line = 0; line < tile_bytes; line += 64)
-            _mm_prefetch((const char *)tile + R16_PREFETCH_BYTES + line, _MM_HINT_T0);
         __m512i w[8];
         for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(tile + 64 * v));
         const __m512 scales = load_16(tile + 512, sdt);
