@@ -85,17 +85,27 @@ def test_one_expert_gets_every_token_and_most_get_none(fmt):
     assert (fast(x, ids, weights) - want).abs().max().item() < _tolerance(fmt, want)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("fmt", ["float32", "int4 g32 fp32 (Q4_K)", "int8 g16 fp32 (Q6_K)"])
-def test_a_tokens_result_does_not_depend_on_the_batch(fmt):
-    """Bit for bit: a token alone, or among 40 others sharing its experts, gets the same output (so
-    greedy decoding does not change with how the scheduler packs a step)."""
+def test_a_tokens_result_does_not_depend_on_the_batch(fmt, threads):
+    """Bit for bit: a token alone or two together, or among 40 others sharing their experts, get the same output
+    (so greedy decoding does not change with how the scheduler packs a step). On 1-3 threads, so that the few-row
+    paths run both ways: whole experts per thread where the routed experts divide evenly between the threads,
+    items shared out otherwise."""
     fast, _ = _pair(8, 64, 64, fmt, seed=4)
-    x = torch.randn(41, 64)
-    weights, ids = route(torch.randn(41, 8), 2, renormalize=True)
-    together = fast(x, ids, weights)
-    for t in (0, 17, 40):
-        alone = fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])
-        assert torch.equal(alone[0], together[t])
+    x = torch.randn(42, 64)
+    weights, ids = route(torch.randn(42, 8), 2, renormalize=True)
+    ids[40:] = torch.tensor([[1, 3], [1, 2]])  # three experts, one of them with both tokens
+    before = torch.get_num_threads()
+    try:
+        together = fast(x, ids, weights)
+        torch.set_num_threads(threads)
+        for t in (0, 17, 39):
+            alone = fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])
+            assert torch.equal(alone[0], together[t])
+        assert torch.equal(fast(x[40:], ids[40:], weights[40:]), together[40:])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_no_tokens():

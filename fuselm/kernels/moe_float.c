@@ -15,6 +15,13 @@
  *   handed out in list order, so by then they are all taken and nearly always done;
  * - one barrier, then the combine (each token's top_k rows summed in slot order).
  *
+ * At decode's few rows (at most FLOAT_WHOLE_MAX_ROWS assignments) where the routed experts divide evenly between
+ * the threads, each thread instead takes whole experts, gate, up, SiLU and down one after the other, as
+ * moe_few_rows.c does for quantised ones: no item counter, no waiting on another thread's gate/up items, each
+ * weight one call. One layer at batch 1, 8 layers cycled, in-process alternation on a 2-vCPU Zen 4 EPYC:
+ * Mixtral-like 1,043 -> 904 us, Qwen2-MoE-like 872 -> 829 us; whole-model batch-1 decode of the float32 files
+ * 1.04x / 1.03x, the same tokens.
+ *
  * Every output is computed by the same calls in the same order as moe.c's general path (dense_linear.c
  * on one thread per piece, the same SiLU expression), so the results are the same bits.
  */
@@ -27,7 +34,12 @@
 
 #include "fuselm_kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #define FLOAT_CHUNK 64 /* output columns per item: four of dense_linear.c's 16-column panels, 256 KB of a 1,024-wide weight */
+#define FLOAT_WHOLE_MAX_ROWS 8 /* assignments up to which threads take whole experts (when they divide evenly) */
 
 static inline void pause_briefly(void) {
 #if defined(__x86_64__)
@@ -58,6 +70,7 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
         if (offsets[e + 1] > offsets[e]) active[num_active++] = e;
     const int64_t gate_up_items = num_active * gate_up_chunks, items = gate_up_items + num_active * down_chunks;
     if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
+    const int whole_experts = A <= FLOAT_WHOLE_MAX_ROWS && num_active % num_threads == 0;
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -66,7 +79,30 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
             const float *row = x + (src[p] / top_k) * H;
             for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
         }
-        for (;;) {
+        if (whole_experts) { /* this thread's experts end to end */
+#ifdef _OPENMP
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int64_t t = 0, nt = 1;
+#endif
+            for (int64_t j = num_active * t / nt; j < num_active * (t + 1) / nt; j++) {
+                const int64_t e = active[j], r0 = offsets[e], rows = offsets[e + 1] - r0;
+                float *g = gu + r0 * 2 * I;
+                expert_columns(gate, e, xs + r0 * H, H, rows, g, 2 * I, 0, I);
+                expert_columns(up, e, xs + r0 * H, H, rows, g + I, 2 * I, 0, I);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < I; c++) {
+                        const float v = g[r * 2 * I + c];
+                        act[(r0 + r) * I + c] = v / (1.0f + expf(-v)) * g[r * 2 * I + I + c];
+                    }
+                expert_columns(down, e, act + r0 * I, I, rows, yd + r0 * H, H, 0, H);
+                for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
+                    const float w = topk_weights[src[p]];
+                    for (int64_t h = 0; h < H; h++) yd[p * H + h] *= w;
+                }
+            }
+        }
+        while (!whole_experts) {
             const int64_t i = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
             if (i >= items) break;
             if (i < gate_up_items) {
