@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fuselm.layers.moe import route
 from tiny_models import save_tokenizer
 
 VOCAB = 384
@@ -166,3 +167,23 @@ def write_moe_gguf(model, kind: str, tokenizer_dir: Path, out_path: Path, expert
     w.write_tensors_to_file()
     w.close()
     return Path(out_path)
+
+
+def check_tokens_independent_of_batch(fast, hidden: int, num_experts: int, top_k: int, group: list[list[int]],
+                                      threads: int) -> None:
+    """Bit for bit, on `threads` threads: a token alone, and the tokens of `group` (their experts, one row each)
+    together, get what they get among 40 other tokens (moe.c's general path). With few rows the grouped experts
+    take moe_few_rows.c or moe_float.c, whole experts per thread where the routed experts divide evenly between
+    the threads and items shared out otherwise, so 1-3 threads run both."""
+    x = torch.randn(40 + len(group), hidden)
+    weights, ids = route(torch.randn(40 + len(group), num_experts), top_k, renormalize=True)
+    ids[40:] = torch.tensor(group)
+    before = torch.get_num_threads()
+    try:
+        together = fast(x, ids, weights)
+        torch.set_num_threads(threads)
+        for t in (0, 17, 39):
+            assert torch.equal(fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0], together[t])
+        assert torch.equal(fast(x[40:], ids[40:], weights[40:]), together[40:])
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,8 @@ from fuselm.layers.moe import GroupedExperts, route
 from fuselm.quant.formats import QuantWeight, quantize_int4, stack_rows
 from fuselm.quant.int4_rows16 import Int4Rows16, fits
 
+from moe_models import check_tokens_independent_of_batch
+
 kernels = get_kernels()
 needs_tiles = pytest.mark.skipif(kernels is None or not kernels.int4_rows16_available,
                                  reason="the tile kernel needs a build with AVX512_VNNI")
@@ -98,18 +100,7 @@ def test_a_tokens_result_does_not_depend_on_the_batch(threads):
     experts divide evenly between the threads, else items split across them) or among 40 others (moe.c's
     general path)."""
     fast, _ = _pair(8, 256, 128, torch.float16, seed=4)
-    x = torch.randn(42, 256)
-    weights, ids = route(torch.randn(42, 8), 4, renormalize=True)
-    ids[40:] = torch.tensor([[1, 3, 5, 7], [1, 2, 5, 6]])  # six experts, two of them with both tokens
-    before = torch.get_num_threads()
-    try:
-        together = fast(x, ids, weights)
-        torch.set_num_threads(threads)
-        for t in (0, 17, 39):
-            assert torch.equal(fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0], together[t])
-        assert torch.equal(fast(x[40:], ids[40:], weights[40:]), together[40:])
-    finally:
-        torch.set_num_threads(before)
+    check_tokens_independent_of_batch(fast, 256, 8, 4, [[1, 3, 5, 7], [1, 2, 5, 6]], threads)
 
 
 @needs_tiles

@@ -11,6 +11,8 @@ from fuselm.kernels.cpu import get_kernels
 from fuselm.layers.moe import GroupedExperts, route
 from fuselm.quant.formats import quantize_int4, quantize_int8
 
+from moe_models import check_tokens_independent_of_batch
+
 kernels = get_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="the C kernels cannot be built here")
 
@@ -93,19 +95,7 @@ def test_a_tokens_result_does_not_depend_on_the_batch(fmt, threads):
     paths run both ways: whole experts per thread where the routed experts divide evenly between the threads,
     items shared out otherwise."""
     fast, _ = _pair(8, 64, 64, fmt, seed=4)
-    x = torch.randn(42, 64)
-    weights, ids = route(torch.randn(42, 8), 2, renormalize=True)
-    ids[40:] = torch.tensor([[1, 3], [1, 2]])  # three experts, one of them with both tokens
-    before = torch.get_num_threads()
-    try:
-        together = fast(x, ids, weights)
-        torch.set_num_threads(threads)
-        for t in (0, 17, 39):
-            alone = fast(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])
-            assert torch.equal(alone[0], together[t])
-        assert torch.equal(fast(x[40:], ids[40:], weights[40:]), together[40:])
-    finally:
-        torch.set_num_threads(before)
+    check_tokens_independent_of_batch(fast, 64, 8, 2, [[1, 3], [1, 2]], threads)
 
 
 def test_no_tokens():
