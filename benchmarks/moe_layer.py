@@ -14,8 +14,8 @@ moves by half from one minute to the next (a 256 MB array read at 57-64 GB/s in 
 then times the layer, and each share is the median over repeats of the layer's bytes/s over the read just
 before it:
 
-- `rows1_share_of_stream`: a sum over a fresh 256 MB array (as the roofline tool's stream read,
-  fuselm/bench/roofline.py, same threads);
+- `rows1_share_of_stream`: the roofline tool's stream read (fuselm/bench/roofline.py `measure_stream_gbps`, a sum
+  over a fresh 256 MB array, same threads);
 - `rows1_share_of_weight_read`: a plain read (an int64 max) of the very bytes the layers hold, all 16
   layers' expert weights: what reading them at all costs where they happen to lie.
 
@@ -45,18 +45,6 @@ from fuselm.quant.formats import QuantWeight
 
 SHAPES = {"mixtral": (32, 1024, 512, 4), "qwen2moe": (64, 1024, 256, 8)}  # experts, hidden, width, top-k
 LAYERS = {"float32": 4, "int4": 16, "int8": 16}
-
-
-def stream_read_gbps(mib: int = 256) -> float:
-    """The best of three sums over a large array: the read bandwidth right now."""
-    a = torch.rand(mib * 2 ** 20 // 4)
-    a.sum()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - start)
-    return a.numel() * 4 / best / 1e9
 
 
 def weight_read_gbps(tensors: list[torch.Tensor]) -> float:
@@ -110,7 +98,7 @@ def layer_figures(fmt: str, shape: str, rows_list: list[int], calls_per_layer: i
         pairs = []  # (stream read GB/s, weight read GB/s, layer GB/s at one row) per repeat
         held = [t for layer in layers for t in layer.weight_tensors()]
         for _ in range(repeats):
-            stream = stream_read_gbps() if rows == 1 else None
+            stream = measure_stream_gbps(256, 3)["stream_read_gbps"] if rows == 1 else None
             weight_read = weight_read_gbps(held) if rows == 1 else None
             start, start_cpu = time.perf_counter(), time.process_time()
             for layer, ids in calls:

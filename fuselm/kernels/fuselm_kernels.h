@@ -10,6 +10,7 @@
  */
 #ifndef FUSELM_KERNELS_H
 #define FUSELM_KERNELS_H
+#include <math.h>
 #include <stdint.h>
 
 #define FUSELM_ABI_VERSION 8
@@ -249,6 +250,27 @@ void fuselm_decode_layers(const QLayer *layers, int64_t num_layers, const QModel
                           const int64_t *ctx_lens, const int64_t *shared);
 
 /* ---- mixture-of-experts feed-forward, every routed expert of a step in one call (moe.c) ---- */
+
+/* act rows [r0, r0 + rows), columns [c0, c1) = silu(gate) * up of the same rows of gu [., 2I] (gate | up): the
+ * expression every MoE path shares, so that a token's result does not depend on which path ran it. */
+static inline void fuselm_moe_silu_mul(const float *gu, float *act, int64_t I, int64_t r0, int64_t rows, int64_t c0,
+                                       int64_t c1) {
+    for (int64_t p = r0; p < r0 + rows; p++)
+        for (int64_t i = c0; i < c1; i++) {
+            const float g = gu[p * 2 * I + i];
+            act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
+        }
+}
+
+/* Rows [r0, r0 + rows) of yd [., H], columns [h0, h1), times their assignment's routing weight: the down
+ * projection's epilogue (row p is assignment src[p]). */
+static inline void fuselm_moe_weigh(float *yd, int64_t H, int64_t r0, int64_t rows, int64_t h0, int64_t h1,
+                                    const float *topk_weights, const int64_t *src) {
+    for (int64_t p = r0; p < r0 + rows; p++) {
+        const float w = topk_weights[src[p]];
+        for (int64_t h = h0; h < h1; h++) yd[p * H + h] *= w;
+    }
+}
 
 /* Token t's output columns [h0, h1): the sum of its top_k expert rows of yd (row pos[t * top_k + s] for
  * slot s), added in slot order, which fixes the rounding every MoE path shares. */

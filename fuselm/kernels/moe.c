@@ -144,11 +144,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     }
 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)
-    for (int64_t p = 0; p < A; p++)
-        for (int64_t i = 0; i < I; i++) {
-            const float g = gu[p * 2 * I + i];
-            act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
-        }
+    for (int64_t p = 0; p < A; p++) fuselm_moe_silu_mul(gu, act, I, p, 1, 0, I);
 
     if (acts_up.xs != acts_gate.xs) fuselm_qacts_release(&acts_up);
     fuselm_qacts_release(&acts_gate);
@@ -160,10 +156,7 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
         const MoeItem it = items[i];
         const int64_t r0 = offsets[it.expert], rows = offsets[it.expert + 1] - r0;
         expert_rows(down, it.expert, &acts_down, r0, act + r0 * I, I, rows, yd + r0 * H, H, it.n0, it.n1, float_activations);
-        for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
-            const float w = topk_weights[src[p]];
-            for (int64_t h = it.n0; h < it.n1; h++) yd[p * H + h] *= w;
-        }
+        fuselm_moe_weigh(yd, H, r0, rows, it.n0, it.n1, topk_weights, src); /* epilogue: the routing weight */
     }
 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (copy_threads)

@@ -30,7 +30,6 @@
  * expression, the same routing-weight product and the same slot-order sum, so a token's output is the
  * same whichever path ran it (tests/test_moe_kernel.py checks a token alone against it in a batch).
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,11 +90,7 @@ static int experts_by_thread(int64_t T, int64_t top_k, const float *topk_weights
             const int64_t a0 = first_row[j], rows = row_count[j];
             expert_rows(gate, expert_of[j], acts_gate, a0, rows, 0, I, gu + a0 * 2 * I, 2 * I);
             expert_rows(up, expert_of[j], acts_up, a0, rows, 0, I, gu + a0 * 2 * I + I, 2 * I);
-            for (int64_t p = a0; p < a0 + rows; p++)
-                for (int64_t i = 0; i < I; i++) {
-                    const float g = gu[p * 2 * I + i];
-                    act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
-                }
+            fuselm_moe_silu_mul(gu, act, I, a0, rows, 0, I);
         }
         QActs acts_down; /* this thread's rows only: rounding is per row */
         memset(&acts_down, 0, sizeof acts_down);
@@ -103,10 +98,7 @@ static int experts_by_thread(int64_t T, int64_t top_k, const float *topk_weights
             for (int64_t j = j0; j < j1; j++) {
                 const int64_t a0 = first_row[j], rows = row_count[j];
                 expert_rows(down, expert_of[j], &acts_down, a0 - r0, rows, 0, H, yd + a0 * H, H);
-                for (int64_t p = a0; p < a0 + rows; p++) { /* epilogue: the routing weight */
-                    const float w = topk_weights[src[p]];
-                    for (int64_t h = 0; h < H; h++) yd[p * H + h] *= w;
-                }
+                fuselm_moe_weigh(yd, H, a0, rows, 0, H, topk_weights, src); /* epilogue: the routing weight */
             }
         } else {
 #pragma omp atomic write
@@ -174,11 +166,7 @@ int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64
                 const int64_t r0 = first_row[j], rows = row_count[j];
                 expert_rows(gate, expert_of[j], &acts_gate, r0, rows, n0, n1, gu + r0 * 2 * I, 2 * I);
                 expert_rows(up, expert_of[j], &acts_up, r0, rows, n0, n1, gu + r0 * 2 * I + I, 2 * I);
-                for (int64_t p = r0; p < r0 + rows; p++)
-                    for (int64_t i = n0; i < n1; i++) {
-                        const float g = gu[p * 2 * I + i];
-                        act[p * I + i] = g / (1.0f + expf(-g)) * gu[p * 2 * I + I + i];
-                    }
+                fuselm_moe_silu_mul(gu, act, I, r0, rows, n0, n1);
             }
 #pragma omp single
             down_ready = fuselm_qacts_prepare_part(&acts_down, down, act, I, A, 1);
@@ -189,10 +177,7 @@ int fuselm_moe_experts_few(const float *x, int64_t T, int64_t top_k, const int64
                     for (int64_t j = 0; j < active; j++) {
                         const int64_t r0 = first_row[j], rows = row_count[j];
                         expert_rows(down, expert_of[j], &acts_down, r0, rows, n0, n1, yd + r0 * H, H);
-                        for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
-                            const float w = topk_weights[src[p]];
-                            for (int64_t h = n0; h < n1; h++) yd[p * H + h] *= w;
-                        }
+                        fuselm_moe_weigh(yd, H, r0, rows, n0, n1, topk_weights, src); /* the routing weight */
                     }
                     for (int64_t t = 0; t < T; t++) /* the combine of these columns */
                         fuselm_moe_combine(out, yd, pos, t, top_k, H, n0, n1);

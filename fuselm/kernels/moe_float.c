@@ -25,7 +25,6 @@
  * Every output is computed by the same calls in the same order as moe.c's general path (dense_linear.c
  * on one thread per piece, the same SiLU expression), so the results are the same bits.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #if defined(__x86_64__)
@@ -33,10 +32,6 @@
 #endif
 
 #include "fuselm_kernels.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define FLOAT_CHUNK 64 /* output columns per item: four of dense_linear.c's 16-column panels, 256 KB of a 1,024-wide weight */
 #define FLOAT_WHOLE_MAX_ROWS 8 /* assignments up to which threads take whole experts (when they divide evenly) */
@@ -79,53 +74,35 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
             const float *row = x + (src[p] / top_k) * H;
             for (int64_t h = 0; h < H; h++) xs[p * H + h] = row[h];
         }
-        if (whole_experts) { /* this thread's experts end to end */
-#ifdef _OPENMP
-            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-            const int64_t t = 0, nt = 1;
-#endif
-            for (int64_t j = num_active * t / nt; j < num_active * (t + 1) / nt; j++) {
+        if (whole_experts) { /* each thread its run of experts end to end (static: equal contiguous runs) */
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < num_active; j++) {
                 const int64_t e = active[j], r0 = offsets[e], rows = offsets[e + 1] - r0;
-                float *g = gu + r0 * 2 * I;
-                expert_columns(gate, e, xs + r0 * H, H, rows, g, 2 * I, 0, I);
-                expert_columns(up, e, xs + r0 * H, H, rows, g + I, 2 * I, 0, I);
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t c = 0; c < I; c++) {
-                        const float v = g[r * 2 * I + c];
-                        act[(r0 + r) * I + c] = v / (1.0f + expf(-v)) * g[r * 2 * I + I + c];
-                    }
+                expert_columns(gate, e, xs + r0 * H, H, rows, gu + r0 * 2 * I, 2 * I, 0, I);
+                expert_columns(up, e, xs + r0 * H, H, rows, gu + r0 * 2 * I + I, 2 * I, 0, I);
+                fuselm_moe_silu_mul(gu, act, I, r0, rows, 0, I);
                 expert_columns(down, e, act + r0 * I, I, rows, yd + r0 * H, H, 0, H);
-                for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
-                    const float w = topk_weights[src[p]];
-                    for (int64_t h = 0; h < H; h++) yd[p * H + h] *= w;
+                fuselm_moe_weigh(yd, H, r0, rows, 0, H, topk_weights, src); /* epilogue: the routing weight */
+            }
+        } else {
+            for (;;) {
+                const int64_t i = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+                if (i >= items) break;
+                if (i < gate_up_items) {
+                    const int64_t e = active[i / gate_up_chunks], r0 = offsets[e], rows = offsets[e + 1] - r0;
+                    const int64_t n0 = i % gate_up_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < I ? n0 + FLOAT_CHUNK : I;
+                    expert_columns(gate, e, xs + r0 * H, H, rows, gu + r0 * 2 * I, 2 * I, n0, n1);
+                    expert_columns(up, e, xs + r0 * H, H, rows, gu + r0 * 2 * I + I, 2 * I, n0, n1);
+                    fuselm_moe_silu_mul(gu, act, I, r0, rows, n0, n1);
+                    __atomic_add_fetch(&done[e], 1, __ATOMIC_RELEASE);
+                    continue;
                 }
-            }
-        }
-        while (!whole_experts) {
-            const int64_t i = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
-            if (i >= items) break;
-            if (i < gate_up_items) {
-                const int64_t e = active[i / gate_up_chunks], r0 = offsets[e], rows = offsets[e + 1] - r0;
-                const int64_t n0 = i % gate_up_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < I ? n0 + FLOAT_CHUNK : I;
-                float *g = gu + r0 * 2 * I;
-                expert_columns(gate, e, xs + r0 * H, H, rows, g, 2 * I, n0, n1);
-                expert_columns(up, e, xs + r0 * H, H, rows, g + I, 2 * I, n0, n1);
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t c = n0; c < n1; c++) {
-                        const float v = g[r * 2 * I + c];
-                        act[(r0 + r) * I + c] = v / (1.0f + expf(-v)) * g[r * 2 * I + I + c];
-                    }
-                __atomic_add_fetch(&done[e], 1, __ATOMIC_RELEASE);
-                continue;
-            }
-            const int64_t d = i - gate_up_items, e = active[d / down_chunks], r0 = offsets[e], rows = offsets[e + 1] - r0;
-            const int64_t n0 = d % down_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < H ? n0 + FLOAT_CHUNK : H;
-            while (__atomic_load_n(&done[e], __ATOMIC_ACQUIRE) < gate_up_chunks) pause_briefly();
-            expert_columns(down, e, act + r0 * I, I, rows, yd + r0 * H, H, n0, n1);
-            for (int64_t p = r0; p < r0 + rows; p++) { /* epilogue: the routing weight */
-                const float w = topk_weights[src[p]];
-                for (int64_t h = n0; h < n1; h++) yd[p * H + h] *= w;
+                const int64_t d = i - gate_up_items, e = active[d / down_chunks], r0 = offsets[e];
+                const int64_t rows = offsets[e + 1] - r0;
+                const int64_t n0 = d % down_chunks * FLOAT_CHUNK, n1 = n0 + FLOAT_CHUNK < H ? n0 + FLOAT_CHUNK : H;
+                while (__atomic_load_n(&done[e], __ATOMIC_ACQUIRE) < gate_up_chunks) pause_briefly();
+                expert_columns(down, e, act + r0 * I, I, rows, yd + r0 * H, H, n0, n1);
+                fuselm_moe_weigh(yd, H, r0, rows, n0, n1, topk_weights, src); /* epilogue: the routing weight */
             }
         }
 #pragma omp barrier
