@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 from pathlib import Path
 
+import moe_llama_cpp
 import torch
 
 from fuselm.bench.roofline import measure_stream_gbps
@@ -37,12 +36,6 @@ def fuselm_tok_s(llm, tokens: int) -> float:
     return (tokens - 1) / (m.last_token_time - m.first_token_time)
 
 
-def llama_bench_tok_s(binary: Path, path: Path, tokens: int, threads: int) -> float:
-    out = subprocess.run([str(binary), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "3",
-                          "-o", "json"], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)[0]["avg_ts"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral", help="a benchmarks/moe.py shape whose llama.cpp files exist")
@@ -55,9 +48,9 @@ def main() -> None:
     args = ap.parse_args()
     from fuselm import LLM
 
-    binary = Path(args.peers_dir) / "llama.cpp-build" / "bin" / "llama-bench"
-    if not binary.exists():
-        raise SystemExit(f"{binary} missing: bash benchmarks/peers/llama_cpp.sh build")
+    moe_llama_cpp.use_peers_dir(Path(args.peers_dir))
+    if not (moe_llama_cpp.BIN / "llama-bench").exists():
+        raise SystemExit(f"{moe_llama_cpp.BIN / 'llama-bench'} missing: bash benchmarks/peers/llama_cpp.sh build")
     threads = torch.get_num_threads()
     result = {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": threads, "shape": args.shape,
               "tokens": args.tokens, "stream": measure_stream_gbps(), "precisions": {}}
@@ -71,7 +64,7 @@ def main() -> None:
         rounds = []
         for r in range(args.rounds):
             ours = [fuselm_tok_s(llm, args.tokens) for _ in range(3)]
-            theirs = llama_bench_tok_s(binary, path, args.tokens, threads)
+            theirs = moe_llama_cpp.bench(path, threads, decode_tokens=args.tokens, prompt_tokens=0)["decode_batch1_tok_s"]
             rounds.append({"fuselm": [round(x, 1) for x in ours], "llama_cpp": round(theirs, 1)})
             print(precision, r, rounds[-1], flush=True)
         del llm
