@@ -36,6 +36,27 @@ def test_dense_linear_matches_float64(m, n, k, bias):
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("k, stride", [(1024, 1024), (2048, 2048), (1000, 1024), (3, 3072)])
+@pytest.mark.parametrize("m", [13, 25, 64, 131])
+def test_rows_at_a_4k_stride_match_float64_and_the_other_strides_bits(k, stride, m):
+    """Rows whose stride is a multiple of 4 KB (hidden sizes 1,024, 2,048, ...) crowd one L1 set, so from a tile
+    of rows on the kernel takes them in tiles of fewer rows: the same sums, so the same bits as rows at a stride
+    that does not crowd (and as each row alone), and float64's values."""
+    g = torch.Generator().manual_seed(k + m)
+    n = 70
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    packed = kernels.dense_pack(w)
+    x = torch.randn(m, stride, generator=g)[:, :k]
+    got = kernels.dense_linear(x, packed, b, n)
+    want = x.double() @ w.double().T + b.double()
+    scale = (x.double().abs() @ w.double().abs().T).max().item() + 1
+    assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+    other = torch.zeros(m, k + 7)
+    other[:, :k] = x
+    assert torch.equal(got, kernels.dense_linear(other[:, :k], packed, b, n))
+    assert torch.equal(got[:7], torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(7)]))
+
+
 @pytest.mark.parametrize("n, k", [(17, 3), (130, 257), (576, 1536), (33, 600), (1000, 520), (70, 1537)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
