@@ -6,7 +6,8 @@ that a noisy neighbour slows both alike:
 
 - each SmolLM2-135M projection shape (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576, down 576 x 1536,
   the LM head 49,152 x 576) at each row count, in GFLOP/s, next to the kernel's own peak on a large GEMM
-  (`peak`: 512 x 2048 x 2048);
+  (`peak`: 512 x 2048 x 2048); on request (`--shapes`), layers whose rows are 4 KB apart (K = 1,024 or 4,096:
+  `qkv_k1024`, `gate_up_k1024`, `k4096`);
 - the whole C decode step (every layer, attention over short contexts included, no LM head) of the
   embedded SmolLM2-135M in float32, through the runner's forward on a synthetic step of `rows`
   single-token rows, as the kernel choice (fuselm/runner/kernel_choice.py) times it.
@@ -17,6 +18,8 @@ thread's CPU time (what a loaded machine distorts least); with more, wall time.
 
     python benchmarks/decode_gemm.py --baseline /work/main --threads 1 --rows 64,128,256
     python benchmarks/decode_gemm.py --baseline /work/main --threads 2 --parts shapes --rounds 31
+    python benchmarks/decode_gemm.py --baseline /tmp/before --threads 2 --parts shapes --rows 16,32,128,1024 \
+        --shapes qkv_k1024,gate_up_k1024,k4096,qkv
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ from fuselm.kernels import abi, build
 from fuselm.kernels.cpu import CpuKernels, get_kernels
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576),
-          "peak": (2048, 2048)}
+          "peak": (2048, 2048),
+          # rows 4 KB apart (dense_linear.c's tile_rows_at_stride): the MoE benchmark shapes' hidden 1,024
+          # (q/k/v, the Qwen2-MoE-like shared expert's gate/up) and a 4,096-wide layer
+          "qkv_k1024": (1536, 1024), "gate_up_k1024": (2048, 1024), "k4096": (4096, 4096)}
+DEFAULT_SHAPES = ("qkv", "o", "gate_up", "down", "lm_head", "peak")
 PEAK_ROWS = 512
 
 
@@ -147,7 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", type=Path, required=True, help="another checkout of fuselm (its kernels are A)")
     ap.add_argument("--rows", default="64,128,256")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--parts", default="shapes,steps", help="shapes, steps, or both")
     ap.add_argument("--context", type=int, default=15, help="cached tokens per row of the synthetic decode steps")
     ap.add_argument("--rounds", type=int, default=11)
