@@ -98,6 +98,19 @@ def test_a_tokens_result_does_not_depend_on_the_batch(fmt, threads):
     check_tokens_independent_of_batch(fast, 64, 8, 2, [[1, 3], [1, 2]], threads)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "int8 g32 (Q8_0)"])
+def test_steps_of_growing_and_shrinking_size_reuse_the_scratch(fmt):
+    """The grouped rows live in a scratch kept between steps (moe.c fuselm_moe_scratch): steps larger and smaller
+    than the one before, each against the torch path, with the grouping's stale rows of a larger step still there."""
+    fast, ref = _pair(16, 128, 96, fmt, seed=8)
+    g = torch.Generator().manual_seed(9)
+    for tokens in (40, 150, 23, 150, 64):
+        x = torch.randn(tokens, 128, generator=g)
+        weights, ids = route(torch.randn(tokens, 16, generator=g), 4, renormalize=False)
+        want = ref(x, ids, weights)
+        assert (fast(x, ids, weights) - want).abs().max().item() < _tolerance(fmt, want), tokens
+
+
 def test_no_tokens():
     fast, _ = _pair(4, 64, 32, "float32", seed=5)
     out = fast(torch.empty(0, 64), torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2))

@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 8  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 9  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -131,6 +131,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_rows16_expert": ([_P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64], None),
     "fuselm_moe_experts_few": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], _INT),
     "fuselm_moe_float_experts": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _INT], None),
+    "fuselm_moe_scratch": ([_I64], _P),
 }
 
 

@@ -13,7 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 8
+#define FUSELM_ABI_VERSION 9
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -291,6 +291,9 @@ static inline void fuselm_moe_combine(float *out, const float *yd, const int64_t
 void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t *topk_ids, const float *topk_weights,
                         int64_t num_experts, const QPart *gate, const QPart *up, const QPart *down, float *out,
                         int float_activations, int num_threads);
+/* At least `floats` floats of the calling thread's scratch for a step's grouped expert rows (moe.c, moe_float.c),
+ * kept between calls; valid until the thread's next call. NULL if it cannot grow. */
+float *fuselm_moe_scratch(int64_t floats);
 /* fuselm_moe_experts for float32 experts (every QPart bits 32) in one parallel region (moe_float.c), given the
  * step's grouping: offsets [E + 1] (expert e's sorted rows), pos [A] (assignment -> sorted row), src [A] (its inverse). */
 void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,

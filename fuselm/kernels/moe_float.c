@@ -54,10 +54,10 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
                               const QPart *up, const QPart *down, float *out, int num_threads) {
     const int64_t H = gate->k, I = gate->n, A = T * top_k;
     const int64_t gate_up_chunks = (I + FLOAT_CHUNK - 1) / FLOAT_CHUNK, down_chunks = (H + FLOAT_CHUNK - 1) / FLOAT_CHUNK;
-    float *xs = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] tokens by expert */
-    float *gu = (float *)malloc((size_t)(A * 2 * I) * sizeof(float)); /* [A, 2I] gate | up */
-    float *act = (float *)malloc((size_t)(A * I) * sizeof(float));    /* [A, I] silu(gate) * up */
-    float *yd = (float *)malloc((size_t)(A * H) * sizeof(float));     /* [A, H] weighted expert outputs */
+    float *xs = fuselm_moe_scratch(A * (2 * H + 3 * I)); /* [A, H] tokens by expert */
+    float *gu = xs + A * H;                              /* [A, 2I] gate | up */
+    float *act = gu + A * 2 * I;                         /* [A, I] silu(gate) * up */
+    float *yd = act + A * I;                             /* [A, H] weighted expert outputs */
     int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t)); /* experts with rows, in order */
     int64_t *done = (int64_t *)calloc((size_t)num_experts, sizeof(int64_t));   /* finished gate/up items per expert */
     int64_t num_active = 0, next_item = 0;
@@ -109,5 +109,5 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) fuselm_moe_combine(out, yd, pos, t, top_k, H, 0, H);
     }
-    free(done), free(active), free(yd), free(act), free(gu), free(xs);
+    free(done), free(active);
 }
