@@ -213,17 +213,39 @@ static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
 }
 
+/* to [d * Mp + i] = from [i * D + d] for i < M, 0 for M <= i < Mp: in slices of TRANSPOSE_ROWS rows, whose
+ * D-float rows stay in L1 while each d writes one contiguous run of the slice (a straight loop over d for each
+ * row went down one column of the [D, Mp] side a float at a time, a cache line each). A prompt chunk attending
+ * as query rows transposes M = 512 rows x its KV group's queries: on a 2-vCPU Zen 4 EPYC, the embedded SmolLM2's
+ * 2,048 / 4,096-token prompts 1.037x / 1.034x (in-process alternation, the same tokens). */
+#define TRANSPOSE_ROWS 16
+static void to_lanes(float *to, const float *from, int64_t M, int64_t Mp, int64_t D) {
+    for (int64_t i0 = 0; i0 < Mp; i0 += TRANSPOSE_ROWS) {
+        const int64_t i1 = i0 + TRANSPOSE_ROWS < Mp ? i0 + TRANSPOSE_ROWS : Mp;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t i = i0; i < i1; i++) to[d * Mp + i] = i < M ? from[i * D + d] : 0.0f;
+    }
+}
+
+/* to [i * D + d] = from [d * Mp + i] for i < M: to_lanes' inverse, in the same slices. */
+static void from_lanes(float *to, const float *from, int64_t M, int64_t Mp, int64_t D) {
+    for (int64_t i0 = 0; i0 < M; i0 += TRANSPOSE_ROWS) {
+        const int64_t i1 = i0 + TRANSPOSE_ROWS < M ? i0 + TRANSPOSE_ROWS : M;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t i = i0; i < i1; i++) to[i * D + d] = from[d * Mp + i];
+    }
+}
+
 /* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
  * [first, end) of one block table. */
 static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
                         int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
     const int64_t Mp = (M + PL - 1) / PL * PL;
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t i = 0; i < Mp; i++) w.qt[d * Mp + i] = i < M ? Q[i * D + d] : 0.0f;
+    to_lanes(w.qt, Q, M, Mp, D);
+    to_lanes(w.acc, st.acc, M, Mp, D);
     for (int64_t i = 0; i < Mp; i++) {
         w.m[i] = i < M ? st.m[i] : -INFINITY;
         w.l[i] = i < M ? st.l[i] : 0.0f;
-        for (int64_t d = 0; d < D; d++) w.acc[d * Mp + i] = i < M ? st.acc[i * D + d] : 0.0f;
     }
     float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
@@ -245,11 +267,8 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
 #endif
         }
     }
-    for (int64_t i = 0; i < M; i++) {
-        st.m[i] = w.m[i];
-        st.l[i] = w.l[i];
-        for (int64_t d = 0; d < D; d++) st.acc[i * D + d] = w.acc[d * Mp + i];
-    }
+    for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
+    from_lanes(st.acc, w.acc, M, Mp, D);
 }
 
 #endif
