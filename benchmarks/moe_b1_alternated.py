@@ -3,8 +3,10 @@
 On a VM whose memory bandwidth moves between 25 and 60 GB/s from one minute to the next, two engines measured
 minutes apart can differ by more than the engines do. This alternates them on the very same files: each round
 runs fuselm's batch-1 greedy decode three times (one loaded engine, a 16-token prompt, `--tokens` tokens) and
-then `llama-bench -p 0 -n <tokens> -r 3 -t <threads>`; the result is the median over rounds of each, and
-their ratio. The files are llama.cpp's own Q4_0 / Q8_0 conversions of benchmarks/moe.py's random weights
+then `llama-bench -p 0 -n <tokens> -r 3 -t <threads>`; the result is the median over rounds of each and
+their ratio, and the median of the rounds' own ratios (each round's fuselm median over its llama-bench mean): the
+paired figure, which a switch of the bandwidth state between rounds does not tip the way a switch can tip the
+ratio of the medians when rounds of both states are mixed. The files are llama.cpp's own Q4_0 / Q8_0 conversions of benchmarks/moe.py's random weights
 (what `benchmarks/moe.py --llama-cpp` leaves in its build directory), so both engines read the same bytes.
 
     .venv/bin/python benchmarks/moe_b1_alternated.py --shape mixtral --precisions q4_0,q8_0 \
@@ -70,10 +72,14 @@ def main() -> None:
         del llm
         ours = statistics.median(statistics.median(x["fuselm"]) for x in rounds)
         theirs = statistics.median(x["llama_cpp"] for x in rounds)
+        paired = [statistics.median(x["fuselm"]) / x["llama_cpp"] for x in rounds]
         result["precisions"][precision] = {"rounds": rounds, "fuselm": round(ours, 1), "llama_cpp": round(theirs, 1),
-                                           "ratio": round(ours / theirs, 3)}
+                                           "ratio": round(ours / theirs, 3),
+                                           "round_ratios": [round(x, 3) for x in paired],
+                                           "median_round_ratio": round(statistics.median(paired), 3)}
         print(precision, "median fuselm", round(ours, 1), "llama.cpp", round(theirs, 1), "ratio",
-              round(ours / theirs, 3), flush=True)
+              round(ours / theirs, 3), "round ratios", [round(x, 3) for x in paired], "median",
+              round(statistics.median(paired), 3), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
