@@ -9,8 +9,8 @@
 #
 # Each step is skipped when already done. Settings, all from the environment:
 #   DTYPE (float32 or bfloat16; default float32)  PORT (8000)  VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 4)  VLLM_CPU_OMP_THREADS_BIND (auto; e.g. 0-1)
-#   VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's default reserves 1 core for its scheduler: on 2 cores the model
-#   then runs on one; 0 gives it all)  RESULTS_DIR (offline's JSON, benchmarks/results)  MAX_MODEL_LEN (2048)
+#   VLLM_CPU_NUM_OF_RESERVED_CPU (0 here, as benchmarks/run_all.py sets it: vLLM's own default reserves 1 core
+#   for its scheduler, and on 2 cores its model then runs on one, 1.7x slower offline)  RESULTS_DIR (offline's JSON, benchmarks/results)  MAX_MODEL_LEN (2048)
 #   PYTHON_BASE (interpreter for the new venv: python3.11)  PYTHON (fuselm's venv python, for the export)
 #   VLLM_EXTRA_ARGS (appended to `vllm serve`)
 set -euo pipefail
@@ -26,6 +26,7 @@ HF_DIR="$BUILD/hf-$SHORT"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
 export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-auto}"
+export VLLM_CPU_NUM_OF_RESERVED_CPU="${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}"
 export VLLM_TARGET_DEVICE=cpu
 
 log() { echo "[vllm_cpu.sh] $*" >&2; }
