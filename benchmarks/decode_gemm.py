@@ -20,6 +20,11 @@ thread's CPU time (what a loaded machine distorts least); with more, wall time.
     python benchmarks/decode_gemm.py --baseline /work/main --threads 2 --parts shapes --rounds 31
     python benchmarks/decode_gemm.py --baseline /tmp/before --threads 2 --parts shapes --rows 16,32,128,1024 \
         --shapes qkv_k1024,gate_up_k1024,k4096,qkv
+    python benchmarks/decode_gemm.py --baseline /tmp/before --threads 2 --parts shapes --cold --rows 16,32,48 \
+        --shapes qkv,o,down,qkv_k1024
+
+`--cold` times the shapes with their weights from memory (each call the next of ~300 MB of copies), as a decode
+step reads them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (5
           "qkv_k1024": (1536, 1024), "gate_up_k1024": (2048, 1024), "k4096": (4096, 4096)}
 DEFAULT_SHAPES = ("qkv", "o", "gate_up", "down", "lm_head", "peak")
 PEAK_ROWS = 512
+COLD_BYTES = 300 * 2**20  # --cold: copies of a weight enough to come from memory (more than the L3)
 
 
 def tree_kernels(tree: Path) -> CpuKernels:
@@ -87,20 +93,28 @@ def summary(seconds: list[float], flops: float) -> dict:
             "gflops_median": flops / statistics.median(seconds) / 1e9, "gflops_best": flops / min(seconds) / 1e9}
 
 
-def run_shapes(ka, kb, names: list[str], rows: list[int], rounds: int, now) -> list[dict]:
+def run_shapes(ka, kb, names: list[str], rows: list[int], rounds: int, now, cold: bool = False) -> list[dict]:
+    """cold: each timed call reads the next of enough copies of the weight (COLD_BYTES in all) that it comes from
+    memory, as in a decode step, where every layer's weight does; a timed figure is then a pass over the copies."""
     g = torch.Generator().manual_seed(0)
     results = []
     for name in names:
         n, k = SHAPES[name]
         w = torch.randn(n, k, generator=g) * 0.05
-        pa, pb = ka.dense_pack(w), kb.dense_pack(w)
+        copies = max(2, COLD_BYTES // (n * k * 4)) if cold else 1
+        pa, pb = [ka.dense_pack(w) for _ in range(copies)], [kb.dense_pack(w) for _ in range(copies)]
         for m in [PEAK_ROWS] if name == "peak" else rows:
             x = torch.randn(m, k, generator=g)
-            ta, tb = time_pair(lambda: ka.dense_linear(x, pa, None, n), lambda: kb.dense_linear(x, pb, None, n),
-                               max(3, rounds // 4) if name in ("peak", "lm_head") else rounds, now)
+
+            def over(kernels, packed):  # one call per copy, in turn; the figure is per call
+                return lambda: [kernels.dense_linear(x, p, None, n) for p in packed]
+
+            ta, tb = time_pair(over(ka, pa), over(kb, pb), max(3, rounds // 4) if name in ("peak", "lm_head") else rounds,
+                               now)
+            ta, tb = [t / copies for t in ta], [t / copies for t in tb]
             flops = 2.0 * m * n * k
             a, b = summary(ta, flops), summary(tb, flops)
-            results.append({"shape": name, "n": n, "k": k, "rows": m, "baseline": a, "this": b})
+            results.append({"shape": name, "n": n, "k": k, "rows": m, "cold": cold, "baseline": a, "this": b})
             print(f"{name:8s} {m:4d} rows: {a['gflops_median']:6.1f} -> {b['gflops_median']:6.1f} GFLOP/s median "
                   f"(best {a['gflops_best']:6.1f} -> {b['gflops_best']:6.1f}); "
                   f"{a['median_ms'] / b['median_ms']:.3f}x", flush=True)
@@ -159,6 +173,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=15, help="cached tokens per row of the synthetic decode steps")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cold", action="store_true",
+                    help="shapes with their weights from memory: each call reads the next of ~300 MB of copies")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -171,7 +187,7 @@ def main() -> None:
     parts = args.parts.split(",")
     results = []
     if "shapes" in parts:
-        results += run_shapes(ka, kb, args.shapes.split(","), rows, args.rounds, now)
+        results += run_shapes(ka, kb, args.shapes.split(","), rows, args.rounds, now, args.cold)
     if "steps" in parts:
         results += run_steps(ka, kb, rows, args.context, args.rounds, args.threads, now)
     if args.json:
