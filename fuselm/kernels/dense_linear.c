@@ -414,7 +414,7 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
          * Weights from memory, 2 threads, a 2-vCPU Zen 4 EPYC, the same bits: 16-32 rows of SmolLM2's narrow
          * projections 1.02-1.15x, of 1,024 x 1,024 and 1,536 x 1,024 1.04-1.18x; SmolLM2 batch-16 / 32 decode
          * 1.028x / 1.016x (in-process alternation, the same tokens). */
-        const int64_t target = row_chunks < num_threads ? item + num_threads : (pb / per_block + 1) * row_chunks + rc;
+        const int64_t target = item + (row_chunks < num_threads ? num_threads : row_chunks);
         const int64_t tb = target / row_chunks * per_block, trc = target % row_chunks;
         const int64_t next = tb < num_panels ? ((tb + per_block < num_panels ? tb + per_block : num_panels) - tb) * K * NR : 0;
         const int64_t share0 = next * trc / row_chunks / 16 * 16, share1 = next * (trc + 1) / row_chunks / 16 * 16;

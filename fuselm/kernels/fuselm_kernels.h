@@ -294,6 +294,19 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
 /* At least `floats` floats of the calling thread's scratch for a step's grouped expert rows (moe.c, moe_float.c),
  * kept between calls; valid until the thread's next call. NULL if it cannot grow. */
 float *fuselm_moe_scratch(int64_t floats);
+/* A step's grouped rows in the calling thread's fuselm_moe_scratch, for A (token, slot) assignments: xs [A, H] the
+ * tokens by expert, gu [A, 2I] gate | up, act [A, I] silu(gate) * up, yd [A, H] the weighted expert outputs. */
+typedef struct {
+    float *xs, *gu, *act, *yd;
+} MoeRows;
+static inline MoeRows fuselm_moe_rows(int64_t A, int64_t H, int64_t I) {
+    MoeRows r;
+    r.xs = fuselm_moe_scratch(A * (2 * H + 3 * I));
+    r.gu = r.xs + A * H;
+    r.act = r.gu + A * 2 * I;
+    r.yd = r.act + A * I;
+    return r;
+}
 /* fuselm_moe_experts for float32 experts (every QPart bits 32) in one parallel region (moe_float.c), given the
  * step's grouping: offsets [E + 1] (expert e's sorted rows), pos [A] (assignment -> sorted row), src [A] (its inverse). */
 void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const float *topk_weights, int64_t num_experts,

@@ -131,10 +131,8 @@ void fuselm_moe_experts(const float *x, int64_t T, int64_t top_k, const int64_t 
     }
     /* the copies and the SiLU are a few microseconds at decode: forking the threads for them costs more */
     const int copy_threads = A * (H > I ? H : I) >= MOE_THREADED_COPY;
-    float *xs = fuselm_moe_scratch(A * (2 * H + 3 * I)); /* [A, H] tokens by expert */
-    float *gu = xs + A * H;                              /* [A, 2I] gate | up */
-    float *act = gu + A * 2 * I;                         /* [A, I] silu(gate) * up */
-    float *yd = act + A * I;                             /* [A, H] weighted expert outputs */
+    const MoeRows rows_of = fuselm_moe_rows(A, H, I);
+    float *xs = rows_of.xs, *gu = rows_of.gu, *act = rows_of.act, *yd = rows_of.yd;
     const int64_t most_rows = H > I ? H : I;
     MoeItem *items = (MoeItem *)malloc((size_t)(num_experts * 2 * ((most_rows + MOE_CHUNK - 1) / MOE_CHUNK)) *
                                        sizeof(MoeItem));

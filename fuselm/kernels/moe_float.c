@@ -70,10 +70,8 @@ void fuselm_moe_float_experts(const float *x, int64_t T, int64_t top_k, const fl
                               const int64_t *offsets, const int64_t *pos, const int64_t *src, const QPart *gate,
                               const QPart *up, const QPart *down, float *out, int num_threads) {
     const int64_t H = gate->k, I = gate->n, A = T * top_k;
-    float *xs = fuselm_moe_scratch(A * (2 * H + 3 * I)); /* [A, H] tokens by expert */
-    float *gu = xs + A * H;                              /* [A, 2I] gate | up */
-    float *act = gu + A * 2 * I;                         /* [A, I] silu(gate) * up */
-    float *yd = act + A * I;                             /* [A, H] weighted expert outputs */
+    const MoeRows rows_of = fuselm_moe_rows(A, H, I);
+    float *xs = rows_of.xs, *gu = rows_of.gu, *act = rows_of.act, *yd = rows_of.yd;
     int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t)); /* experts with rows, in order */
     int64_t *done = (int64_t *)calloc((size_t)num_experts, sizeof(int64_t));   /* finished gate/up items per expert */
     int64_t num_active = 0, next_item = 0;
