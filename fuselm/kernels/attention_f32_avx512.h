@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "bf16_simd.h"
+#include "prefetch_spread.h"
 #include "softmax_exp.h"
 
 #define F32_AVX512_MAX_DIM 256
@@ -26,13 +27,6 @@ static inline __m512 kv16(const void *base, int64_t index, int kv_bf16) {
     if (!kv_bf16) return _mm512_loadu_ps((const float *)base + index);
     const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-/* Lines i*lines/n .. (i+1)*lines/n - 1 of a block into L2: the next block, a slice per head, so the
- * misses spread over the block's computation instead of queueing at once. */
-static inline void prefetch_block_slice(const char *block, int64_t bytes, int64_t i, int64_t n) {
-    const int64_t lines = (bytes + 63) / 64;
-    for (int64_t line = lines * i / n; line < lines * (i + 1) / n; line++) _mm_prefetch(block + 64 * line, _MM_HINT_T1);
 }
 
 /* One sequence: q, out [num_heads, head_dim] float32; positions from .. len - 1 of the paged cache
@@ -57,22 +51,29 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
         const int64_t count = len - start < block_size ? len - start : block_size;
         const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
         const int64_t base = table[b] * block_size * row_elems;
+        /* The next block, one ahead (2 or 3 ahead, or into L1, measured the same): its K lines a share per
+         * head during that head's scores, its V lines during that head's V sums, a line or two per token
+         * (prefetch_spread.h). Only a full block has a next one, so count == block_size then. */
         const char *next_k = NULL, *next_v = NULL;
-        if (start + block_size < len) { /* one block ahead: 2 or 3 ahead, or into L1, measured the same */
+        if (start + block_size < len) {
             next_k = (const char *)k_cache + table[b + 1] * bytes;
             next_v = (const char *)v_cache + table[b + 1] * bytes;
         }
         for (int64_t j = 0; j < num_heads; j++) {
             const int64_t head_off = base + (j / group) * head_dim;
-            if (next_k != NULL) prefetch_block_slice(next_k, bytes, j, num_heads);
+            /* a step per 16 keys and 16 dimensions: between the unrolled loops, where the 16 partial sums stay in registers */
+            const PrefetchShare pk = prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 16 * chunks);
             __m512 qv[F32_AVX512_MAX_DIM / 16];
             for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(q + j * head_dim + 16 * c);
             for (int64_t t0 = 0; t0 < count; t0 += 16) { /* rows past count are in the block: read, never used */
                 __m512 part[16];
+                prefetch_step(&pk, t0 / 16 * chunks);
                 for (int64_t t = 0; t < 16; t++) part[t] = _mm512_mul_ps(qv[0], kv16(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
-                for (int64_t c = 1; c < chunks; c++)
+                for (int64_t c = 1; c < chunks; c++) {
+                    prefetch_step(&pk, t0 / 16 * chunks + c);
                     for (int64_t t = 0; t < 16; t++)
                         part[t] = _mm512_fmadd_ps(qv[c], kv16(k_cache, head_off + (t0 + t) * row_elems + 16 * c, kv_bf16), part[t]);
+                }
                 _mm512_storeu_ps(scores + j * block_size + t0, _mm512_mul_ps(hsum16(part), vscale));
             }
         }
@@ -80,7 +81,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             float *sj = scores + j * block_size;
             const float correction = softmax_block_update16(sj, count, skip, &m[j], &l[j]);
 
-            if (next_v != NULL) prefetch_block_slice(next_v, bytes, j, num_heads);
+            const PrefetchShare pv = prefetch_share(next_v, bytes / 64, j, num_heads, (count - skip + 1) / 2);
             const int64_t head_off = base + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m512 vcorr = _mm512_set1_ps(correction);
@@ -93,6 +94,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             for (; t + 1 < count; t += 2) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
                 const int64_t row = head_off + t * row_elems;
+                prefetch_step(&pv, (t - skip) / 2);
                 for (int64_t c = 0; c < chunks; c++) {
                     a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, row + 16 * c, kv_bf16), a[c]);
                     a2[c] = _mm512_fmadd_ps(p1, kv16(v_cache, row + row_elems + 16 * c, kv_bf16), a2[c]);
@@ -100,6 +102,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             }
             if (t < count) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]);
+                prefetch_step(&pv, (t - skip) / 2);
                 for (int64_t c = 0; c < chunks; c++) a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, head_off + t * row_elems + 16 * c, kv_bf16), a[c]);
             }
             for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(aj + 16 * c, _mm512_add_ps(a[c], a2[c]));

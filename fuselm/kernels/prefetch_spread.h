@@ -1,0 +1,46 @@
+/* Software prefetch of the next K/V block spread over the work on the current one.
+ *
+ * Decode attention reads its blocks from anywhere in the pool, so the hardware prefetcher cannot run
+ * ahead across them, and the kernels ask for the next block while computing the current one. How the
+ * requests are issued decides whether the reads overlap the arithmetic: in bursts (the whole block at
+ * once, or a slice of it per query head) the requests beyond the core's outstanding misses wait in the
+ * load pipeline, and the kernel reads little faster than with no prefetch at all. One or two lines per
+ * token step, interleaved with that step's loads and FMAs, keep misses in flight throughout.
+ * SmolLM2-135M's float32 decode attention, 128 rows of 304 tokens in shuffled blocks, 2 threads on a
+ * Zen 4 EPYC: 12.7-13.0 GB/s with a slice per head, 20-22 GB/s spread (docs/performance.md).
+ *
+ * Header-only; included by the attention kernels.
+ */
+#ifndef FUSELM_PREFETCH_SPREAD_H
+#define FUSELM_PREFETCH_SPREAD_H
+#include <stdint.h>
+
+/* One share of a block's cache lines, prefetched into L2 a fixed number of lines per step of the work:
+ * a count that never changes within a call keeps the loop free of mispredicted branches (a count that
+ * varied from step to step, 1 or 2, cost a third of the speed where the cache already held the block). */
+typedef struct {
+    const char *block;
+    int64_t lo, last; /* the share is lines lo .. last */
+    int64_t per_step; /* lines asked for per step; steps past the share ask for its last line again */
+} PrefetchShare;
+
+/* Share `part` of `parts` equal shares of the `lines` lines from `block`, spread over `steps` steps; block
+ * NULL (no next block) gives an empty share. */
+static inline PrefetchShare prefetch_share(const char *block, int64_t lines, int64_t part, int64_t parts, int64_t steps) {
+    PrefetchShare s = {block, 0, 0, 0};
+    if (block == NULL || steps <= 0) return s;
+    s.lo = lines * part / parts;
+    s.last = lines * (part + 1) / parts - 1;
+    s.per_step = s.last < s.lo ? 0 : (s.last - s.lo + steps) / steps;
+    return s;
+}
+
+/* Ask for step `step`'s lines (steps 0 .. steps - 1 together ask for the whole share). */
+static inline void prefetch_step(const PrefetchShare *s, int64_t step) {
+    for (int64_t i = 0; i < s->per_step; i++) {
+        const int64_t line = s->lo + s->per_step * step + i;
+        __builtin_prefetch(s->block + 64 * (line < s->last ? line : s->last), 0, 2);
+    }
+}
+
+#endif
