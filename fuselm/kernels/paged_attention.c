@@ -24,6 +24,7 @@
 
 #include "bf16_simd.h"
 #include "fuselm_kernels.h"
+#include "prefetch_spread.h"
 #include "softmax_exp.h"
 #include "attention_f32_avx512.h"
 
@@ -53,9 +54,6 @@ static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_hea
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) /* immintrin.h comes with bf16_simd.h */
 #define HAVE_BF16_FAST_PATH 1
-#ifndef PREFETCH_BLOCKS
-#define PREFETCH_BLOCKS 1 /* how far ahead K/V blocks are prefetched (1-4 measured: 1 is best) */
-#endif
 
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
@@ -79,18 +77,17 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
         const uint16_t *kb = k_cache + block * block_size * row_elems;
         const uint16_t *vb = v_cache + block * block_size * row_elems;
         /* Blocks sit anywhere in the pool, so the hardware prefetcher cannot run ahead across them
-         * (measured: 8 GB/s with shuffled blocks vs 20+ in order); fetch the next block's K and V
-         * while this one is computed. */
-        if (start + PREFETCH_BLOCKS * block_size < len) {
-            const int64_t next = table[b + PREFETCH_BLOCKS];
-            const char *kn = (const char *)(k_cache + next * block_size * row_elems);
-            const char *vn = (const char *)(v_cache + next * block_size * row_elems);
-            const int64_t bytes = block_size * row_elems * 2;
-            for (int64_t off = 0; off < bytes; off += 64) {
-                _mm_prefetch(kn + off, _MM_HINT_T0);
-                _mm_prefetch(vn + off, _MM_HINT_T0);
-            }
+         * (measured: 8 GB/s with shuffled blocks vs 20+ in order); fetch the next block (one ahead: 1-4
+         * measured, 1 is best) while this one is computed: its K lines during the scores (a step per 4
+         * keys of a head), its V lines a share per head during that head's V sums, a few lines at a time
+         * (prefetch_spread.h). Only a full block has a next one. */
+        const int64_t lines = block_size * row_elems * 2 / 64;
+        const char *next_k = NULL, *next_v = NULL;
+        if (start + block_size < len) {
+            next_k = (const char *)(k_cache + table[b + 1] * block_size * row_elems);
+            next_v = (const char *)(v_cache + table[b + 1] * block_size * row_elems);
         }
+        const PrefetchShare pk = prefetch_share(next_k, lines, 0, 1, block_size / 4 * num_heads);
         for (int64_t t0 = 0; t0 < count; t0 += 16) {
             const int64_t tn = count - t0 < 16 ? count - t0 : 16;
             for (int64_t j = 0; j < num_heads; j++) {
@@ -98,6 +95,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
                 const uint16_t *kh = kb + t0 * row_elems + (j / group) * head_dim;
                 __m512 part[16];
                 for (int64_t t = 0; t < 16; t++) {
+                    if (t % 4 == 0) prefetch_step(&pk, (t0 / 16 * num_heads + j) * 4 + t / 4);
                     __m512 s = _mm512_setzero_ps();
                     if (t < tn) {
                         for (int64_t d = 0; d < head_dim; d += 32)
@@ -116,6 +114,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
             float *sj = scores + j * block_size;
             const float correction = softmax_block_update16(sj, count, skip, &m[j], &l[j]);
 
+            const PrefetchShare pv = prefetch_share(next_v, lines, j, num_heads, (count - skip + 1) / 2);
             const uint16_t *vh = vb + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m512 vcorr = _mm512_set1_ps(correction);
@@ -127,6 +126,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
             int64_t t = skip;
             for (; t + 1 < count; t += 2) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
+                prefetch_step(&pv, (t - skip) / 2);
                 for (int64_t c = 0; c < head_dim / 16; c++) {
                     a[c] = _mm512_fmadd_ps(p0, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
                     a2[c] = _mm512_fmadd_ps(p1, bf16x16_to_f32(vh + (t + 1) * row_elems + 16 * c), a2[c]);
@@ -134,6 +134,7 @@ static inline __attribute__((always_inline)) void seq_attention_bf16(const uint1
             }
             if (t < count) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]);
+                prefetch_step(&pv, (t - skip) / 2);
                 for (int64_t c = 0; c < head_dim / 16; c++)
                     a[c] = _mm512_fmadd_ps(p0, bf16x16_to_f32(vh + t * row_elems + 16 * c), a[c]);
             }
@@ -182,12 +183,6 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* Prefetch slice i of n of a block's `bytes` (into L2: the block is read a few heads later). */
-static inline void prefetch_slice(const char *block, int64_t bytes, int64_t i, int64_t n) {
-    const int64_t lines = (bytes + 63) / 64;
-    for (int64_t line = lines * i / n; line < lines * (i + 1) / n; line++) _mm_prefetch(block + 64 * line, _MM_HINT_T1);
-}
-
 /* 8 cache values as floats: a float32 cache is read as is, a bfloat16 one widened in registers. */
 static inline __m256 kv8(const void *base, int64_t index, int kv_bf16) {
     if (!kv_bf16) return _mm256_loadu_ps((const float *)base + index);
@@ -214,10 +209,13 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
         const int64_t count = len - start < block_size ? len - start : block_size;
         const int64_t skip = from > start ? from - start : 0; /* rows before the window's first position */
         const int64_t base = block * block_size * row_elems; /* element index of the block's first row */
-        /* The next block sits anywhere in the pool, so the hardware prefetcher cannot run ahead:
-         * fetch it while this one is computed, a slice per head (all at once overflows the miss
-         * queues: 13 GB/s vs 30 for a plain read, 128 x 300 tokens on a 2-core Zen 3 EPYC). */
+        /* The next block sits anywhere in the pool, so the hardware prefetcher cannot run ahead: fetch it
+         * while this one is computed, its K lines a share per head during that head's scores (a step per 8
+         * keys and 8 dimensions), its V lines during that head's V sums (a step per key), a line or two at
+         * a time (prefetch_spread.h; all at once overflows the miss queues: 13 GB/s vs 30 for a plain read,
+         * 128 x 300 tokens on a 2-core Zen 3 EPYC). Only a full block has a next one. */
         const int64_t bytes = block_size * row_elems * width;
+        const int64_t chunks = head_dim / 8;
         const char *next_k = NULL, *next_v = NULL;
         if (start + block_size < len) {
             next_k = (const char *)k_cache + table[b + 1] * bytes;
@@ -226,15 +224,18 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
         for (int64_t j = 0; j < num_heads; j++) {
             const float *qj = q + j * head_dim;
             const int64_t head_off = base + (j / group) * head_dim;
-            if (next_k != NULL) prefetch_slice(next_k, bytes, j, num_heads);
+            const PrefetchShare pk = prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 8 * chunks);
             __m256 qv[MAX_DIM / 8];
-            for (int64_t c = 0; c < head_dim / 8; c++) qv[c] = _mm256_loadu_ps(qj + 8 * c);
+            for (int64_t c = 0; c < chunks; c++) qv[c] = _mm256_loadu_ps(qj + 8 * c);
             for (int64_t t0 = 0; t0 < count; t0 += 8) { /* rows past count are in the block: read, never used */
                 __m256 part[8];
+                prefetch_step(&pk, t0 / 8 * chunks);
                 for (int64_t t = 0; t < 8; t++) part[t] = _mm256_mul_ps(qv[0], kv8(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
-                for (int64_t c = 1; c < head_dim / 8; c++)
+                for (int64_t c = 1; c < chunks; c++) {
+                    prefetch_step(&pk, t0 / 8 * chunks + c);
                     for (int64_t t = 0; t < 8; t++)
                         part[t] = _mm256_fmadd_ps(qv[c], kv8(k_cache, head_off + (t0 + t) * row_elems + 8 * c, kv_bf16), part[t]);
+                }
                 _mm256_storeu_ps(scores + j * block_size + t0, _mm256_mul_ps(hsum8(part), vscale));
             }
         }
@@ -259,7 +260,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             l[j] = l[j] * correction + hsum_one(vsum);
             m[j] = new_max;
 
-            if (next_v != NULL) prefetch_slice(next_v, bytes, j, num_heads);
+            const PrefetchShare pv = prefetch_share(next_v, bytes / 64, j, num_heads, count - skip);
             const int64_t head_off = base + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m256 vcorr = _mm256_set1_ps(correction);
@@ -268,6 +269,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32(
             for (int64_t t = skip; t < count; t++) {
                 const __m256 p = _mm256_set1_ps(sj[t]);
                 const int64_t row = head_off + t * row_elems;
+                prefetch_step(&pv, t - skip);
                 for (int64_t c = 0; c < head_dim / 8; c++) a[c] = _mm256_fmadd_ps(p, kv8(v_cache, row + 8 * c, kv_bf16), a[c]);
             }
             for (int64_t c = 0; c < head_dim / 8; c++) _mm256_storeu_ps(aj + 8 * c, a[c]);

@@ -22,6 +22,7 @@
 
 #include "bf16_simd.h"
 #include "fuselm_kernels.h"
+#include "prefetch_spread.h"
 
 /* x [head_dim] float -> int8 row and bf16 scale: scale = bf16(max(max|x| / 127, 1e-30)),
  * q = clamp(round_half_even(x / scale), -127, 127), as kv_quant.quantize_rows computes it. */
@@ -207,13 +208,15 @@ void fuselm_paged_decode_attention_int8(const void *q, void *out, int8_t *k_cach
                 const int8_t *vb = v_cache + block * block_size * row_elems;
                 const uint16_t *ksb = k_scale + block * block_size * num_kv_heads;
                 const uint16_t *vsb = v_scale + block * block_size * num_kv_heads;
-                if (start + block_size < len) { /* blocks sit anywhere in the pool: fetch the next one's rows */
+                /* Blocks sit anywhere in the pool: fetch the next one's rows while this one is computed, a share
+                 * of its K and V lines before each query head (prefetch_spread.h: a burst of the whole block
+                 * keeps fewer misses in flight), its scales with the first. */
+                const char *next_k = NULL, *next_v = NULL;
+                const int64_t lines = block_size * row_elems / 64;
+                if (start + block_size < len) {
                     const int64_t next = table[b + 1];
-                    const int64_t bytes = block_size * row_elems;
-                    for (int64_t off = 0; off < bytes; off += 64) {
-                        __builtin_prefetch((const char *)(k_cache + next * bytes) + off);
-                        __builtin_prefetch((const char *)(v_cache + next * bytes) + off);
-                    }
+                    next_k = (const char *)(k_cache + next * block_size * row_elems);
+                    next_v = (const char *)(v_cache + next * block_size * row_elems);
                     __builtin_prefetch(k_scale + next * block_size * num_kv_heads);
                     __builtin_prefetch(v_scale + next * block_size * num_kv_heads);
                 }
@@ -221,6 +224,10 @@ void fuselm_paged_decode_attention_int8(const void *q, void *out, int8_t *k_cach
                     widen_rows(kb, ksb, count, h, num_kv_heads, head_dim, keys);
                     widen_rows(vb, vsb, count, h, num_kv_heads, head_dim, values);
                     for (int64_t j = h * group; j < (h + 1) * group; j++) {
+                        const PrefetchShare pk = prefetch_share(next_k, lines, j, num_heads, 1);
+                        const PrefetchShare pv = prefetch_share(next_v, lines, j, num_heads, 1);
+                        prefetch_step(&pk, 0);
+                        prefetch_step(&pv, 0);
                         block_scores(qf + j * head_dim, keys, count, head_dim, scale, scores);
                         block_update(scores, values, count, head_dim, acc + j * head_dim, m + j, l + j);
                     }
