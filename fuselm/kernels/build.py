@@ -38,7 +38,7 @@ logger = logging.getLogger("fuselm")
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = ("abi.c", "paged_attention.c", "paged_attention_int8.c", "layer_ops.c", "quant_linear.c", "dense_linear.c",
-           "decode_layers.c", "moe.c", "moe_float.c", "cascade_attention.c", "quant_rows.c",
+           "decode_layers.c", "moe.c", "moe_float.c", "cascade_attention.c", "chunk_attention.c", "quant_rows.c",
            "quant_project.c", "moe_few_rows.c", "int4_rows16.c", "int8_rows16.c", "rows16.c")
 HEADERS = ("fuselm_kernels.h", "bf16_simd.h", "cascade_blocks.h", "cascade_panel.h", "softmax_exp.h",
            "attention_f32_avx512.h", "rows16_simd.h", "prefetch_spread.h")

@@ -15,7 +15,8 @@
  *   3. P V: tiles of DT dimensions x RV slices (DT * RV accumulators), rescaled by the correction
  *      as they are loaded, over the panel's keys.
  * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are 8 queries wide
- * (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c alone.
+ * (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c and by
+ * chunk_attention.c (a prompt chunk's causal attention, which adds a masked softmax).
  */
 #ifndef FUSELM_CASCADE_PANEL_H
 #define FUSELM_CASCADE_PANEL_H

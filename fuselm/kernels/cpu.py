@@ -75,6 +75,8 @@ class CpuKernels:
         self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
         self._cascade_supported = lib.fuselm_cascade_supported
         self._cascade_int8 = lib.fuselm_cascade_attention_int8
+        self._chunk = lib.fuselm_chunk_attention  # a prompt chunk's causal attention (chunk_attention.c)
+        self._chunk_supported = lib.fuselm_chunk_attention_supported
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
@@ -262,6 +264,28 @@ class CpuKernels:
                       num_write, block_table.data_ptr(), ctx_lens.data_ptr(), n, block_table.shape[1], num_heads,
                       k_cache.shape[2], head_dim, k_cache.shape[1], scale, DTYPE_CODES[q.dtype],
                       DTYPE_CODES[k_cache.dtype], torch.get_num_threads(), shared.data_ptr())
+
+
+    def chunk_attention_supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether chunk_attention takes these queries [n, Hq, D] and this cache."""
+        return (q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
+                and q.shape[1] % k_cache.shape[2] == 0 and bool(self._chunk_supported(q.shape[2])))
+
+    def chunk_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: torch.Tensor, num_cached: int, scale: float, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> None:
+        """q, out [n, Hq, D] float32: a prompt chunk's n tokens at positions num_cached .. num_cached + n - 1,
+        each attending causally to the context through slots [num_cached + n] int64 (every position's cache
+        slot; the chunk's own K/V stored already). An int8 cache comes with its bf16 scales."""
+        assert q.is_contiguous() and out.is_contiguous() and slots.is_contiguous() and slots.dtype == torch.int64
+        n, num_heads, head_dim = q.shape
+        assert slots.shape == (num_cached + n,) and self.chunk_attention_supports(q, k_cache)
+        if k_cache.dtype == torch.int8:
+            assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
+        self._chunk(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                    None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
+                    slots.data_ptr(), num_cached, n, num_heads, k_cache.shape[2], head_dim, scale,
+                    DTYPE_CODES[k_cache.dtype], torch.get_num_threads())
 
 
 def load_kernels(isa: str | None = None, directory: Path | None = None) -> CpuKernels | None:

@@ -267,7 +267,7 @@ class ModelRunner:
                 if r.kv_window is not None:
                     allowed &= streaming_visible(r, c, n, bs)
                 mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
-                prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
+                prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask, causal=r.kv_window is None))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),

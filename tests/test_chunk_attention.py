@@ -1,0 +1,79 @@
+"""A prompt chunk's causal attention in C (kernels/chunk_attention.c) against a float64 reference over the
+chunk's whole context, on random shapes: every ISA variant this CPU runs, float32 / bfloat16 / int8 caches,
+GQA groups, chunks with and without a cached context, and chunk lengths around the kernel's tile and
+panel sizes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fuselm.kernels import build
+from fuselm.kernels.cpu import load_kernels
+from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
+
+ISAS = [name for name in build.supported_variants()]
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request):
+    k = load_kernels(request.param)
+    if k is None:
+        pytest.skip(f"{request.param} kernels unavailable")
+    return k
+
+
+def reference(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, num_cached: int, scale: float) -> torch.Tensor:
+    """float64 attention of q [n, Hq, D] at positions num_cached.. over k/v [L, Hkv, D], causal."""
+    n, hq, _ = q.shape
+    group = hq // k_ctx.shape[1]
+    k = k_ctx.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+    v = v_ctx.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    s = torch.einsum("nhd,hld->hnl", q.double(), k) * scale  # [Hq, n, L]
+    pos = torch.arange(num_cached, num_cached + n).unsqueeze(1)
+    s = s.masked_fill(torch.arange(k.shape[1]).unsqueeze(0) > pos, float("-inf"))
+    return torch.einsum("hnl,hld->nhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 4, 128), (4, 1, 64), (1, 8, 32)])
+def test_chunk_attention_matches_reference(kernels, kv_dtype, num_kv_heads, group, head_dim):
+    rng = random.Random(hash((str(kv_dtype), num_kv_heads, group, head_dim)) % 1000)
+    torch.manual_seed(rng.randrange(1000))
+    block_size, pool_blocks = 16, 160
+    shapes = [(0, 1), (0, 31), (0, 32), (0, 33), (0, 100), (0, 257), (5, 1), (16, 40), (70, 64), (300, 129), (511, 7)]
+    for num_cached, n in shapes:
+        length = num_cached + n
+        blocks = rng.sample(range(pool_blocks), -(-length // block_size))  # scattered through the pool
+        slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(length)])
+        shape = (pool_blocks, block_size, num_kv_heads, head_dim)
+        k_val, v_val = torch.randn(shape), torch.randn(shape)
+        k_scale = v_scale = None
+        if kv_dtype == torch.int8:
+            kq, ks = quantize_rows(k_val.view(-1, num_kv_heads, head_dim))
+            vq, vs = quantize_rows(v_val.view(-1, num_kv_heads, head_dim))
+            k_cache, v_cache = kq.view(shape), vq.view(shape)
+            k_scale, v_scale = ks.view(shape[:3]), vs.view(shape[:3])
+            k_ref = dequantize_rows(kq, ks, torch.float32)
+            v_ref = dequantize_rows(vq, vs, torch.float32)
+        else:
+            k_cache, v_cache = k_val.to(kv_dtype), v_val.to(kv_dtype)
+            k_ref = k_cache.float().view(-1, num_kv_heads, head_dim)
+            v_ref = v_cache.float().view(-1, num_kv_heads, head_dim)
+        q = torch.randn(n, num_kv_heads * group, head_dim)
+        scale = head_dim ** -0.5
+        out = torch.full_like(q, float("nan"))
+        kernels.chunk_attention(q, out, k_cache, v_cache, slots, num_cached, scale, k_scale, v_scale)
+        want = reference(q, k_ref[slots], v_ref[slots], num_cached, scale)
+        err = (out.double() - want).abs().max().item()
+        assert err < 2e-5, (num_cached, n, err)
+
+
+def test_chunk_attention_rejects_what_it_does_not_take(kernels):
+    q = torch.randn(4, 3, 64).to(torch.bfloat16)
+    cache = torch.randn(8, 16, 1, 64)
+    assert not kernels.chunk_attention_supports(q, cache)
+    assert kernels.chunk_attention_supports(q.float(), cache)
+    assert not kernels.chunk_attention_supports(torch.randn(4, 3, 18), torch.randn(8, 16, 1, 18))  # 18 % 4 != 0
