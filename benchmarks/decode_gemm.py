@@ -64,12 +64,14 @@ def tree_kernels(tree: Path) -> CpuKernels:
     variant = other.VARIANTS[build.candidates()[0][0].name]
     built = other.build(variant, other.find_compiler(), build.cache_dir() / "baseline")
     signatures = abi.SIGNATURES  # bind the functions both builds have: one may export more than the other
+    version = abi.ABI_VERSION  # and take the baseline's ABI version (an older tree lacks functions added since)
     lib = ctypes.CDLL(str(built.path))
     abi.SIGNATURES = {name: types for name, types in signatures.items() if hasattr(lib, name)}
+    abi.ABI_VERSION = lib.fuselm_abi_version()
     try:
         return CpuKernels(built)
     finally:
-        abi.SIGNATURES = signatures
+        abi.SIGNATURES, abi.ABI_VERSION = signatures, version
 
 
 def clock(threads: int):

@@ -75,8 +75,10 @@ class CpuKernels:
         self._cascade = lib.fuselm_cascade_attention  # shared-prefix groups read their blocks once
         self._cascade_supported = lib.fuselm_cascade_supported
         self._cascade_int8 = lib.fuselm_cascade_attention_int8
-        self._chunk = lib.fuselm_chunk_attention  # a prompt chunk's causal attention (chunk_attention.c)
-        self._chunk_supported = lib.fuselm_chunk_attention_supported
+        # a prompt chunk's causal attention (chunk_attention.c); absent only from an older tree's library that
+        # benchmarks/decode_gemm.py loads as a baseline
+        self._chunk = getattr(lib, "fuselm_chunk_attention", None)
+        self._chunk_supported = getattr(lib, "fuselm_chunk_attention_supported", None)
         self.max_group = lib.fuselm_max_group()
         self.max_dim = lib.fuselm_max_dim()
         self.max_block = lib.fuselm_max_block()
@@ -268,7 +270,8 @@ class CpuKernels:
 
     def chunk_attention_supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         """Whether chunk_attention takes these queries [n, Hq, D] and this cache."""
-        return (q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
+        return (self._chunk is not None and q.dtype == torch.float32
+                and k_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
                 and q.shape[1] % k_cache.shape[2] == 0 and bool(self._chunk_supported(q.shape[2])))
 
     def chunk_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
