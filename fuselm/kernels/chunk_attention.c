@@ -121,12 +121,13 @@ static void tile_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *slo
     }
 }
 
-int fuselm_chunk_attention_supported(int64_t head_dim) { return head_dim % DT == 0 && head_dim <= 256; }
+int fuselm_chunk_attention_supported(int64_t head_dim) { return head_dim > 0 && head_dim % DT == 0; }
 
 void fuselm_chunk_attention(const float *q, float *out, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
                             const uint16_t *v_scale, const int64_t *slots, int64_t num_cached, int64_t n,
                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int kv_dtype,
                             int num_threads) {
+    if (n <= 0) return;
     const int64_t group = num_heads / num_kv_heads, D = head_dim;
     const int64_t tiles = (n + CHUNK_TILE - 1) / CHUNK_TILE;
     const int64_t mq = CHUNK_TILE * group, mp = (mq + PL - 1) / PL * PL;

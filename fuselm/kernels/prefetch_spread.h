@@ -4,10 +4,14 @@
  * ahead across them, and the kernels ask for the next block while computing the current one. How the
  * requests are issued decides whether the reads overlap the arithmetic: in bursts (the whole block at
  * once, or a slice of it per query head) the requests beyond the core's outstanding misses wait in the
- * load pipeline, and the kernel reads little faster than with no prefetch at all. One or two lines per
- * token step, interleaved with that step's loads and FMAs, keep misses in flight throughout.
+ * load pipeline, and the kernel reads little faster than with no prefetch at all. A few lines per step
+ * of the work, interleaved with that step's loads and FMAs, keep misses in flight throughout.
  * SmolLM2-135M's float32 decode attention, 128 rows of 304 tokens in shuffled blocks, 2 threads on a
- * Zen 4 EPYC: 12.7-13.0 GB/s with a slice per head, 20-22 GB/s spread (docs/performance.md).
+ * Zen 4 EPYC: 12.6 GB/s with a slice per head, 20.4 GB/s spread (docs/performance.md).
+ *
+ * Where the steps go matters too: a step inside a fully unrolled loop of register accumulators (per key
+ * of a 16-key score tile) made the compiler spill the accumulators, and the kernel ran 0.72-0.8x as fast
+ * on blocks already in cache; between such loops (per 16 keys x 16 dimensions) it runs 0.85-0.95x there.
  *
  * Header-only; included by the attention kernels.
  */
@@ -15,9 +19,8 @@
 #define FUSELM_PREFETCH_SPREAD_H
 #include <stdint.h>
 
-/* One share of a block's cache lines, prefetched into L2 a fixed number of lines per step of the work:
- * a count that never changes within a call keeps the loop free of mispredicted branches (a count that
- * varied from step to step, 1 or 2, cost a third of the speed where the cache already held the block). */
+/* One share of a block's cache lines, prefetched into L2 a fixed number of lines per step of the work (a
+ * count that never changes within a call: the loop's branch is always predicted). */
 typedef struct {
     const char *block;
     int64_t lo, last; /* the share is lines lo .. last */
