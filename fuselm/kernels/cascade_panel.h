@@ -15,8 +15,9 @@
  *   3. P V: tiles of DT dimensions x RV slices (DT * RV accumulators), rescaled by the correction
  *      as they are loaded, over the panel's keys.
  * The tile shapes fill 24 of AVX-512's 32 zmm registers; with AVX2 the slices are 8 queries wide
- * (ymm) and the tiles 8 of its 16 registers. Header-only, included by cascade_attention.c and by
- * chunk_attention.c (a prompt chunk's causal attention, which adds a masked softmax).
+ * (ymm) and the tiles 8 of its 16 registers. panel_span also runs a prompt chunk's own positions as one
+ * causally masked panel (panel_softmax with a group) for chunk_attention.c. Header-only, included by
+ * cascade_attention.c and chunk_attention.c.
  */
 #ifndef FUSELM_CASCADE_PANEL_H
 #define FUSELM_CASCADE_PANEL_H
@@ -72,6 +73,17 @@ typedef struct {
     float *qt, *acc, *m, *l, *kp, *vp, *s;
 } PanelScratch;
 
+/* Lanes of a where mask is set, of b elsewhere (mask: all ones or all zeros per lane). */
+static inline pvec selectp(pveci mask, pvec a, pvec b) {
+    pveci ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const pveci r = (ai & mask) | (bi & ~mask);
+    pvec out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
 /* The lane-wise maximum (vmaxps where there is one; a compare and select elsewhere). */
 static inline pvec maxp(pvec a, pvec b) {
 #if defined(__AVX512F__)
@@ -79,14 +91,7 @@ static inline pvec maxp(pvec a, pvec b) {
 #elif defined(__AVX2__)
     return (pvec)_mm256_max_ps((__m256)a, (__m256)b);
 #else
-    const pveci take_a = a > b;
-    pveci ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    const pveci r = (ai & take_a) | (bi & ~take_a);
-    pvec out;
-    memcpy(&out, &r, sizeof out);
-    return out;
+    return selectp(a > b, a, b);
 #endif
 }
 
@@ -166,17 +171,36 @@ static inline __attribute__((always_inline)) void score_tiles(const float *qt, i
 }
 
 /* The online-softmax step of R slices over `count` keys' scores in s: s becomes P = exp(s - new max),
- * m and l (from q0 on) move on, corr receives each query's factor for its old acc. */
-static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, float *corr) {
+ * m and l (from q0 on) move on, corr receives each query's factor for its old acc.
+ * With group > 0 (a chunk's own positions, chunk_attention.c) query lane i from q0 on sees only the keys
+ * t <= (q0 + i) / group: the panel holds the queries' own positions, `group` query heads per position,
+ * queries in position order; masked keys take no part in the max and get P = 0. Every query sees key 0,
+ * so its max is finite afterwards. */
+static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, float *corr, int64_t q0, int64_t group) {
+    const pvec minus_inf = (pvec){0} - INFINITY, zero = {0};
     for (int r = 0; r < R; r++) {
         const pvec old = loadp(m + r * PL);
-        pvec top = old;
-        for (int64_t t = 0; t < count; t++) top = maxp(top, loadp(s + t * RV * PL + r * PL));
-        pvec sum = {0};
-        for (int64_t t = 0; t < count; t++) {
-            const pvec p = expp_nonpositive(loadp(s + t * RV * PL + r * PL) - top);
-            storep(s + t * RV * PL + r * PL, p);
-            sum += p;
+        pvec top = old, sum = {0};
+        if (group == 0) {
+            for (int64_t t = 0; t < count; t++) top = maxp(top, loadp(s + t * RV * PL + r * PL));
+            for (int64_t t = 0; t < count; t++) {
+                const pvec p = expp_nonpositive(loadp(s + t * RV * PL + r * PL) - top);
+                storep(s + t * RV * PL + r * PL, p);
+                sum += p;
+            }
+        } else {
+            int32_t at[PL];
+            for (int i = 0; i < PL; i++) at[i] = (int32_t)((q0 + r * PL + i) / group);
+            pveci position;
+            memcpy(&position, at, sizeof position);
+            for (int64_t t = 0; t < count; t++)
+                top = maxp(top, selectp(position >= (int32_t)t, loadp(s + t * RV * PL + r * PL), minus_inf));
+            for (int64_t t = 0; t < count; t++) {
+                const pveci seen = position >= (int32_t)t;
+                const pvec p = selectp(seen, expp_nonpositive(loadp(s + t * RV * PL + r * PL) - top), zero);
+                storep(s + t * RV * PL + r * PL, p);
+                sum += p;
+            }
         }
         const pvec c = expp_nonpositive(old - top);
         storep(corr + r * PL, c);
@@ -210,7 +234,7 @@ static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t M
 static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int64_t Mp, int64_t q0, int R,
                                                              int64_t count, int64_t D, float *corr) {
     score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s);
-    panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr);
+    panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, 0);
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
 }
 
@@ -237,17 +261,12 @@ static void from_lanes(float *to, const float *from, int64_t M, int64_t Mp, int6
     }
 }
 
-/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
- * [first, end) of one block table. */
-static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
-                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
-    const int64_t Mp = (M + PL - 1) / PL * PL;
-    to_lanes(w.qt, Q, M, Mp, D);
-    to_lanes(w.acc, st.acc, M, Mp, D);
-    for (int64_t i = 0; i < Mp; i++) {
-        w.m[i] = i < M ? st.m[i] : -INFINITY;
-        w.l[i] = i < M ? st.l[i] : 0.0f;
-    }
+/* The lanes' state (w.qt, w.acc, w.m, w.l: Mp queries of KV head h) over context positions [first, end) of a block
+ * table of block size bs, in panels every query sees whole; or, with causal set, the queries' own positions: one
+ * panel of at most PANEL keys, query lane i seeing keys up to its own position first + i / group
+ * (chunk_attention.c). */
+static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *table, int64_t bs, int64_t first,
+                       int64_t end, int64_t h, int64_t D, int causal, int64_t group) {
     float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
         const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
@@ -259,15 +278,52 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
         }
         for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
             const int64_t slices = (Mp - q0) / PL;
-            if (slices >= RV) panel_tile(w, Mp, q0, RV, count, D, corr);
+            const int R = slices >= RV ? RV : (int)slices;
+            if (!causal) {
+                if (R == RV) panel_tile(w, Mp, q0, RV, count, D, corr);
 #if RV > 1
-            else if (slices == 1) panel_tile(w, Mp, q0, 1, count, D, corr);
+                else if (R == 1) panel_tile(w, Mp, q0, 1, count, D, corr);
 #endif
 #if RV > 2
-            else panel_tile(w, Mp, q0, 2, count, D, corr);
+                else panel_tile(w, Mp, q0, 2, count, D, corr);
+#endif
+                continue;
+            }
+            /* keys past the row tile's last position are masked for all its queries: not computed */
+            const int64_t last = (q0 + R * PL - 1) / group + 1;
+            const int64_t seen = last < count ? last : count;
+            const int64_t nk = (seen + KT - 1) / KT * KT;
+            if (R == RV) score_tiles(w.qt, Mp, q0, RV, w.kp, nk, D, w.s);
+#if RV > 1
+            else if (R == 1) score_tiles(w.qt, Mp, q0, 1, w.kp, nk, D, w.s);
+#endif
+#if RV > 2
+            else score_tiles(w.qt, Mp, q0, 2, w.kp, nk, D, w.s);
+#endif
+            panel_softmax(w.s, seen, R, w.m + q0, w.l + q0, corr, q0, group);
+            if (R == RV) pv_tiles(w.acc, Mp, q0, RV, w.s, seen, w.vp, D, corr);
+#if RV > 1
+            else if (R == 1) pv_tiles(w.acc, Mp, q0, 1, w.s, seen, w.vp, D, corr);
+#endif
+#if RV > 2
+            else pv_tiles(w.acc, Mp, q0, 2, w.s, seen, w.vp, D, corr);
 #endif
         }
     }
+}
+
+/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
+ * [first, end) of one block table. */
+static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
+                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
+    const int64_t Mp = (M + PL - 1) / PL * PL;
+    to_lanes(w.qt, Q, M, Mp, D);
+    to_lanes(w.acc, st.acc, M, Mp, D);
+    for (int64_t i = 0; i < Mp; i++) {
+        w.m[i] = i < M ? st.m[i] : -INFINITY;
+        w.l[i] = i < M ? st.l[i] : 0.0f;
+    }
+    panel_span(w, Mp, kv, table, bs, first, end, h, D, 0, 1);
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
     from_lanes(st.acc, w.acc, M, Mp, D);
 }
