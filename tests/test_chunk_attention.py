@@ -10,19 +10,9 @@ import random
 import pytest
 import torch
 
-from fuselm.kernels import build
-from fuselm.kernels.cpu import load_kernels
 from fuselm.layers.kv_quant import dequantize_rows, quantize_rows
 
-ISAS = [name for name in build.supported_variants()]
-
-
-@pytest.fixture(scope="module", params=ISAS)
-def kernels(request):
-    k = load_kernels(request.param)
-    if k is None:
-        pytest.skip(f"{request.param} kernels unavailable")
-    return k
+# `kernels`: tests/conftest.py's fixture, the library of each ISA variant this CPU runs in turn
 
 
 def reference(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, num_cached: int, scale: float) -> torch.Tensor:

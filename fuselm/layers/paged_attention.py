@@ -41,8 +41,9 @@ class PrefillRow:
     end: int
     num_cached: int  # tokens of this request already in the KV cache before this step
     context_slots: torch.Tensor | None  # [num_cached + (end - start)] slots of the whole context; None if num_cached == 0
-    causal_mask: torch.Tensor | None  # [end - start, num_cached + end - start] float: 0 attend, -inf not; None if num_cached == 0
-    causal: bool = True  # the mask is plain causal over the whole context (not a streaming request's window)
+    # a streaming request's mask [end - start, num_cached + end - start] (float: 0 attend, -inf not); None for a
+    # plain causal row, whose mask the torch path builds where it needs one (prefill_row_causal_mask)
+    causal_mask: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -60,7 +61,7 @@ class AttentionMetadata:
     decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padding -> null slot)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool, True = attend
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
-    # sliding-window masks and start positions built once per step and shared by the layers of one window size
+    # masks and start positions built once per step and shared by the layers that need them (of one window size)
     window_masks: dict = field(default_factory=dict)
     # with several KV cache groups (core/kv_groups.py): every group's metadata, this one first
     groups: list | None = None
@@ -157,6 +158,17 @@ def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, win
     return meta.window_masks[key]
 
 
+def prefill_row_causal_mask(meta: AttentionMetadata, index: int, row: PrefillRow, dtype: torch.dtype) -> torch.Tensor:
+    """Prompt chunk `index`'s plain causal mask over its context, float [n, num_cached + n]: 0 attend, -inf not."""
+    key = ("causal", index)
+    if key not in meta.window_masks:
+        n, c = row.end - row.start, row.num_cached
+        allowed = torch.arange(c + n).unsqueeze(0) <= torch.arange(c, c + n).unsqueeze(1)  # [n, c + n]
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        meta.window_masks[key] = mask.to(meta.slot_mapping.device)
+    return meta.window_masks[key]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None, window: int | None = None, kv_group: int = 0) -> torch.Tensor:
@@ -215,7 +227,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     # Elsewhere, 4-D inputs ([1, H, n, D]) let torch pick its flash kernel on CPU; 3-D ones fall back to
     # the much slower math path (measured 3-5x).
     for index, row in enumerate(meta.prefill_rows):
-        if chunk_kernel and row.causal:
+        if chunk_kernel and row.causal_mask is None:
             slots = row.context_slots if row.context_slots is not None else meta.slot_mapping[row.start:row.end]
             meta.cpu_kernels.chunk_attention(q_rows[row.start:row.end], out[row.start:row.end], k_cache, v_cache, slots,
                                              row.num_cached, scale, k_scale, v_scale)
@@ -235,7 +247,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             if slots is None:  # a first chunk longer than the window: its own new tokens are the context
                 slots = meta.slot_mapping[row.start:row.end]
             slots = slots[first:]  # [ctx - first]: what the window reaches
-            mask = row.causal_mask if window_mask is None else window_mask
+            mask = window_mask
+            if mask is None:
+                mask = row.causal_mask if row.causal_mask is not None else prefill_row_causal_mask(meta, index, row, q.dtype)
             kr = read_kv(flat_k, flat_ks, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
             vr = read_kv(flat_v, flat_vs, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=group > 1)

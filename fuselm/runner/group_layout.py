@@ -50,7 +50,7 @@ def group_metadata(base: AttentionMetadata, rows: tuple[ScheduledRequest, ...], 
         t, c, n = table_of(r, group), r.num_computed_tokens, r.num_new_tokens
         slot_parts.append(slots_of(t, c, c + n, bs))
         ctx_slots = None if row.context_slots is None else slots_of(t, 0, c + n, bs).to(device)
-        prefill_rows.append(PrefillRow(row.start, row.end, row.num_cached, ctx_slots, row.causal_mask, row.causal))
+        prefill_rows.append(PrefillRow(row.start, row.end, row.num_cached, ctx_slots, row.causal_mask))
     meta = dataclasses.replace(base, slot_mapping=torch.cat(slot_parts).to(device), prefill_rows=prefill_rows,
                                groups=None, cascade=None)  # window masks depend on positions only: shared
     if table is not None:

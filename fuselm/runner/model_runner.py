@@ -262,12 +262,12 @@ class ModelRunner:
                 prefill_rows.append(PrefillRow(cursor, cursor + n, 0, None, None))
             else:
                 ctx_slots = self._slots(r.block_ids, 0, c + n).to(self.device)
-                q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
-                allowed = torch.arange(c + n).unsqueeze(0) <= q_pos  # [n, c + n]
+                mask = None  # plain causal: the C chunk kernel needs none, the torch path builds it once a step
                 if r.kv_window is not None:
-                    allowed &= streaming_visible(r, c, n, bs)
-                mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
-                prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask, causal=r.kv_window is None))
+                    q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
+                    allowed = (torch.arange(c + n).unsqueeze(0) <= q_pos) & streaming_visible(r, c, n, bs)  # [n, c + n]
+                    mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
+                prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
