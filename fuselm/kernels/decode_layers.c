@@ -44,13 +44,22 @@ void fuselm_project(const QProj *p, const float *x, float *y, int64_t M, int num
 }
 
 /* act[m, i] = silu(gu[m, i]) * gu[m, I + i] for M rows of [gate | up]. Vectorised and split between
- * threads: with libm's expf, one element at a time, it took ~3% of a 128-row decode step. */
+ * threads: with libm's expf, one element at a time, it took ~3% of a 128-row decode step. 16 lanes where
+ * the build has AVX-512 (the same arithmetic per lane as the 8-lane loop, so the same bits): 1.29-1.56x
+ * the 8-lane loop at 8-512 rows of SmolLM2's 1,536 (2-vCPU Zen 4 EPYC, two threads, alternated). */
 void fuselm_silu_mul(const float *gu, float *act, int64_t M, int64_t I, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * I >= 16384)
     for (int64_t m = 0; m < M; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
         float *a = act + m * I;
         int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= I; i += 16) {
+            const __m512 gv = _mm512_loadu_ps(g + i);
+            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512_clamped(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+        }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
         for (; i + 8 <= I; i += 8) {
             const __m256 gv = _mm256_loadu_ps(g + i);
