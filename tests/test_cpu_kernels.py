@@ -182,6 +182,19 @@ def test_c_rms_norm_matches_the_torch_module(kernels, dtype, rows):
     assert (got - want).abs().max().item() <= tol * want.abs().max().item()
 
 
+@pytest.mark.parametrize("rows, inter", [(1, 1536), (7, 40), (70, 1536), (3, 13)])
+def test_c_silu_mul_matches_torch(kernels, rows, inter):
+    """decode_layers.c's silu(gate) * up: 16-lane, 8-lane and scalar loops (40 and 13 columns reach the
+    shorter ones), against torch in float64, with gates far into exp's clamped range."""
+    g = torch.Generator().manual_seed(rows * inter)
+    gu = torch.randn(rows, 2 * inter, generator=g) * 6
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])
+    act = torch.empty(rows, inter)
+    kernels._lib.fuselm_silu_mul(gu.data_ptr(), act.data_ptr(), rows, inter, torch.get_num_threads())
+    want = F.silu(gu[:, :inter].double()) * gu[:, inter:].double()
+    assert (act.double() - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_out, bias", [(576, False), (960, True), (37, True), (3072, False)])
 def test_small_m_linear_matches_float64(kernels, rows, n_out, bias):
