@@ -232,9 +232,9 @@ static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t M
 
 /* One row tile (R slices from q0) against a packed panel of `count` keys. */
 static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int64_t Mp, int64_t q0, int R,
-                                                             int64_t count, int64_t D, float *corr) {
+                                                             int64_t count, int64_t D, float *corr, int64_t group) {
     score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s);
-    panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, 0);
+    panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, group);
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
 }
 
@@ -262,11 +262,11 @@ static void from_lanes(float *to, const float *from, int64_t M, int64_t Mp, int6
 }
 
 /* The lanes' state (w.qt, w.acc, w.m, w.l: Mp queries of KV head h) over context positions [first, end) of a block
- * table of block size bs, in panels every query sees whole; or, with causal set, the queries' own positions: one
- * panel of at most PANEL keys, query lane i seeing keys up to its own position first + i / group
+ * table of block size bs: with group 0 in panels every query sees whole; with group > 0 the queries' own
+ * positions, one panel of at most PANEL keys, query lane i seeing keys up to its own position first + i / group
  * (chunk_attention.c). */
 static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *table, int64_t bs, int64_t first,
-                       int64_t end, int64_t h, int64_t D, int causal, int64_t group) {
+                       int64_t end, int64_t h, int64_t D, int64_t group) {
     float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
         const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
@@ -279,34 +279,15 @@ static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *ta
         for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
             const int64_t slices = (Mp - q0) / PL;
             const int R = slices >= RV ? RV : (int)slices;
-            if (!causal) {
-                if (R == RV) panel_tile(w, Mp, q0, RV, count, D, corr);
-#if RV > 1
-                else if (R == 1) panel_tile(w, Mp, q0, 1, count, D, corr);
-#endif
-#if RV > 2
-                else panel_tile(w, Mp, q0, 2, count, D, corr);
-#endif
-                continue;
-            }
-            /* keys past the row tile's last position are masked for all its queries: not computed */
-            const int64_t last = (q0 + R * PL - 1) / group + 1;
+            /* causal: keys past the row tile's last position are masked for all its queries, so not computed */
+            const int64_t last = group > 0 ? (q0 + R * PL - 1) / group + 1 : count;
             const int64_t seen = last < count ? last : count;
-            const int64_t nk = (seen + KT - 1) / KT * KT;
-            if (R == RV) score_tiles(w.qt, Mp, q0, RV, w.kp, nk, D, w.s);
+            if (R == RV) panel_tile(w, Mp, q0, RV, seen, D, corr, group);
 #if RV > 1
-            else if (R == 1) score_tiles(w.qt, Mp, q0, 1, w.kp, nk, D, w.s);
+            else if (R == 1) panel_tile(w, Mp, q0, 1, seen, D, corr, group);
 #endif
 #if RV > 2
-            else score_tiles(w.qt, Mp, q0, 2, w.kp, nk, D, w.s);
-#endif
-            panel_softmax(w.s, seen, R, w.m + q0, w.l + q0, corr, q0, group);
-            if (R == RV) pv_tiles(w.acc, Mp, q0, RV, w.s, seen, w.vp, D, corr);
-#if RV > 1
-            else if (R == 1) pv_tiles(w.acc, Mp, q0, 1, w.s, seen, w.vp, D, corr);
-#endif
-#if RV > 2
-            else pv_tiles(w.acc, Mp, q0, 2, w.s, seen, w.vp, D, corr);
+            else panel_tile(w, Mp, q0, 2, seen, D, corr, group);
 #endif
         }
     }
@@ -323,7 +304,7 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
         w.m[i] = i < M ? st.m[i] : -INFINITY;
         w.l[i] = i < M ? st.l[i] : 0.0f;
     }
-    panel_span(w, Mp, kv, table, bs, first, end, h, D, 0, 1);
+    panel_span(w, Mp, kv, table, bs, first, end, h, D, 0);
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
     from_lanes(st.acc, w.acc, M, Mp, D);
 }

@@ -65,8 +65,8 @@ void fuselm_chunk_attention(const float *q, float *out, const void *k_cache, con
             to_lanes(w.qt, Q, M, Mp, D);
             memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
             for (int64_t i = 0; i < Mp; i++) w.m[i] = -INFINITY, w.l[i] = 0.0f;
-            panel_span(w, Mp, kv, slots, 1, 0, num_cached + i0, h, D, 0, group);  /* slots: a table of 1-slot blocks */
-            panel_span(w, Mp, kv, slots, 1, num_cached + i0, num_cached + i1, h, D, 1, group);
+            panel_span(w, Mp, kv, slots, 1, 0, num_cached + i0, h, D, 0);  /* slots: a table of 1-slot blocks */
+            panel_span(w, Mp, kv, slots, 1, num_cached + i0, num_cached + i1, h, D, group);
             from_lanes(Q, w.acc, M, Mp, D);
             for (int64_t i = i0; i < i1; i++)
                 for (int64_t g = 0; g < group; g++) {

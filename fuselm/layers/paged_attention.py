@@ -139,6 +139,16 @@ def query_rows_window_starts(meta: AttentionMetadata, window: int) -> torch.Tens
     return meta.window_masks[key]
 
 
+def chunk_causal_allowed(num_cached: int, n: int) -> torch.Tensor:
+    """[n, num_cached + n] bool: the chunk's position num_cached + i sees context positions 0 .. num_cached + i."""
+    return torch.arange(num_cached + n).unsqueeze(0) <= torch.arange(num_cached, num_cached + n).unsqueeze(1)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's float attn_mask for a bool one: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
 def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, window: int,
                        dtype: torch.dtype) -> tuple[int, torch.Tensor | None]:
     """(first context position the row's window reaches, float mask [n, ctx - first] or None for plain
@@ -153,8 +163,7 @@ def prefill_row_window(meta: AttentionMetadata, index: int, row: PrefillRow, win
             q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
             k_pos = torch.arange(first, c + n).unsqueeze(0)  # [1, ctx - first]
             allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [n, ctx - first]
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-            meta.window_masks[key] = (first, mask.to(meta.slot_mapping.device))
+            meta.window_masks[key] = (first, additive_mask(allowed, dtype).to(meta.slot_mapping.device))
     return meta.window_masks[key]
 
 
@@ -162,9 +171,7 @@ def prefill_row_causal_mask(meta: AttentionMetadata, index: int, row: PrefillRow
     """Prompt chunk `index`'s plain causal mask over its context, float [n, num_cached + n]: 0 attend, -inf not."""
     key = ("causal", index)
     if key not in meta.window_masks:
-        n, c = row.end - row.start, row.num_cached
-        allowed = torch.arange(c + n).unsqueeze(0) <= torch.arange(c, c + n).unsqueeze(1)  # [n, c + n]
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        mask = additive_mask(chunk_causal_allowed(row.num_cached, row.end - row.start), dtype)
         meta.window_masks[key] = mask.to(meta.slot_mapping.device)
     return meta.window_masks[key]
 

@@ -18,7 +18,8 @@ from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_g
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
 from fuselm.layers.cascade import chunk_as_query_rows, plan_shared_prefix
-from fuselm.layers.paged_attention import AttentionMetadata, PrefillRow, forward_context
+from fuselm.layers.paged_attention import (AttentionMetadata, PrefillRow, additive_mask, chunk_causal_allowed,
+                                           forward_context)
 from fuselm.runner.expert_stats import ExpertStats
 from fuselm.runner.group_layout import group_metadata
 from fuselm.runner.cache_positions import CachePositions
@@ -264,9 +265,8 @@ class ModelRunner:
                 ctx_slots = self._slots(r.block_ids, 0, c + n).to(self.device)
                 mask = None  # plain causal: the C chunk kernel needs none, the torch path builds it once a step
                 if r.kv_window is not None:
-                    q_pos = torch.arange(c, c + n).unsqueeze(1)  # [n, 1]
-                    allowed = (torch.arange(c + n).unsqueeze(0) <= q_pos) & streaming_visible(r, c, n, bs)  # [n, c + n]
-                    mask = torch.zeros(n, c + n, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).to(self.device)
+                    allowed = chunk_causal_allowed(c, n) & streaming_visible(r, c, n, bs)  # [n, c + n]
+                    mask = additive_mask(allowed, self.dtype).to(self.device)
                 prefill_rows.append(PrefillRow(cursor, cursor + n, c, ctx_slots, mask))
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
