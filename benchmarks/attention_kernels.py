@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_gemm import tree_kernels  # noqa: E402  (another checkout's kernels, built by its own build.py)
+from decode_gemm import time_pair, tree_kernels  # noqa: E402  (another checkout's kernels, built by its own build.py)
 
 from fuselm.bench.report import machine_info  # noqa: E402
 from fuselm.kernels.cpu import get_kernels  # noqa: E402
 from fuselm.layers.kv_quant import quantize_rows  # noqa: E402
+from fuselm.layers.paged_attention import additive_mask, chunk_causal_allowed  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 COLD_BYTES = 300 * 2**20
@@ -105,8 +106,7 @@ def run_chunk(kb, shapes: list[tuple[int, int]], rounds: int) -> list[dict]:
         q = torch.randn(n, HEADS, DIM, generator=g)
         out = torch.empty_like(q)
         qr = q.transpose(0, 1).unsqueeze(0)
-        mask = torch.zeros(n, total).masked_fill_(torch.arange(total) > torch.arange(cached, total).unsqueeze(1),
-                                                  float("-inf"))
+        mask = additive_mask(chunk_causal_allowed(cached, n), torch.float32)  # as the torch path builds it
 
         # a first chunk's K/V are the layer's own new rows (no gather), a later chunk's context is gathered
         k_own, v_own = flat_k[slots].transpose(0, 1).unsqueeze(0), flat_v[slots].transpose(0, 1).unsqueeze(0)
@@ -125,13 +125,8 @@ def run_chunk(kb, shapes: list[tuple[int, int]], rounds: int) -> list[dict]:
         want = torch_path()[0].transpose(0, 1)
         c_path()
         err = (out - want).abs().max().item()
-        times = {"torch SDPA": [], "C chunk kernel": []}
-        sides = [("torch SDPA", torch_path), ("C chunk kernel", c_path)]
-        for i in range(rounds):
-            for name, fn in sides if i % 2 == 0 else sides[::-1]:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        torch_times, c_times = time_pair(torch_path, c_path, rounds, time.perf_counter)
+        times = {"torch SDPA": torch_times, "C chunk kernel": c_times}
         flops = HEADS * DIM * 4 * (n * cached + n * (n + 1) / 2)  # q.k and p.v over the positions each query sees
         row = {"part": "chunk", "cached": cached, "tokens": n, "gflop": flops / 1e9, "max_abs_diff": err}
         for name, ts in times.items():
