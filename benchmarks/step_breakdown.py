@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 ROWS = ["STEP total", "schedule", "build batch", "norm+qkv+rotary (C)", "attention (all)", "  decode kernel",
-        "  shared-prefix kernel", "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update",
+        "  shared-prefix kernel", "  prompt-chunk kernel", "  K/V writes (torch)", "  torch SDPA", "o+MLP (C)", "one-call decode step (C)", "LM head", "sample", "update",
         "Python GC"]
 
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if runner.cpu_kernels is not None:
         timers.wrap(runner.cpu_kernels, "paged_decode_attention", "  decode kernel")
         timers.wrap(runner.cpu_kernels, "cascade_attention", "  shared-prefix kernel")
+        timers.wrap(runner.cpu_kernels, "chunk_attention", "  prompt-chunk kernel")
     fused = model.c_layers
     if fused is not None:
         timers.wrap(fused, "run", "one-call decode step (C)")

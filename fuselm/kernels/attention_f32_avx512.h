@@ -33,16 +33,20 @@ static inline __m512 kv16(const void *base, int64_t index, int kv_bf16) {
  * through `table`, whose rows are row_elems apart (num_kv_heads * head_dim, or more where these heads are
  * part of a row: the caches then point at the first one); head_dim % 16 == 0, block_size % 16 == 0,
  * head_dim <= F32_AVX512_MAX_DIM.
- * acc [num_heads, head_dim], scores [num_heads, block_size], m and l [num_heads] are scratch. */
+ * acc [num_heads, head_dim], scores [num_heads, block_size], m and l [num_heads] are scratch; with `resume`
+ * they hold an online-softmax state (running max, sum, unnormalised output, in scaled-score units) of the
+ * positions before `from`, which must then start a block, and the row continues from it (the shared-prefix
+ * kernel's own blocks, cascade_attention.c). after: the pool block whose lines to ask for during the last block
+ * (the first block of the row the caller takes next), or -1. */
 static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
     const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t row_elems, int64_t block_size, float scale,
-    float *acc, float *scores, float *m, float *l, int kv_bf16) {
+    float *acc, float *scores, float *m, float *l, int kv_bf16, int resume, int64_t after) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t bytes = block_size * row_elems * (kv_bf16 ? 2 : 4);
     const int64_t chunks = head_dim / 16;
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t j = 0; j < num_heads; j++) {
+    for (int64_t j = 0; j < num_heads && !resume; j++) {
         m[j] = -INFINITY;
         l[j] = 0.0f;
         for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + j * head_dim + 16 * c, _mm512_setzero_ps());
@@ -55,9 +59,10 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
          * head during that head's scores, its V lines during that head's V sums, a line or two per token
          * (prefetch_spread.h). Only a full block has a next one, so count == block_size then. */
         const char *next_k = NULL, *next_v = NULL;
-        if (start + block_size < len) {
-            next_k = (const char *)k_cache + table[b + 1] * bytes;
-            next_v = (const char *)v_cache + table[b + 1] * bytes;
+        const int64_t next = start + block_size < len ? table[b + 1] : after;
+        if (next >= 0) {
+            next_k = (const char *)k_cache + next * bytes;
+            next_v = (const char *)v_cache + next * bytes;
         }
         for (int64_t j = 0; j < num_heads; j++) {
             const int64_t head_off = base + (j / group) * head_dim;
