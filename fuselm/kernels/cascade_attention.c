@@ -217,8 +217,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             float *base = states + state_at[g] + local * M * (D + 2);
             const int64_t b0 = shared_blocks[g] * c / chunks[g], b1 = shared_blocks[g] * (c + 1) / chunks[g];
             const State st = {base, base + M, base + 2 * M};
-            reset_state(st, M, D);
-            shared_span(Q, M, st, kv, block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, D, bs, pw);
+            shared_span(Q, M, st, kv, block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, D, bs, pw, 1);
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise. Float32 queries
@@ -293,7 +292,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                     w.qb = qb;
                 }
                 if (OWN_BLOCKS_BY_PANEL || kv_dtype == FUSELM_I8)
-                    shared_span(Q, G, st, kv, block_table + n * max_blocks, first_block * bs, ctx_lens[n], h, D, bs, pw);
+                    shared_span(Q, G, st, kv, block_table + n * max_blocks, first_block * bs, ctx_lens[n], h, D, bs, pw, 0);
                 else
                     attend_span(Q, G, st, k_cache, v_cache, kv_dtype, block_table + n * max_blocks, first_block,
                                 ctx_lens[n], h, row_elems, D, bs, w);

@@ -371,15 +371,18 @@ static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *ta
 }
 
 /* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
- * [first, end) of one block table. */
+ * [first, end) of one block table; fresh: st holds nothing yet (it is written, not read). */
 static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
-                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
+                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
     const int64_t Mp = (M + PL - 1) / PL * PL;
     to_lanes(w.qt, Q, M, Mp, D);
-    to_lanes(w.acc, st.acc, M, Mp, D);
+    if (fresh)
+        memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
+    else
+        to_lanes(w.acc, st.acc, M, Mp, D);
     for (int64_t i = 0; i < Mp; i++) {
-        w.m[i] = i < M ? st.m[i] : -INFINITY;
-        w.l[i] = i < M ? st.l[i] : 0.0f;
+        w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
+        w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
     }
     panel_span(w, Mp, kv, table, bs, first, end, h, D, 0);
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
