@@ -153,27 +153,6 @@ static void prefetch_panel(PagedKv kv, const int64_t *table, int64_t first, int6
     }
 }
 
-/* s[t, r * PL ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
- * query slices from q0 on. */
-static inline __attribute__((always_inline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R,
-                                                              const float *kp, int64_t nk, int64_t D, float *s) {
-    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
-        pvec a[KT][RV];
-        for (int k = 0; k < KT; k++)
-            for (int r = 0; r < R; r++) a[k][r] = (pvec){0};
-        for (int64_t d = 0; d < D; d++) {
-            pvec q[RV];
-            for (int r = 0; r < R; r++) q[r] = loadp(qt + d * Mp + q0 + r * PL);
-            for (int k = 0; k < KT; k++) {
-                const float key = kp[(t0 + k) * D + d];
-                for (int r = 0; r < R; r++) a[k][r] += key * q[r];
-            }
-        }
-        for (int k = 0; k < KT; k++)
-            for (int r = 0; r < R; r++) storep(s + (t0 + k) * RV * PL + r * PL, a[k][r]);
-    }
-}
-
 /* The online-softmax step of R slices over `count` keys' scores in s: s becomes P = exp(s - new max),
  * m and l (from q0 on) move on, corr receives each query's factor for its old acc.
  * With group > 0 (a chunk's own positions, chunk_attention.c) query lane i from q0 on sees only the keys
@@ -213,6 +192,121 @@ static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, fl
     }
 }
 
+#if defined(__AVX512F__) && KT == 8 && DT == 8 && RV == 3
+/* score_tiles and pv_tiles in 512-bit registers with named accumulators, for R (a constant where inlined) of the
+ * RV slices: GCC kept 8 of the arrays' 24 accumulators on the stack (an FMA from memory and a store per k or t),
+ * which held the shared pass at ~145 GFLOP/s of a 2-vCPU Zen 4 EPYC's ~217. Each output is the same FMA chain in
+ * the same order, so the bits are the same. */
+#define FT_ACC(k) __m512 a##k##0 = _mm512_setzero_ps(), a##k##1 = _mm512_setzero_ps(), a##k##2 = _mm512_setzero_ps();
+#define FT_FMA(k, src)                                                                                              \
+    {                                                                                                              \
+        const __m512 b = _mm512_set1_ps(src);                                                                      \
+        a##k##0 = _mm512_fmadd_ps(b, x0, a##k##0);                                                                 \
+        if (R > 1) a##k##1 = _mm512_fmadd_ps(b, x1, a##k##1);                                                      \
+        if (R > 2) a##k##2 = _mm512_fmadd_ps(b, x2, a##k##2);                                                      \
+    }
+#define FT_STORE(k, dst)                                                                                            \
+    {                                                                                                              \
+        _mm512_storeu_ps(dst, a##k##0);                                                                            \
+        if (R > 1) _mm512_storeu_ps((dst) + PL, a##k##1);                                                          \
+        if (R > 2) _mm512_storeu_ps((dst) + 2 * PL, a##k##2);                                                      \
+    }
+#define FT_SLICES(p)                                                                                                \
+    const __m512 x0 = _mm512_loadu_ps(p), x1 = R > 1 ? _mm512_loadu_ps((p) + PL) : x0,                             \
+                 x2 = R > 2 ? _mm512_loadu_ps((p) + 2 * PL) : x0;
+#define FT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+
+static inline __attribute__((always_inline)) void score_tiles_r(const float *qt, int64_t Mp, int64_t q0, const int R,
+                                                                const float *kp, int64_t nk, int64_t D, float *s) {
+    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        FT_EACH(FT_ACC)
+        const float *key = kp + t0 * D;
+        for (int64_t d = 0; d < D; d++) {
+            FT_SLICES(qt + d * Mp + q0)
+#define FT_KEY(k) FT_FMA(k, key[(k) * D + d])
+            FT_EACH(FT_KEY)
+#undef FT_KEY
+        }
+#define FT_OUT(k) FT_STORE(k, s + (t0 + (k)) * RV * PL)
+        FT_EACH(FT_OUT)
+#undef FT_OUT
+    }
+}
+
+static inline __attribute__((always_inline)) void pv_tiles_r(float *acc, int64_t Mp, int64_t q0, const int R,
+                                                             const float *s, int64_t count, const float *vp, int64_t D,
+                                                             const float *corr) {
+    const __m512 c0 = _mm512_loadu_ps(corr), c1 = R > 1 ? _mm512_loadu_ps(corr + PL) : c0,
+                 c2 = R > 2 ? _mm512_loadu_ps(corr + 2 * PL) : c0;
+    for (int64_t d0 = 0; d0 < D; d0 += DT) {
+#define FT_LOAD(j)                                                                                                  \
+    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
+    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0);                                                     \
+    __m512 a##j##1 = R > 1 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1) : a##j##0;                              \
+    __m512 a##j##2 = R > 2 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2) : a##j##0;
+        FT_EACH(FT_LOAD)
+#undef FT_LOAD
+        for (int64_t t = 0; t < count; t++) {
+            const float *vt = vp + t * D + d0;
+            FT_SLICES(s + t * RV * PL)
+#define FT_V(j) FT_FMA(j, vt[j])
+            FT_EACH(FT_V)
+#undef FT_V
+        }
+#define FT_OUT(j) FT_STORE(j, at##j)
+        FT_EACH(FT_OUT)
+#undef FT_OUT
+    }
+}
+#undef FT_ACC
+#undef FT_FMA
+#undef FT_STORE
+#undef FT_SLICES
+#undef FT_EACH
+
+/* Not inlined into panel_span, whose softmax keeps its exp polynomial's constants in registers across the row
+ * tiles: inlined there, GCC again spilled accumulators of the R = 3 tiles. */
+static __attribute__((noinline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R, const float *kp,
+                                                  int64_t nk, int64_t D, float *s) {
+    if (R == 3)
+        score_tiles_r(qt, Mp, q0, 3, kp, nk, D, s);
+    else if (R == 2)
+        score_tiles_r(qt, Mp, q0, 2, kp, nk, D, s);
+    else
+        score_tiles_r(qt, Mp, q0, 1, kp, nk, D, s);
+}
+
+static __attribute__((noinline)) void pv_tiles(float *acc, int64_t Mp, int64_t q0, int R, const float *s,
+                                               int64_t count, const float *vp, int64_t D, const float *corr) {
+    if (R == 3)
+        pv_tiles_r(acc, Mp, q0, 3, s, count, vp, D, corr);
+    else if (R == 2)
+        pv_tiles_r(acc, Mp, q0, 2, s, count, vp, D, corr);
+    else
+        pv_tiles_r(acc, Mp, q0, 1, s, count, vp, D, corr);
+}
+#else
+/* s[t, r * PL ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
+ * query slices from q0 on. */
+static inline __attribute__((always_inline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R,
+                                                              const float *kp, int64_t nk, int64_t D, float *s) {
+    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        pvec a[KT][RV];
+        for (int k = 0; k < KT; k++)
+            for (int r = 0; r < R; r++) a[k][r] = (pvec){0};
+        for (int64_t d = 0; d < D; d++) {
+            pvec q[RV];
+            for (int r = 0; r < R; r++) q[r] = loadp(qt + d * Mp + q0 + r * PL);
+            for (int k = 0; k < KT; k++) {
+                const float key = kp[(t0 + k) * D + d];
+                for (int r = 0; r < R; r++) a[k][r] += key * q[r];
+            }
+        }
+        for (int k = 0; k < KT; k++)
+            for (int r = 0; r < R; r++) storep(s + (t0 + k) * RV * PL + r * PL, a[k][r]);
+    }
+}
+
 /* acc[d, q0 + ..] = acc * corr + sum over keys t < count of V[t, d] P[t, ..] for R slices. */
 static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t Mp, int64_t q0, int R, const float *s,
                                                            int64_t count, const float *vp, int64_t D,
@@ -233,83 +327,11 @@ static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t M
             for (int r = 0; r < R; r++) storep(acc + (d0 + j) * Mp + q0 + r * PL, a[j][r]);
     }
 }
-
-#if defined(__AVX512F__) && KT == 8 && DT == 8 && RV == 3
-/* score_tiles and pv_tiles for a full row tile (R == RV) in 512-bit registers with named accumulators: GCC kept
- * 8 of the arrays' 24 accumulators on the stack (an FMA from memory and a store per k or t), which held the shared
- * pass at ~145 GFLOP/s of a 2-vCPU Zen 4 EPYC's ~217. Each output is the same FMA chain in the same order, so the
- * bits are the same. */
-#define FT_ACC(k) __m512 a##k##0 = _mm512_setzero_ps(), a##k##1 = _mm512_setzero_ps(), a##k##2 = _mm512_setzero_ps()
-#define FT_FMA(k, src)                                                                                              \
-    {                                                                                                              \
-        const __m512 b = _mm512_set1_ps(src);                                                                      \
-        a##k##0 = _mm512_fmadd_ps(b, x0, a##k##0), a##k##1 = _mm512_fmadd_ps(b, x1, a##k##1);                       \
-        a##k##2 = _mm512_fmadd_ps(b, x2, a##k##2);                                                                 \
-    }
-#define FT_STORE(k, dst) _mm512_storeu_ps(dst, a##k##0), _mm512_storeu_ps((dst) + PL, a##k##1), \
-                         _mm512_storeu_ps((dst) + 2 * PL, a##k##2)
-#define FT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-
-static inline void score_tiles_full(const float *qt, int64_t Mp, int64_t q0, const float *kp, int64_t nk, int64_t D,
-                                    float *s) {
-    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
-        FT_ACC(0); FT_ACC(1); FT_ACC(2); FT_ACC(3); FT_ACC(4); FT_ACC(5); FT_ACC(6); FT_ACC(7);
-        const float *key = kp + t0 * D;
-        for (int64_t d = 0; d < D; d++) {
-            const float *qd = qt + d * Mp + q0;
-            const __m512 x0 = _mm512_loadu_ps(qd), x1 = _mm512_loadu_ps(qd + PL), x2 = _mm512_loadu_ps(qd + 2 * PL);
-#define FT_KEY(k) FT_FMA(k, key[(k) * D + d])
-            FT_EACH(FT_KEY)
-#undef FT_KEY
-        }
-#define FT_OUT(k) FT_STORE(k, s + (t0 + (k)) * RV * PL);
-        FT_EACH(FT_OUT)
-#undef FT_OUT
-    }
-}
-
-static inline void pv_tiles_full(float *acc, int64_t Mp, int64_t q0, const float *s, int64_t count, const float *vp,
-                                 int64_t D, const float *corr) {
-    const __m512 c0 = _mm512_loadu_ps(corr), c1 = _mm512_loadu_ps(corr + PL), c2 = _mm512_loadu_ps(corr + 2 * PL);
-    for (int64_t d0 = 0; d0 < D; d0 += DT) {
-#define FT_LOAD(j)                                                                                                  \
-    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
-    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0), a##j##1 = _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1), \
-           a##j##2 = _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2);
-        FT_EACH(FT_LOAD)
-#undef FT_LOAD
-        for (int64_t t = 0; t < count; t++) {
-            const float *pt = s + t * RV * PL, *vt = vp + t * D + d0;
-            const __m512 x0 = _mm512_loadu_ps(pt), x1 = _mm512_loadu_ps(pt + PL), x2 = _mm512_loadu_ps(pt + 2 * PL);
-#define FT_V(j) FT_FMA(j, vt[j])
-            FT_EACH(FT_V)
-#undef FT_V
-        }
-#define FT_OUT(j) FT_STORE(j, at##j);
-        FT_EACH(FT_OUT)
-#undef FT_OUT
-    }
-}
-#undef FT_ACC
-#undef FT_FMA
-#undef FT_STORE
-#undef FT_EACH
-#define FULL_TILES 1
-#else
-#define FULL_TILES 0
 #endif
 
 /* One row tile (R slices from q0) against a packed panel of `count` keys. */
 static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int64_t Mp, int64_t q0, int R,
                                                              int64_t count, int64_t D, float *corr, int64_t group) {
-#if FULL_TILES
-    if (R == RV) {
-        score_tiles_full(w.qt, Mp, q0, w.kp, (count + KT - 1) / KT * KT, D, w.s);
-        panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, group);
-        pv_tiles_full(w.acc, Mp, q0, w.s, count, w.vp, D, corr);
-        return;
-    }
-#endif
     score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s);
     panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, group);
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
