@@ -140,15 +140,32 @@ static void pack_panel(const void *cache, const uint16_t *scales, int kv_dtype, 
     memset(dst + count * D, 0, sizeof(float) * (size_t)((padded - count) * D));
 }
 
-/* Ask for the K and V rows of KV head h at context positions [first, first + count). */
-static void prefetch_panel(PagedKv kv, const int64_t *table, int64_t first, int64_t count, int64_t bs, int64_t h,
-                           int64_t D) {
-    const int64_t width = kv.dtype == FUSELM_F32 ? 4 : kv.dtype == FUSELM_I8 ? 1 : 2;
-    for (int64_t t = 0; t < count; t++) {
-        const int64_t pos = first + t, at = ((table[pos / bs] * bs + pos % bs) * kv.num_kv_heads + h) * D * width;
-        for (int64_t off = 0; off < D * width; off += 64) {
-            __builtin_prefetch((const char *)kv.k + at + off);
-            __builtin_prefetch((const char *)kv.v + at + off);
+/* The K and V rows of KV head h at the next panel's context positions [first, first + count), asked for a few
+ * keys per step of the current panel's score tiles (prefetch_spread.h's reasoning: the whole panel's 512 lines
+ * at once left the copies of the next panel waiting on memory as if nothing had been asked for). */
+typedef struct {
+    PagedKv kv;
+    const int64_t *table;
+    int64_t first, count, bs, h, D;
+    int64_t next, per_step; /* the next key to ask for; keys per step */
+} PanelPrefetch;
+
+static inline PanelPrefetch panel_prefetch(PagedKv kv, const int64_t *table, int64_t first, int64_t count, int64_t bs,
+                                           int64_t h, int64_t D, int64_t steps) {
+    PanelPrefetch pf = {kv, table, first, count, bs, h, D, 0, steps > 0 ? (count + steps - 1) / steps : count};
+    return pf;
+}
+
+static inline void panel_prefetch_step(PanelPrefetch *pf) {
+    if (pf == NULL) return;
+    const int64_t width = pf->kv.dtype == FUSELM_F32 ? 4 : pf->kv.dtype == FUSELM_I8 ? 1 : 2;
+    const int64_t end = pf->next + pf->per_step < pf->count ? pf->next + pf->per_step : pf->count;
+    for (; pf->next < end; pf->next++) {
+        const int64_t pos = pf->first + pf->next;
+        const int64_t at = ((pf->table[pos / pf->bs] * pf->bs + pos % pf->bs) * pf->kv.num_kv_heads + pf->h) * pf->D * width;
+        for (int64_t off = 0; off < pf->D * width; off += 64) {
+            __builtin_prefetch((const char *)pf->kv.k + at + off, 0, 2);
+            __builtin_prefetch((const char *)pf->kv.v + at + off, 0, 2);
         }
     }
 }
@@ -217,8 +234,10 @@ static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, fl
 #define FT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 
 static inline __attribute__((always_inline)) void score_tiles_r(const float *qt, int64_t Mp, int64_t q0, const int R,
-                                                                const float *kp, int64_t nk, int64_t D, float *s) {
+                                                                const float *kp, int64_t nk, int64_t D, float *s,
+                                                                PanelPrefetch *pf) {
     for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        panel_prefetch_step(pf);
         FT_EACH(FT_ACC)
         const float *key = kp + t0 * D;
         for (int64_t d = 0; d < D; d++) {
@@ -267,13 +286,13 @@ static inline __attribute__((always_inline)) void pv_tiles_r(float *acc, int64_t
 /* Not inlined into panel_span, whose softmax keeps its exp polynomial's constants in registers across the row
  * tiles: inlined there, GCC again spilled accumulators of the R = 3 tiles. */
 static __attribute__((noinline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R, const float *kp,
-                                                  int64_t nk, int64_t D, float *s) {
+                                                  int64_t nk, int64_t D, float *s, PanelPrefetch *pf) {
     if (R == 3)
-        score_tiles_r(qt, Mp, q0, 3, kp, nk, D, s);
+        score_tiles_r(qt, Mp, q0, 3, kp, nk, D, s, pf);
     else if (R == 2)
-        score_tiles_r(qt, Mp, q0, 2, kp, nk, D, s);
+        score_tiles_r(qt, Mp, q0, 2, kp, nk, D, s, pf);
     else
-        score_tiles_r(qt, Mp, q0, 1, kp, nk, D, s);
+        score_tiles_r(qt, Mp, q0, 1, kp, nk, D, s, pf);
 }
 
 static __attribute__((noinline)) void pv_tiles(float *acc, int64_t Mp, int64_t q0, int R, const float *s,
@@ -289,8 +308,10 @@ static __attribute__((noinline)) void pv_tiles(float *acc, int64_t Mp, int64_t q
 /* s[t, r * PL ..] = scores of keys t < nk (a multiple of KT) for the R (a constant where inlined)
  * query slices from q0 on. */
 static inline __attribute__((always_inline)) void score_tiles(const float *qt, int64_t Mp, int64_t q0, int R,
-                                                              const float *kp, int64_t nk, int64_t D, float *s) {
+                                                              const float *kp, int64_t nk, int64_t D, float *s,
+                                                              PanelPrefetch *pf) {
     for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        panel_prefetch_step(pf);
         pvec a[KT][RV];
         for (int k = 0; k < KT; k++)
             for (int r = 0; r < R; r++) a[k][r] = (pvec){0};
@@ -331,8 +352,9 @@ static inline __attribute__((always_inline)) void pv_tiles(float *acc, int64_t M
 
 /* One row tile (R slices from q0) against a packed panel of `count` keys. */
 static inline __attribute__((always_inline)) void panel_tile(PanelScratch w, int64_t Mp, int64_t q0, int R,
-                                                             int64_t count, int64_t D, float *corr, int64_t group) {
-    score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s);
+                                                             int64_t count, int64_t D, float *corr, int64_t group,
+                                                             PanelPrefetch *pf) {
+    score_tiles(w.qt, Mp, q0, R, w.kp, (count + KT - 1) / KT * KT, D, w.s, pf);
     panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, group);
     pv_tiles(w.acc, Mp, q0, R, w.s, count, w.vp, D, corr);
 }
@@ -371,22 +393,22 @@ static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *ta
         const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
         pack_panel(kv.k, kv.k_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.kp);
         pack_panel(kv.v, kv.v_scale, kv.dtype, table, p0, count, bs, h, kv.num_kv_heads, D, w.vp);
-        if (p0 + PANEL < end) {
-            const int64_t next = end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL;
-            prefetch_panel(kv, table, p0 + PANEL, next, bs, h, D);
-        }
+        /* the next panel's rows, spread over this one's key steps (row tiles x key tiles) */
+        const int64_t next = p0 + PANEL < end ? (end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL) : 0;
+        PanelPrefetch pf = panel_prefetch(kv, table, p0 + PANEL, next, bs, h, D,
+                                          (Mp + RV * PL - 1) / (RV * PL) * ((count + KT - 1) / KT));
         for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
             const int64_t slices = (Mp - q0) / PL;
             const int R = slices >= RV ? RV : (int)slices;
             /* causal: keys past the row tile's last position are masked for all its queries, so not computed */
             const int64_t last = group > 0 ? (q0 + R * PL - 1) / group + 1 : count;
             const int64_t seen = last < count ? last : count;
-            if (R == RV) panel_tile(w, Mp, q0, RV, seen, D, corr, group);
+            if (R == RV) panel_tile(w, Mp, q0, RV, seen, D, corr, group, &pf);
 #if RV > 1
-            else if (R == 1) panel_tile(w, Mp, q0, 1, seen, D, corr, group);
+            else if (R == 1) panel_tile(w, Mp, q0, 1, seen, D, corr, group, &pf);
 #endif
 #if RV > 2
-            else panel_tile(w, Mp, q0, 2, seen, D, corr, group);
+            else panel_tile(w, Mp, q0, 2, seen, D, corr, group, &pf);
 #endif
         }
     }
