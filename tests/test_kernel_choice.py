@@ -122,7 +122,7 @@ def test_default_keeps_its_place_within_the_margin():
 
 
 def test_bad_override_is_a_clear_error(monkeypatch):
-    for text in ("qkv", "nonsense=onednn", "layers=fast"):
+    for text in ("qkv", "nonsense=onednn", "layers=fast", "tile_rows=tall", "tile_rows=0"):
         monkeypatch.setenv(CHOICE_ENV, text)
         with pytest.raises(ValueError, match=CHOICE_ENV):
             Override.from_env()
@@ -130,6 +130,35 @@ def test_bad_override_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="does not apply"):
         choose_linear_kinds({"qkv": (torch.empty(4, 8, dtype=torch.bfloat16), {"onednn": None, "torch": None})},
                             kernels, Override.from_env(), 8, 64)
+
+
+@pytest.mark.skipif(kernels is None or kernels.dense_max_tile_rows < max(kernel_choice.TILE_ROWS_CANDIDATES),
+                    reason="needs the AVX-512 fp32 GEMM tiles")
+def test_tile_rows_choice_is_measured_forced_and_never_changes_results(monkeypatch, tmp_path):
+    """The tile height is timed on the machine (and cached), forced by the override, and every height gives the
+    GEMM's bits at any row count (each output is one FMA chain whatever the tile)."""
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    try:
+        t = kernel_choice.choose_tile_rows(kernels, None, 256, 96, 16, 64)
+        assert set(t.seconds) == {str(c) for c in kernel_choice.TILE_ROWS_CANDIDATES} and not t.cache_hit
+        assert t.chosen in t.seconds and all(len(v) == len(t.rows) for v in t.seconds.values())
+        assert kernel_choice.choose_tile_rows(kernels, None, 256, 96, 16, 64).cache_hit
+        monkeypatch.setenv(CHOICE_ENV, "tile_rows=5")
+        assert kernel_choice.choose_tile_rows(kernels, Override.from_env(), 256, 96, 16, 64) is None
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(200, 96, generator=g)
+        packed = kernels.dense_pack(w)
+        for m in (1, 7, 13, 37, 100):
+            x = torch.randn(m, 96, generator=g)
+            outs = []
+            for rows in (kernels.dense_max_tile_rows, 8, 5, 1):
+                kernels.set_dense_tile_rows(rows)
+                outs.append(kernels.dense_linear(x, packed, None, 200))
+            torch.testing.assert_close(outs[0], (x.double() @ w.double().T).float(), rtol=1e-4, atol=1e-4)
+            assert all(torch.equal(outs[0], o) for o in outs[1:])
+    finally:
+        kernels.set_dense_tile_rows(kernels.dense_max_tile_rows)
 
 
 @pytest.mark.skipif(kernels is None or not kernels.has_simd_dense or not onednn_available(),
@@ -162,7 +191,8 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     measured = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     plan = measured.engine.runner.plan
     # the C layers read only fuselm's layout: the layer roles keep it, and the C layer step is timed instead
-    assert set(plan.measured) == {"lm_head", "layers"} and "measured" in plan.summary()
+    tiles = {"tile_rows"} if kernels.dense_max_tile_rows >= max(kernel_choice.TILE_ROWS_CANDIDATES) else set()
+    assert set(plan.measured) == {"lm_head", "layers"} | tiles and "measured" in plan.summary()
     assert all(plan.linear[role] == "fuselm-fp32-gemm" for role in ("qkv", "o", "gate_up", "down"))
     assert not any(t.cache_hit for t in plan.measured.values())
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)

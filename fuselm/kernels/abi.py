@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 10  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 11  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -110,6 +110,8 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_qacts_fit": ([_P, _P], _INT),
     "fuselm_qrows": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _I64], None),
     "fuselm_dense_has_simd": ([], _INT),
+    "fuselm_dense_set_tile_rows": ([_INT], None),
+    "fuselm_dense_max_tile_rows": ([], _INT),
     "fuselm_dense_packed_size": ([_I64, _I64], _I64),
     "fuselm_dense_pack": ([_P, _P, _I64, _I64, _INT], None),
     "fuselm_dense_linear": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT], None),

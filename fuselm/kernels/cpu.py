@@ -99,6 +99,10 @@ class CpuKernels:
         self._dense_size = lib.fuselm_dense_packed_size
         self._dense = lib.fuselm_dense_linear
         self.has_simd_dense = bool(lib.fuselm_dense_has_simd())  # AVX2+FMA; the scalar fallback is not used
+        # (an older checkout's library, loaded by benchmarks/decode_gemm.py, has no setter: its tiles stay as built)
+        has_rows = hasattr(lib, "fuselm_dense_max_tile_rows")
+        self.dense_max_tile_rows = int(lib.fuselm_dense_max_tile_rows()) if has_rows else 0
+        self._dense_set_tile_rows = lib.fuselm_dense_set_tile_rows if has_rows else None
         # every layer of a decode step (decode_layers.c, c_layers.py), and a layer in halves around
         # attention (steps with prompt chunks)
         self.decode_layers_fn = lib.fuselm_decode_layers
@@ -152,6 +156,12 @@ class CpuKernels:
             self._dense(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
                         y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y
+
+    def set_dense_tile_rows(self, rows: int) -> None:
+        """The most rows a float GEMM register tile takes, for this process (runner/kernel_choice.py measures it);
+        results do not depend on it."""
+        if self._dense_set_tile_rows is not None:
+            self._dense_set_tile_rows(int(rows))
 
     def linear_small_m(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ weight[N, K]^T (+ bias) in bf16 for M <= small_m_max, K % 32 == 0."""

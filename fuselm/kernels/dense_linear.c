@@ -8,9 +8,9 @@
  * Layout: W is cut into panels of 16 output columns; panel p holds W[16p .. 16p+15, k] for every
  * k, k-major: packed[(p * K + k) * 16 + j] = W[16p + j, k] (zero past N). With AVX2 a 6 x 16
  * register tile (12 accumulators) takes, per k, two loads of the panel and six broadcasts of x:
- * the classic Haswell-class micro-kernel shape. The AVX-512 variants (x86-64-v4) take 12 rows x two
+ * the classic Haswell-class micro-kernel shape. The AVX-512 variants (x86-64-v4) take up to 12 rows x two
  * adjacent panels (24 zmm accumulators of 32) from the same layout: per k two loads and twelve
- * broadcasts feed 24 FMAs of 16 lanes. Measured against the AVX2 tile on a 2-vCPU AMD EPYC
+ * broadcasts feed 24 FMAs of 16 lanes (the engine times 12 against 8 rows per machine: tile_rows_max). Measured against the AVX2 tile on a 2-vCPU AMD EPYC
  * (AVX-512, loaded machine, one thread, best of 21 interleaved rounds, SmolLM2-135M shapes):
  * 1.3-1.5x at one row, 2.0-2.4x from 8 to 256 rows (benchmarks/kernel_isa.py). At one row the same
  * loop reads each panel once, sequentially, so decode streams the weight at memory speed. K is
@@ -310,11 +310,21 @@ static int64_t rows_panels_twice(const float *x, int64_t ldx, const float *packe
  * / 133 / 126 -> 181 / 183 / 186 / 173; 1,024 x 4,096 149 / 152 / 150 / 165 -> 179 / 182 / 193 / 204. */
 #define L1_SETS 64
 #define L1_WAYS_MIN 8
+/* The most rows a register tile takes (fuselm_dense_set_tile_rows): MR unless the engine measured fewer to be
+ * faster on this CPU. On a 2-vCPU Zen 4 EPYC tiles of 8 rows x 32 columns ran 1.02-1.09x faster than tiles of 12
+ * at every SmolLM2 shape and row count from 16 to 512 (K from 256 to 2,064, so not the x tile's share of L1); the
+ * AVX-512 tiles were written for 12 on a CPU with a 48 KB L1. runner/kernel_choice.py times both per machine. */
+static int tile_rows_max = MR;
+
+void fuselm_dense_set_tile_rows(int rows) { tile_rows_max = rows < 1 ? 1 : rows > MR ? MR : rows; }
+
+int fuselm_dense_max_tile_rows(void) { return MR; }
+
 static int tile_rows_at_stride(int64_t ldx) {
     int count[L1_SETS] = {0};
-    for (int r = 0; r < MR; r++)
+    for (int r = 0; r < tile_rows_max; r++)
         if (++count[(r * ldx * (int64_t)sizeof(float) / 64) % L1_SETS] > L1_WAYS_MIN) return r;
-    return MR;
+    return tile_rows_max;
 }
 
 /* Rows [m_begin, m_end) x panels [p0, p1) of y = x @ W^T (+ bias). From a tile of rows on, each panel block's

@@ -13,7 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 10
+#define FUSELM_ABI_VERSION 11
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -189,6 +189,10 @@ void fuselm_rows16_linear(const float *x, const void *tiles, int bits, int scale
 /* ---- float32 GEMM over a panel-packed weight (dense_linear.c) ---- */
 
 int fuselm_dense_has_simd(void);
+/* The most rows of x a GEMM register tile takes (1 .. fuselm_dense_max_tile_rows(); process-wide): tile shapes
+ * never change results, only speed. */
+void fuselm_dense_set_tile_rows(int rows);
+int fuselm_dense_max_tile_rows(void);
 int64_t fuselm_dense_packed_size(int64_t N, int64_t K);
 void fuselm_dense_pack(const float *w, float *packed, int64_t N, int64_t K, int num_threads);
 void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,

@@ -144,8 +144,17 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     if device.type == "cpu" and use_cpu_kernels:
         c_layers_possible = (attention_kernels is not None and parallel is None and dtype == torch.float32
                              and getattr(model, "supports_c_layers", False))
+        tile_rows = None
+        if kernels is not None and dtype == torch.float32:  # first: the fp32 GEMM's timings below depend on it
+            from fuselm.runner.kernel_choice import Override, choose_tile_rows
+
+            tile_rows = choose_tile_rows(kernels, Override.from_env() if parallel is None else Override(),
+                                         2 * cfg.intermediate_size, cfg.hidden_size, max_num_seqs,
+                                         max_num_batched_tokens)
         chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, parallel, max_num_seqs,
                                                     max_num_batched_tokens, c_layers_possible)
+        if tile_rows is not None:
+            plan.measured["tile_rows"] = tile_rows
     kinds: dict[str, dict[str, None]] = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)

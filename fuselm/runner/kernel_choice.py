@@ -19,7 +19,11 @@ start, on CPU with the C kernels, the execution plan (execution_plan.py) asks th
   they save (the eager layer's ~25 ops) is timed by the next point instead;
 - the C layer step against the per-layer torch path, by timing whole synthetic steps through the
   runner (`choose_layer_step`): a decode step of the decode batch (up to 64 rows), and a
-  prompt-chunk step (up to 128 tokens).
+  prompt-chunk step (up to 128 tokens);
+- before those, the rows of x that fuselm's fp32 GEMM register tiles take (`choose_tile_rows`: 12 or 8
+  with AVX-512), timed on a weight of the model's gate/up shape at the decode batch and a prompt chunk.
+  Tile shapes never change results; on a Zen 4 EPYC tiles of 8 rows ran 2-9% faster than the 12 the
+  tiles were written for.
 
 On a busy machine (machine_busy) timings would measure the neighbours, so nothing is timed and
 the rules decide; each row count's rounds are cut to a time budget, so a first start stays short.
@@ -28,8 +32,8 @@ One method per role (not per row count) keeps one copy of each weight. Results a
 ~/.cache/fuselm/kernel_choice/ under a hash of everything they depend on (CPU model, the kernels'
 ISA variant and build key, torch version, thread count, dtype, shapes, row counts, candidates), so
 a later start reads them instead of timing. FUSELM_KERNEL_CHOICE overrides: `rules` takes the fixed
-rules with no timing; `role=kind,...` (roles qkv, o, gate_up, down, lm_head, and `layers` = c or
-torch) forces those choices and takes the rules for the rest, also without timing.
+rules with no timing; `role=kind,...` (roles qkv, o, gate_up, down, lm_head, `layers` = c or
+torch, and `tile_rows` = a row count) forces those choices and takes the rules for the rest, also without timing.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ LAYER_STEP_CHUNK_CAP = 128
 ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); the best time counts
 ROUND_BUDGET_S = 1.0  # rounds are cut where they would take longer per row count
 MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
+TILE_ROWS_MARGIN = 0.02  # a tile shape costs nothing to switch (no second copy of a weight): a smaller margin
+TILE_ROWS_CANDIDATES = (12, 8)  # the AVX-512 tiles' rows as written, and the shape that measured faster on Zen 4
 SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
 
 
@@ -79,11 +85,13 @@ class Override:
         forced = {}
         for item in text.split(","):
             role, sep, kind = item.strip().partition("=")
-            if not sep or role not in (*ROLES, "layers") or not kind:
+            if not sep or role not in (*ROLES, "layers", "tile_rows") or not kind:
                 raise ValueError(f"{CHOICE_ENV}={text!r}: expected 'measure', 'rules' or role=kind pairs "
-                                 f"(roles {', '.join(ROLES)}, layers), e.g. qkv=onednn,layers=torch")
+                                 f"(roles {', '.join(ROLES)}, layers, tile_rows), e.g. qkv=onednn,layers=torch")
             if role == "layers" and kind not in LAYER_STEP_KINDS:
                 raise ValueError(f"{CHOICE_ENV}: layers={kind!r}; choose one of {', '.join(LAYER_STEP_KINDS)}")
+            if role == "tile_rows" and not (kind.isdigit() and int(kind) >= 1):
+                raise ValueError(f"{CHOICE_ENV}: tile_rows={kind!r}; give a row count, e.g. tile_rows=8")
             forced[role] = kind
         return Override(forced)
 
@@ -116,13 +124,13 @@ def _score(seconds: dict[str, list[float]], kind: str) -> float:
     return sum(t / b for t, b in zip(seconds[kind], best))
 
 
-def pick(seconds: dict[str, list[float]], default: str) -> str:
+def pick(seconds: dict[str, list[float]], default: str, margin: float = MARGIN) -> str:
     """The candidate with the smallest sum of time relative to the fastest at each row count; the
-    default keeps its place unless another scores at least MARGIN lower."""
+    default keeps its place unless another scores at least `margin` lower."""
     if not seconds:
         return default
     best = min(seconds, key=lambda kind: _score(seconds, kind))
-    if default in seconds and _score(seconds, best) >= _score(seconds, default) * (1 - MARGIN):
+    if default in seconds and _score(seconds, best) >= _score(seconds, default) * (1 - margin):
         return default
     return best
 
@@ -162,14 +170,14 @@ def machine_busy() -> bool:
 
 
 def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], rows: tuple[int, ...],
-                   default: str) -> Timings:
+                   default: str, margin: float = MARGIN) -> Timings:
     """The timings stored under `key`, else measured now and stored; the choice is made from them.
     Timings taken on a busy machine are shown but neither trusted (the default is kept) nor stored."""
     path = cache_path(key)
     try:
         record = json.loads(path.read_text())
         if record.get("key") == key:
-            return Timings(rows, record["seconds"], pick(record["seconds"], default), cache_hit=True)
+            return Timings(rows, record["seconds"], pick(record["seconds"], default, margin), cache_hit=True)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if machine_busy():  # timings now would measure the neighbours: not worth the start-up time
@@ -186,7 +194,7 @@ def cached_timings(key: dict, measure: Callable[[], dict[str, list[float]]], row
         os.replace(tmp, path)  # atomic: engines starting together never read half a record
     except OSError as exc:
         logger.warning("could not store the kernel choice in %s: %s", path, exc)
-    return Timings(rows, seconds, pick(seconds, default), spent=spent)
+    return Timings(rows, seconds, pick(seconds, default, margin), spent=spent)
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
@@ -251,6 +259,55 @@ def choose_linear_kinds(roles: dict[str, tuple[torch.Tensor, dict[str, Callable]
         timings[role] = t
         chosen[role] = t.chosen
     return chosen, timings
+
+
+@torch.inference_mode()
+def measure_tile_rows(kernels, out_features: int, in_features: int, rows: tuple[int, ...],
+                      candidates: tuple[int, ...]) -> dict[str, list[float]]:
+    """Seconds of fuselm's fp32 GEMM on a random packed weight [out_features, in_features] at each row count,
+    with each candidate tile height; the setting is left at the first candidate."""
+    g = torch.Generator().manual_seed(0)
+    packed = kernels.dense_pack(torch.randn(out_features, in_features, generator=g))
+    seconds: dict[str, list[float]] = {str(c): [] for c in candidates}
+
+    def call(tile_rows, x):
+        kernels.set_dense_tile_rows(tile_rows)
+        kernels.dense_linear(x, packed, None, out_features)
+
+    try:
+        for m in rows:
+            x = torch.randn(m, in_features, generator=g)
+            best = time_interleaved({str(c): (lambda c=c: call(c, x)) for c in candidates})
+            for kind, s in best.items():
+                seconds[kind].append(s)
+    finally:
+        kernels.set_dense_tile_rows(candidates[0])
+    return seconds
+
+
+def choose_tile_rows(kernels, override: Override | None, out_features: int, in_features: int, max_num_seqs: int,
+                     max_num_batched_tokens: int) -> Timings | None:
+    """Set the rows of fuselm's fp32 GEMM register tiles for this process: forced (`tile_rows=N`), the tiles' own
+    (rules), or the faster of TILE_ROWS_CANDIDATES on a weight of [out_features, in_features] (at most 4,096 x
+    8,192) at the decode batch and a prompt chunk. None when nothing was timed (no AVX-512 tiles, an override)."""
+    most = getattr(kernels, "dense_max_tile_rows", 0)
+    if override is not None:
+        forced = override.forced.get("tile_rows")
+        if forced is not None and most:
+            kernels.set_dense_tile_rows(min(int(forced), most))
+        return None
+    if most < max(TILE_ROWS_CANDIDATES):  # AVX2's tiles are 6 rows: nothing to choose
+        return None
+    out_features, in_features = min(out_features, 4096), min(in_features, 8192)
+    rows = tuple(sorted({max(1, min(max_num_seqs, max_num_batched_tokens)),
+                         min(max_num_batched_tokens, PREFILL_ROWS_CAP)}))
+    candidates = TILE_ROWS_CANDIDATES
+    key = {**environment_key(kernels), "what": "gemm_tile_rows", "shape": [out_features, in_features],
+           "rows": list(rows), "candidates": list(candidates)}
+    timings = cached_timings(key, lambda: measure_tile_rows(kernels, out_features, in_features, rows, candidates),
+                             rows, str(candidates[0]), TILE_ROWS_MARGIN)
+    kernels.set_dense_tile_rows(int(timings.chosen))
+    return timings
 
 
 def _synthetic_step(runner, tokens_per_row: list[int], context: int):
