@@ -119,5 +119,26 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             _mm512_storeu_ps(out + j * head_dim + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + j * head_dim + 16 * c), inv));
     }
 }
+
+/* seq_attention_f32_avx512 with the head size and cache type as constants where they are the common ones (64 or
+ * 128, float32 or bfloat16 cache), so the compiler unrolls the head_dim loops and keeps V in registers. */
+static inline void seq_attention_f32_avx512_any(const float *q, float *out, const void *k_cache, const void *v_cache,
+                                                const int64_t *table, int64_t from, int64_t len, int64_t num_heads,
+                                                int64_t num_kv_heads, int64_t head_dim, int64_t row_elems,
+                                                int64_t block_size, float scale, float *acc, float *scores, float *m,
+                                                float *l, int kv_bf16, int resume, int64_t after) {
+#define SEQ_F32(D, BF16)                                                                                       \
+    seq_attention_f32_avx512(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D, row_elems, \
+                             block_size, scale, acc, scores, m, l, BF16, resume, after)
+    if (head_dim == 64 && !kv_bf16)
+        SEQ_F32(64, 0);
+    else if (head_dim == 64)
+        SEQ_F32(64, 1);
+    else if (head_dim == 128 && !kv_bf16)
+        SEQ_F32(128, 0);
+    else
+        SEQ_F32(head_dim, kv_bf16);
+#undef SEQ_F32
+}
 #endif
 #endif

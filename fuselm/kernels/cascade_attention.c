@@ -254,18 +254,9 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                 }
                 const float *qn = (const float *)q + n * num_heads * D;
                 float *on = (float *)out + n * num_heads * D;
-#define OWN_ROW(DIM, BF16)                                                                                        \
-    seq_attention_f32_avx512(qn, on, k_cache, v_cache, block_table + n * max_blocks, first_block * bs, ctx_lens[n], \
-                             num_heads, Hkv, DIM, row_elems, bs, scale, row_acc, row_scores, row_m, row_l, BF16, 1, after)
-                if (D == 64 && kv_dtype == FUSELM_F32)
-                    OWN_ROW(64, 0);
-                else if (D == 64)
-                    OWN_ROW(64, 1);
-                else if (D == 128 && kv_dtype == FUSELM_F32)
-                    OWN_ROW(128, 0);
-                else
-                    OWN_ROW(D, kv_dtype != FUSELM_F32);
-#undef OWN_ROW
+                seq_attention_f32_avx512_any(qn, on, k_cache, v_cache, block_table + n * max_blocks, first_block * bs,
+                                             ctx_lens[n], num_heads, Hkv, D, row_elems, bs, scale, row_acc, row_scores,
+                                             row_m, row_l, kv_dtype != FUSELM_F32, 1, after);
             }
         }
 #endif

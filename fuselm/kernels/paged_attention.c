@@ -449,19 +449,9 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
 #endif
 #ifdef __AVX512F__
             if (path == PATH_F32_AVX512) {
-#define SEQ_ATTENTION_F32_AVX512(D, BF16)                                                                       \
-    seq_attention_f32_avx512((const float *)qn, (float *)on, kc, vc, block_table + n * max_blocks, from,      \
-                             ctx_lens[n], heads, kvh, D, row_elems, block_size, scale, acc, scores, m, l, BF16, 0, -1)
-                /* constant head sizes and cache type let the compiler unroll and keep V in registers */
-                if (head_dim == 64 && kv_dtype == FUSELM_F32)
-                    SEQ_ATTENTION_F32_AVX512(64, 0);
-                else if (head_dim == 64)
-                    SEQ_ATTENTION_F32_AVX512(64, 1);
-                else if (head_dim == 128 && kv_dtype == FUSELM_F32)
-                    SEQ_ATTENTION_F32_AVX512(128, 0);
-                else
-                    SEQ_ATTENTION_F32_AVX512(head_dim, kv_dtype != FUSELM_F32);
-#undef SEQ_ATTENTION_F32_AVX512
+                seq_attention_f32_avx512_any((const float *)qn, (float *)on, kc, vc, block_table + n * max_blocks, from,
+                                             ctx_lens[n], heads, kvh, head_dim, row_elems, block_size, scale, acc,
+                                             scores, m, l, kv_dtype != FUSELM_F32, 0, -1);
                 continue;
             }
 #endif
