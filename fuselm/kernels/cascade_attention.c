@@ -19,8 +19,8 @@
  * num_kv_heads, head_dim]; block_table [num_seqs, max_blocks]; the first num_write rows' new K/V
  * stored first). `shared` describes the groups (fuselm_kernels.h). A group's shared blocks must
  * hold no slot written in this step. Needs head_dim % 16 == 0 and block_size % 16 == 0. The math of
- * the shared pass is in cascade_panel.h, that of a row's own blocks in attention_f32_avx512.h (the
- * per-row decode kernel, resumed from the merged state: float32 queries with AVX-512) or
+ * the shared pass is in cascade_panel.h, that of a row's own blocks in attention_f32_avx512.h or
+ * attention_bf16_avx512.h (the per-row decode kernels, resumed from the merged state, with AVX-512) or
  * cascade_blocks.h (the rest); this file spreads the work over threads. fuselm_cascade_attention_int8
  * does the same over an int8 cache.
  */
@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_bf16_avx512.h"
 #include "attention_f32_avx512.h"
 #include "bf16_simd.h"
 #include "cascade_blocks.h"
@@ -164,11 +165,13 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
     }
     item_first[num_groups] = num_items;
     float *states = malloc(sizeof(float) * (size_t)(state_floats > 0 ? state_floats : 1));
+    int own_by_row = 0; /* a row's own blocks through a per-row kernel: 1 the float32 queries' one, 2 the bf16 one */
 #if defined(__AVX512F__)
-    const int own_by_row = dtype == FUSELM_F32 && (kv_dtype == FUSELM_F32 || kv_dtype == FUSELM_BF16) &&
-                           D <= F32_AVX512_MAX_DIM;
-#else
-    const int own_by_row = 0;
+    if (dtype == FUSELM_F32 && (kv_dtype == FUSELM_F32 || kv_dtype == FUSELM_BF16) && D <= F32_AVX512_MAX_DIM)
+        own_by_row = 1;
+#endif
+#ifdef HAVE_BF16_FAST_PATH
+    if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && D % 32 == 0 && D <= MAX_DIM) own_by_row = 2;
 #endif
 
 #pragma omp parallel num_threads(num_threads)
@@ -221,7 +224,8 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise. Float32 queries
-         * over a float32 or bfloat16 cache with AVX-512 take the per-row decode kernel (attention_f32_avx512.h),
+         * over a float32 or bfloat16 cache with AVX-512 take the per-row decode kernel (attention_f32_avx512.h; bf16
+         * queries over a bf16 cache attention_bf16_avx512.h's),
          * all heads of a row in one item: it reads each own block whole and asks for the next one's lines spread
          * over its arithmetic, where the per-(row, head) items below stall on every block (64 rows sharing
          * 2,000 tokens with ~95 of their own, 30 layers, 2 threads of a Zen 4 EPYC: the own blocks took 19.5 ms
@@ -252,6 +256,15 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                     const int64_t fb = row_group[n2] >= 0 ? shared_blocks[row_group[n2]] : 0;
                     if (fb * bs < ctx_lens[n2]) after = block_table[n2 * max_blocks + fb];
                 }
+#ifdef HAVE_BF16_FAST_PATH
+                if (own_by_row == 2) {
+                    seq_attention_bf16_any((const uint16_t *)q + n * num_heads * D, (uint16_t *)out + n * num_heads * D,
+                                           (const uint16_t *)k_cache, (const uint16_t *)v_cache,
+                                           block_table + n * max_blocks, first_block * bs, ctx_lens[n], num_heads, Hkv,
+                                           D, row_elems, bs, scale, row_acc, row_scores, row_m, row_l, 1, after);
+                    continue;
+                }
+#endif
                 const float *qn = (const float *)q + n * num_heads * D;
                 float *on = (float *)out + n * num_heads * D;
                 seq_attention_f32_avx512_any(qn, on, k_cache, v_cache, block_table + n * max_blocks, first_block * bs,
