@@ -124,6 +124,33 @@ int fuselm_cascade_supported(int64_t head_dim, int64_t block_size) {
     return head_dim % LANES == 0 && block_size % LANES == 0 && head_dim <= 1024;
 }
 
+/* The shared pass's partial states of a step: per group its chunks' states (KV head-major, then chunk), and which
+ * group and place in it each row has. */
+typedef struct {
+    float *states;
+    const int64_t *state_at, *chunks, *offsets, *shared_blocks, *row_group, *row_index;
+    int64_t G, D;
+} SharedStates;
+
+/* The first block of row n past the blocks its group shares (0 for a row in no group). */
+static inline int64_t own_first_block(const SharedStates *s, int64_t n) {
+    return s->row_group[n] >= 0 ? s->shared_blocks[s->row_group[n]] : 0;
+}
+
+/* st (G queries) = row n's KV head h state over its group's shared blocks: the chunks' states merged (empty for a
+ * row in no group). */
+static void row_shared_state(const SharedStates *s, int64_t n, int64_t h, State st) {
+    const int64_t g = s->row_group[n], G = s->G, D = s->D;
+    reset_state(st, G, D);
+    if (g < 0) return;
+    const int64_t M = (s->offsets[g + 1] - s->offsets[g]) * G;
+    for (int64_t c = 0; c < s->chunks[g]; c++) {
+        float *base = s->states + s->state_at[g] + (h * s->chunks[g] + c) * M * (D + 2);
+        const State part = {base, base + M, base + 2 * M};
+        for (int64_t j = 0; j < G; j++) merge_state(st, j, part, s->row_index[n] * G + j, D);
+    }
+}
+
 /* Both entry points' work; k_scale / v_scale: an int8 cache's scales (kv_dtype FUSELM_I8), else NULL. */
 static void cascade_attention(const void *q, void *out, void *k_cache, void *v_cache, const uint16_t *k_scale,
                               const uint16_t *v_scale, const void *k_new, const void *v_new, int64_t num_write,
@@ -165,6 +192,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
     }
     item_first[num_groups] = num_items;
     float *states = malloc(sizeof(float) * (size_t)(state_floats > 0 ? state_floats : 1));
+    const SharedStates merged = {states, state_at, chunks, offsets, shared_blocks, row_group, row_index, G, D};
     int own_by_row = 0; /* a row's own blocks through a per-row kernel: 1 the float32 queries' one, 2 the bf16 one */
 #if defined(__AVX512F__)
     if (dtype == FUSELM_F32 && (kv_dtype == FUSELM_F32 || kv_dtype == FUSELM_BF16) && D <= F32_AVX512_MAX_DIM)
@@ -225,37 +253,21 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise. Float32 queries
          * over a float32 or bfloat16 cache with AVX-512 take the per-row decode kernel (attention_f32_avx512.h; bf16
-         * queries over a bf16 cache attention_bf16_avx512.h's),
-         * all heads of a row in one item: it reads each own block whole and asks for the next one's lines spread
-         * over its arithmetic, where the per-(row, head) items below stall on every block (64 rows sharing
+         * queries over a bf16 cache attention_bf16_avx512.h's), all heads of a row in one item: it reads each own
+         * block whole and asks for the next one's lines spread over its arithmetic, where the per-(row, head) items below stall on every block (64 rows sharing
          * 2,000 tokens with ~95 of their own, 30 layers, 2 threads of a Zen 4 EPYC: the own blocks took 19.5 ms
          * of the step beyond the shared pass, against ~8 ms in the per-row kernel). */
 #if defined(__AVX512F__)
         if (own_by_row) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t n = 0; n < num_seqs; n++) {
-                const int64_t g = row_group[n];
-                int64_t first_block = 0;
-                for (int64_t h = 0; h < Hkv; h++) {
-                    State st = {row_m + h * G, row_l + h * G, row_acc + h * G * D};
-                    reset_state(st, G, D);
-                    if (g < 0) continue;
-                    const int64_t R = offsets[g + 1] - offsets[g], M = R * G;
-                    for (int64_t c = 0; c < chunks[g]; c++) {
-                        float *base = states + state_at[g] + (h * chunks[g] + c) * M * (D + 2);
-                        const State part = {base, base + M, base + 2 * M};
-                        for (int64_t j = 0; j < G; j++) merge_state(st, j, part, row_index[n] * G + j, D);
-                    }
-                }
-                if (g >= 0) first_block = shared_blocks[g];
+                for (int64_t h = 0; h < Hkv; h++)
+                    row_shared_state(&merged, n, h, (State){row_m + h * G, row_l + h * G, row_acc + h * G * D});
+                const int64_t first_block = own_first_block(&merged, n);
                 /* the row this thread most likely takes next (items go out in turn): its first own block's lines
                  * are asked for during this row's last block */
-                int64_t after = -1;
-                const int64_t n2 = n + num_threads;
-                if (n2 < num_seqs) {
-                    const int64_t fb = row_group[n2] >= 0 ? shared_blocks[row_group[n2]] : 0;
-                    if (fb * bs < ctx_lens[n2]) after = block_table[n2 * max_blocks + fb];
-                }
+                const int64_t n2 = n + num_threads, fb2 = n2 < num_seqs ? own_first_block(&merged, n2) : 0;
+                const int64_t after = n2 < num_seqs && fb2 * bs < ctx_lens[n2] ? block_table[n2 * max_blocks + fb2] : -1;
 #ifdef HAVE_BF16_FAST_PATH
                 if (own_by_row == 2) {
                     seq_attention_bf16_any((const uint16_t *)q + n * num_heads * D, (uint16_t *)out + n * num_heads * D,
@@ -276,19 +288,9 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         if (!own_by_row) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < num_seqs * Hkv; it++) {
-                const int64_t n = it / Hkv, h = it % Hkv, g = row_group[n];
-                State st = {own, own + G, own + 2 * G};
-                reset_state(st, G, D);
-                int64_t first_block = 0;
-                if (g >= 0) {
-                    const int64_t R = offsets[g + 1] - offsets[g], M = R * G;
-                    for (int64_t c = 0; c < chunks[g]; c++) {
-                        float *base = states + state_at[g] + (h * chunks[g] + c) * M * (D + 2);
-                        const State part = {base, base + M, base + 2 * M};
-                        for (int64_t j = 0; j < G; j++) merge_state(st, j, part, row_index[n] * G + j, D);
-                    }
-                    first_block = shared_blocks[g];
-                }
+                const int64_t n = it / Hkv, h = it % Hkv, first_block = own_first_block(&merged, n);
+                const State st = {own, own + G, own + 2 * G};
+                row_shared_state(&merged, n, h, st);
                 gather_queries(q, dtype, n, h, G, num_heads, D, scale, Q);
                 w.qb = NULL;
                 if (qb != NULL && D % 32 == 0) {

@@ -144,14 +144,16 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     if device.type == "cpu" and use_cpu_kernels:
         c_layers_possible = (attention_kernels is not None and parallel is None and dtype == torch.float32
                              and getattr(model, "supports_c_layers", False))
+        from fuselm.runner.kernel_choice import Override, choose_tile_rows
+
+        override = Override.from_env()
+        if parallel is not None or kernels is None:  # every rank must build the same methods: the rules decide
+            override = override or Override()
         tile_rows = None
         if kernels is not None and dtype == torch.float32:  # first: the fp32 GEMM's timings below depend on it
-            from fuselm.runner.kernel_choice import Override, choose_tile_rows
-
-            tile_rows = choose_tile_rows(kernels, Override.from_env() if parallel is None else Override(),
-                                         2 * cfg.intermediate_size, cfg.hidden_size, max_num_seqs,
+            tile_rows = choose_tile_rows(kernels, override, 2 * cfg.intermediate_size, cfg.hidden_size, max_num_seqs,
                                          max_num_batched_tokens)
-        chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, parallel, max_num_seqs,
+        chosen_kinds, plan.measured = _choose_kinds(model, kernels, onednn, override, max_num_seqs,
                                                     max_num_batched_tokens, c_layers_possible)
         if tile_rows is not None:
             plan.measured["tile_rows"] = tile_rows
@@ -199,16 +201,13 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
     return plan
 
 
-def _choose_kinds(model, kernels, onednn: bool, parallel, max_num_seqs: int, max_num_batched_tokens: int,
+def _choose_kinds(model, kernels, onednn: bool, override, max_num_seqs: int, max_num_batched_tokens: int,
                   c_layers_possible: bool):
-    """Per role of float projections: the kind to build (forced, measured, or the rules') and the
+    """Per role of float projections: the kind to build (forced by `override`, measured, or the rules') and the
     timings. Where the C layers can run, the layer roles keep fuselm's layout (the one they read)."""
     from fuselm.kernels.dense_linear import DenseLinear
-    from fuselm.runner.kernel_choice import LAYER_ROLES, Override, choose_linear_kinds
+    from fuselm.runner.kernel_choice import LAYER_ROLES, choose_linear_kinds
 
-    override = Override.from_env()
-    if parallel is not None or kernels is None:  # every rank must build the same methods: the rules decide
-        override = override or Override()
     roles = {}
     for parent, attr, role in model.linear_methods():
         module = getattr(parent, attr)
