@@ -35,7 +35,6 @@
 
 #define QL_TILE_M 4   /* activation rows that share one pass over a weight row */
 #define QL_BLOCK_N 16 /* weight rows per unit of parallel work */
-#define QL_MAX_BLOCKS 4096 /* K up to 131072 takes the integer path */
 
 int fuselm_qlinear_has_simd(void) { return QL_AVX2; }
 
@@ -167,151 +166,6 @@ static inline __attribute__((always_inline)) void q8_row(const float *x, int64_t
     for (int m = 0; m < MT; m++) out[m] = hsum8(total[m]);
 }
 
-/* ---- integer path: x rounded to int16 per 32 values (amax / 32767: ~15 bits, so results stay
- * within float rounding of the exact weight-only product), vpmaddwd dot products. int8
- * activations (llama.cpp's choice) would allow vpmaddubsw at twice the multiplies per
- * instruction, but SmolLM2's outlier channels make them cost 2.1% perplexity (measured). ---- */
-
-/* x [M, K] -> xq int16 [M, K] and one scale per 32 values, round to nearest even. */
-static void quantize_activations(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t i = 0; i < M * K; i += 32) {
-        const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
-        const __m256 v2 = _mm256_loadu_ps(x + i + 16), v3 = _mm256_loadu_ps(x + i + 24);
-        __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                    _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float a = _mm_cvtss_f32(h);
-        xs[i / 32] = a / 32767.0f;
-        const __m256 inv = _mm256_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        /* packs works per 128-bit lane; the 64-bit permute puts the values back in order */
-        _mm256_storeu_si256((__m256i *)(xq + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-        _mm256_storeu_si256((__m256i *)(xq + i + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
-    }
-}
-
-/* n scales (float16 when dtype is FUSELM_F16, else float32) -> float, 8 at a time. */
-static inline void to_float(const void *src, int64_t n, int dtype, float *dst) {
-    int64_t i = 0;
-    if (dtype == FUSELM_F16)
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))));
-    for (; i < n; i++) dst[i] = load_scale(src, i, dtype);
-}
-
-#if defined(__AVX512BW__) && defined(__AVX512DQ__)
-/* AVX-512 (x86-64-v4): one 32-weight block is one zmm of int16, so one vpmaddwd gives its 16 int32
- * sums (lanes 0-7 from weights 0-15, 8-15 from 16-31), widened and scaled in one zmm FMA. Against
- * the AVX2 blocks on a 2-vCPU AMD EPYC (loaded machine, one thread, best of 21 interleaved rounds,
- * SmolLM2-135M shapes, benchmarks/kernel_isa.py): int4 g32 1.07-1.10x at one row, 1.5-1.8x from 4
- * rows; int8 g32 1.2x at one row, 1.7-2.0x from 4. VNNI's vpdpwssd would only fuse the add here
- * (each 32-block has its own activation scale, so int32 sums cannot run across blocks), and its
- * u8 x s8 form needs int8 activations, which the comment above rules out for accuracy. */
-typedef __m512 acc_t;
-static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
-static inline float acc_total(acc_t a, acc_t b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
-
-static inline __attribute__((always_inline)) void block_a16(const int16_t *xq, const float *xs, int64_t K, int64_t kb,
-                                                            const uint8_t *q, float s_lo, float s_hi, const int bits,
-                                                            const int halves, const int MT, acc_t *acc) {
-    __m512i w;
-    if (bits == 4) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)(q + kb * 16)), low = _mm_set1_epi8(0x0F);
-        w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low)));
-    } else {
-        w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + kb * 32)));
-    }
-    for (int m = 0; m < MT; m++) {
-        const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512((const void *)(xq + m * K + kb * 32)));
-        const float a = xs[m * (K / 32) + kb];
-        const __m512 scale = halves ? _mm512_insertf32x8(_mm512_set1_ps(s_lo * a), _mm256_set1_ps(s_hi * a), 1)
-                                    : _mm512_set1_ps(s_lo * a);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[m]);
-    }
-}
-#else
-typedef __m256 acc_t;
-static inline acc_t acc_zero(void) { return _mm256_setzero_ps(); }
-static inline float acc_total(acc_t a, acc_t b) { return hsum8(_mm256_add_ps(a, b)); }
-
-/* One 32-weight block against MT activation rows: two vpmaddwd give 8 int32 sums each (weights
- * 0-15 and 16-31), widened to float and times weight scale x activation scale (s_lo for weights
- * 0-15, s_hi for 16-31: equal unless the groups are 16 wide, as in GGUF Q6_K). */
-static inline __attribute__((always_inline)) void block_a16(const int16_t *xq, const float *xs, int64_t K, int64_t kb,
-                                                            const uint8_t *q, float s_lo, float s_hi, const int bits,
-                                                            const int halves, const int MT, acc_t *acc) {
-    __m256i w0, w1;
-    if (bits == 4) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)(q + kb * 16)), low = _mm_set1_epi8(0x0F);
-        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
-        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
-    } else {
-        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + kb * 32)));
-        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + kb * 32 + 16)));
-    }
-    for (int m = 0; m < MT; m++) {
-        const int16_t *xr = xq + m * K + kb * 32;
-        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xr));
-        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xr + 16)));
-        const float a = xs[m * (K / 32) + kb];
-        if (halves) {
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s_lo * a), acc[m]);
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s_hi * a), acc[m]);
-        } else {
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(s_lo * a), acc[m]);
-        }
-    }
-}
-#endif
-
-/* One weight row (int4: bits 4, int8: bits 8) against MT rows of int16 activations, blocks in
- * pairs on two accumulator chains. int4's min term uses xg, the float per-group sums of x. */
-static inline __attribute__((always_inline)) void row_a16(const int16_t *xq, const float *xs, const float *xg, int64_t K,
-                                                         const uint8_t *q, const void *scales, const void *mins, int sdt,
-                                                         int64_t G, const int bits, const int MT, float *out) {
-    const int64_t groups = K / G, blocks = K / 32;
-    float sg[2 * QL_MAX_BLOCKS], lo[QL_MAX_BLOCKS], hi[QL_MAX_BLOCKS]; /* group scales; each block's scale(s) */
-    const float *blo = sg, *bhi = sg;
-    to_float(scales, groups, sdt, sg);
-    if (G == 16) {
-        for (int64_t kb = 0; kb < blocks; kb++) lo[kb] = sg[2 * kb], hi[kb] = sg[2 * kb + 1];
-        blo = lo, bhi = hi;
-    } else if (G > 32) {
-        const int64_t per_group = G / 32;
-        for (int64_t kb = 0; kb < blocks; kb++) lo[kb] = sg[kb / per_group];
-        blo = bhi = lo;
-    }
-    acc_t acc0[QL_TILE_M], acc1[QL_TILE_M];
-    for (int m = 0; m < MT; m++) acc0[m] = acc1[m] = acc_zero();
-    int64_t kb = 0;
-    for (; kb + 2 <= blocks; kb += 2) {
-        if (G == 16) {
-            block_a16(xq, xs, K, kb, q, blo[kb], bhi[kb], bits, 1, MT, acc0);
-            block_a16(xq, xs, K, kb + 1, q, blo[kb + 1], bhi[kb + 1], bits, 1, MT, acc1);
-        } else {
-            block_a16(xq, xs, K, kb, q, blo[kb], blo[kb], bits, 0, MT, acc0);
-            block_a16(xq, xs, K, kb + 1, q, blo[kb + 1], blo[kb + 1], bits, 0, MT, acc1);
-        }
-    }
-    if (kb < blocks) block_a16(xq, xs, K, kb, q, blo[kb], bhi[kb], bits, G == 16, MT, acc0);
-    float mn[2 * QL_MAX_BLOCKS];
-    if (bits == 4) to_float(mins, groups, sdt, mn);
-    for (int m = 0; m < MT; m++) {
-        float min_part = 0.0f;
-        if (bits == 4) {
-            __m256 mv = _mm256_setzero_ps();
-            int64_t g = 0;
-            for (; g + 8 <= groups; g += 8) mv = _mm256_fmadd_ps(_mm256_loadu_ps(mn + g), _mm256_loadu_ps(xg + m * groups + g), mv);
-            for (; g < groups; g++) min_part += mn[g] * xg[m * groups + g];
-            min_part += hsum8(mv);
-        }
-        out[m] = acc_total(acc0[m], acc1[m]) + min_part;
-    }
-}
 #else
 static inline void q4_row(const float *x, int64_t K, const uint8_t *q, const void *scales, const void *mins, int sdt,
                           const float *xsum, int64_t G, const int MT, float *out) {
@@ -346,31 +200,16 @@ static inline void q8_row(const float *x, int64_t K, const int8_t *q, const void
 }
 #endif
 
-/* Rows [m0, m0 + MT) of y for weight rows [n0, n1). With xq (AVX2 and int8 activations) the
- * integer path, else the float one. */
-static inline __attribute__((always_inline)) void tile(const float *x, const int16_t *xq, const float *xs,
-                                                       const void *qweight, const void *scales, const void *mins,
-                                                       const float *bias, float *y, const float *xsum, int64_t ldy,
-                                                       int64_t K, int64_t G, int bits, int sdt, int64_t m0, int64_t n0,
-                                                       int64_t n1, const int MT) {
+/* Rows [m0, m0 + MT) of y for weight rows [n0, n1), float activations. */
+static inline __attribute__((always_inline)) void tile(const float *x, const void *qweight, const void *scales,
+                                                       const void *mins, const float *bias, float *y, const float *xsum,
+                                                       int64_t ldy, int64_t K, int64_t G, int bits, int sdt, int64_t m0,
+                                                       int64_t n0, int64_t n1, const int MT) {
     const int64_t groups = K / G;
     const int64_t scale_row = groups * (sdt == FUSELM_F16 ? 2 : 4);
     float out[QL_TILE_M];
-#if !QL_AVX2
-    (void)xq, (void)xs; /* the integer path they feed needs AVX2: this build always takes the float one */
-#endif
     for (int64_t n = n0; n < n1; n++) {
         const char *sc = (const char *)scales + n * scale_row, *mn = mins ? (const char *)mins + n * scale_row : NULL;
-#if QL_AVX2
-        if (xq != NULL) {
-            if (bits == 4)
-                row_a16(xq + m0 * K, xs + m0 * (K / 32), xsum + m0 * groups, K, (const uint8_t *)qweight + n * (K / 2), sc,
-                       mn, sdt, G, 4, MT, out);
-            else
-                row_a16(xq + m0 * K, xs + m0 * (K / 32), NULL, K, (const uint8_t *)qweight + n * K, sc, NULL, sdt, G, 8,
-                       MT, out);
-        } else
-#endif
         if (bits == 4)
             q4_row(x + m0 * K, K, (const uint8_t *)qweight + n * (K / 2), sc, mn, sdt, xsum + m0 * groups, G, MT, out);
         else
@@ -380,11 +219,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
     }
 }
 
-/* float_activations: 1 keeps x in float (exact weight-only arithmetic, slower); 0 rounds x to int16
- * per 32 values for integer dot products where the CPU has AVX2 (the scalar build is always float):
- * quant_rows.c's kernels where the build has AVX-512, else the AVX2 ones above. An int4 or int8 g32 weight in
- * int4_rows16.c's or int8_rows16.c's tiles comes with scales NULL (the tiles hold them) and always takes rounded
- * activations. */
+/* float_activations: 1 keeps x in float (exact weight-only arithmetic, slower); 0 rounds x to int16 per 32 values
+ * for quant_rows.c's integer dot products where the build has AVX2 (the float path stays for the scalar build and
+ * for groups quant_rows.c does not take, such as 48 wide). An int4 or int8 g32 weight in int4_rows16.c's or
+ * int8_rows16.c's tiles comes with scales NULL (the tiles hold them) and always takes rounded activations. */
 /* y has row stride ldy (>= N): a fused projection writes each part into its columns. */
 void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias,
                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int scale_dtype,
@@ -418,35 +256,21 @@ void fuselm_qlinear_ld(const float *x, const void *qweight, const void *scales, 
                 xsum[m * groups + g] = s;
             }
     }
-    int16_t *xq = NULL;
-    float *xs = NULL;
-#if QL_AVX2
-    /* row_a16 gives a 32-block one scale or two (G = 16): groups of 48, 80... take the float path */
-    if (!float_activations && K % 32 == 0 && K / 32 <= QL_MAX_BLOCKS && (G == 16 || G % 32 == 0)) {
-        xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
-        xs = (float *)malloc((size_t)(M * K / 32) * sizeof(float));
-        quantize_activations(x, M, K, xq, xs);
-    }
-#else
-    (void)float_activations;
-#endif
     const int64_t blocks = (N + QL_BLOCK_N - 1) / QL_BLOCK_N;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * QL_BLOCK_N, n1 = n0 + QL_BLOCK_N < N ? n0 + QL_BLOCK_N : N;
         int64_t m0 = 0;
         for (; m0 + 4 <= M; m0 += 4)
-            tile(x, xq, xs, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 4);
+            tile(x, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 4);
         switch (M - m0) {
-        case 3: tile(x, xq, xs, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 3); break;
-        case 2: tile(x, xq, xs, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 2); break;
-        case 1: tile(x, xq, xs, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 1); break;
+        case 3: tile(x, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 3); break;
+        case 2: tile(x, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 2); break;
+        case 1: tile(x, qweight, scales, mins, bias, y, xsum, ldy, K, G, bits, scale_dtype, m0, n0, n1, 1); break;
         default: break;
         }
     }
     free(xsum);
-    free(xq);
-    free(xs);
 }
 
 void fuselm_qlinear(const float *x, const void *qweight, const void *scales, const void *mins, const float *bias, float *y,

@@ -1,7 +1,7 @@
 /* Quantised weight rows against a few activation rows, with the activations rounded once per call.
  *
  * At batch 1-4 a quantised matvec is bound by how fast the weights are unpacked, not by memory:
- * quant_linear.c's int16 path spends ~12 instructions per 32 int4 weights (16-byte load, two
+ * quant_linear.c's former int16 path spent ~12 instructions per 32 int4 weights (16-byte load, two
  * nibble masks, a 128-bit insert, a widening shuffle, vpmaddwd, a scalar scale product and its
  * broadcast, the FMA), which held a Mixtral-like MoE layer's routed experts to 10-15 GB/s of a
  * 76 GB/s machine. And every caller that cuts a matmul into pieces (kernels/moe.c: one piece per
@@ -9,9 +9,10 @@
  * for every piece. Here the caller prepares the activations once (`fuselm_qacts_prepare`) and then
  * asks for any rows of any weight (`fuselm_qrows`), from any thread.
  *
- * The arithmetic is quant_linear.c's integer path: x rounded to int16 per 32 values (amax / 32767,
- * ~15 bits, so results stay within float rounding of the exact weight-only product; int8 activations
- * as llama.cpp uses would not, see quant_linear.c), vpmaddwd dot products per 32-weight block, each
+ * The arithmetic: x rounded to int16 per 32 values (amax / 32767, ~15 bits, so results stay within
+ * float rounding of the exact weight-only product; int8 activations as llama.cpp uses them would allow
+ * vpmaddubsw at twice the multiplies per instruction, but SmolLM2's outlier channels make them cost
+ * 2.1% perplexity, measured), vpmaddwd dot products per 32-weight block, each
  * block's int32 sums times weight scale x activation scale into float accumulators, int4's min term
  * as min x the float group sums of x. What changes is the instruction count per weight:
  *
@@ -40,8 +41,8 @@
  * Every output is computed by the same instructions in the same order whatever the other rows of
  * the call are, so a token's result does not depend on the batch it is in.
  *
- * AVX-512BW only (x86-64-v4 builds); elsewhere `fuselm_qacts_prepare` returns 0 and callers keep
- * quant_linear.c's paths.
+ * AVX-512BW (x86-64-v4 builds) as above, and AVX2 (x86-64-v3) with 256-bit blocks (below); without AVX2
+ * `fuselm_qacts_prepare` returns 0 and callers keep quant_linear.c's float path.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -54,6 +55,7 @@
 
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
 #include <immintrin.h>
+#define QR_SIMD 1
 
 /* 32 values -> int16 levels in [-limit, limit] (round to nearest even), values 0-15 in lo and 16-31 in hi, and
  * their scale. */
@@ -85,6 +87,7 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
     }
 }
 
+#if QR_SPLIT
 /* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout: per four blocks,
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
  * hold), the high bytes in xh and the low ones in xl. A last quad of fewer blocks (K not a multiple of 128,
@@ -110,6 +113,7 @@ static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *x
         }
     }
 }
+#endif
 
 /* Each group's sum of x (G a multiple of 16), 16 values at a time. */
 static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
@@ -118,54 +122,6 @@ static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
         for (int64_t k = g * G; k < (g + 1) * G; k += 16) sum += _mm512_reduce_add_ps(_mm512_loadu_ps(row + k));
         xg[g] = sum;
     }
-}
-
-/* split_any_k: the split layout at any K % 32 == 0, for the tiles of int4_rows16.c and int8_rows16.c (they read
- * tails), not only K % 128 == 0 (what fuselm_qrows's int4 rows read) */
-static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits, int num_threads,
-                   int split_any_k) {
-    memset(a, 0, sizeof *a);
-    /* a 32-block takes one scale (G a multiple of 32) or two (G = 16): an odd multiple of 16 such as 48
-     * puts a group boundary inside a block, which only quant_linear.c's float path follows */
-    if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
-    const int64_t blocks = K / 32, groups = K / G;
-    a->M = M, a->K = K, a->G = G, a->bits = bits;
-    /* int4 rows read the split layout at K % 128 == 0, the tiles (int4 or int8) at any K % 32 == 0 */
-    a->layout = QR_SPLIT && ((bits == 4 && K % 128 == 0) || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
-    if (a->layout == FUSELM_QACTS_SPLIT8) {
-        a->xh = (int8_t *)malloc((size_t)(M * K));
-        a->xl = (int8_t *)malloc((size_t)(M * K));
-        if (bits == 8) a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
-    } else {
-        a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
-    }
-    a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
-    a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (M >= 8)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * ldx;
-        if (a->layout == FUSELM_QACTS_SPLIT8)
-            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks,
-                              a->xv != NULL ? a->xv + m * blocks : NULL);
-        else
-            prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
-        if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
-    }
-    return 1;
-}
-
-int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
-                         int num_threads) {
-    return prepare(a, x, ldx, M, K, G, bits, num_threads, 0);
-}
-
-int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
-                               int num_threads) {
-    if (!QR_SPLIT || (bits != 4 && bits != 8)) {
-        memset(a, 0, sizeof *a);
-        return 0;
-    }
-    return prepare(a, x, ldx, M, K, 32, bits, num_threads, 1);
 }
 
 /* n scales of one weight row (float16 or float32) -> float. */
@@ -178,24 +134,6 @@ static inline void scales_to_float(const void *src, int64_t n, int dtype, float 
     } else {
         memcpy(dst, src, (size_t)n * sizeof(float));
     }
-}
-
-/* Each block's weight scale (lo: values 0-15, hi: 16-31; equal unless G is 16) for one weight row. */
-static inline void block_scales(const void *scales, int sdt, int64_t K, int64_t G, float *lo, float *hi) {
-    const int64_t blocks = K / 32, groups = K / G;
-    if (G == 32) {
-        scales_to_float(scales, groups, sdt, lo);
-        return;
-    }
-    float g[groups];
-    scales_to_float(scales, groups, sdt, g);
-    if (G == 16) {
-        for (int64_t kb = 0; kb < blocks; kb++) lo[kb] = g[2 * kb], hi[kb] = g[2 * kb + 1];
-        return;
-    }
-    const int64_t per_group = G / 32;
-    for (int64_t i = 0; i < groups; i++)
-        for (int64_t j = 0; j < per_group; j++) lo[i * per_group + j] = g[i];
 }
 
 /* c[kb] = w[kb] * xs[kb] for every block, 16 at a time. */
@@ -357,6 +295,236 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
 }
 #endif
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* AVX2 (x86-64-v3): the int16 layout in natural order (one 32-block's values 0-31 in turn), one block per step.
+ * A block's 16 bytes widen to 16 int16 lanes, each holding one byte: a mask gives weights 0-15 (low nibbles) and a
+ * shift by 4 weights 16-31 (high nibbles), so two vpmaddwd against the block's two halves of x and an add leave
+ * its 8 int32 sums; one convert and one FMA with the block's scale product finish it. int8 widens 2 x 16 bytes.
+ * Two accumulator chains (blocks in turn) for any number of rows, so a row's sums do not depend on its tile: at one
+ * row a block is ~8 instructions, so a chain's FMAs come further apart than their four-cycle latency.
+ *
+ * Before this, AVX2 builds had only quant_linear.c's integer path, which rounds the activations again on every
+ * call and asks the hardware prefetcher alone for the weight, scale and min streams: a Mixtral-like MoE layer's
+ * four routed int4 experts (hidden 1,024, 512 wide) at one row took 423 us on a 2-vCPU Zen 3 EPYC (9.3 GB/s of a
+ * 25.6 GB/s stream probe), and the MoE kernels' single-region paths (moe_few_rows.c) could not run. */
+#include <immintrin.h>
+#define QR_SIMD 1
+#define QR_SPLIT 0
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row's int16 levels per 32 values (amax / 32767, round to nearest even), natural order, and their scales. */
+static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, float *xs) {
+    (void)bits;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t kb = 0; kb < K / 32; kb++) {
+        const float *x = row + kb * 32;
+        const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16);
+        const __m256 v3 = _mm256_loadu_ps(x + 24);
+        const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                          _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float a = _mm_cvtss_f32(h);
+        xs[kb] = a / 32767.0f;
+        const __m256 inv = _mm256_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        /* packs works per 128-bit lane; the 64-bit permute puts the values back in order */
+        _mm256_storeu_si256((__m256i *)(q + kb * 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+        _mm256_storeu_si256((__m256i *)(q + kb * 32 + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+    }
+}
+
+/* Each group's sum of x (G a multiple of 16), 8 values at a time. */
+static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
+    for (int64_t g = 0; g < K / G; g++) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + k));
+        xg[g] = hsum8(sum);
+    }
+}
+
+/* n scales of one weight row (float16 or float32) -> float. */
+static inline void scales_to_float(const void *src, int64_t n, int dtype, float *dst) {
+    int64_t i = 0;
+    if (dtype == FUSELM_F16) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* c[kb] = w[kb] * xs[kb] for every block, 8 at a time. */
+static inline void scale_products(const float *w, const float *xs, int64_t blocks, float *c) {
+    int64_t kb = 0;
+    for (; kb + 8 <= blocks; kb += 8)
+        _mm256_storeu_ps(c + kb, _mm256_mul_ps(_mm256_loadu_ps(w + kb), _mm256_loadu_ps(xs + kb)));
+    for (; kb < blocks; kb++) c[kb] = w[kb] * xs[kb];
+}
+
+#define QR_CHAINS 2 /* accumulator chains per activation row */
+
+/* Block kb of one int4 weight row (q, c and x at block kb) into accumulator chain `chain`. */
+static inline __attribute__((always_inline)) void int4_block(const int16_t *xq, int64_t K, const uint8_t *q,
+                                                             const float *c, int64_t blocks, const int MT,
+                                                             __m256 acc[][QR_CHAINS], const int chain) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+    const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(b, 4);
+    for (int m = 0; m < MT; m++) {
+        const int16_t *x = xq + m * K;
+        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                           _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+        acc[m][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(c + m * blocks), acc[m][chain]);
+    }
+}
+
+/* One int4 weight row against MT activation rows; c: the rows' block scale products [MT][blocks]. */
+static inline __attribute__((always_inline)) void int4_row(const QActs *a, int64_t m0, const uint8_t *q,
+                                                           const float *c, const float *mins, const int MT,
+                                                           float *out) {
+    const int64_t K = a->K, blocks = K / 32, groups = K / a->G;
+    const int chains = QR_CHAINS;
+    const int16_t *xq = a->xq + m0 * K;
+    __m256 acc[4][QR_CHAINS];
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < QR_CHAINS; j++) acc[m][j] = _mm256_setzero_ps();
+    int64_t kb = 0;
+    for (; kb + chains <= blocks; kb += chains)
+        for (int j = 0; j < chains; j++) int4_block(xq + (kb + j) * 32, K, q + (kb + j) * 16, c + kb + j, blocks, MT, acc, j);
+    for (; kb < blocks; kb++) int4_block(xq + kb * 32, K, q + kb * 16, c + kb, blocks, MT, acc, 0);
+    for (int m = 0; m < MT; m++) { /* the min term, min x group sum of x, joins the accumulator's lanes */
+        const float *xg = a->xg + (m0 + m) * groups;
+        float tail = 0.0f;
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8)
+            acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + g), _mm256_loadu_ps(xg + g), acc[m][1]);
+        for (; g < groups; g++) tail += mins[g] * xg[g];
+        out[m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1])) + tail;
+    }
+}
+
+/* Block kb of one int8 weight row (x, q, clo and chi at block kb) into accumulator chain `chain`. */
+static inline __attribute__((always_inline)) void int8_block(const int16_t *xq, int64_t K, const int8_t *q,
+                                                             const float *clo, const float *chi, int64_t blocks,
+                                                             const int halves, const int MT, __m256 acc[][QR_CHAINS],
+                                                             const int chain) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+    for (int m = 0; m < MT; m++) {
+        const int16_t *x = xq + m * K;
+        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16)));
+        if (halves) {
+            acc[m][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(clo + m * blocks), acc[m][chain]);
+            acc[m][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(chi + m * blocks), acc[m][chain]);
+        } else {
+            acc[m][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
+                                            _mm256_broadcast_ss(clo + m * blocks), acc[m][chain]);
+        }
+    }
+}
+
+/* One int8 weight row against MT activation rows; clo/chi: block scale products for values 0-15 / 16-31. */
+static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64_t m0, const int8_t *q,
+                                                           const float *clo, const float *chi, const int halves,
+                                                           const int MT, float *out) {
+    const int64_t K = a->K, blocks = K / 32;
+    const int chains = QR_CHAINS;
+    const int16_t *xq = a->xq + m0 * K;
+    __m256 acc[4][QR_CHAINS];
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < QR_CHAINS; j++) acc[m][j] = _mm256_setzero_ps();
+    int64_t kb = 0;
+    for (; kb + chains <= blocks; kb += chains)
+        for (int j = 0; j < chains; j++)
+            int8_block(xq + (kb + j) * 32, K, q + (kb + j) * 32, clo + kb + j, chi + kb + j, blocks, halves, MT, acc, j);
+    for (; kb < blocks; kb++) int8_block(xq + kb * 32, K, q + kb * 32, clo + kb, chi + kb, blocks, halves, MT, acc, 0);
+    for (int m = 0; m < MT; m++)
+        out[m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+#else
+#define QR_SIMD 0
+#define QR_SPLIT 0
+#endif
+
+#if QR_SIMD
+/* Each block's weight scale (lo: values 0-15, hi: 16-31; equal unless G is 16) for one weight row. */
+static inline void block_scales(const void *scales, int sdt, int64_t K, int64_t G, float *lo, float *hi) {
+    const int64_t blocks = K / 32, groups = K / G;
+    if (G == 32) {
+        scales_to_float(scales, groups, sdt, lo);
+        return;
+    }
+    float g[groups];
+    scales_to_float(scales, groups, sdt, g);
+    if (G == 16) {
+        for (int64_t kb = 0; kb < blocks; kb++) lo[kb] = g[2 * kb], hi[kb] = g[2 * kb + 1];
+        return;
+    }
+    const int64_t per_group = G / 32;
+    for (int64_t i = 0; i < groups; i++)
+        for (int64_t j = 0; j < per_group; j++) lo[i * per_group + j] = g[i];
+}
+
+/* split_any_k: the split layout at any K % 32 == 0, for the tiles of int4_rows16.c and int8_rows16.c (they read
+ * tails), not only K % 128 == 0 (what fuselm_qrows's int4 rows read) */
+static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits, int num_threads,
+                   int split_any_k) {
+    memset(a, 0, sizeof *a);
+    /* a 32-block takes one scale (G a multiple of 32) or two (G = 16): an odd multiple of 16 such as 48
+     * puts a group boundary inside a block, which only quant_linear.c's float path follows */
+    if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
+    const int64_t blocks = K / 32, groups = K / G;
+    a->M = M, a->K = K, a->G = G, a->bits = bits;
+    /* int4 rows read the split layout at K % 128 == 0, the tiles (int4 or int8) at any K % 32 == 0 */
+    a->layout = QR_SPLIT && ((bits == 4 && K % 128 == 0) || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
+    if (a->layout == FUSELM_QACTS_SPLIT8) {
+        a->xh = (int8_t *)malloc((size_t)(M * K));
+        a->xl = (int8_t *)malloc((size_t)(M * K));
+        if (bits == 8) a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
+    } else {
+        a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    }
+    a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
+    a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M >= 8)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+#if QR_SPLIT
+        if (a->layout == FUSELM_QACTS_SPLIT8)
+            prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks,
+                              a->xv != NULL ? a->xv + m * blocks : NULL);
+        else
+#endif
+            prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
+        if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
+    }
+    return 1;
+}
+
+int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
+                         int num_threads) {
+    return prepare(a, x, ldx, M, K, G, bits, num_threads, 0);
+}
+
+int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
+                               int num_threads) {
+    if (!QR_SPLIT || (bits != 4 && bits != 8)) {
+        memset(a, 0, sizeof *a);
+        return 0;
+    }
+    return prepare(a, x, ldx, M, K, 32, bits, num_threads, 1);
+}
+
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const void *qweight,
                                                             const void *scales, const void *mins, int sdt, int64_t n0,
                                                             int64_t n1, float *y, int64_t ldy, const int MT) {
@@ -418,7 +586,7 @@ void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight,
     default: break;
     }
 }
-#else /* without AVX-512 prepare declines, so callers never reach fuselm_qrows */
+#else /* without AVX2 prepare declines, so callers never reach fuselm_qrows */
 int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits,
                          int num_threads) {
     (void)x, (void)ldx, (void)M, (void)K, (void)G, (void)bits, (void)num_threads;
