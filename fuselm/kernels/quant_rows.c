@@ -56,6 +56,7 @@
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
 #include <immintrin.h>
 #define QR_SIMD 1
+#define QR_PREFETCH 1 /* rows_tile asks for weight rows ahead */
 
 /* 32 values -> int16 levels in [-limit, limit] (round to nearest even), values 0-15 in lo and 16-31 in hi, and
  * their scale. */
@@ -306,10 +307,15 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
  * Before this, AVX2 builds had only quant_linear.c's integer path, which rounds the activations again on every
  * call and asks the hardware prefetcher alone for the weight, scale and min streams: a Mixtral-like MoE layer's
  * four routed int4 experts (hidden 1,024, 512 wide) at one row took 423 us on a 2-vCPU Zen 3 EPYC (9.3 GB/s of a
- * 25.6 GB/s stream probe), and the MoE kernels' single-region paths (moe_few_rows.c) could not run. */
+ * 25.6 GB/s stream probe), and the MoE kernels' single-region paths (moe_few_rows.c) could not run; with this,
+ * 225-245 us. Against that path, in-process alternation on the same machine, int4 / int8 g32 weights of 1,024 to
+ * 8,192 x 1,024: 1.0-1.3x at one row, 1.35-1.55x at 4 and 16 rows. */
 #include <immintrin.h>
 #define QR_SIMD 1
 #define QR_SPLIT 0
+/* No software prefetch: on a 2-vCPU Zen 3 EPYC rows_tile's prefetches made the rows 1.05-1.26x slower (int4 and int8
+ * g32, 1,024-8,192 x 1,024, 1-4 rows, in-process alternation); the hardware prefetcher follows the rows alone. */
+#define QR_PREFETCH 0
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -535,7 +541,7 @@ static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int6
     for (int64_t n = n0; n < n1; n++) {
         /* one core alone does not keep enough misses in flight: each row asks for the row QR_PREFETCH_ROWS
          * on, the first one for the rows up to there as well */
-        for (int64_t ahead = n == n0 ? n : n + QR_PREFETCH_ROWS; ahead <= n + QR_PREFETCH_ROWS && ahead < n1; ahead++) {
+        for (int64_t ahead = n == n0 ? n : n + QR_PREFETCH_ROWS; QR_PREFETCH && ahead <= n + QR_PREFETCH_ROWS && ahead < n1; ahead++) {
             for (int64_t i = 0; i < row_bytes; i += 64)
                 _mm_prefetch((const char *)qweight + ahead * row_bytes + i, _MM_HINT_T0);
             /* the scales and mins are streams of their own, a cache line per 1,024 weights (g32, float16):
