@@ -125,26 +125,6 @@ static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
     }
 }
 
-/* n scales of one weight row (float16 or float32) -> float. */
-static inline void scales_to_float(const void *src, int64_t n, int dtype, float *dst) {
-    int64_t i = 0;
-    if (dtype == FUSELM_F16) {
-        const uint16_t *h = (const uint16_t *)src;
-        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-        for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
-/* c[kb] = w[kb] * xs[kb] for every block, 16 at a time. */
-static inline void scale_products(const float *w, const float *xs, int64_t blocks, float *c) {
-    int64_t kb = 0;
-    for (; kb + 16 <= blocks; kb += 16)
-        _mm512_storeu_ps(c + kb, _mm512_mul_ps(_mm512_loadu_ps(w + kb), _mm512_loadu_ps(xs + kb)));
-    for (; kb < blocks; kb++) c[kb] = w[kb] * xs[kb];
-}
-
 static inline __m512 two_scales(float lo, float hi) {
     return _mm512_mask_mov_ps(_mm512_set1_ps(lo), (__mmask16)0xFF00, _mm512_set1_ps(hi));
 }
@@ -357,26 +337,6 @@ static void group_sums(const float *row, int64_t K, int64_t G, float *xg) {
     }
 }
 
-/* n scales of one weight row (float16 or float32) -> float. */
-static inline void scales_to_float(const void *src, int64_t n, int dtype, float *dst) {
-    int64_t i = 0;
-    if (dtype == FUSELM_F16) {
-        const uint16_t *h = (const uint16_t *)src;
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-        for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
-/* c[kb] = w[kb] * xs[kb] for every block, 8 at a time. */
-static inline void scale_products(const float *w, const float *xs, int64_t blocks, float *c) {
-    int64_t kb = 0;
-    for (; kb + 8 <= blocks; kb += 8)
-        _mm256_storeu_ps(c + kb, _mm256_mul_ps(_mm256_loadu_ps(w + kb), _mm256_loadu_ps(xs + kb)));
-    for (; kb < blocks; kb++) c[kb] = w[kb] * xs[kb];
-}
-
 #define QR_CHAINS 2 /* accumulator chains per activation row */
 
 /* Block kb of one int4 weight row (q, c and x at block kb) into accumulator chain `chain`. */
@@ -463,6 +423,26 @@ static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64
 #endif
 
 #if QR_SIMD
+/* n scales of one weight row (float16 or float32) -> float. */
+static inline void scales_to_float(const void *src, int64_t n, int dtype, float *dst) {
+    int64_t i = 0;
+    if (dtype == FUSELM_F16) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* c[kb] = w[kb] * xs[kb] for every block, 8 at a time (a few dozen blocks a row: 256-bit steps in every variant). */
+static inline void scale_products(const float *w, const float *xs, int64_t blocks, float *c) {
+    int64_t kb = 0;
+    for (; kb + 8 <= blocks; kb += 8)
+        _mm256_storeu_ps(c + kb, _mm256_mul_ps(_mm256_loadu_ps(w + kb), _mm256_loadu_ps(xs + kb)));
+    for (; kb < blocks; kb++) c[kb] = w[kb] * xs[kb];
+}
+
 /* Each block's weight scale (lo: values 0-15, hi: 16-31; equal unless G is 16) for one weight row. */
 static inline void block_scales(const void *scales, int sdt, int64_t K, int64_t G, float *lo, float *hi) {
     const int64_t blocks = K / 32, groups = K / G;
