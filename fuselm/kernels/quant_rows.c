@@ -358,14 +358,13 @@ static inline __attribute__((always_inline)) void int4_row(const QActs *a, int64
                                                            const float *c, const float *mins, const int MT,
                                                            float *out) {
     const int64_t K = a->K, blocks = K / 32, groups = K / a->G;
-    const int chains = QR_CHAINS;
     const int16_t *xq = a->xq + m0 * K;
     __m256 acc[4][QR_CHAINS];
     for (int m = 0; m < MT; m++)
         for (int j = 0; j < QR_CHAINS; j++) acc[m][j] = _mm256_setzero_ps();
     int64_t kb = 0;
-    for (; kb + chains <= blocks; kb += chains)
-        for (int j = 0; j < chains; j++) int4_block(xq + (kb + j) * 32, K, q + (kb + j) * 16, c + kb + j, blocks, MT, acc, j);
+    for (; kb + QR_CHAINS <= blocks; kb += QR_CHAINS)
+        for (int j = 0; j < QR_CHAINS; j++) int4_block(xq + (kb + j) * 32, K, q + (kb + j) * 16, c + kb + j, blocks, MT, acc, j);
     for (; kb < blocks; kb++) int4_block(xq + kb * 32, K, q + kb * 16, c + kb, blocks, MT, acc, 0);
     for (int m = 0; m < MT; m++) { /* the min term, min x group sum of x, joins the accumulator's lanes */
         const float *xg = a->xg + (m0 + m) * groups;
@@ -404,14 +403,13 @@ static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64
                                                            const float *clo, const float *chi, const int halves,
                                                            const int MT, float *out) {
     const int64_t K = a->K, blocks = K / 32;
-    const int chains = QR_CHAINS;
     const int16_t *xq = a->xq + m0 * K;
     __m256 acc[4][QR_CHAINS];
     for (int m = 0; m < MT; m++)
         for (int j = 0; j < QR_CHAINS; j++) acc[m][j] = _mm256_setzero_ps();
     int64_t kb = 0;
-    for (; kb + chains <= blocks; kb += chains)
-        for (int j = 0; j < chains; j++)
+    for (; kb + QR_CHAINS <= blocks; kb += QR_CHAINS)
+        for (int j = 0; j < QR_CHAINS; j++)
             int8_block(xq + (kb + j) * 32, K, q + (kb + j) * 32, clo + kb + j, chi + kb + j, blocks, halves, MT, acc, j);
     for (; kb < blocks; kb++) int8_block(xq + kb * 32, K, q + kb * 32, clo + kb, chi + kb, blocks, halves, MT, acc, 0);
     for (int m = 0; m < MT; m++)
