@@ -84,6 +84,52 @@ def first_token_time(base_url: str, headers: dict[str, str], user: str | None = 
     return first
 
 
+class SchedulerLog:
+    """What the engine's scheduler did, in order, seen from inside: which client's request arrived,
+    was first scheduled, or finished. Counting the flood's finishes between a request's arrival and
+    its first scheduling is free of the lag between the engine and the test's HTTP threads (on 2
+    busy cores a finished flood response can reach its thread many steps later)."""
+
+    def __init__(self, engine) -> None:
+        self.events: list[tuple[str, str, int]] = []  # (what, client, seq_id)
+        scheduler = engine.engine.scheduler
+        add, finish, schedule = scheduler.add_request, scheduler.finish_request, scheduler.schedule
+        seen: set[int] = set()
+
+        def logged_add(request):
+            self.events.append(("arrive", request.client_id, request.seq_id))
+            return add(request)
+
+        def logged_finish(request, reason):
+            if not request.is_finished:
+                self.events.append(("finish", request.client_id, request.seq_id))
+            return finish(request, reason)
+
+        def logged_schedule():
+            out = schedule()
+            for row in out.scheduled:
+                if row.seq_id not in seen:
+                    seen.add(row.seq_id)
+                    self.events.append(("scheduled", scheduler._unfinished[row.seq_id].client_id, row.seq_id))
+            return out
+
+        scheduler.add_request, scheduler.finish_request, scheduler.schedule = logged_add, logged_finish, logged_schedule
+
+    def waits(self, client: str, other: str) -> list[int]:
+        """For each of `client`'s requests, how many of `other`'s requests finished between its arrival
+        and its first scheduling."""
+        arrived: dict[int, int] = {}
+        waits = []
+        for i, (what, who, seq_id) in enumerate(list(self.events)):
+            if who != client:
+                continue
+            if what == "arrive":
+                arrived[seq_id] = i
+            elif what == "scheduled" and seq_id in arrived:
+                waits.append(sum(w == "finish" and c == other for w, c, _ in self.events[arrived[seq_id]:i]))
+        return waits
+
+
 def running_of(engine, client: str) -> int:
     return sum(r.client_id == client for r in list(engine.engine.scheduler.running))
 
@@ -140,13 +186,13 @@ def test_the_per_client_cap_keeps_seats_for_a_present_client(tiny_llama):
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            waits = []
+            log = SchedulerLog(engine)
             for _ in range(3):  # one request after another: present all along
-                sent = time.monotonic()
-                waits.append(flood.finished_before(first_token_time(srv.base_url, {"X-Client-Id": "steady"}))
-                             - flood.finished_before(sent))
+                first_token_time(srv.base_url, {"X-Client-Id": "steady"})
             sampling.set()
             sampler.join()
+            waits = log.waits("id:steady", "id:flooder")
+            assert len(waits) == 3, f"the scheduler saw {len(waits)} of the steady client's 3 requests"
             assert max(seats_held) <= cap, f"the flooder held {max(seats_held)} seats while another client was there"
             assert max(waits) <= cap, f"the steady client waited for {waits} of the flood's requests to finish"
             assert len(flood.finished) < FLOOD  # the flood was still going on throughout
