@@ -19,7 +19,7 @@ from moe_models import check_tokens_independent_of_batch
 
 kernels = get_kernels()
 needs_tiles = pytest.mark.skipif(kernels is None or not kernels.int4_rows16_available,
-                                 reason="the tile kernel needs a build with AVX512_VNNI")
+                                 reason="the int4 tile kernel needs an AVX2 or AVX512_VNNI build")
 
 
 def _experts(num_experts: int, n: int, k: int, scale_dtype: torch.dtype, g: torch.Generator) -> QuantWeight:

@@ -23,7 +23,7 @@ from fuselm.quant.linear import QuantLinear
 
 kernels = get_kernels()
 pytestmark = pytest.mark.skipif(kernels is None or not kernels.int4_rows16_available,
-                                reason="the tile kernel needs a build with AVX512_VNNI")
+                                reason="the int4 tile kernel needs an AVX2 or AVX512_VNNI build")
 
 
 def _int4(n: int, k: int, scale_dtype: torch.dtype, g: torch.Generator) -> QuantWeight:

@@ -25,7 +25,7 @@ from fuselm.quant.linear import QuantLinear
 from moe_models import check_tokens_independent_of_batch
 
 kernels = get_kernels()
-pytestmark = pytest.mark.skipif(kernels is None or not kernels.int4_rows16_available,
+pytestmark = pytest.mark.skipif(kernels is None or not kernels.int8_rows16_available,
                                 reason="the tile kernels need a build with AVX512_VNNI")
 
 

@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 11  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 12  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -124,6 +124,8 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_moe_experts": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT], None),
     "fuselm_moe_block": ([_P, _P, _P, _I64, _INT], None),
     "fuselm_int4_rows16_available": ([], _INT),
+    "fuselm_int8_rows16_available": ([], _INT),
+    "fuselm_qrows_read_split": ([_INT, _I64], _INT),
     "fuselm_int4_rows16_bytes": ([_I64, _I64, _INT], _I64),
     "fuselm_int4_rows16": ([_P, _I64, _I64, _P, _INT, _I64, _I64, _P, _I64], None),
     "fuselm_int4_rows16_dequantize": ([_P, _INT, _P, _I64, _I64, _INT], None),

@@ -110,8 +110,10 @@ class CpuKernels:
         self.layer_attention_outputs_fn = lib.fuselm_layer_attention_outputs
         # every routed expert of an MoE layer in one call (moe.c; fuselm/layers/moe.py builds its QParts)
         self.moe_experts_fn = lib.fuselm_moe_experts
-        # int4/int8 g32 weights repacked sixteen rows to a tile (int4_rows16.c, int8_rows16.c; AVX512_VNNI builds)
+        # int4/int8 g32 weights repacked sixteen rows to a tile (int4_rows16.c: AVX512_VNNI or AVX2 builds;
+        # int8_rows16.c: AVX512_VNNI builds)
         self.int4_rows16_available = bool(lib.fuselm_int4_rows16_available())
+        self.int8_rows16_available = bool(lib.fuselm_int8_rows16_available())
 
     def qlinear(self, x: torch.Tensor, weight, bias: torch.Tensor | None, float_activations: bool = False) -> torch.Tensor:
         """x [M, K] float32 @ dequant(weight)^T (+ bias, float32) for a fuselm.quant.QuantWeight (or its

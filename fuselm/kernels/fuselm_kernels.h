@@ -13,7 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 11
+#define FUSELM_ABI_VERSION 12
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -147,14 +147,19 @@ void fuselm_qacts_release(QActs *a);
  * K % 32 == 0; 0 without VNNI. */
 int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
                                int num_threads);
+/* 1 where fuselm_qrows reads `bits`-wide rows of K from the split layout (int4 at K % 128 with VNNI), 0 where from
+ * the int16 one: whether rows may share a tiled weight's activations. */
+int fuselm_qrows_read_split(int bits, int64_t K);
 /* y[m * ldy + n] for rows m in [m0, m0 + rows), weight rows n in [n0, n1); qweight/scales/mins at row 0. */
 void fuselm_qrows(const QActs *a, int64_t m0, int64_t rows, const void *qweight, const void *scales, const void *mins,
                   int scale_dtype, int64_t n0, int64_t n1, float *y, int64_t ldy);
 
 /* ---- int4 g32 weights sixteen rows to a tile (int4_rows16.c; fuselm/quant/int4_rows16.py packs them) ---- */
 
-/* 1 when this build has the kernel (AVX512_VNNI); elsewhere nothing may be repacked. */
+/* 1 when this build has the kernel (AVX512_VNNI, or AVX2 without AVX-512); elsewhere nothing may be repacked. */
 int fuselm_int4_rows16_available(void);
+/* The same for int8 tiles (int8_rows16.c: AVX512_VNNI builds only). */
+int fuselm_int8_rows16_available(void);
 /* Bytes of an [N, K] weight's tiles (N a multiple of 16, K of 32). */
 int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype);
 /* y[m * ldy + n] for activation rows [m0, m0 + rows) of `a` (layout FUSELM_QACTS_SPLIT8, G 32) and weight rows

@@ -22,8 +22,8 @@
  * Every output row is computed by the same instructions whatever the other activation rows of the call
  * are, so a token's result does not depend on its batch.
  *
- * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI and
- * the shapes fit (rows a multiple of 16, K of 128), and QuantLinear its dense int4 g32 parts (rows a
+ * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI (or is the
+ * AVX2 build: the kernel below without vpdpbusd) and the shapes fit (rows a multiple of 16, K of 128), and QuantLinear its dense int4 g32 parts (rows a
  * multiple of 16, K of 32: the split activations then end in a shorter quad of blocks, whose values 16-31
  * follow its values 0-15 at 16 bytes per block instead of 64); the tiles then replace the rows, scales
  * and mins (one copy). kernels/moe.c, moe_few_rows.c, quant_project.c and quant_linear.c recognise such a
@@ -32,6 +32,7 @@
  * fuselm_int4_rows16_dequantize gives the float weight back.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "fuselm_kernels.h"
 
@@ -90,6 +91,95 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
     for (int m = 0; m < MT; m++) _mm512_storeu_ps(y + (m0 + m) * ldy, _mm512_add_ps(acc[m], acc_min[m]));
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+/* AVX2 (x86-64-v3, no VNNI): the same tiles and split activations, a tile in two halves of eight rows (a ymm's int32
+ * lanes). vpmaddubsw of a half's low or high nibbles against four activation bytes broadcast to every lane leaves
+ * each row's two pair sums (at most 2 x 15 x 128 = 3,840 apart from the sign); a block's eight of them (four
+ * vectors, low and high nibbles) add in int16 lanes without overflow (8 x 3,840 = 30,720), and one vpmaddwd by 256
+ * (the high halves) or by 1 (the low ones) turns them into each row's int32 dot product, exact as vpdpbusd's. Per
+ * row and block that is ~7 instructions shared by eight rows, against quant_rows.c's ~10 per row and block plus its
+ * per-row scale products, min term and reduction. */
+#include <immintrin.h>
+#include <string.h>
+
+int fuselm_int4_rows16_available(void) {
+    return 1;
+}
+
+static inline __m256 load_8(const uint8_t *p, int sdt) {
+    if (sdt == FUSELM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+static inline __m256i broadcast4_8(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+/* One group of sixteen weight rows (its tiles from `tile`) against MT activation rows from m0. */
+static inline __attribute__((always_inline)) void group_rows(const QActs *a, int64_t m0, const uint8_t *tile,
+                                                             int64_t tile_bytes, int sdt, const int MT, float *y,
+                                                             int64_t ldy) {
+    const int64_t K = a->K, blocks = K / 32;
+    const int64_t scale_size = sdt == FUSELM_F16 ? 2 : 4, scale_bytes = 16 * scale_size;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), by256 = _mm256_set1_epi16(256);
+    __m256 acc[4][2], acc_min[4][2];
+    for (int m = 0; m < MT; m++)
+        for (int half = 0; half < 2; half++) acc[m][half] = acc_min[m][half] = _mm256_setzero_ps();
+    for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
+        for (int64_t line = 0; line < tile_bytes; line += 64)
+            _mm_prefetch((const char *)tile + R16_PREFETCH_TILES * tile_bytes + line, _MM_HINT_T0);
+        /* the block's values 0-15 in the split layout, and how far on its values 16-31 are (as the VNNI kernel) */
+        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
+        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        for (int half = 0; half < 2; half++) { /* rows 0-7, then 8-15: bytes 32 * half of each 64-byte vector */
+            __m256i lo[4], hi[4];
+            for (int v = 0; v < 4; v++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32 * half));
+                lo[v] = _mm256_and_si256(b, mask);
+                hi[v] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+            }
+            const __m256 scales = load_8(tile + 256 + 8 * scale_size * half, sdt);
+            const __m256 mins = load_8(tile + 256 + scale_bytes + 8 * scale_size * half, sdt);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
+                __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+                for (int v = 0; v < 4; v++) {
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(lo[v], broadcast4_8(h + 4 * v)));
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[v], broadcast4_8(h + high + 4 * v)));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[v], broadcast4_8(l + 4 * v)));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(hi[v], broadcast4_8(l + high + 4 * v)));
+                }
+                const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(sh, by256), _mm256_madd_epi16(sl, ones));
+                const float *xs = a->xs + (m0 + m) * blocks, *xg = a->xg + (m0 + m) * blocks;
+                acc[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scales, _mm256_set1_ps(xs[kb])),
+                                               acc[m][half]);
+                acc_min[m][half] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xg[kb]), acc_min[m][half]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int half = 0; half < 2; half++)
+            _mm256_storeu_ps(y + (m0 + m) * ldy + 8 * half, _mm256_add_ps(acc[m][half], acc_min[m][half]));
+}
+#endif
+
+#if (defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)) || \
+    (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__))
+/* Sixteen rows' scales or mins of a tile (float16 or float32) as floats. */
+static inline void tile_floats(const uint8_t *p, int sdt, float *out) {
+    for (int r = 0; r < 16; r++) {
+        if (sdt == FUSELM_F16) {
+            uint16_t h;
+            memcpy(&h, p + 2 * r, sizeof h);
+            out[r] = _cvtsh_ss(h);
+        } else {
+            memcpy(out + r, p + 4 * r, sizeof(float));
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
                                                             int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
     const int64_t blocks = a->K / 32, tile_bytes = 256 + 2 * 16 * (sdt == FUSELM_F16 ? 2 : 4);
@@ -123,8 +213,8 @@ void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         for (int64_t kb = 0; kb < blocks; kb++) {
             const uint8_t *tile = (const uint8_t *)tiles + (group * blocks + kb) * tile_bytes;
             float scales[16], mins[16];
-            _mm512_storeu_ps(scales, load_16(tile + 256, scale_dtype));
-            _mm512_storeu_ps(mins, load_16(tile + 256 + (tile_bytes - 256) / 2, scale_dtype));
+            tile_floats(tile + 256, scale_dtype, scales);
+            tile_floats(tile + 256 + (tile_bytes - 256) / 2, scale_dtype, mins);
             for (int r = 0; r < 16; r++) {
                 float *o = out + (group * 16 + r) * K + kb * 32;
                 for (int v = 0; v < 4; v++)
@@ -137,7 +227,7 @@ void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         }
     }
 }
-#else /* without VNNI nothing is repacked (fuselm_int4_rows16_available says so), so these are never reached */
+#else /* elsewhere (no AVX2; AVX-512 without VNNI) nothing is repacked (fuselm_int4_rows16_available says so), so these are never reached */
 int fuselm_int4_rows16_available(void) {
     return 0;
 }

@@ -48,6 +48,10 @@ int64_t fuselm_int8_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+int fuselm_int8_rows16_available(void) {
+    return 1;
+}
+
 #include "rows16_simd.h"
 
 /* One group of sixteen weight rows (its tiles from `tile`) against MT activation rows from m0. */
@@ -127,7 +131,11 @@ void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         }
     }
 }
-#else /* without VNNI nothing is repacked (fuselm_int4_rows16_available says so), so these are never reached */
+#else /* without VNNI nothing is repacked (fuselm_int8_rows16_available says so), so these are never reached */
+int fuselm_int8_rows16_available(void) {
+    return 0;
+}
+
 void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
                         int64_t n1, float *y, int64_t ldy) {
     (void)a, (void)m0, (void)rows, (void)tiles, (void)scale_dtype, (void)n0, (void)n1, (void)y, (void)ldy;

@@ -33,9 +33,9 @@ int fuselm_qproject(const QProj *p, const float *x, float *y, int64_t M, int num
         items += (w->n + QP_CHUNK - 1) / QP_CHUNK;
         tiled += w->scales == NULL; /* g32 in int4_rows16.c's or int8_rows16.c's tiles */
     }
-    /* tiles read the split activations at any K % 32, rows of int4 only at K % 128 (both with VNNI), int8 rows
-     * never */
-    if (tiled && tiled < p->num_parts && (first->bits == 8 || first->k % 128 != 0)) return 0;
+    /* tiles read the split activations at any K % 32, rows only where fuselm_qrows_read_split says (int4 at
+     * K % 128 with VNNI) */
+    if (tiled && tiled < p->num_parts && !fuselm_qrows_read_split(first->bits, first->k)) return 0;
     QActs acts;
     if (tiled ? !fuselm_qacts_prepare_tiles(&acts, x, first->k, M, first->k, first->bits, num_threads)
               : !fuselm_qacts_prepare(&acts, x, first->k, M, first->k, first->group, first->bits, num_threads))

@@ -74,6 +74,7 @@ static inline void round_block(const float *x, float *scale, float limit, __m256
 #else
 #define QR_SPLIT 0
 #endif
+#define QR_TILES QR_SPLIT /* int4 and int8 tiles (int4_rows16.c, int8_rows16.c) read the split activations */
 
 /* One row's int16 levels (pairs layout for int4: per two blocks A 0-15, B 0-15, A 16-31, B 16-31). */
 static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, float *xs) {
@@ -88,7 +89,7 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
     }
 }
 
-#if QR_SPLIT
+#if QR_TILES
 /* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout: per four blocks,
  * values 0-15 of blocks A, B, C, D, then their values 16-31 (what one 64-byte load's low and high nibbles
  * hold), the high bytes in xh and the low ones in xl. A last quad of fewer blocks (K not a multiple of 128,
@@ -293,6 +294,7 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
 #include <immintrin.h>
 #define QR_SIMD 1
 #define QR_SPLIT 0
+#define QR_TILES 1 /* int4 tiles (int4_rows16.c's AVX2 kernel) read the split activations; int8 tiles are not built */
 /* No software prefetch: on a 2-vCPU Zen 3 EPYC rows_tile's prefetches made the rows 1.05-1.26x slower (int4 and int8
  * g32, 1,024-8,192 x 1,024, 1-4 rows, in-process alternation); the hardware prefetcher follows the rows alone. */
 #define QR_PREFETCH 0
@@ -325,6 +327,43 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
         /* packs works per 128-bit lane; the 64-bit permute puts the values back in order */
         _mm256_storeu_si256((__m256i *)(q + kb * 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
         _mm256_storeu_si256((__m256i *)(q + kb * 32 + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+    }
+}
+
+/* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout of the AVX-512 variant's
+ * prepare_row_split (what int4_rows16.c's tiles read: per four blocks, values 0-15 of blocks A, B, C, D, then their
+ * values 16-31; a last quad of r < 4 blocks holds its values 16-31 16 * r on). xv: int8 tiles' level sums, which no
+ * AVX2 build reads (NULL). */
+static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
+    (void)xv;
+    const int64_t blocks = K / 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t kb = 0; kb < blocks; kb++) {
+        const float *x = row + kb * 32;
+        const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16);
+        const __m256 v3 = _mm256_loadu_ps(x + 24);
+        const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                          _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float a = _mm_cvtss_f32(h);
+        xs[kb] = a / 32639.0f;
+        const __m256 inv = _mm256_set1_ps(a > 0.0f ? 32639.0f / a : 0.0f);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        const __m256i lv[2] = {_mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8),  /* values 0-15 */
+                               _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8)}; /* 16-31 */
+        const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
+        const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
+        for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 16 * in_quad */
+            const __m256i high = _mm256_srai_epi16(_mm256_add_epi16(lv[half], _mm256_set1_epi16(128)), 8); /* floor */
+            const __m256i low = _mm256_sub_epi16(lv[half], _mm256_slli_epi16(high, 8));
+            _mm_storeu_si128((__m128i *)(xh + base + 16 * in_quad * half),
+                             _mm_packs_epi16(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+            _mm_storeu_si128((__m128i *)(xl + base + 16 * in_quad * half),
+                             _mm_packs_epi16(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
+        }
     }
 }
 
@@ -418,6 +457,7 @@ static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64
 #else
 #define QR_SIMD 0
 #define QR_SPLIT 0
+#define QR_TILES 0
 #endif
 
 #if QR_SIMD
@@ -470,7 +510,8 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
     /* int4 rows read the split layout at K % 128 == 0, the tiles (int4 or int8) at any K % 32 == 0 */
-    a->layout = QR_SPLIT && ((bits == 4 && K % 128 == 0) || split_any_k) ? FUSELM_QACTS_SPLIT8 : FUSELM_QACTS_INT16;
+    a->layout = (QR_SPLIT && bits == 4 && K % 128 == 0) || (QR_TILES && split_any_k) ? FUSELM_QACTS_SPLIT8
+                                                                                       : FUSELM_QACTS_INT16;
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));
@@ -483,7 +524,7 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M >= 8)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
-#if QR_SPLIT
+#if QR_TILES
         if (a->layout == FUSELM_QACTS_SPLIT8)
             prepare_row_split(row, K, a->xh + m * K, a->xl + m * K, a->xs + m * blocks,
                               a->xv != NULL ? a->xv + m * blocks : NULL);
@@ -502,7 +543,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
 
 int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
                                int num_threads) {
-    if (!QR_SPLIT || (bits != 4 && bits != 8)) {
+    if (!QR_TILES || (bits != 4 && bits != 8) || (bits == 8 && !QR_SPLIT)) { /* int8 tiles: VNNI builds only */
         memset(a, 0, sizeof *a);
         return 0;
     }
@@ -597,10 +638,15 @@ int fuselm_qacts_prepare_part(QActs *a, const QPart *w, const float *x, int64_t 
     return fuselm_qacts_prepare(a, x, ldx, M, w->k, w->group, w->bits, num_threads);
 }
 
+int fuselm_qrows_read_split(int bits, int64_t K) {
+    return QR_SPLIT && bits == 4 && K % 128 == 0;
+}
+
 int fuselm_qacts_fit(const QActs *a, const QPart *w) {
     if (a->layout == FUSELM_QACTS_NONE || a->bits != w->bits || a->G != w->group || a->K != w->k) return 0;
-    /* int8 tiles read the split layout, int8 rows the int16 one; int4 rows and tiles both read the split one */
-    return w->bits != 8 || (a->layout == FUSELM_QACTS_SPLIT8) == (w->scales == NULL);
+    /* tiles read the split layout; rows the split one where fuselm_qrows_read_split says, else the int16 one */
+    const int split = w->scales == NULL || fuselm_qrows_read_split(w->bits, w->k);
+    return (a->layout == FUSELM_QACTS_SPLIT8) == split;
 }
 
 void fuselm_qacts_release(QActs *a) {

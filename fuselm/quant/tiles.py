@@ -1,7 +1,7 @@
 """Which quantised weights go into sixteen-row tiles (kernels/int4_rows16.c, kernels/int8_rows16.c), in one place.
 
 On builds with AVX512_VNNI, int4 g32 and int8 g32 weights are repacked at load into tiles that one vpdpbusd
-advances sixteen rows at a time (fuselm/quant/int4_rows16.py, fuselm/quant/int8_rows16.py). The MoE experts
+advances sixteen rows at a time (int4 also on AVX2 builds, with vpmaddubsw: eight rows a register) (fuselm/quant/int4_rows16.py, fuselm/quant/int8_rows16.py). The MoE experts
 (fuselm/layers/moe.py) and the dense projections (fuselm/quant/linear.py) ask `repack` for each weight, and
 whatever hands weights to the C side tells a tiled one by `TILED` (the C side by its missing scales).
 
@@ -24,7 +24,7 @@ TILED = (Int4Rows16, Int8Rows16)
 def enabled(kernels, bits: int, dense: bool = False) -> bool:
     """Whether weights of `bits` that fit are repacked (`dense`: a dense projection's, else MoE experts')."""
     allowed = os.environ.get(f"FUSELM_INT{bits}_TILES", "1")
-    return bool(getattr(kernels, "int4_rows16_available", False)) and allowed != "0" and not (
+    return bool(getattr(kernels, f"int{bits}_rows16_available", False)) and allowed != "0" and not (
         dense and allowed == "experts")
 
 
