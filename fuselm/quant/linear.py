@@ -2,8 +2,8 @@
 full-precision weight.
 
 On CPU with fuselm's C kernels the matmul runs in fuselm/kernels/quant_linear.c (weights widened
-32 at a time in registers); on builds with AVX512_VNNI the int4 and int8 g32 parts are repacked at load
-into sixteen-row tiles (kernels/int4_rows16.c, kernels/int8_rows16.c; fuselm/quant/tiles.py), which
+32 at a time in registers); on builds with AVX512_VNNI the int4 and int8 g32 parts (on AVX2 builds the int4
+ones) are repacked at load into sixteen-row tiles (kernels/int4_rows16.c, kernels/int8_rows16.c; fuselm/quant/tiles.py), which
 replace them. Anywhere else (CUDA, no C compiler, FUSELM_CPU_KERNELS=0) the portable
 path dequantises one layer's weight for the call and runs F.linear: correct everywhere, fast only
 where the GEMM dominates (large batches on a GPU).
@@ -26,8 +26,9 @@ from fuselm.quant.tiles import TILED
 # From this many rows on (prompt chunks), dequantising the layer into a scratch buffer and running a
 # float GEMM beats the row-streaming kernel (2-core EPYC, int4 gate/up [3072 x 576]: 32 rows 3.1 vs
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
-# Not for weights in tiles (fuselm/quant/tiles.py): int4 g32 tiles beat the dequantised GEMM 1.4-3.3x at
-# 48-512 rows (benchmarks/tiles_layer.py, docs/performance.md), so tiled parts take the kernel at every row count.
+# Weights in tiles (fuselm/quant/tiles.py) take it from tiles.dequantized_gemm_rows(kernels) on: never with
+# VNNI (its int4 g32 tiles beat the dequantised GEMM 1.4-3.3x at 48-512 rows: benchmarks/tiles_layer.py,
+# docs/performance.md), from 128 rows with the AVX2 tile kernel.
 DEQUANTIZED_GEMM_ROWS = 48
 
 
@@ -86,8 +87,11 @@ class QuantLinear(LinearMethod):
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None and x2.device.type == "cpu":
             xf = x2.float()
-            gemm = xf.shape[0] >= DEQUANTIZED_GEMM_ROWS  # tiles beat it at every row count: they never take it
-            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm and not isinstance(p, TILED)
+            rows = xf.shape[0]
+            gemm = rows >= DEQUANTIZED_GEMM_ROWS
+            tiles_from = tiles.dequantized_gemm_rows(self.kernels)
+            tiled_gemm = tiles_from is not None and rows >= tiles_from
+            outs = [F.linear(xf, self.kernels.dequantize(p)) if (tiled_gemm if isinstance(p, TILED) else gemm)
                     else self.kernels.qlinear(xf, p, None) for p in self.parts]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:

@@ -28,6 +28,18 @@ def enabled(kernels, bits: int, dense: bool = False) -> bool:
         dense and allowed == "experts")
 
 
+# Rows from which a dense layer in tiles is dequantised and run as a float GEMM instead (fuselm/quant/linear.py), by
+# the ISA variant of the tile kernel; absent: never. The AVX2 kernel (vpmaddubsw, eight rows a register) beats the
+# row kernels at every row count but loses to the GEMM at prompt-chunk sizes: on a 2-vCPU Zen 3 EPYC (int4 g32,
+# SmolLM2 and Mixtral-like attention shapes, benchmarks/tiles_layer.py) it wins at 1-48 rows, is level at ~128 and
+# 1.3-1.6x slower at 512.
+DEQUANTIZED_GEMM_ROWS = {"avx2": 128}
+
+
+def dequantized_gemm_rows(kernels) -> int | None:
+    return DEQUANTIZED_GEMM_ROWS.get(getattr(kernels, "isa", None))
+
+
 def repack(q, kernels, rows_per_expert: int, dense: bool = False):
     """q in tiles where this build and the environment allow it and the shape fits, else q unchanged. The K the
     activations are prepared for decides int4's fit: experts share them with quant_rows.c's rows (K % 128), a
