@@ -59,8 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels = get_kernels()
-    if kernels is None or not kernels.int4_rows16_available:
-        raise SystemExit("needs fuselm's C kernels built with AVX512_VNNI (the tiles)")
+    if kernels is None or not getattr(kernels, f"int{args.bits}_rows16_available"):
+        raise SystemExit(f"needs fuselm's C kernels with int{args.bits} tiles (int4: AVX2 or AVX512_VNNI, int8: "
+                         "AVX512_VNNI)")
     g = torch.Generator().manual_seed(0)
     methods = args.methods.split(",")
     pick = min if args.best else statistics.median
