@@ -306,27 +306,35 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One row's int16 levels per 32 values (amax / 32767, round to nearest even), natural order, and their scales. */
+/* 32 values -> int16 levels in [-limit, limit] (round to nearest even), values 0-15 in lo and 16-31 in hi (natural
+ * order), and their scale: the AVX-512 variant's round_block in 256-bit steps. */
+static inline void round_block(const float *x, float *scale, float limit, __m256i *lo, __m256i *hi) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16);
+    const __m256 v3 = _mm256_loadu_ps(x + 24);
+    const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float a = _mm_cvtss_f32(h);
+    *scale = a / limit;
+    const __m256 inv = _mm256_set1_ps(a > 0.0f ? limit / a : 0.0f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    /* packs works per 128-bit lane; the 64-bit permute puts the values back in order */
+    *lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+    *hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
+}
+
+/* One row's int16 levels per 32 values (amax / 32767), natural order, and their scales. */
 static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, float *xs) {
     (void)bits;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t kb = 0; kb < K / 32; kb++) {
-        const float *x = row + kb * 32;
-        const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16);
-        const __m256 v3 = _mm256_loadu_ps(x + 24);
-        const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                          _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float a = _mm_cvtss_f32(h);
-        xs[kb] = a / 32767.0f;
-        const __m256 inv = _mm256_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        /* packs works per 128-bit lane; the 64-bit permute puts the values back in order */
-        _mm256_storeu_si256((__m256i *)(q + kb * 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-        _mm256_storeu_si256((__m256i *)(q + kb * 32 + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+        __m256i lo, hi;
+        round_block(row + kb * 32, xs + kb, 32767.0f, &lo, &hi);
+        _mm256_storeu_si256((__m256i *)(q + kb * 32), lo);
+        _mm256_storeu_si256((__m256i *)(q + kb * 32 + 16), hi);
     }
 }
 
@@ -337,28 +345,14 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
 static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
     (void)xv;
     const int64_t blocks = K / 32;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t kb = 0; kb < blocks; kb++) {
-        const float *x = row + kb * 32;
-        const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16);
-        const __m256 v3 = _mm256_loadu_ps(x + 24);
-        const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                          _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float a = _mm_cvtss_f32(h);
-        xs[kb] = a / 32639.0f;
-        const __m256 inv = _mm256_set1_ps(a > 0.0f ? 32639.0f / a : 0.0f);
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        const __m256i lv[2] = {_mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8),  /* values 0-15 */
-                               _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8)}; /* 16-31 */
+        __m256i v[2];
+        round_block(row + kb * 32, xs + kb, 32639.0f, &v[0], &v[1]);
         const int64_t base = (kb / 4) * 128 + (kb % 4) * 16;
         const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
         for (int half = 0; half < 2; half++) { /* values 0-15 at base, 16-31 at base + 16 * in_quad */
-            const __m256i high = _mm256_srai_epi16(_mm256_add_epi16(lv[half], _mm256_set1_epi16(128)), 8); /* floor */
-            const __m256i low = _mm256_sub_epi16(lv[half], _mm256_slli_epi16(high, 8));
+            const __m256i high = _mm256_srai_epi16(_mm256_add_epi16(v[half], _mm256_set1_epi16(128)), 8); /* floor */
+            const __m256i low = _mm256_sub_epi16(v[half], _mm256_slli_epi16(high, 8));
             _mm_storeu_si128((__m128i *)(xh + base + 16 * in_quad * half),
                              _mm_packs_epi16(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
             _mm_storeu_si128((__m128i *)(xl + base + 16 * in_quad * half),
