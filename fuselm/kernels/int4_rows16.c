@@ -23,7 +23,8 @@
  * are, so a token's result does not depend on its batch.
  *
  * Where it runs: GroupedExperts repacks int4 g32 experts into tiles when this build has AVX512_VNNI (or is the
- * AVX2 build: the kernel below without vpdpbusd) and the shapes fit (rows a multiple of 16, K of 128), and QuantLinear its dense int4 g32 parts (rows a
+ * AVX2 build: the kernel below without vpdpbusd) and the shapes fit (rows a multiple of 16, K of 128), and
+ * QuantLinear its dense int4 g32 parts (rows a
  * multiple of 16, K of 32: the split activations then end in a shorter quad of blocks, whose values 16-31
  * follow its values 0-15 at 16 bytes per block instead of 64); the tiles then replace the rows, scales
  * and mins (one copy). kernels/moe.c, moe_few_rows.c, quant_project.c and quant_linear.c recognise such a
@@ -100,7 +101,6 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
  * row and block that is ~7 instructions shared by eight rows, against quant_rows.c's ~10 per row and block plus its
  * per-row scale products, min term and reduction. */
 #include <immintrin.h>
-#include <string.h>
 
 int fuselm_int4_rows16_available(void) {
     return 1;
@@ -227,7 +227,8 @@ void fuselm_int4_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         }
     }
 }
-#else /* elsewhere (no AVX2; AVX-512 without VNNI) nothing is repacked (fuselm_int4_rows16_available says so), so these are never reached */
+#else /* elsewhere (no AVX2; AVX-512 without VNNI) nothing is repacked (fuselm_int4_rows16_available says so), so
+       these are never reached */
 int fuselm_int4_rows16_available(void) {
     return 0;
 }
