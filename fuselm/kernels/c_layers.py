@@ -108,21 +108,12 @@ class CLayers:
         self._outputs_fn = kernels.layer_attention_outputs_fn
         # The C halves multiply quantised weights with fuselm_qlinear at every row count; for long
         # chunks the torch layer's dequantise-then-GEMM is faster (fuselm/quant/linear.py), so
-        # quantised models take the halves only for steps below that crossover: the rows' crossover, or
-        # where every part of a projection is in tiles (fuselm/quant/tiles.py) the tile kernel's (none with
-        # VNNI, whose tiles beat that GEMM at every row count).
+        # quantised models take the halves only for steps below the lowest crossover of their parts
+        # (QuantLinear.gemm_rows: the rows', or a tiled part's, which with VNNI has none).
         from fuselm.kernels.dense_linear import DenseLinear
-        from fuselm.quant import tiles
-        from fuselm.quant.linear import DEQUANTIZED_GEMM_ROWS
 
-        def crossover(module) -> int | None:
-            if isinstance(module, DenseLinear):
-                return None
-            if all(isinstance(p, TILED) for p in module.parts):
-                return tiles.dequantized_gemm_rows(kernels)
-            return DEQUANTIZED_GEMM_ROWS
-
-        limits = [c for layer in layers for m in _all_projections(layer) if (c := crossover(m)) is not None]
+        limits = [rows for layer in layers for m in _all_projections(layer) if not isinstance(m, DenseLinear)
+                  for rows in m.gemm_rows if rows is not None]  # QuantLinear's crossover of each part
         self.max_prompt_step_tokens = min(limits) - 1 if limits else None
 
     @staticmethod

@@ -144,7 +144,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
                          int num_threads);
 void fuselm_qacts_release(QActs *a);
 /* fuselm_qacts_prepare for int4 or int8 (bits) g32 tiles (int4_rows16.c, int8_rows16.c): the split layout at any
- * K % 32 == 0; 0 without VNNI. */
+ * K % 32 == 0; 0 where the build has no tiles of that width (fuselm_int4_rows16_available, _int8_). */
 int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
                                int num_threads);
 /* 1 where fuselm_qrows reads `bits`-wide rows of K from the split layout (int4 at K % 128 with VNNI), 0 where from

@@ -503,9 +503,9 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
-    /* int4 rows read the split layout at K % 128 == 0, the tiles (int4 or int8) at any K % 32 == 0 */
-    a->layout = (QR_SPLIT && bits == 4 && K % 128 == 0) || (QR_TILES && split_any_k) ? FUSELM_QACTS_SPLIT8
-                                                                                       : FUSELM_QACTS_INT16;
+    /* rows read the split layout where fuselm_qrows_read_split says, the tiles at any K % 32 == 0 */
+    a->layout = fuselm_qrows_read_split(bits, K) || (QR_TILES && split_any_k) ? FUSELM_QACTS_SPLIT8
+                                                                              : FUSELM_QACTS_INT16;
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));

@@ -61,6 +61,7 @@ class QuantLinear(LinearMethod):
         self.bias = bias
         self.kernels = None  # fuselm.kernels.cpu.CpuKernels, set by use_cpu_kernels()
         self.keep_layout = keep_layout
+        self.gemm_rows = self._gemm_rows(None)
 
     @property
     def kind(self) -> str:
@@ -74,13 +75,20 @@ class QuantLinear(LinearMethod):
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
-        """Multiply with `kernels` (None: the portable path). On builds with AVX512_VNNI the int4 and int8 g32 parts
-        are repacked into sixteen-row tiles (fuselm/quant/tiles.py), which replace them (one copy of the weight)."""
+        """Multiply with `kernels` (None: the portable path). Where the build has sixteen-row tiles (int4 and int8 g32
+        with AVX512_VNNI, int4 g32 on AVX2) the parts are repacked into them (fuselm/quant/tiles.py), which replace
+        them (one copy of the weight)."""
         on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, TILED) else p.qweight.device.type == "cpu"
                      for p in self.parts)
         self.kernels = kernels if kernels is not None and on_cpu else None
         if self.kernels is not None and not self.keep_layout:
             self.parts = [tiles.repack(p, kernels, p.out_features, dense=True) for p in self.parts]
+        self.gemm_rows = self._gemm_rows(kernels)
+
+    def _gemm_rows(self, kernels) -> list[int | None]:
+        """Per part, the rows from which it takes the dequantised GEMM on the C path (None: never)."""
+        return [tiles.dequantized_gemm_rows(kernels) if isinstance(p, TILED) else DEQUANTIZED_GEMM_ROWS
+                for p in self.parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -88,11 +96,8 @@ class QuantLinear(LinearMethod):
         if self.kernels is not None and x2.device.type == "cpu":
             xf = x2.float()
             rows = xf.shape[0]
-            gemm = rows >= DEQUANTIZED_GEMM_ROWS
-            tiles_from = tiles.dequantized_gemm_rows(self.kernels)
-            tiled_gemm = tiles_from is not None and rows >= tiles_from
-            outs = [F.linear(xf, self.kernels.dequantize(p)) if (tiled_gemm if isinstance(p, TILED) else gemm)
-                    else self.kernels.qlinear(xf, p, None) for p in self.parts]
+            outs = [F.linear(xf, self.kernels.dequantize(p)) if gemm_from is not None and rows >= gemm_from
+                    else self.kernels.qlinear(xf, p, None) for p, gemm_from in zip(self.parts, self.gemm_rows)]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.bias is not None:
                 y = y + self.bias.float()
