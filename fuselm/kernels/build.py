@@ -41,7 +41,7 @@ SOURCES = ("abi.c", "paged_attention.c", "paged_attention_int8.c", "layer_ops.c"
            "decode_layers.c", "moe.c", "moe_float.c", "cascade_attention.c", "chunk_attention.c", "quant_rows.c",
            "quant_project.c", "moe_few_rows.c", "int4_rows16.c", "int8_rows16.c", "rows16.c")
 HEADERS = ("fuselm_kernels.h", "bf16_simd.h", "cascade_blocks.h", "cascade_panel.h", "softmax_exp.h",
-           "attention_f32_avx512.h", "attention_bf16_avx512.h", "rows16_simd.h", "prefetch_spread.h")
+           "attention_f32_avx2.h", "attention_f32_avx512.h", "attention_bf16_avx512.h", "rows16_simd.h", "prefetch_spread.h")
 _BASE_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
 # -Wmissing-prototypes: every exported function is declared in fuselm_kernels.h;
 # -Wredundant-decls: no source declares another's functions again.

@@ -30,16 +30,17 @@
 #include <string.h>
 
 #include "attention_bf16_avx512.h"
+#include "attention_f32_avx2.h"
 #include "attention_f32_avx512.h"
 #include "bf16_simd.h"
 #include "cascade_blocks.h"
 #include "cascade_panel.h"
 
-/* A row's own blocks (step 2): with AVX-512, cascade_blocks.h's per-block dot products suit a row's
- * few queries best; without it, their 16-lane vectors are pairs of ymm registers the compiler spills,
- * and the panel path with its 8-lane slices is faster (64 rows sharing 2,000 tokens + ~117 of their
- * own, float32, one thread of a 2-vCPU AMD EPYC: 4.1 ms a layer against 7.8 with AVX2; 2.6 against
- * 2.1 with AVX-512). */
+/* A row's own blocks (step 2) where no per-row decode kernel takes them (below: bf16 queries without AVX-512,
+ * an int8 cache): with AVX-512, cascade_blocks.h's per-block dot products suit a row's few queries best;
+ * without it, their 16-lane vectors are pairs of ymm registers the compiler spills, and the panel path with
+ * its 8-lane slices is faster (64 rows sharing 2,000 tokens + ~117 of their own, float32, one thread of a
+ * 2-vCPU AMD EPYC: 4.1 ms a layer against 7.8 with AVX2; 2.6 against 2.1 with AVX-512). */
 #if defined(__AVX512F__)
 #define OWN_BLOCKS_BY_PANEL 0
 #else
@@ -197,6 +198,9 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
 #if defined(__AVX512F__)
     if (dtype == FUSELM_F32 && (kv_dtype == FUSELM_F32 || kv_dtype == FUSELM_BF16) && D <= F32_AVX512_MAX_DIM)
         own_by_row = 1;
+#elif defined(HAVE_F32_FAST_PATH)
+    if (dtype == FUSELM_F32 && (kv_dtype == FUSELM_F32 || kv_dtype == FUSELM_BF16) && D <= F32_AVX2_MAX_DIM)
+        own_by_row = 1;
 #endif
 #ifdef HAVE_BF16_FAST_PATH
     if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && D % 32 == 0 && D <= MAX_DIM) own_by_row = 2;
@@ -252,12 +256,14 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise. Float32 queries
-         * over a float32 or bfloat16 cache with AVX-512 take the per-row decode kernel (attention_f32_avx512.h; bf16
-         * queries over a bf16 cache attention_bf16_avx512.h's), all heads of a row in one item: it reads each own
-         * block whole and asks for the next one's lines spread over its arithmetic, where the per-(row, head) items below stall on every block (64 rows sharing
-         * 2,000 tokens with ~95 of their own, 30 layers, 2 threads of a Zen 4 EPYC: the own blocks took 19.5 ms
-         * of the step beyond the shared pass, against ~8 ms in the per-row kernel). */
-#if defined(__AVX512F__)
+         * over a float32 or bfloat16 cache take the per-row decode kernel (attention_f32_avx512.h, or
+         * attention_f32_avx2.h without AVX-512; bf16 queries over a bf16 cache attention_bf16_avx512.h's), all
+         * heads of a row in one item: it reads each own block whole and asks for the next one's lines spread over
+         * its arithmetic, where the per-(row, head) items below stall on every block. 64 rows sharing 2,000
+         * tokens with ~95 of their own, 30 layers, 2 threads: on a Zen 4 EPYC the own blocks took 19.5 ms of the
+         * step beyond the shared pass against ~8 ms in the per-row kernel; on a Zen 3 EPYC (AVX2) the panel items
+         * took ~42 ms, the AVX2 per-row kernel ~21 (the whole step 1.52x -> 1.95x the per-row kernel's). */
+#if defined(__AVX512F__) || defined(HAVE_F32_FAST_PATH)
         if (own_by_row) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t n = 0; n < num_seqs; n++) {
@@ -279,9 +285,16 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
 #endif
                 const float *qn = (const float *)q + n * num_heads * D;
                 float *on = (float *)out + n * num_heads * D;
+#if !defined(__AVX512F__)
+                (void)after; /* the AVX2 kernel asks for its next block's lines within the row only */
+                seq_attention_f32_avx2_any(qn, on, k_cache, v_cache, block_table + n * max_blocks, first_block * bs,
+                                           ctx_lens[n], num_heads, Hkv, D, row_elems, bs, scale, row_acc, row_scores,
+                                           row_m, row_l, kv_dtype != FUSELM_F32, 1);
+#else
                 seq_attention_f32_avx512_any(qn, on, k_cache, v_cache, block_table + n * max_blocks, first_block * bs,
                                              ctx_lens[n], num_heads, Hkv, D, row_elems, bs, scale, row_acc, row_scores,
                                              row_m, row_l, kv_dtype != FUSELM_F32, 1, after);
+#endif
             }
         }
 #endif
