@@ -163,6 +163,53 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
         for (int half = 0; half < 2; half++)
             _mm256_storeu_ps(y + (m0 + m) * ldy + 8 * half, _mm256_add_ps(acc[m][half], acc_min[m][half]));
 }
+
+/* group_rows for one activation row (a decode step's): both halves of each 64-byte vector at once, so that a block
+ * needs only four broadcasts live at a time. The general loop at one row kept a block's sixteen broadcasts and its
+ * four float accumulators on the stack (GCC hoists the broadcasts out of the half loop). The same exact int16 sums
+ * and the same float operations in the same order as group_rows, so a row's result is the same bits at any batch. */
+static inline void group_row1(const QActs *a, int64_t m0, const uint8_t *tile, int64_t tile_bytes, int sdt, float *y,
+                              int64_t ldy) {
+    const int64_t K = a->K, blocks = K / 32;
+    const int64_t scale_size = sdt == FUSELM_F16 ? 2 : 4, scale_bytes = 16 * scale_size;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), by256 = _mm256_set1_epi16(256);
+    const int8_t *xh = a->xh + m0 * K, *xl = a->xl + m0 * K;
+    const float *xs = a->xs + m0 * blocks, *xg = a->xg + m0 * blocks;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, min0 = acc0, min1 = acc0;
+    for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
+        for (int64_t line = 0; line < tile_bytes; line += 64)
+            _mm_prefetch((const char *)tile + R16_PREFETCH_TILES * tile_bytes + line, _MM_HINT_T0);
+        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
+        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        __m256i sh0 = _mm256_setzero_si256(), sl0 = sh0, sh1 = sh0, sl1 = sh0;
+        for (int v = 0; v < 4; v++) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(tile + 64 * v));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(tile + 64 * v + 32));
+            const __m256i h_lo = broadcast4_8(xh + at + 4 * v), h_hi = broadcast4_8(xh + at + high + 4 * v);
+            const __m256i l_lo = broadcast4_8(xl + at + 4 * v), l_hi = broadcast4_8(xl + at + high + 4 * v);
+            const __m256i lo0 = _mm256_and_si256(b0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), mask);
+            sh0 = _mm256_add_epi16(sh0, _mm256_maddubs_epi16(lo0, h_lo));
+            sh0 = _mm256_add_epi16(sh0, _mm256_maddubs_epi16(hi0, h_hi));
+            sl0 = _mm256_add_epi16(sl0, _mm256_maddubs_epi16(lo0, l_lo));
+            sl0 = _mm256_add_epi16(sl0, _mm256_maddubs_epi16(hi0, l_hi));
+            const __m256i lo1 = _mm256_and_si256(b1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), mask);
+            sh1 = _mm256_add_epi16(sh1, _mm256_maddubs_epi16(lo1, h_lo));
+            sh1 = _mm256_add_epi16(sh1, _mm256_maddubs_epi16(hi1, h_hi));
+            sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(lo1, l_lo));
+            sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(hi1, l_hi));
+        }
+        const __m256 bx = _mm256_set1_ps(xs[kb]), bg = _mm256_set1_ps(xg[kb]);
+        const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(sh0, by256), _mm256_madd_epi16(sl0, ones));
+        const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(sh1, by256), _mm256_madd_epi16(sl1, ones));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(load_8(tile + 256, sdt), bx), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(load_8(tile + 256 + 8 * scale_size, sdt), bx), acc1);
+        min0 = _mm256_fmadd_ps(load_8(tile + 256 + scale_bytes, sdt), bg, min0);
+        min1 = _mm256_fmadd_ps(load_8(tile + 256 + scale_bytes + 8 * scale_size, sdt), bg, min1);
+    }
+    _mm256_storeu_ps(y + m0 * ldy, _mm256_add_ps(acc0, min0));
+    _mm256_storeu_ps(y + m0 * ldy + 8, _mm256_add_ps(acc1, min1));
+}
+#define HAVE_GROUP_ROW1 1
 #endif
 
 #if (defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)) || \
@@ -183,8 +230,15 @@ static inline void tile_floats(const uint8_t *p, int sdt, float *out) {
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
                                                             int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
     const int64_t blocks = a->K / 32, tile_bytes = 256 + 2 * 16 * (sdt == FUSELM_F16 ? 2 : 4);
-    for (int64_t n = n0; n < n1; n += 16)
+    for (int64_t n = n0; n < n1; n += 16) {
+#ifdef HAVE_GROUP_ROW1
+        if (MT == 1) {
+            group_row1(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, y + n, ldy);
+            continue;
+        }
+#endif
         group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+    }
 }
 
 void fuselm_int4_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
