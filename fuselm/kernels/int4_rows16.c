@@ -197,6 +197,7 @@ static inline void group_row1(const QActs *a, int64_t m0, const uint8_t *tile, i
             sh1 = _mm256_add_epi16(sh1, _mm256_maddubs_epi16(hi1, h_hi));
             sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(lo1, l_lo));
             sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(hi1, l_hi));
+            __asm__("" : "+x"(sh0), "+x"(sl0), "+x"(sh1), "+x"(sl1)); /* no reassociation across v */
         }
         const __m256 bx = _mm256_set1_ps(xs[kb]), bg = _mm256_set1_ps(xg[kb]);
         const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(sh0, by256), _mm256_madd_epi16(sl0, ones));
