@@ -146,10 +146,14 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
                 const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
                 __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
                 for (int v = 0; v < 4; v++) {
-                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(lo[v], broadcast4_8(h + 4 * v)));
-                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[v], broadcast4_8(h + high + 4 * v)));
-                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[v], broadcast4_8(l + 4 * v)));
-                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(hi[v], broadcast4_8(l + high + 4 * v)));
+                    __m256i x0 = broadcast4_8(h + 4 * v), x1 = broadcast4_8(h + high + 4 * v);
+                    __m256i x2 = broadcast4_8(l + 4 * v), x3 = broadcast4_8(l + high + 4 * v);
+                    __asm__ volatile("" : "+x"(x0), "+x"(x1), "+x"(x2), "+x"(x3)); /* loaded here, not hoisted */
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(lo[v], x0));
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[v], x1));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[v], x2));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(hi[v], x3));
+                    __asm__("" : "+x"(sh), "+x"(sl));
                 }
                 const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(sh, by256), _mm256_madd_epi16(sl, ones));
                 const float *xs = a->xs + (m0 + m) * blocks, *xg = a->xg + (m0 + m) * blocks;
