@@ -1,6 +1,6 @@
 """Dense int4 g32 projections in kernels/int4_rows16.c's sixteen-row tiles (QuantLinear on builds with
 AVX512_VNNI or AVX2): against the float64 product of the dequantised weights at 1 to 600 rows (a row's result
-independent of the others wherever the tile kernel runs: every row count with VNNI, below 128 rows on AVX2) (K a multiple of 128
+independent of the others wherever the tile kernel runs: every row count with VNNI, below 256 rows on AVX2) (K a multiple of 128
 and not, N a multiple of 16, float16 and float32 scales, a bias, q/k/v parts side by side), the C layer
 step's fused projection (quant_project.c) against each tiled part alone, the tiles as the only copy of the
 weight, the shapes and weights that keep the QuantWeight layout, and whole models (the embedded Q4_1 GGUF
@@ -57,7 +57,7 @@ def test_tiled_layer_matches_the_dequantised_reference(scale_dtype, k):
     x = torch.randn(600, k, generator=g)
     x[7] = 0.0  # a zero row: every block's activation scale is 0
     gemm_from = tiles.dequantized_gemm_rows(kernels)  # None with VNNI: the tiles take every row count
-    for m in (1, 2, 3, 5, 16, 47, 48, 64, 127, 130, 600):  # few rows, and the rows that took the dequantised GEMM
+    for m in (1, 2, 3, 5, 16, 47, 48, 64, 127, 130, 255, 256, 600):  # few rows, and the rows that took the dequantised GEMM
         got = layer(x[:m])
         assert _close(got, _reference(parts, bias, x[:m])), m
         if gemm_from is None or m < gemm_from:  # in the tile kernel a row's result does not depend on the other rows

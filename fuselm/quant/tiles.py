@@ -31,9 +31,10 @@ def enabled(kernels, bits: int, dense: bool = False) -> bool:
 # Rows from which a dense layer in tiles is dequantised and run as a float GEMM instead (fuselm/quant/linear.py), by
 # the ISA variant of the tile kernel; absent: never. The AVX2 kernel (vpmaddubsw, eight rows a register) beats the
 # row kernels at every row count but loses to the GEMM at prompt-chunk sizes: on a 2-vCPU Zen 3 EPYC (int4 g32,
-# SmolLM2 and Mixtral-like attention shapes, benchmarks/tiles_layer.py) it wins at 1-48 rows, is level at ~128 and
-# 1.3-1.6x slower at 512.
-DEQUANTIZED_GEMM_ROWS = {"avx2": 128}
+# `benchmarks/tiles_layer.py --rows 128,192,256,384,512 --methods tiles,tiles-gemm`, one thread, CPU time) it is
+# level with or faster than the GEMM up to 256 rows in SmolLM2's shapes (1.0-1.3x at 128) and faster at every count
+# to 512 in the Mixtral-like attention shapes (1.2-2.2x); at 512 SmolLM2's o projection runs 1.34x slower in it.
+DEQUANTIZED_GEMM_ROWS = {"avx2": 256}
 
 
 def dequantized_gemm_rows(kernels) -> int | None:
