@@ -74,11 +74,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
     float *acc, float *scores, float *m, float *l, int kv_bf16, int resume) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t width = kv_bf16 ? 2 : 4;
-    for (int64_t j = 0; j < num_heads && !resume; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-        for (int64_t d = 0; d < head_dim; d++) acc[j * head_dim + d] = 0.0f;
-    }
+    if (!resume) reset_softmax(acc, m, l, num_heads, head_dim);
     const __m256 vscale = _mm256_set1_ps(scale);
     for (int64_t b = from / block_size, start = b * block_size; start < len; start += block_size, b++) {
         const int64_t block = table[b];

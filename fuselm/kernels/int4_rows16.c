@@ -39,6 +39,14 @@
 
 #define R16_PREFETCH_TILES 24 /* tiles fetched ahead of the one being multiplied */
 
+/* Where block kb of `blocks` keeps its values 0-15 in the split activations (quads of four blocks: values 0-15 of
+ * each, then their values 16-31), and in *high how far on its values 16-31 are (16 per block of its quad). */
+static inline int64_t split_block(int64_t kb, int64_t blocks, int64_t *high) {
+    const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
+    *high = 16 * in_quad;
+    return (kb / 4) * 128 + (kb % 4) * 16;
+}
+
 int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
     const int64_t scale_size = scale_dtype == FUSELM_F16 ? 2 : 4;
     return (N / 16) * (K / 32) * (256 + 2 * 16 * scale_size);
@@ -72,8 +80,8 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
         const __m512 scales = load_16(tile + 256, sdt), mins = load_16(tile + 256 + scale_bytes, sdt);
         /* the block's values 0-15 in the split layout, and how far on its values 16-31 are: 64 bytes in a whole
          * quad of blocks, 16 per block in a shorter last one (quant_rows.c) */
-        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
-        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        int64_t high;
+        const int64_t at = split_block(kb, blocks, &high);
         for (int m = 0; m < MT; m++) {
             const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
             __m512i hl = zero, hh = zero, ll = zero, lh = zero; /* four chains: halves x nibbles */
@@ -130,9 +138,8 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
     for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
         for (int64_t line = 0; line < tile_bytes; line += 64)
             _mm_prefetch((const char *)tile + R16_PREFETCH_TILES * tile_bytes + line, _MM_HINT_T0);
-        /* the block's values 0-15 in the split layout, and how far on its values 16-31 are (as the VNNI kernel) */
-        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
-        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        int64_t high;
+        const int64_t at = split_block(kb, blocks, &high);
         for (int half = 0; half < 2; half++) { /* rows 0-7, then 8-15: bytes 32 * half of each 64-byte vector */
             __m256i lo[4], hi[4];
             for (int v = 0; v < 4; v++) {
@@ -183,8 +190,8 @@ static inline void group_row1(const QActs *a, int64_t m0, const uint8_t *tile, i
     for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
         for (int64_t line = 0; line < tile_bytes; line += 64)
             _mm_prefetch((const char *)tile + R16_PREFETCH_TILES * tile_bytes + line, _MM_HINT_T0);
-        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
-        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        int64_t high;
+        const int64_t at = split_block(kb, blocks, &high);
         __m256i sh0 = _mm256_setzero_si256(), sl0 = sh0, sh1 = sh0, sl1 = sh0;
         for (int v = 0; v < 4; v++) {
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(tile + 64 * v));

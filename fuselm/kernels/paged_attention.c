@@ -44,15 +44,6 @@ static inline void load_row(const void *base, int64_t index, int64_t dim, int dt
     }
 }
 
-/* Online-softmax state of one sequence before its first block: V sums 0, running max -inf, sum 0. */
-static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_heads, int64_t head_dim) {
-    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
-    for (int64_t j = 0; j < num_heads; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.0f;
-    }
-}
-
 
 
 int fuselm_max_group(void) { return MAX_GROUP; }

@@ -1,9 +1,19 @@
-/* exp for softmax after max subtraction, shared by the per-row and shared-prefix attention kernels. */
+/* exp for softmax after max subtraction, and the empty online-softmax state, shared by the per-row and
+ * shared-prefix attention kernels. */
 #ifndef FUSELM_SOFTMAX_EXP_H
 #define FUSELM_SOFTMAX_EXP_H
 
 #include <math.h>
 #include <stdint.h>
+
+/* Online-softmax state of one sequence before its first block: V sums 0, running max -inf, sum 0. */
+static inline void reset_softmax(float *acc, float *m, float *l, int64_t num_heads, int64_t head_dim) {
+    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < num_heads; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+}
 
 /* exp(x) for x <= 0 (softmax after max subtraction): 2^(x log2 e) split into 2^n * 2^f with
  * f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error ~2e-7). Plain

@@ -28,7 +28,7 @@ from fuselm.quant.tiles import TILED
 # 3.3 ms, 64 rows 6.5 vs 3.6 ms, 256 rows 24 vs 14 ms; down [576 x 1536]: 64 rows 3.1 vs 2.6 ms).
 # Weights in tiles (fuselm/quant/tiles.py) take it from tiles.dequantized_gemm_rows(kernels) on: never with
 # VNNI (its int4 g32 tiles beat the dequantised GEMM 1.4-3.3x at 48-512 rows: benchmarks/tiles_layer.py,
-# docs/performance.md), from 128 rows with the AVX2 tile kernel.
+# docs/performance.md), with the AVX2 tile kernel from tiles.DEQUANTIZED_GEMM_ROWS["avx2"] rows.
 DEQUANTIZED_GEMM_ROWS = 48
 
 
