@@ -299,44 +299,69 @@ static int64_t rows_panels_twice(const float *x, int64_t ldx, const float *packe
     return p;
 }
 #elif FL_DENSE_SIMD
-#define ROW_PANELS 4 /* panels one row's pass reads side by side: four weight streams, eight FMA chains */
-/* One row of x against the whole panels [p0, p1) that lie inside N, ROW_PANELS at a time: the 1-row tile reads one
- * panel (one stream, two FMA chains) at a time, which held an LM head GEMV to ~26 GB/s on two Zen 3 cores. Four
- * streams side by side, in-process alternation, same bits: 32,000 x 1,024 1.27-1.37x (26 -> 34-35 GB/s), 49,152 x
- * 576 1.18-1.19x, 1,024 x 1,024 and 3,072 x 576 from L3 1.16-1.29x; a Q4_0 Mixtral-like model at batch 1 1.11x
- * (its f32 LM head is half a token). Two panels were 0.93-0.97x of four, six 0.55-0.85x (2-vCPU AMD EPYC, Zen 3).
+/* R rows of x against the whole panels [p0, p1) that lie inside N, P panels at a time (2P ymm accumulators per row):
+ * the tiles read one panel (one weight stream, two FMA chains per row) at a time, which held an LM head GEMV to ~26
+ * GB/s on two Zen 3 cores. In-process alternation against the tiles, 2-vCPU AMD EPYC (Zen 3), same bits:
+ * - 1 row, four panels: 32,000 x 1,024 1.10-1.37x (26 -> 31-35 GB/s), 49,152 x 576 1.18-1.19x, 1,024 x 1,024 and
+ *   3,072 x 576 from L3 1.16-1.29x; a Q4_0 Mixtral-like model at batch 1 1.11x (its f32 LM head is half a token).
+ *   Two panels were 0.93-0.97x of four, six 0.55-0.85x;
+ * - 2 and 3 rows, two panels (2 x 3 x 4 accumulators fit the 16 registers): 1.10-1.48x on the same shapes;
+ * - 4-6 rows as 3 rows streaming and the others again from L2 were 0.89-1.15x: they keep the tiles.
  * Summed as tile_run sums it, so the bits are the same. Returns the first panel not done. */
-static int64_t rows_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
-    (void)ldx, (void)ldy;
-    if (M != 1) return p0;
+static inline __attribute__((always_inline)) int64_t row_panels(const float *x, int64_t ldx, const float *packed,
+                                                                const float *bias, float *y, int64_t ldy, int64_t N,
+                                                                int64_t K, int64_t p0, int64_t p1, const int R,
+                                                                const int P) {
     const int64_t kb = k_block(K);
     int64_t p = p0;
-    for (; p + ROW_PANELS <= p1 && (p + ROW_PANELS) * NR <= N; p += ROW_PANELS) {
+    for (; p + P <= p1 && (p + P) * NR <= N; p += P) {
         const float *w = packed + p * K * NR;
-        __m256 t[2 * ROW_PANELS], c[2 * ROW_PANELS];
+        __m256 t[3][8], c[3][8];
+#pragma GCC unroll 3
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int j = 0; j < 2 * ROW_PANELS; j++) t[j] = _mm256_setzero_ps();
+            for (int j = 0; j < 2 * P; j++) t[r][j] = _mm256_setzero_ps();
         for (int64_t k0 = 0; k0 < K; k0 += kb) {
             const int64_t k1 = k0 + kb < K ? k0 + kb : K;
+#pragma GCC unroll 3
+            for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-            for (int j = 0; j < 2 * ROW_PANELS; j++) c[j] = _mm256_setzero_ps();
+                for (int j = 0; j < 2 * P; j++) c[r][j] = _mm256_setzero_ps();
             for (int64_t k = k0; k < k1; k++) {
-                const __m256 a = _mm256_broadcast_ss(x + k);
+                __m256 a[3];
+#pragma GCC unroll 3
+                for (int r = 0; r < R; r++) a[r] = _mm256_broadcast_ss(x + r * ldx + k);
 #pragma GCC unroll 8
-                for (int j = 0; j < 2 * ROW_PANELS; j++)
-                    c[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + ((j >> 1) * K + k) * NR + (j & 1) * 8), c[j]);
+                for (int j = 0; j < 2 * P; j++) {
+                    const __m256 b = _mm256_loadu_ps(w + ((j >> 1) * K + k) * NR + (j & 1) * 8);
+#pragma GCC unroll 3
+                    for (int r = 0; r < R; r++) c[r][j] = _mm256_fmadd_ps(a[r], b, c[r][j]);
+                }
             }
+#pragma GCC unroll 3
+            for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-            for (int j = 0; j < 2 * ROW_PANELS; j++)
-                t[j] = k0 > 0 ? _mm256_add_ps(t[j], c[j])
-                              : _mm256_add_ps(c[j], bias != NULL ? _mm256_loadu_ps(bias + p * NR + j * 8)
-                                                                 : _mm256_setzero_ps());
+                for (int j = 0; j < 2 * P; j++)
+                    t[r][j] = k0 > 0 ? _mm256_add_ps(t[r][j], c[r][j])
+                                     : _mm256_add_ps(c[r][j], bias != NULL ? _mm256_loadu_ps(bias + p * NR + j * 8)
+                                                                           : _mm256_setzero_ps());
         }
+#pragma GCC unroll 3
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int j = 0; j < 2 * ROW_PANELS; j++) _mm256_storeu_ps(y + p * NR + j * 8, t[j]);
+            for (int j = 0; j < 2 * P; j++) _mm256_storeu_ps(y + r * ldy + p * NR + j * 8, t[r][j]);
     }
     return p;
+}
+
+static int64_t rows_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+    switch (M) {
+    case 1: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 1, 4);
+    case 2: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 2, 2);
+    case 3: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 3, 2);
+    default: return p0;
+    }
 }
 #endif
 
