@@ -172,11 +172,13 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
                 const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
                 for (int m = 0; m < MT; m++) {
                     const int8_t *h = row + m * K, *l = (const int8_t *)((intptr_t)h + to_low);
-                    sh[m] = _mm256_add_epi16(sh[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_broadcast4(h + 4 * v)),
-                                                                     _mm256_maddubs_epi16(hi, load_broadcast4(h + high + 4 * v))));
-                    sl[m] = _mm256_add_epi16(sl[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_broadcast4(l + 4 * v)),
-                                                                     _mm256_maddubs_epi16(hi, load_broadcast4(l + high + 4 * v))));
-                    __asm__ volatile("" : "+x"(sh[m]), "+x"(sl[m])); /* this row's broadcasts are loaded before the next's */
+                    const __m256i h0 = load_broadcast4(h + 4 * v), h1 = load_broadcast4(h + high + 4 * v);
+                    sh[m] = _mm256_add_epi16(sh[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, h0),
+                                                                     _mm256_maddubs_epi16(hi, h1)));
+                    const __m256i l0 = load_broadcast4(l + 4 * v), l1 = load_broadcast4(l + high + 4 * v);
+                    sl[m] = _mm256_add_epi16(sl[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, l0),
+                                                                     _mm256_maddubs_epi16(hi, l1)));
+                    __asm__ volatile("" : "+x"(sh[m]), "+x"(sl[m])); /* this row's broadcasts load before the next's */
                 }
             }
             const __m256 scales = load_8(tile + 256 + 8 * scale_size * half, sdt);
