@@ -108,30 +108,10 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
  * (the high halves) or by 1 (the low ones) turns them into each row's int32 dot product, exact as vpdpbusd's. Per
  * row and block that is ~7 instructions shared by eight rows, against quant_rows.c's ~10 per row and block plus its
  * per-row scale products, min term and reduction. */
-#include <immintrin.h>
+#include "rows16_simd.h"
 
 int fuselm_int4_rows16_available(void) {
     return 1;
-}
-
-static inline __m256 load_8(const uint8_t *p, int sdt) {
-    if (sdt == FUSELM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_loadu_ps((const float *)p);
-}
-
-static inline __m256i broadcast4_8(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm256_set1_epi32(v);
-}
-
-/* Four activation bytes broadcast to every int32 lane, loaded where the asm stands: as a plain broadcast GCC loaded
- * a block's MT x 16 of them up front and kept them on the stack. */
-static inline __m256i load_broadcast4(const int8_t *p) {
-    typedef int32_t __attribute__((may_alias)) int32_alias;
-    __m256i r;
-    __asm__ volatile("vpbroadcastd %1, %0" : "=x"(r) : "m"(*(const int32_alias *)p));
-    return r;
 }
 
 /* One group of sixteen weight rows (its tiles from `tile0`) against MT (2-4) activation rows from m0: rows 0-7 over

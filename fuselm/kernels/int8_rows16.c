@@ -22,11 +22,12 @@
  * product per block is the same exact value), and every output row is computed by the same instructions
  * whatever the other activation rows of the call are.
  *
- * Where it runs: where int4_rows16.c's tiles run (AVX512_VNNI builds), for int8 weights in groups of 32 with
- * float16/float32 scales: MoE experts (GroupedExperts) and dense projections (QuantLinear), which tell the
- * tiles by bits 8 and scales NULL.
+ * Where it runs: where int4_rows16.c's tiles run (AVX512_VNNI builds, and AVX2 builds with the kernel below the
+ * VNNI one), for int8 weights in groups of 32 with float16/float32 scales: MoE experts (GroupedExperts) and dense
+ * projections (QuantLinear), which tell the tiles by bits 8 and scales NULL.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "fuselm_kernels.h"
 
@@ -131,7 +132,119 @@ void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         }
     }
 }
-#else /* without VNNI nothing is repacked (fuselm_int8_rows16_available says so), so these are never reached */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+/* AVX2 (x86-64-v3, no VNNI): the same tiles, widened. vpmaddubsw cannot take the biased weights (a pair of 255 x 128
+ * products overflows its int16 sums), so each sixteen bytes of a vector (four rows x four weights) are zero-extended
+ * to int16 (w + 128, exactly) and vpmaddwd multiplies them by four int16 activation levels broadcast to every row
+ * (quant_rows.c's int16 layout in natural order, not the split one: one product per weight instead of two). A block's
+ * int32 lanes then hold two partial sums per row; vphaddd pairs them (rows in the order 0 1 4 5 2 3 6 7 of each
+ * eight, which the scales are permuted to), and sum((w + 128) v) - 128 sum(v), with sum(v) the block's level sum
+ * (QActs.xv), is the exact integer sum(w v). The largest term, 32 x 255 x 32767, fits int32. Rows 0-7 of a group take
+ * every block, then rows 8-15 (the group's tiles, 17 KB at K = 1,024, are in L1 for the second pass), each weight
+ * quarter widened once for all MT rows, whose int32 sums alone stay live. */
+#include "rows16_simd.h"
+
+int fuselm_int8_rows16_available(void) {
+    return 1;
+}
+
+/* Four int16 levels broadcast to every 64-bit lane, loaded where the asm stands (see load_broadcast4). */
+static inline __m256i load_broadcast8(const int16_t *p) {
+    typedef int64_t __attribute__((may_alias)) int64_alias;
+    __m256i r;
+    __asm__ volatile("vpbroadcastq %1, %0" : "=x"(r) : "m"(*(const int64_alias *)p));
+    return r;
+}
+
+/* One group of sixteen weight rows (its tiles from `tile0`) against MT activation rows from m0. */
+static inline __attribute__((always_inline)) void group_rows(const QActs *a, int64_t m0, const uint8_t *tile0,
+                                                             int64_t tile_bytes, int sdt, const int MT, float *y,
+                                                             int64_t ldy) {
+    const int64_t K = a->K, blocks = K / 32, scale_size = sdt == FUSELM_F16 ? 2 : 4;
+    const __m256i paired = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); /* lane j of vphaddd's output holds row j's */
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[4];
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+        const uint8_t *tile = tile0;
+        for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes) {
+            const int16_t *row = a->xq + m0 * K + kb * 32; /* row m's levels of this block at row + m * K */
+            __m256i s0[4], s1[4]; /* rows 8 half + 0-3 and 4-7, two partial sums each */
+            for (int m = 0; m < MT; m++) s0[m] = s1[m] = _mm256_setzero_si256();
+            for (int v = 0; v < 8; v++) { /* weights 4v..4v+3 (v < 4) or 16+4(v-4).. of the block */
+                const uint8_t *w = tile + 64 * v + 32 * half;
+                const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w));
+                const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+                const int64_t at = v < 4 ? 4 * v : 16 + 4 * (v - 4);
+                for (int m = 0; m < MT; m++) {
+                    const __m256i x = load_broadcast8(row + m * K + at);
+                    s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(w0, x));
+                    s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(w1, x));
+                    __asm__ volatile("" : "+x"(s0[m]), "+x"(s1[m])); /* this row's broadcast loads before the next's */
+                }
+            }
+            const __m256 scales = _mm256_permutevar8x32_ps(load_8(tile + 512 + 8 * scale_size * half, sdt), paired);
+            for (int m = 0; m < MT; m++) {
+                const __m256i s = _mm256_sub_epi32(_mm256_hadd_epi32(s0[m], s1[m]),
+                                                   _mm256_set1_epi32(128 * a->xv[(m0 + m) * blocks + kb]));
+                const float xs = a->xs[(m0 + m) * blocks + kb];
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scales, _mm256_set1_ps(xs)), acc[m]);
+            }
+        }
+        for (int m = 0; m < MT; m++) /* back to row order: lane j of acc is row paired[j]'s */
+            _mm256_storeu_ps(y + (m0 + m) * ldy + 8 * half, _mm256_permutevar8x32_ps(acc[m], paired));
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
+                                                            int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
+    const int64_t blocks = a->K / 32, tile_bytes = tile_bytes_of(sdt);
+    for (int64_t n = n0; n < n1; n += 16)
+        group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+}
+
+void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    const uint8_t *t = (const uint8_t *)tiles;
+    const int64_t tile_bytes = tile_bytes_of(scale_dtype);
+    const int64_t first = (n0 / 16) * (a->K / 32) * tile_bytes, last = (n1 / 16) * (a->K / 32) * tile_bytes;
+    for (int64_t at = first; at < last && at < first + R16_PREFETCH_BYTES; at += 64)
+        _mm_prefetch((const char *)t + at, _MM_HINT_T0);
+    int64_t m = m0;
+    for (; m + 4 <= m0 + rows; m += 4) rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 4);
+    switch (m0 + rows - m) {
+    case 3: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 3); break;
+    case 2: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 2); break;
+    case 1: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 1); break;
+    default: break;
+    }
+}
+
+void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
+                                   int num_threads) {
+    const int64_t blocks = K / 32, tile_bytes = tile_bytes_of(scale_dtype);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t group = 0; group < N / 16; group++) {
+        for (int64_t kb = 0; kb < blocks; kb++) {
+            const uint8_t *tile = (const uint8_t *)tiles + (group * blocks + kb) * tile_bytes;
+            float scales[16];
+            _mm256_storeu_ps(scales, load_8(tile + 512, scale_dtype));
+            const int64_t half = 8 * (scale_dtype == FUSELM_F16 ? 2 : 4); /* the scales of rows 8-15 */
+            _mm256_storeu_ps(scales + 8, load_8(tile + 512 + half, scale_dtype));
+            for (int r = 0; r < 16; r++) {
+                float *o = out + (group * 16 + r) * K + kb * 32;
+                const __m128 scale = _mm_set1_ps(scales[r]);
+                for (int v = 0; v < 8; v++) { /* row r's four weights of vector v: (w + 128) - 128 */
+                    int32_t four;
+                    memcpy(&four, tile + 64 * v + 4 * r, sizeof four);
+                    const __m128i w = _mm_sub_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(four)), _mm_set1_epi32(128));
+                    _mm_storeu_ps(o + (v < 4 ? 4 * v : 16 + 4 * (v - 4)), _mm_mul_ps(_mm_cvtepi32_ps(w), scale));
+                }
+            }
+        }
+    }
+}
+#else /* elsewhere (no AVX2; AVX-512 without VNNI) nothing is repacked (fuselm_int8_rows16_available says
+       * so), so these are never reached */
 int fuselm_int8_rows16_available(void) {
     return 0;
 }

@@ -294,7 +294,7 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
 #include <immintrin.h>
 #define QR_SIMD 1
 #define QR_SPLIT 0
-#define QR_TILES 1 /* int4 tiles (int4_rows16.c's AVX2 kernel) read the split activations; int8 tiles are not built */
+#define QR_TILES 1 /* the tiles' AVX2 kernels (int4_rows16.c, int8_rows16.c) read the split activations */
 /* No software prefetch: on a 2-vCPU Zen 3 EPYC rows_tile's prefetches made the rows 1.05-1.26x slower (int4 and int8
  * g32, 1,024-8,192 x 1,024, 1-4 rows, in-process alternation); the hardware prefetcher follows the rows alone. */
 #define QR_PREFETCH 0
@@ -340,8 +340,8 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
 
 /* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout of the AVX-512 variant's
  * prepare_row_split (what int4_rows16.c's tiles read: per four blocks, values 0-15 of blocks A, B, C, D, then their
- * values 16-31; a last quad of r < 4 blocks holds its values 16-31 16 * r on). xv: int8 tiles' level sums, which no
- * AVX2 build reads (NULL). */
+ * values 16-31; a last quad of r < 4 blocks holds its values 16-31 16 * r on). xv: the VNNI int8 tiles' level sums,
+ * which the AVX2 int8 tiles (signed weights) do not need. */
 static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
     (void)xv;
     const int64_t blocks = K / 32;
@@ -454,6 +454,12 @@ static inline __attribute__((always_inline)) void int8_row(const QActs *a, int64
 #define QR_TILES 0
 #endif
 
+/* Whether the tiles of `bits` read the split layout: int4's always, int8's where vpdpbusd takes them (the AVX2 int8
+ * tiles widen the weights to int16 and read the int16 levels in natural order, with their block sums). */
+static int tiles_read_split(int bits) {
+    return QR_SPLIT || bits == 4;
+}
+
 #if QR_SIMD
 /* n scales of one weight row (float16 or float32) -> float. */
 static inline void scales_to_float(const void *src, int64_t n, int dtype, float *dst) {
@@ -493,6 +499,15 @@ static inline void block_scales(const void *scales, int sdt, int64_t K, int64_t 
         for (int64_t j = 0; j < per_group; j++) lo[i * per_group + j] = g[i];
 }
 
+/* Each 32-block's sum of one row's int16 levels (the AVX2 int8 tiles' correction for their biased weights). */
+static void level_sums(const int16_t *q, int64_t K, int32_t *xv) {
+    for (int64_t kb = 0; kb < K / 32; kb++) {
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) sum += q[kb * 32 + j];
+        xv[kb] = sum;
+    }
+}
+
 /* split_any_k: the split layout at any K % 32 == 0, for the tiles of int4_rows16.c and int8_rows16.c (they read
  * tails), not only K % 128 == 0 (what fuselm_qrows's int4 rows read) */
 static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t G, int bits, int num_threads,
@@ -503,15 +518,18 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
     if (K % 32 != 0 || K / 32 > QR_MAX_BLOCKS || (G != 16 && G % 32 != 0) || K % G != 0) return 0;
     const int64_t blocks = K / 32, groups = K / G;
     a->M = M, a->K = K, a->G = G, a->bits = bits;
-    /* rows read the split layout where fuselm_qrows_read_split says, the tiles at any K % 32 == 0 */
-    a->layout = fuselm_qrows_read_split(bits, K) || (QR_TILES && split_any_k) ? FUSELM_QACTS_SPLIT8
-                                                                              : FUSELM_QACTS_INT16;
+    /* rows read the split layout where fuselm_qrows_read_split says, the tiles at any K % 32 == 0 where
+     * tiles_read_split says (else the int16 one) */
+    a->layout = fuselm_qrows_read_split(bits, K) || (QR_TILES && split_any_k && tiles_read_split(bits))
+                    ? FUSELM_QACTS_SPLIT8
+                    : FUSELM_QACTS_INT16;
     if (a->layout == FUSELM_QACTS_SPLIT8) {
         a->xh = (int8_t *)malloc((size_t)(M * K));
         a->xl = (int8_t *)malloc((size_t)(M * K));
         if (bits == 8) a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
     } else {
         a->xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+        if (bits == 8 && split_any_k) a->xv = (int32_t *)malloc((size_t)(M * blocks) * sizeof(int32_t));
     }
     a->xs = (float *)malloc((size_t)(M * blocks) * sizeof(float));
     a->xg = bits == 4 ? (float *)malloc((size_t)(M * groups) * sizeof(float)) : NULL;
@@ -524,7 +542,10 @@ static int prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, 
                               a->xv != NULL ? a->xv + m * blocks : NULL);
         else
 #endif
+        {
             prepare_row16(row, K, bits, a->xq + m * K, a->xs + m * blocks);
+            if (a->xv != NULL) level_sums(a->xq + m * K, K, a->xv + m * blocks);
+        }
         if (bits == 4) group_sums(row, K, G, a->xg + m * groups);
     }
     return 1;
@@ -537,7 +558,7 @@ int fuselm_qacts_prepare(QActs *a, const float *x, int64_t ldx, int64_t M, int64
 
 int fuselm_qacts_prepare_tiles(QActs *a, const float *x, int64_t ldx, int64_t M, int64_t K, int bits,
                                int num_threads) {
-    if (!QR_TILES || (bits != 4 && bits != 8) || (bits == 8 && !QR_SPLIT)) { /* int8 tiles: VNNI builds only */
+    if (!QR_TILES || (bits != 4 && bits != 8)) {
         memset(a, 0, sizeof *a);
         return 0;
     }
@@ -638,8 +659,9 @@ int fuselm_qrows_read_split(int bits, int64_t K) {
 
 int fuselm_qacts_fit(const QActs *a, const QPart *w) {
     if (a->layout == FUSELM_QACTS_NONE || a->bits != w->bits || a->G != w->group || a->K != w->k) return 0;
-    /* tiles read the split layout; rows the split one where fuselm_qrows_read_split says, else the int16 one */
-    const int split = w->scales == NULL || fuselm_qrows_read_split(w->bits, w->k);
+    /* tiles read the split layout where tiles_read_split says; rows where fuselm_qrows_read_split says; else the
+     * int16 one */
+    const int split = (w->scales == NULL && tiles_read_split(w->bits)) || fuselm_qrows_read_split(w->bits, w->k);
     return (a->layout == FUSELM_QACTS_SPLIT8) == split;
 }
 

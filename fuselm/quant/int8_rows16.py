@@ -1,7 +1,7 @@
 """int8 g32 weights (GGUF Q8_0's layout) in kernels/int8_rows16.c's tiles: sixteen rows' 32-weight block, then
 their scales.
 
-The int8 counterpart of fuselm/quant/int4_rows16.py: on CPU with AVX512_VNNI the C MoE path (GroupedExperts)
+The int8 counterpart of fuselm/quant/int4_rows16.py: on CPU with AVX512_VNNI or AVX2 the C MoE path (GroupedExperts)
 and the dense quantised projections (QuantLinear) repack their int8 g32 weights into these tiles once at load,
 and the tiles replace the QuantWeight's rows and scales (one copy). What else reads them (the torch reference
 path, memory accounting, the plan line) goes through `Int8Rows16`, which answers like the QuantWeight it came
@@ -31,11 +31,14 @@ def tile_bytes(scale_dtype: torch.dtype) -> int:
     return 512 + TILE_ROWS * (2 if scale_dtype == torch.float16 else 4)
 
 
-def fits(q: QuantWeight, rows_per_expert: int) -> bool:
+def fits(q: QuantWeight, rows_per_expert: int, full_range: bool = True) -> bool:
     """Whether the tile kernel takes this weight: int8 in groups of 32 with float16/float32 scales, whole groups of
-    sixteen rows per expert (K a multiple of 32: every int8 g32 weight)."""
+    sixteen rows per expert (K a multiple of 32: every int8 g32 weight). `full_range` False: the AVX2 kernel's
+    sign trick (|x| times w with x's sign) needs |w| <= 127, so a weight holding the level -128 does not fit (GGUF
+    Q8_0 and fuselm's int8 round to [-127, 127]; a file could still hold -128)."""
     return (q.bits == 8 and q.group_size == 32 and q.scales.dtype in (torch.float16, torch.float32)
-            and rows_per_expert % TILE_ROWS == 0 and q.qweight.device.type == "cpu")
+            and rows_per_expert % TILE_ROWS == 0 and q.qweight.device.type == "cpu"
+            and (full_range or not bool((q.qweight == -128).any())))
 
 
 @dataclass
