@@ -31,14 +31,11 @@ def tile_bytes(scale_dtype: torch.dtype) -> int:
     return 512 + TILE_ROWS * (2 if scale_dtype == torch.float16 else 4)
 
 
-def fits(q: QuantWeight, rows_per_expert: int, full_range: bool = True) -> bool:
+def fits(q: QuantWeight, rows_per_expert: int) -> bool:
     """Whether the tile kernel takes this weight: int8 in groups of 32 with float16/float32 scales, whole groups of
-    sixteen rows per expert (K a multiple of 32: every int8 g32 weight). `full_range` False: the AVX2 kernel's
-    sign trick (|x| times w with x's sign) needs |w| <= 127, so a weight holding the level -128 does not fit (GGUF
-    Q8_0 and fuselm's int8 round to [-127, 127]; a file could still hold -128)."""
+    sixteen rows per expert (K a multiple of 32: every int8 g32 weight)."""
     return (q.bits == 8 and q.group_size == 32 and q.scales.dtype in (torch.float16, torch.float32)
-            and rows_per_expert % TILE_ROWS == 0 and q.qweight.device.type == "cpu"
-            and (full_range or not bool((q.qweight == -128).any())))
+            and rows_per_expert % TILE_ROWS == 0 and q.qweight.device.type == "cpu")
 
 
 @dataclass

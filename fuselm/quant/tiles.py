@@ -1,8 +1,8 @@
 """Which quantised weights go into sixteen-row tiles (kernels/int4_rows16.c, kernels/int8_rows16.c), in one place.
 
 On builds with AVX512_VNNI, int4 g32 and int8 g32 weights are repacked at load into tiles that one vpdpbusd
-advances sixteen rows at a time (also on AVX2 builds, with vpmaddubsw: eight rows a register; int8 there only for
-weights without the level -128) (fuselm/quant/int4_rows16.py, fuselm/quant/int8_rows16.py). The MoE experts
+advances sixteen rows at a time (also on AVX2 builds: int4 with vpmaddubsw, int8 widened to int16 for vpmaddwd;
+eight rows a register) (fuselm/quant/int4_rows16.py, fuselm/quant/int8_rows16.py). The MoE experts
 (fuselm/layers/moe.py) and the dense projections (fuselm/quant/linear.py) ask `repack` for each weight, and
 whatever hands weights to the C side tells a tiled one by `TILED` (the C side by its missing scales).
 
@@ -50,6 +50,6 @@ def repack(q, kernels, rows_per_expert: int, dense: bool = False):
         return q
     if q.bits == 4 and int4_rows16.fits(q, rows_per_expert, k_multiple=32 if dense else 128):
         return Int4Rows16.pack(q)
-    if q.bits == 8 and int8_rows16.fits(q, rows_per_expert, full_range=getattr(kernels, "isa", None) != "avx2"):
+    if q.bits == 8 and int8_rows16.fits(q, rows_per_expert):
         return Int8Rows16.pack(q)
     return q
