@@ -161,7 +161,7 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
                                                              int64_t tile_bytes, int sdt, const int MT, float *y,
                                                              int64_t ldy) {
     const int64_t K = a->K, blocks = K / 32, scale_size = sdt == FUSELM_F16 ? 2 : 4;
-    const __m256i paired = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); /* lane j of vphaddd's output holds row j's */
+    const __m256i paired = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7); /* vphaddd leaves row paired[j] in lane j */
     for (int half = 0; half < 2; half++) {
         __m256 acc[4];
         for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
