@@ -195,11 +195,48 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
     }
 }
 
+/* group_rows for one activation row (a decode step's): all sixteen rows in one pass, each broadcast serving four
+ * quarters (four accumulators), so a block takes eight broadcasts instead of sixteen and the tiles are walked once.
+ * The same integer sums and float operations as group_rows, so the same bits. One int8 Mixtral-like MoE layer at
+ * batch 1 from memory, in-process alternation against group_rows at one row: 1.08-1.09x (2-vCPU Zen 3 EPYC). */
+static inline void group_row1(const QActs *a, int64_t m0, const uint8_t *tile, int64_t tile_bytes, int sdt, float *y,
+                              int64_t ldy) {
+    const int64_t K = a->K, blocks = K / 32, scale_size = sdt == FUSELM_F16 ? 2 : 4;
+    const __m256i paired = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    const int16_t *x = a->xq + m0 * K;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (int64_t kb = 0; kb < blocks; kb++, tile += tile_bytes, x += 32) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0; /* rows 0-3, 4-7, 8-11, 12-15 */
+        for (int v = 0; v < 8; v++) {
+            const __m256i xb = load_broadcast8(x + (v < 4 ? 4 * v : 16 + 4 * (v - 4)));
+            const __m128i *w = (const __m128i *)(tile + 64 * v);
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(w)), xb));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(w + 1)), xb));
+            s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(w + 2)), xb));
+            s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(w + 3)), xb));
+        }
+        const __m256i bias = _mm256_set1_epi32(128 * a->xv[m0 * blocks + kb]);
+        const __m256 xs = _mm256_set1_ps(a->xs[m0 * blocks + kb]);
+        const __m256 sc0 = _mm256_permutevar8x32_ps(load_8(tile + 512, sdt), paired);
+        const __m256 sc1 = _mm256_permutevar8x32_ps(load_8(tile + 512 + 8 * scale_size, sdt), paired);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_hadd_epi32(s0, s1), bias)),
+                               _mm256_mul_ps(sc0, xs), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_hadd_epi32(s2, s3), bias)),
+                               _mm256_mul_ps(sc1, xs), acc1);
+    }
+    _mm256_storeu_ps(y + m0 * ldy, _mm256_permutevar8x32_ps(acc0, paired));
+    _mm256_storeu_ps(y + m0 * ldy + 8, _mm256_permutevar8x32_ps(acc1, paired));
+}
+
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
                                                             int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
     const int64_t blocks = a->K / 32, tile_bytes = tile_bytes_of(sdt);
-    for (int64_t n = n0; n < n1; n += 16)
-        group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+    for (int64_t n = n0; n < n1; n += 16) {
+        if (MT == 1)
+            group_row1(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, y + n, ldy);
+        else
+            group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+    }
 }
 
 void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
