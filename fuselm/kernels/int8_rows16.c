@@ -88,50 +88,6 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
     for (int m = 0; m < MT; m++) _mm512_storeu_ps(y + (m0 + m) * ldy, acc[m]);
 }
 
-static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
-                                                            int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
-    const int64_t blocks = a->K / 32, tile_bytes = tile_bytes_of(sdt);
-    for (int64_t n = n0; n < n1; n += 16)
-        group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
-}
-
-void fuselm_int8_rows16(const QActs *a, int64_t m0, int64_t rows, const void *tiles, int scale_dtype, int64_t n0,
-                        int64_t n1, float *y, int64_t ldy) {
-    const uint8_t *t = (const uint8_t *)tiles;
-    const int64_t tile_bytes = tile_bytes_of(scale_dtype);
-    const int64_t first = (n0 / 16) * (a->K / 32) * tile_bytes, last = (n1 / 16) * (a->K / 32) * tile_bytes;
-    for (int64_t at = first; at < last && at < first + R16_PREFETCH_BYTES; at += 64)
-        _mm_prefetch((const char *)t + at, _MM_HINT_T0);
-    int64_t m = m0;
-    for (; m + 4 <= m0 + rows; m += 4) rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 4);
-    switch (m0 + rows - m) {
-    case 3: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 3); break;
-    case 2: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 2); break;
-    case 1: rows_tile(a, m, t, scale_dtype, n0, n1, y, ldy, 1); break;
-    default: break;
-    }
-}
-
-void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *out, int64_t N, int64_t K,
-                                   int num_threads) {
-    const int64_t blocks = K / 32, tile_bytes = tile_bytes_of(scale_dtype);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t group = 0; group < N / 16; group++) {
-        for (int64_t kb = 0; kb < blocks; kb++) {
-            const uint8_t *tile = (const uint8_t *)tiles + (group * blocks + kb) * tile_bytes;
-            float scales[16];
-            _mm512_storeu_ps(scales, load_16(tile + 512, scale_dtype));
-            for (int r = 0; r < 16; r++) {
-                float *o = out + (group * 16 + r) * K + kb * 32;
-                for (int v = 0; v < 4; v++)
-                    for (int j = 0; j < 4; j++) {
-                        o[4 * v + j] = (float)((int)tile[64 * v + 4 * r + j] - 128) * scales[r];
-                        o[16 + 4 * v + j] = (float)((int)tile[64 * (4 + v) + 4 * r + j] - 128) * scales[r];
-                    }
-            }
-        }
-    }
-}
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 /* AVX2 (x86-64-v3, no VNNI): the same tiles, widened. vpmaddubsw cannot take the biased weights (a pair of 255 x 128
  * products overflows its int16 sums), so each sixteen bytes of a vector (four rows x four weights) are zero-extended
@@ -228,14 +184,22 @@ static inline void group_row1(const QActs *a, int64_t m0, const uint8_t *tile, i
     _mm256_storeu_ps(y + m0 * ldy + 8, _mm256_permutevar8x32_ps(acc1, paired));
 }
 
+#define HAVE_GROUP_ROW1 1
+#endif
+
+#if (defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)) || \
+    (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__))
 static inline __attribute__((always_inline)) void rows_tile(const QActs *a, int64_t m0, const uint8_t *tiles, int sdt,
                                                             int64_t n0, int64_t n1, float *y, int64_t ldy, const int MT) {
     const int64_t blocks = a->K / 32, tile_bytes = tile_bytes_of(sdt);
     for (int64_t n = n0; n < n1; n += 16) {
-        if (MT == 1)
+#ifdef HAVE_GROUP_ROW1
+        if (MT == 1) {
             group_row1(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, y + n, ldy);
-        else
-            group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
+            continue;
+        }
+#endif
+        group_rows(a, m0, tiles + (n / 16) * blocks * tile_bytes, tile_bytes, sdt, MT, y + n, ldy);
     }
 }
 
@@ -264,9 +228,15 @@ void fuselm_int8_rows16_dequantize(const void *tiles, int scale_dtype, float *ou
         for (int64_t kb = 0; kb < blocks; kb++) {
             const uint8_t *tile = (const uint8_t *)tiles + (group * blocks + kb) * tile_bytes;
             float scales[16];
-            _mm256_storeu_ps(scales, load_8(tile + 512, scale_dtype));
-            const int64_t half = 8 * (scale_dtype == FUSELM_F16 ? 2 : 4); /* the scales of rows 8-15 */
-            _mm256_storeu_ps(scales + 8, load_8(tile + 512 + half, scale_dtype));
+            for (int r = 0; r < 16; r++) {
+                if (scale_dtype == FUSELM_F16) {
+                    uint16_t h;
+                    memcpy(&h, tile + 512 + 2 * r, sizeof h);
+                    scales[r] = _cvtsh_ss(h);
+                } else {
+                    memcpy(scales + r, tile + 512 + 4 * r, sizeof(float));
+                }
+            }
             for (int r = 0; r < 16; r++) {
                 float *o = out + (group * 16 + r) * K + kb * 32;
                 const __m128 scale = _mm_set1_ps(scales[r]);
