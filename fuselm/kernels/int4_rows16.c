@@ -39,14 +39,6 @@
 
 #define R16_PREFETCH_TILES 24 /* tiles fetched ahead of the one being multiplied */
 
-/* Where block kb of `blocks` keeps its values 0-15 in the split activations (quads of four blocks: values 0-15 of
- * each, then their values 16-31), and in *high how far on its values 16-31 are (16 per block of its quad). */
-static inline int64_t split_block(int64_t kb, int64_t blocks, int64_t *high) {
-    const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
-    *high = 16 * in_quad;
-    return (kb / 4) * 128 + (kb % 4) * 16;
-}
-
 int64_t fuselm_int4_rows16_bytes(int64_t N, int64_t K, int scale_dtype) {
     const int64_t scale_size = scale_dtype == FUSELM_F16 ? 2 : 4;
     return (N / 16) * (K / 32) * (256 + 2 * 16 * scale_size);

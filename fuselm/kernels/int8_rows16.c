@@ -67,9 +67,8 @@ static inline __attribute__((always_inline)) void group_rows(const QActs *a, int
         __m512i w[8];
         for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(tile + 64 * v));
         const __m512 scales = load_16(tile + 512, sdt);
-        /* the block's values 0-15 in the split layout, and how far on its values 16-31 are (int4_rows16.c) */
-        const int64_t at = (kb / 4) * 128 + (kb % 4) * 16;
-        const int64_t high = 16 * (blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4);
+        int64_t high;
+        const int64_t at = split_block(kb, blocks, &high);
         for (int m = 0; m < MT; m++) {
             const int8_t *h = a->xh + (m0 + m) * K + at, *l = a->xl + (m0 + m) * K + at;
             __m512i h0 = zero, h1 = zero, l0 = zero, l1 = zero; /* four chains: halves x values 0-15 / 16-31 */

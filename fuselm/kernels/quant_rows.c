@@ -294,7 +294,7 @@ static inline __attribute__((always_inline)) void int4_row_split(const QActs *a,
 #include <immintrin.h>
 #define QR_SIMD 1
 #define QR_SPLIT 0
-#define QR_TILES 1 /* the tiles' AVX2 kernels (int4_rows16.c, int8_rows16.c) read the split activations */
+#define QR_TILES 1 /* the tiles' AVX2 kernels read int4_rows16.c's split activations, int8_rows16.c's int16 ones */
 /* No software prefetch: on a 2-vCPU Zen 3 EPYC rows_tile's prefetches made the rows 1.05-1.26x slower (int4 and int8
  * g32, 1,024-8,192 x 1,024, 1-4 rows, in-process alternation); the hardware prefetcher follows the rows alone. */
 #define QR_PREFETCH 0
@@ -340,8 +340,8 @@ static void prepare_row16(const float *row, int64_t K, int bits, int16_t *q, flo
 
 /* One row's levels in [-32639, 32639] = 256 * high + low, both int8, in the quads layout of the AVX-512 variant's
  * prepare_row_split (what int4_rows16.c's tiles read: per four blocks, values 0-15 of blocks A, B, C, D, then their
- * values 16-31; a last quad of r < 4 blocks holds its values 16-31 16 * r on). xv: the VNNI int8 tiles' level sums,
- * which the AVX2 int8 tiles (signed weights) do not need. */
+ * values 16-31; a last quad of r < 4 blocks holds its values 16-31 16 * r on). xv: unused here, since the AVX2 int8
+ * tiles read the int16 layout (tiles_read_split) and get their level sums from level_sums. */
 static void prepare_row_split(const float *row, int64_t K, int8_t *xh, int8_t *xl, float *xs, int32_t *xv) {
     (void)xv;
     const int64_t blocks = K / 32;

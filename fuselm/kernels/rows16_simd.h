@@ -1,6 +1,6 @@
-/* Helpers of the sixteen-row tile kernels (int4_rows16.c, int8_rows16.c), for AVX-512 builds with F16C (sixteen
- * rows' scales as floats, four activation bytes broadcast to every int32 lane) and AVX2 ones (eight rows' scales,
- * the same broadcasts to eight lanes). Header-only; included inside each kernel's AVX512_VNNI or AVX2 block. */
+/* Helpers of the sixteen-row tile kernels (int4_rows16.c, int8_rows16.c): where a block lies in the split
+ * activations, and for AVX-512 builds with F16C (sixteen rows' scales as floats, four activation bytes broadcast to
+ * every int32 lane) and AVX2 ones (eight rows' scales, the same broadcasts to eight lanes). Header-only; included inside each kernel's AVX512_VNNI or AVX2 block. */
 #ifndef FUSELM_ROWS16_SIMD_H
 #define FUSELM_ROWS16_SIMD_H
 #include <immintrin.h>
@@ -8,6 +8,14 @@
 #include <string.h>
 
 #include "fuselm_kernels.h"
+
+/* Where block kb of `blocks` keeps its values 0-15 in the split activations (quads of four blocks: values 0-15 of
+ * each, then their values 16-31), and in *high how far on its values 16-31 are (16 per block of its quad). */
+static inline int64_t split_block(int64_t kb, int64_t blocks, int64_t *high) {
+    const int64_t in_quad = blocks - (kb / 4) * 4 < 4 ? blocks - (kb / 4) * 4 : 4;
+    *high = 16 * in_quad;
+    return (kb / 4) * 128 + (kb % 4) * 16;
+}
 
 #if defined(__AVX512F__)
 static inline __m512 load_16(const uint8_t *p, int sdt) {
