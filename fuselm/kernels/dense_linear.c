@@ -98,15 +98,19 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
 #define FL_TILE(MRC, NP)                                                                                     \
     static void tile##MRC##_##NP(FL_TILE_ARGS) {                                                             \
         enum { ROWS = MRC, PANELS = NP };                                                                    \
+        const int64_t pf_every = pf_lines <= 0 ? kc : kc / pf_lines > 1 ? kc / pf_lines : 1;                  \
         FL_ACC(0); FL_ACC(1); FL_ACC(2); FL_ACC(3); FL_ACC(4); FL_ACC(5);                                    \
         FL_ACC(6); FL_ACC(7); FL_ACC(8); FL_ACC(9); FL_ACC(10); FL_ACC(11);                                  \
         const float *next = panel + stride;                                                                  \
-        for (int64_t k = 0; k < kc; k++) {                                                                   \
-            if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);                                        \
-            const __m512 b0 = _mm512_loadu_ps(panel + k * NR);                                               \
-            const __m512 b1 = PANELS > 1 ? _mm512_loadu_ps(next + k * NR) : b0;                              \
-            FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                      \
-            FL_FMA(6) FL_FMA(7) FL_FMA(8) FL_FMA(9) FL_FMA(10) FL_FMA(11)                                    \
+        for (int64_t k = 0; k < kc;) {                                                                       \
+            if (pf_lines > 0) _mm_prefetch(pf, _MM_HINT_T1), pf += 64, pf_lines--;                           \
+            const int64_t k_end = k + pf_every < kc ? k + pf_every : kc;                                     \
+            for (; k < k_end; k++) {                                                                         \
+                const __m512 b0 = _mm512_loadu_ps(panel + k * NR);                                           \
+                const __m512 b1 = PANELS > 1 ? _mm512_loadu_ps(next + k * NR) : b0;                          \
+                FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                  \
+                FL_FMA(6) FL_FMA(7) FL_FMA(8) FL_FMA(9) FL_FMA(10) FL_FMA(11)                                \
+            }                                                                                                \
         }                                                                                                    \
         float out[MR][TW];                                                                                   \
         FL_OUT(0) FL_OUT(1) FL_OUT(2) FL_OUT(3) FL_OUT(4) FL_OUT(5)                                          \
@@ -129,12 +133,16 @@ static inline void store(float out[MR][TW], float *y, int64_t ldy, int mr, int n
 #define FL_TILE(MRC, NP)                                                                                     \
     static void tile##MRC##_##NP(FL_TILE_ARGS) {                                                             \
         enum { ROWS = MRC };                                                                                 \
+        const int64_t pf_every = pf_lines <= 0 ? kc : kc / pf_lines > 1 ? kc / pf_lines : 1;                  \
         (void)stride;                                                                                        \
         FL_ACC(0); FL_ACC(1); FL_ACC(2); FL_ACC(3); FL_ACC(4); FL_ACC(5);                                    \
-        for (int64_t k = 0; k < kc; k++) {                                                                   \
-            if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);                                        \
-            const __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);    \
-            FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                      \
+        for (int64_t k = 0; k < kc;) {                                                                       \
+            if (pf_lines > 0) _mm_prefetch(pf, _MM_HINT_T1), pf += 64, pf_lines--;                           \
+            const int64_t k_end = k + pf_every < kc ? k + pf_every : kc;                                     \
+            for (; k < k_end; k++) {                                                                         \
+                const __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);\
+                FL_FMA(0) FL_FMA(1) FL_FMA(2) FL_FMA(3) FL_FMA(4) FL_FMA(5)                                  \
+            }                                                                                                \
         }                                                                                                    \
         float out[MR][TW];                                                                                   \
         FL_OUT(0) FL_OUT(1) FL_OUT(2) FL_OUT(3) FL_OUT(4) FL_OUT(5)                                          \
@@ -184,8 +192,14 @@ static inline int64_t k_block(int64_t K) {
  * the first row tile over each panel block waited for its slices: a one-thread C decode step of 64-256
  * rows ran its projections at 196-239 GFLOP/s against 275-283 for the same shapes with their weights in
  * cache, 222-248 with this (2-vCPU AMD EPYC with AVX-512, benchmarks/decode_gemm.py). The lines are
- * spread over the tiles (`per_tile` each, one per k step of the tile's loop) so the loads overlap the
- * arithmetic instead of queueing behind each other. */
+ * spread over the tiles (`per_tile` each), and within a tile evenly over its k steps (one every kc / per_tile
+ * steps, asked between runs of plain steps so the FMA loop itself is unchanged), so the loads overlap the
+ * arithmetic instead of queueing behind each other. Asking for a tile's lines on its first k steps, one a step,
+ * outran what one core's miss queue takes (~14 GB/s on a Zen 3 core) and left the rest of the tile without
+ * reads in flight; spread, on a 2-vCPU AMD EPYC (Zen 3), 2 threads, weights from memory, in-process alternation,
+ * the same bits: SmolLM2's projections at 8-32 rows 1.05-1.24x, at 96-384 rows 0.94-1.03x; the float32 decode
+ * step at 8 / 16 / 32 / 64 / 128 rows 1.01x / 1.09x / 1.04x / 0.99x / 1.02x (benchmarks/decode_gemm.py --parts
+ * steps). Spreading by a per-step test of k inside the FMA loop lost 5-18% from 96 rows on. */
 typedef struct {
     const char *next;
     int64_t left, per_tile;
