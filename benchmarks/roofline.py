@@ -3,7 +3,7 @@
 Runs the same seeded offline workload as `fuselm bench throughput` (greedy, ignore_eos, float32
 weights as run_all uses them), records every step's rows (cached and new tokens per sequence,
 whether it samples) and wall time, measures the machine's peaks (fp32 FMA GFLOP/s with all
-threads, stream and scattered-read bandwidth), and sets each step's roofline time
+threads, stream and scattered-read bandwidth; before and after the run, keeping the better of each), and sets each step's roofline time
 (fuselm/bench/roofline.py: max(FLOPs / FMA peak, bytes / bandwidth)) against its measured time.
 The tables split prompt steps (at least one prompt chunk) from decode steps (one token per row),
 and group decode steps by batch size, where the balance between weight reads and arithmetic
@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.scheduler.schedule, engine.step = recording_schedule, timed_step
     result = run_throughput(llm, requests, warmup=False)
+    # This class of VM moves its FMA rate and bandwidth by up to ~30% within minutes, so a probe taken once
+    # can land in a slow phase and rate the run against less than the machine gave it: the peaks are probed
+    # again after the run and each is the better of the two (the run is held to the best the machine showed).
+    print("measuring the machine's peaks again ...", file=sys.stderr, flush=True)
+    peaks_before, peaks_after = peaks, measure_peaks(block_bytes)
+    peaks = {k: max(v, peaks_after[k]) if k.endswith("_gbps") or k.endswith("_gflops") else v
+             for k, v in peaks_before.items()}
     for s in steps:
         s.update(step_cost(shape, s["rows"], weight_bytes, kv_bytes))
         s.update(roofline_seconds(s, peaks))
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {machine.get('loadavg')}")
     print(f"{args.num_requests} {args.workload} requests, {args.dtype}: {elapsed:.1f} s, "
           f"{result['output_throughput']:.1f} output tok/s, {len(steps)} steps")
+    print(f"peaks before / after the run: FMA {peaks_before['fma_gflops']:.1f} / {peaks_after['fma_gflops']:.1f} GFLOP/s, "
+          f"stream {peaks_before['stream_gbps']:.1f} / {peaks_after['stream_gbps']:.1f} GB/s, scattered "
+          f"{peaks_before['scattered_gbps']:.1f} / {peaks_after['scattered_gbps']:.1f} GB/s; the better of each:")
     print(f"peaks: FMA {peaks['fma_gflops']:.1f} GFLOP/s (torch.mm {peaks['torch_mm_gflops']:.1f}"
           + (f", fuselm C GEMM {peaks['fuselm_gemm_gflops']:.1f}" if "fuselm_gemm_gflops" in peaks else "")
           + f"), stream {peaks['stream_gbps']:.1f} GB/s, scattered reads of {peaks['scattered_block_bytes']} B blocks "
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         path = write_json({"benchmark": "roofline", "machine": machine, "workload": {
             "name": args.workload, "num_requests": args.num_requests, "seed": args.seed}, "dtype": args.dtype,
             "kv_dtype": str(runner.kv_dtype).removeprefix("torch."), "model_shape": shape.__dict__, "peaks": peaks,
+            "peaks_before": peaks_before, "peaks_after": peaks_after,
             "whole_run": whole_run, "by_kind": by_kind, "all_steps": total, "decode_by_batch": by_batch,
             "steps": steps}, args.json)
         print(f"wrote {path}", file=sys.stderr)
