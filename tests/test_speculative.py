@@ -144,14 +144,15 @@ def test_draft_model_with_preemption(tiny_llama, prompts, reference):
 
 
 def test_embedded_model_ngram_identical():
-    # Two fresh engines in float32: the embedded model's first token here is a near tie (in bfloat16, the
-    # default on CPUs with AVX-512-BF16, an exact one), so a shared engine whose prefix cache holds other
-    # tests' blocks may break it the other way than a fresh one; the comparison is speculation vs plain.
+    # Two fresh engines in float32, compared speculation vs plain. The code sits in a fence: without one the
+    # first answer token was a near tie ("def" over "```" by 0.05 in log-probability on a Zen 3), which
+    # another CPU's kernels broke the other way; with it no greedy step of the 48 is closer than ~1.1.
     plain = LLM(dtype="float32")
     code = "\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(12))
-    prompt = [{"role": "user", "content": "Repeat this code exactly, then stop:\n\n" + code}]
+    prompt = [{"role": "user", "content": "Repeat this code exactly, then stop:\n\n```python\n" + code + "```"}]
     params = SamplingParams(temperature=0, max_tokens=48)
     want = plain.chat([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert "def f1(x):" in plain.get_tokenizer().decode(want)  # the answer copies the prompt: guesses can land
     spec = LLM(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     got = spec.chat([prompt], params, use_tqdm=False)[0]
     assert got.outputs[0].token_ids == want
