@@ -34,8 +34,8 @@ MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 @lru_cache(maxsize=1)
-def _madvise():
-    """libc's madvise, or None where it cannot be used."""
+def libc_madvise():
+    """libc's madvise, or None where it cannot be used (not Linux, no libc). Also runner/kv_prefault.py's."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -50,7 +50,7 @@ def _madvise():
 def empty_float32(numel: int) -> torch.Tensor:
     """An uninitialised float32 tensor of `numel` values; from HUGE_MIN_BYTES on, its pages are huge pages where
     the kernel grants them (asked before anything is written, so the first touch faults them in whole)."""
-    madvise = _madvise()
+    madvise = libc_madvise()
     if madvise is None or numel * 4 < HUGE_MIN_BYTES:
         return torch.empty(numel, dtype=torch.float32)
     raw = torch.empty(numel * 4 + HUGE_PAGE, dtype=torch.uint8)  # room to start on a 2 MB boundary

@@ -27,6 +27,7 @@ from fuselm.runner.h2o_compaction import H2OScores
 from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
 from fuselm.runner.kernel_choice import Override, choose_layer_step
+from fuselm.runner.kv_prefault import KVPrefault
 from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.runner.seeded import SeededGenerators
@@ -127,6 +128,9 @@ class ModelRunner:
                 for name in ("k_scale", "v_scale"):
                     caches[name] = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             tensors.append(caches)
+        # the pool's pages are mapped a chunk of blocks ahead of the steps that first write them
+        self.kv_prefault = KVPrefault([c for caches in tensors for name, c in caches.items()
+                                       if name in ("k_cache", "v_cache")], self.num_blocks)
         for g, group in enumerate(self.kv_groups):
             for j, index in enumerate(group.layers):
                 attn = self.model.layers[index].self_attn
@@ -302,6 +306,7 @@ class ModelRunner:
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, meta, row_start = self._build_batch(out)
+        self.kv_prefault.cover_step(out.scheduled)
         self.cache_positions.rerotate(out.scheduled, self.attention_layers,
                                       getattr(self.model, "rope", None), self.block_size, self._slots)
         with forward_context(meta):
