@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
 
 import pytest
@@ -36,9 +37,11 @@ def resident_pages(tensor: torch.Tensor, start: int, end: int) -> list[bool]:
 
 
 def fresh_tensor(rows: int) -> torch.Tensor:
-    """Uninitialised and large enough that the allocator maps new pages for it (nothing resident yet)."""
-    t = torch.empty(rows, 16, 3, 64)  # 12 KB rows, like a block of a SmolLM2 layer's keys
-    assert not any(resident_pages(t, 8, rows - 8)), "expected untouched pages from a fresh mapping"
+    """12 KB rows (like a block of a SmolLM2 layer's keys) on an anonymous mapping of its own, so that no page is
+    resident yet (torch.empty may reuse freed heap memory)."""
+    mapping = mmap.mmap(-1, rows * 16 * 3 * 64 * 4)
+    t = torch.frombuffer(mapping, dtype=torch.float32).view(rows, 16, 3, 64)  # keeps the mapping alive
+    assert not any(resident_pages(t, 0, rows)), "expected untouched pages from a fresh mapping"
     return t
 
 
