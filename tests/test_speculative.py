@@ -153,7 +153,9 @@ def test_embedded_model_ngram_identical():
     params = SamplingParams(temperature=0, max_tokens=48)
     want = plain.chat([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     assert "def f1(x):" in plain.get_tokenizer().decode(want)  # the answer copies the prompt: guesses can land
-    spec = LLM(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    # adaptive off: the adaptive rule weighs measured step times, and on a busy machine (late in the full suite)
+    # it ran all 48 tokens without a guess
+    spec = LLM(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4, "adaptive": False})
     got = spec.chat([prompt], params, use_tqdm=False)[0]
     assert got.outputs[0].token_ids == want
     assert got.metrics.spec_num_accepted_tokens > 0
