@@ -145,8 +145,8 @@ def test_draft_model_with_preemption(tiny_llama, prompts, reference):
 
 def test_embedded_model_ngram_identical():
     # Two fresh engines in float32, compared speculation vs plain. The code sits in a fence: without one the
-    # first answer token was a near tie ("def" over "```" by 0.05 in log-probability on a Zen 3), which
-    # another CPU's kernels broke the other way; with it no greedy step of the 48 is closer than ~1.1.
+    # first answer token is a near tie ("def" over "```" by 0.05 in log-probability on a Zen 3) that other
+    # kernels may break the other way; with it no greedy step of the 48 is closer than ~1.1.
     plain = LLM(dtype="float32")
     code = "\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(12))
     prompt = [{"role": "user", "content": "Repeat this code exactly, then stop:\n\n```python\n" + code + "```"}]
