@@ -3,8 +3,9 @@
 Runs the same seeded offline workload as `fuselm bench throughput` (greedy, ignore_eos, float32
 weights as run_all uses them), records every step's rows (cached and new tokens per sequence,
 whether it samples) and wall time, measures the machine's peaks (fp32 FMA GFLOP/s with all
-threads, stream and scattered-read bandwidth; before and after the run, keeping the better of each), and sets each step's roofline time
-(fuselm/bench/roofline.py: max(FLOPs / FMA peak, bytes / bandwidth)) against its measured time.
+threads, stream and scattered-read bandwidth; before and after the run, keeping the better of
+each), and sets each step's roofline time (fuselm/bench/roofline.py: max(FLOPs / FMA peak,
+bytes / bandwidth)) against its measured time.
 The tables split prompt steps (at least one prompt chunk) from decode steps (one token per row),
 and group decode steps by batch size, where the balance between weight reads and arithmetic
 shifts. The fraction over the whole run is roofline time / the generate call's wall time. A second

@@ -78,7 +78,7 @@ class KVPrefault:
 
     def cover_step(self, scheduled) -> None:
         """Cover the blocks a step's rows may write: each row's (and each KV group's) last block id."""
-        if not self.enabled:
+        if not self.enabled or self.mapped >= self.num_blocks:  # nothing left to map: no scan of the rows
             return
         last = -1
         for r in scheduled:
