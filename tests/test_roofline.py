@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuselm.bench.roofline import ModelShape, Row, roofline_seconds, step_cost
+from fuselm.bench.roofline import ModelShape, PeakProbe, Row, better_peaks, peaks_around, roofline_seconds, step_cost
 
 # hidden 64, intermediate 160, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocab 384
 TINY = ModelShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=384)
@@ -74,3 +74,30 @@ def test_gemm_flops_match_torch_flop_counter_on_the_hf_model(tiny_llama):
     counts = counter.get_flop_counts()["Global"]
     matmul = sum(v for op, v in counts.items() if "mm" in str(op) and "bmm" not in str(op))
     assert step_cost(shape, [Row(0, 7, True)], 4, 4)["gemm_flops"] == matmul
+
+
+def test_a_step_is_rated_against_the_better_of_the_probes_either_side():
+    def probe(at, fma, stream):
+        return {"at": at, "threads": 2, "fma_gflops": fma, "stream_gbps": stream, "scattered_block_bytes": 12288}
+
+    timeline = [probe(float("-inf"), 100.0, 30.0), probe(10.0, 60.0, 35.0), probe(20.0, 80.0, 20.0),
+                probe(float("inf"), 90.0, 25.0)]
+    assert peaks_around(timeline, 4.0) == {"at": float("-inf"), "threads": 2, "fma_gflops": 100.0,
+                                           "stream_gbps": 35.0, "scattered_block_bytes": 12288}
+    mid = peaks_around(timeline, 15.0)  # between the probes at 10 s and 20 s
+    assert (mid["fma_gflops"], mid["stream_gbps"]) == (80.0, 35.0)
+    assert peaks_around(timeline, 10.0)["fma_gflops"] == 100.0  # ending at a probe: that one and the one before
+    late = peaks_around(timeline, 1e6)  # after the last probe during the run: it and the one after the run
+    assert (late["fma_gflops"], late["stream_gbps"]) == (90.0, 25.0)
+    with pytest.raises(ValueError):
+        peaks_around(timeline[:-1], 1e6)
+    assert better_peaks(*timeline)["fma_gflops"] == 100.0 and better_peaks(*timeline)["stream_gbps"] == 35.0
+
+
+def test_probe_rates_are_positive_and_the_better_of_the_gemms():
+    probe = PeakProbe(block_bytes=4096, n=256, stream_mib=8, pool_mib=8, gather_mib=2)
+    first, again = probe.measure(repeats=1), probe.measure(repeats=1)  # the second reuses the buffers
+    for p in (first, again):
+        assert p["fma_gflops"] == max(v for k, v in p.items() if k.endswith("_gflops") and k != "fma_gflops")
+        assert p["stream_gbps"] == max(p["stream_read_gbps"], p["stream_copy_gbps"]) > 0
+        assert p["scattered_gbps"] > 0 and p["scattered_block_bytes"] == 4096
