@@ -200,10 +200,6 @@ def measure_scattered_gbps(block_bytes: int, pool_mib: int = 512, gather_mib: in
     return PeakProbe(block_bytes, pool_mib=pool_mib, gather_mib=gather_mib, seed=seed).scattered(repeats)
 
 
-def measure_peaks(block_bytes: int) -> dict:
-    return PeakProbe(block_bytes).measure()
-
-
 def better_peaks(*probes: dict) -> dict:
     """Each rate the best of several probes (GFLOP/s and GB/s keys); the other keys from the first."""
     return {k: max(p[k] for p in probes) if k.endswith("_gbps") or k.endswith("_gflops") else v
