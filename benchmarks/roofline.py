@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fuselm.bench.report import machine_info, write_json
-    from fuselm.bench.roofline import (ModelShape, PeakProbe, Row, better_peaks, peaks_around, roofline_seconds,
+    from fuselm.bench.roofline import (ModelShape, Row, better_peaks, measure_peaks, peaks_around, roofline_seconds,
                                        step_cost)
     from fuselm.bench.throughput import run_throughput
     from fuselm.bench.workloads import Request, load_text, make_workload
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_bytes = torch.empty((), dtype=runner.kv_dtype).element_size()
     block_bytes = runner.block_size * shape.kv_heads * shape.head_dim * kv_bytes  # one K block of one layer
     print(f"measuring the machine's peaks ({torch.get_num_threads()} threads) ...", file=sys.stderr, flush=True)
-    probe = PeakProbe(block_bytes)
-    peaks = probe.measure()
+    peaks = measure_peaks(block_bytes)
     print("peaks: " + ", ".join(f"{k} {v:,.1f}" for k, v in peaks.items()), file=sys.stderr)
 
     text_ids = llm.get_tokenizer().encode(load_text(), add_special_tokens=False)
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(steps) > before:
                 steps[-1]["seconds"], steps[-1]["at"] = end - t, end - run_start
             if args.probe_every and end - last_probe >= args.probe_every:
-                probes.append({"at": end - run_start, **probe.measure()})  # the probe of before and after
+                probes.append({"at": end - run_start, **measure_peaks(block_bytes)})  # the probe of before and after
                 last_probe = time.perf_counter()
                 probes[-1]["seconds"] = last_probe - end
 
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # The strict figure holds the run to the best peaks any probe showed (before, during, after). The local one
     # rates each step against the better of the probes either side of it (before the run, during, after).
     print("measuring the machine's peaks again ...", file=sys.stderr, flush=True)
-    peaks_before, peaks_after = peaks, probe.measure()
+    peaks_before, peaks_after = peaks, measure_peaks(block_bytes)
     peaks = better_peaks(peaks_before, peaks_after, *probes)
     timeline = [{"at": float("-inf"), **peaks_before}, *probes, {"at": float("inf"), **peaks_after}]
     for s in steps:

@@ -118,86 +118,60 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-class PeakProbe:
-    """The machine's peaks, measurable again and again on the same buffers (allocated and touched once, each
-    part on first use), so that a probe between engine steps costs only its timed calls.
-
-    A VM's FMA rate and bandwidth can move by a third within seconds (a neighbour on the host); probing
-    between steps (benchmarks/roofline.py --probe-every) rates each step against what the machine gave at
-    the time, beside the best it showed at any probe."""
-
-    def __init__(self, block_bytes: int = 12288, n: int = 2048, stream_mib: int = 512, pool_mib: int = 512,
-                 gather_mib: int = 128, seed: int = 0):
-        self.block_bytes, self.n, self.stream_mib = block_bytes, n, stream_mib
-        self.pool_mib, self.gather_mib, self.seed = pool_mib, gather_mib, seed
-        self._fma = self._stream = self._scattered = None
-
-    def fma(self, repeats: int = 5) -> dict:
-        """fp32 GEMM GFLOP/s with every torch thread: torch.mm on n x n, and fuselm's C GEMM on 512 rows."""
-        import torch
-
-        n = self.n
-        if self._fma is None:
-            from fuselm.kernels.cpu import get_kernels
-            from fuselm.kernels.dense_linear import DenseLinear, dense_kernels
-
-            kernels, weight = get_kernels(), torch.randn(n, n)
-            layer = DenseLinear(weight, None, kernels) if dense_kernels(kernels, weight) is not None else None
-            self._fma = (torch.randn(n, n), torch.randn(n, n), layer, torch.randn(512, n))
-        a, b, layer, x = self._fma
-        out = {"torch_mm_gflops": 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
-        if layer is not None:
-            out["fuselm_gemm_gflops"] = 2 * 512 * n * n / _best_seconds(lambda: layer(x), repeats) / 1e9
-        out["fma_gflops"] = max(v for k, v in out.items() if k.endswith("_gflops"))
-        return out
-
-    def stream(self, repeats: int = 5) -> dict:
-        """Read bandwidth of a large array (a sum over it) and copy bandwidth (bytes read + written)."""
-        import torch
-
-        if self._stream is None:
-            a = torch.ones(self.stream_mib * 2 ** 20 // 4)
-            self._stream = (a, torch.empty_like(a))
-        a, b = self._stream
-        nbytes = a.numel() * 4
-        read = nbytes / _best_seconds(lambda: a.sum(), repeats) / 1e9
-        copy = 2 * nbytes / _best_seconds(lambda: b.copy_(a), repeats) / 1e9
-        return {"stream_read_gbps": read, "stream_copy_gbps": copy, "stream_gbps": max(read, copy)}
-
-    def scattered(self, repeats: int = 5) -> dict:
-        """Memory traffic per second when gathering block_bytes-sized blocks of a large pool in random
-        order (index_select into a buffer; bytes read + written, as the stream copy figure counts them)."""
-        import torch
-
-        elems = max(1, self.block_bytes // 4)
-        if self._scattered is None:
-            pool = torch.ones(self.pool_mib * 2 ** 20 // self.block_bytes, elems)
-            g = torch.Generator().manual_seed(self.seed)
-            count = min(pool.shape[0], self.gather_mib * 2 ** 20 // self.block_bytes)
-            idx = torch.randperm(pool.shape[0], generator=g)[:count]
-            self._scattered = (pool, idx, torch.empty(count, elems))
-        pool, idx, out = self._scattered
-        seconds = _best_seconds(lambda: torch.index_select(pool, 0, idx, out=out), repeats)
-        return {"scattered_gbps": 2 * out.numel() * 4 / seconds / 1e9, "scattered_block_bytes": elems * 4}
-
-    def measure(self, repeats: int = 5) -> dict:
-        import torch
-
-        return {"threads": torch.get_num_threads(), **self.fma(repeats), **self.stream(repeats),
-                **self.scattered(repeats)}
-
-
 def measure_fma_gflops(n: int = 2048, repeats: int = 5) -> dict:
-    return PeakProbe(n=n).fma(repeats)
+    """fp32 GEMM GFLOP/s with every torch thread: torch.mm on n x n, and fuselm's C GEMM on 512 rows."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = {"torch_mm_gflops": 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
+    from fuselm.kernels.cpu import get_kernels
+    from fuselm.kernels.dense_linear import DenseLinear, dense_kernels
+
+    kernels = get_kernels()
+    weight = torch.randn(n, n)
+    if dense_kernels(kernels, weight) is not None:
+        layer = DenseLinear(weight, None, kernels)
+        x = torch.randn(512, n)
+        out["fuselm_gemm_gflops"] = 2 * 512 * n * n / _best_seconds(lambda: layer(x), repeats) / 1e9
+    out["fma_gflops"] = max(v for k, v in out.items() if k.endswith("_gflops"))
+    return out
 
 
 def measure_stream_gbps(mib: int = 512, repeats: int = 5) -> dict:
-    return PeakProbe(stream_mib=mib).stream(repeats)
+    """Read bandwidth of a large array (a sum over it) and copy bandwidth (bytes read + written)."""
+    import torch
+
+    a = torch.ones(mib * 2 ** 20 // 4)
+    b = torch.empty_like(a)
+    nbytes = a.numel() * 4
+    read = nbytes / _best_seconds(lambda: a.sum(), repeats) / 1e9
+    copy = 2 * nbytes / _best_seconds(lambda: b.copy_(a), repeats) / 1e9
+    return {"stream_read_gbps": read, "stream_copy_gbps": copy, "stream_gbps": max(read, copy)}
 
 
 def measure_scattered_gbps(block_bytes: int, pool_mib: int = 512, gather_mib: int = 128, repeats: int = 5,
                            seed: int = 0) -> dict:
-    return PeakProbe(block_bytes, pool_mib=pool_mib, gather_mib=gather_mib, seed=seed).scattered(repeats)
+    """Memory traffic per second when gathering `block_bytes`-sized blocks of a large pool in random
+    order (index_select into a buffer; bytes read + written, as the stream copy figure counts them)."""
+    import torch
+
+    elems = max(1, block_bytes // 4)
+    pool = torch.ones(pool_mib * 2 ** 20 // block_bytes, elems)
+    g = torch.Generator().manual_seed(seed)
+    count = min(pool.shape[0], gather_mib * 2 ** 20 // block_bytes)
+    idx = torch.randperm(pool.shape[0], generator=g)[:count]
+    out = torch.empty(count, elems)
+    seconds = _best_seconds(lambda: torch.index_select(pool, 0, idx, out=out), repeats)
+    return {"scattered_gbps": 2 * count * elems * 4 / seconds / 1e9, "scattered_block_bytes": elems * 4}
+
+
+def measure_peaks(block_bytes: int) -> dict:
+    """All the peaks, each probe on buffers of its own (~1.5 GB), freed when it returns: a probe taken between
+    steps (benchmarks/roofline.py --probe-every) holds no memory through the run."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), **measure_fma_gflops(), **measure_stream_gbps(),
+            **measure_scattered_gbps(block_bytes)}
 
 
 def better_peaks(*probes: dict) -> dict:
