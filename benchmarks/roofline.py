@@ -13,8 +13,7 @@ probes'. A second bound, "phase-serial", runs each step's matmuls and attention 
 at their own rooflines (compute-bound matmuls, memory-bound decode attention): what kernels at their
 peaks reach without overlapping the two.
 
-The VMs this runs on move their FMA rate and bandwidth by up to a third within seconds (a neighbour on
-the host), so the peaks are also probed between steps every --probe-every seconds of the run (the
+The VMs this runs on move their FMA rate and bandwidth by up to a third within seconds, so the peaks are also probed between steps every --probe-every seconds of the run (the
 probes' time is left out of the run's). The fraction is reported twice: against the best peaks any
 probe showed (the strict figure), and against the peaks probed around each step (the better of the
 probe before it and the one after), which rates a step against what the machine gave at the time.
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(steps) > before:
                 steps[-1]["seconds"], steps[-1]["at"] = end - t, end - run_start
             if args.probe_every and end - last_probe >= args.probe_every:
-                probes.append({"at": end - run_start, **measure_peaks(block_bytes)})  # the probe of before and after
+                probes.append({"at": end - run_start, **measure_peaks(block_bytes)})  # as before and after the run
                 last_probe = time.perf_counter()
                 probes[-1]["seconds"] = last_probe - end
 
