@@ -13,10 +13,11 @@ probes'. A second bound, "phase-serial", runs each step's matmuls and attention 
 at their own rooflines (compute-bound matmuls, memory-bound decode attention): what kernels at their
 peaks reach without overlapping the two.
 
-The VMs this runs on move their FMA rate and bandwidth by up to a third within seconds, so the peaks are also probed between steps every --probe-every seconds of the run (the
-probes' time is left out of the run's). The fraction is reported twice: against the best peaks any
-probe showed (the strict figure), and against the peaks probed around each step (the better of the
-probe before it and the one after), which rates a step against what the machine gave at the time.
+The VMs this runs on move their FMA rate and bandwidth by up to a third within seconds, so the peaks
+are also probed between steps every --probe-every seconds of the run (the probes' time is left out of
+the run's). The fraction is reported twice: against the best peaks any probe showed (the strict
+figure), and against the peaks probed around each step (the better of the probe before it and the one
+after), which rates a step against what the machine gave at the time.
 
     python benchmarks/roofline.py                              # 256 chat requests, float32
     python benchmarks/roofline.py --num-requests 32 --json roofline.json
