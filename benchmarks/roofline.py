@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     probes: list[dict] = []  # during the run: {"at": seconds since the run began, "seconds": the probe's own, peaks}
-    run_start = last_probe = time.perf_counter()
 
     def timed_step():
         nonlocal last_probe
@@ -131,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             if len(steps) > before:
                 steps[-1]["seconds"], steps[-1]["at"] = end - t, end - run_start
             if args.probe_every and end - last_probe >= args.probe_every:
-                probes.append({"at": end - run_start, **measure_peaks(block_bytes)})  # as before and after the run
+                probe = measure_peaks(block_bytes)  # as before and after the run
                 last_probe = time.perf_counter()
-                probes[-1]["seconds"] = last_probe - end
+                probes.append({"at": end - run_start, "seconds": last_probe - end, **probe})
 
     engine.scheduler.schedule, engine.step = recording_schedule, timed_step
     run_start = last_probe = time.perf_counter()
