@@ -4,7 +4,9 @@ process so that a noisy neighbour or the VM's bandwidth switching slows both sid
 - `decode`: fuselm/kernels' paged decode attention over shuffled blocks read from memory (each call the next of
   ~300 MB of caches), in GB/s of K/V read, for each cache kind (`f32`: float32 queries and cache, `f32-bf16kv`,
   `bf16`: bfloat16 queries and cache, `int8kv`), this tree's kernels against another checkout's
-  (`--baseline`, built by that tree's own build.py as benchmarks/decode_gemm.py does);
+  (`--baseline`, built by that tree's own build.py as benchmarks/decode_gemm.py does), and a plain read of the
+  same blocks in the same order (torch's embedding_bag, sums only; float caches) alternated with them: the
+  scattered-read rate of the moment, which each kernel's GB/s is given as a share of;
 - `chunk`: a prompt chunk's causal attention, this tree's C kernel (kernels/chunk_attention.c) against the torch
   SDPA call the portable path makes (a first chunk: causal flash attention; a chunk over cached positions: the
   gathered context with an explicit mask), in GFLOP/s of the causal products.
@@ -54,6 +56,25 @@ def decode_inputs(kind: str, rows: int, context: int, g: torch.Generator) -> tup
     return q, k, v, table, lens, ks, vs
 
 
+PLAIN_READ_BLOCKS = 8  # blocks per bag of the plain read: enough bags for every thread at any shape
+
+
+def plain_read(sets: list[tuple]) -> tuple:
+    """A call that reads the blocks the kernels read, in the same order, and only sums them (torch's
+    embedding_bag over each cache's blocks as rows), and the bytes it reads per set: the scattered-read rate
+    of the moment, which the kernels' GB/s are held against. Float caches only (embedding_bag takes no int8)."""
+    jobs = []
+    for _, k, v, table, _, _, _ in sets:
+        idx = table.flatten()
+        jobs.append((k.view(k.shape[0], -1), v.view(v.shape[0], -1), idx, torch.arange(0, idx.numel(), PLAIN_READ_BLOCKS)))
+
+    def run():
+        for k, v, idx, offsets in jobs:
+            F.embedding_bag(idx, k, offsets, mode="sum")
+            F.embedding_bag(idx, v, offsets, mode="sum")
+    return run, sum(2 * idx.numel() * k.shape[1] * k.element_size() for k, _, idx, _ in jobs) / len(jobs)
+
+
 def run_decode(ka, kb, kinds: list[str], shapes: list[tuple[int, int]], rounds: int) -> list[dict]:
     results = []
     for kind in kinds:
@@ -71,6 +92,11 @@ def run_decode(ka, kb, kinds: list[str], shapes: list[tuple[int, int]], rounds: 
                 return run
 
             sides = [("baseline", over(ka)), ("this tree", over(kb))] if ka is not None else [("this tree", over(kb))]
+            scale = {name: 1.0 for name, _ in sides}  # a side's seconds per call, scaled to `read` bytes
+            if kind != "int8kv":
+                plain, plain_bytes = plain_read(sets)  # whole blocks: a little more than `read` where a row's last is partial
+                sides.append(("plain read", plain))
+                scale["plain read"] = read / plain_bytes
             times = {name: [] for name, _ in sides}
             for fn in (fn for _, fn in sides):
                 fn()
@@ -78,17 +104,20 @@ def run_decode(ka, kb, kinds: list[str], shapes: list[tuple[int, int]], rounds: 
                 for name, fn in sides if i % 2 == 0 else sides[::-1]:
                     start = time.perf_counter()
                     fn()
-                    times[name].append((time.perf_counter() - start) / len(sets))
+                    times[name].append((time.perf_counter() - start) / len(sets) * scale[name])
             row = {"part": "decode", "kind": kind, "rows": rows, "context": context, "bytes_per_call": read}
             for name, ts in times.items():
                 row[name] = {"median_us": statistics.median(ts) * 1e6, "gbps_median": read / statistics.median(ts) / 1e9,
                              "gbps_best": read / min(ts) / 1e9}
             if ka is not None:
                 row["ratio"] = row["this tree"]["gbps_median"] / row["baseline"]["gbps_median"]
+            if "plain read" in times:
+                row["of_plain_read"] = row["this tree"]["gbps_median"] / row["plain read"]["gbps_median"]
             results.append(row)
             print(f"decode {kind:10s} {rows:4d} x {context:5d}: " + "  ".join(
                 f"{name} {row[name]['gbps_median']:5.1f} GB/s" for name in times) +
-                (f"  {row['ratio']:.2f}x" if ka is not None else ""), flush=True)
+                (f"  {row['ratio']:.2f}x" if ka is not None else "") +
+                (f"  ({row['of_plain_read']:.0%} of the plain read)" if "of_plain_read" in row else ""), flush=True)
     return results
 
 
