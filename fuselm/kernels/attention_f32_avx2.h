@@ -71,7 +71,7 @@ static inline __m256 kv8(const void *base, int64_t index, int kv_bf16) {
 static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
     const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t row_elems, int64_t block_size, float scale,
-    float *acc, float *scores, float *m, float *l, int kv_bf16, int resume) {
+    float *acc, float *scores, float *m, float *l, int kv_bf16, int resume, int head_subset) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t width = kv_bf16 ? 2 : 4;
     if (!resume) reset_softmax(acc, m, l, num_heads, head_dim);
@@ -88,6 +88,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
          * 128 x 300 tokens on a 2-core Zen 3 EPYC). Only a full block has a next one. */
         const int64_t bytes = block_size * row_elems * width;
         const int64_t chunks = head_dim / 8;
+
         const char *next_k = NULL, *next_v = NULL;
         if (start + block_size < len) {
             next_k = (const char *)k_cache + table[b + 1] * bytes;
@@ -96,15 +97,24 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
         for (int64_t j = 0; j < num_heads; j++) {
             const float *qj = q + j * head_dim;
             const int64_t head_off = base + (j / group) * head_dim;
-            const PrefetchShare pk = prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 8 * chunks);
+            const PrefetchShare pk =
+                head_subset ? prefetch_share_rows(next_k, block_size, num_kv_heads * head_dim * width / 64,
+                                                  row_elems * width / 64, j, num_heads, block_size / 8 * chunks)
+                            : prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 8 * chunks);
             __m256 qv[F32_AVX2_MAX_DIM / 8];
             for (int64_t c = 0; c < chunks; c++) qv[c] = _mm256_loadu_ps(qj + 8 * c);
             for (int64_t t0 = 0; t0 < count; t0 += 8) { /* rows past count are in the block: read, never used */
                 __m256 part[8];
-                prefetch_step(&pk, t0 / 8 * chunks);
+                if (head_subset)
+                    prefetch_rows_step(&pk, t0 / 8 * chunks);
+                else
+                    prefetch_step(&pk, t0 / 8 * chunks);
                 for (int64_t t = 0; t < 8; t++) part[t] = _mm256_mul_ps(qv[0], kv8(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
                 for (int64_t c = 1; c < chunks; c++) {
-                    prefetch_step(&pk, t0 / 8 * chunks + c);
+                    if (head_subset)
+                        prefetch_rows_step(&pk, t0 / 8 * chunks + c);
+                    else
+                        prefetch_step(&pk, t0 / 8 * chunks + c);
                     for (int64_t t = 0; t < 8; t++)
                         part[t] = _mm256_fmadd_ps(qv[c], kv8(k_cache, head_off + (t0 + t) * row_elems + 8 * c, kv_bf16), part[t]);
                 }
@@ -132,7 +142,10 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
             l[j] = l[j] * correction + hsum_one(vsum);
             m[j] = new_max;
 
-            const PrefetchShare pv = prefetch_share(next_v, bytes / 64, j, num_heads, count - skip);
+            const PrefetchShare pv =
+                head_subset ? prefetch_share_rows(next_v, block_size, num_kv_heads * head_dim * width / 64,
+                                                  row_elems * width / 64, j, num_heads, count - skip)
+                            : prefetch_share(next_v, bytes / 64, j, num_heads, count - skip);
             const int64_t head_off = base + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m256 vcorr = _mm256_set1_ps(correction);
@@ -141,7 +154,10 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
             for (int64_t t = skip; t < count; t++) {
                 const __m256 p = _mm256_set1_ps(sj[t]);
                 const int64_t row = head_off + t * row_elems;
-                prefetch_step(&pv, t - skip);
+                if (head_subset)
+                    prefetch_rows_step(&pv, t - skip);
+                else
+                    prefetch_step(&pv, t - skip);
                 for (int64_t c = 0; c < head_dim / 8; c++) a[c] = _mm256_fmadd_ps(p, kv8(v_cache, row + 8 * c, kv_bf16), a[c]);
             }
             for (int64_t c = 0; c < head_dim / 8; c++) _mm256_storeu_ps(aj + 8 * c, a[c]);
@@ -161,9 +177,16 @@ static inline void seq_attention_f32_avx2_any(const float *q, float *out, const 
                                               int64_t num_kv_heads, int64_t head_dim, int64_t row_elems,
                                               int64_t block_size, float scale, float *acc, float *scores, float *m,
                                               float *l, int kv_bf16, int resume) {
-#define SEQ_F32_AVX2(D, BF16)                                                                                   \
-    seq_attention_f32_avx2(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D, row_elems, \
-                           block_size, scale, acc, scores, m, l, BF16, resume)
+    /* an item with some of a row's KV heads (paged_attention.c splits a row's heads between threads) prefetches
+     * only their lines, where those fill whole lines */
+    const int64_t width = kv_bf16 ? 2 : 4, item_bytes = num_kv_heads * head_dim * width, row_bytes = row_elems * width;
+    const int subset = item_bytes != row_bytes && item_bytes % 64 == 0 && row_bytes % 64 == 0 &&
+                       (uintptr_t)k_cache % 64 == 0 && (uintptr_t)v_cache % 64 == 0;
+#define SEQ_F32_AVX2(D, BF16)                                                                                       \
+    (subset ? seq_attention_f32_avx2(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D,      \
+                                     row_elems, block_size, scale, acc, scores, m, l, BF16, resume, 1)             \
+            : seq_attention_f32_avx2(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D,      \
+                                     row_elems, block_size, scale, acc, scores, m, l, BF16, resume, 0))
     if (head_dim == 64 && !kv_bf16)
         SEQ_F32_AVX2(64, 0);
     else if (head_dim == 64)

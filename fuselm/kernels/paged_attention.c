@@ -150,8 +150,14 @@ static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_si
  * run of KV heads with their query heads: one sequence's attention was one thread's work while the others
  * waited. A Mixtral-like layer's attention at batch 1 (4 KV heads, contexts of 16-144) on a 2-vCPU Zen 4, timed
  * inside the C layer step: 21.6-22.7 us split against 24.9-26.4 (the rest is the cold cache's first blocks, not
- * the arithmetic). Only even splits: SmolLM2-135M's 3 KV heads in runs of 1 and 2 measured no better than
- * unsplit. A head's arithmetic is the same however the heads are split, so the output is too. */
+ * the arithmetic). On the float32 AVX2 path the runs may be uneven, each item prefetching only its own heads'
+ * lines (attention_f32_avx2.h): SmolLM2-135M's 3 KV heads as runs of 2 and 1 at batch 1, 2-vCPU Zen 3 EPYC,
+ * `benchmarks/attention_kernels.py --decode-shapes 1x150,1x1000,1x2000,1x4000,1x8000`: 1.31x, 1.46x, 1.56x,
+ * 1.51x, 1.57x (two other runs at 2,000 tokens gave 0.92x and 0.98x, the rest of them 1.32-1.57x; with every
+ * item prefetching whole blocks, 0.94x at 2,000: both threads fetched all of each block). Other
+ * paths keep even runs: uneven ones there were not measured (on a Zen 4, without the per-item prefetch, runs of
+ * 1 and 2 were no better than unsplit). A head's arithmetic is the same however the heads are split, so the
+ * output is too. */
 void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
                                    const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
                                    const int64_t *ctx_starts, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
@@ -165,7 +171,8 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
     if (num_seqs > 0 && num_seqs < num_threads && path != PATH_PORTABLE) {
         splits = (num_threads + num_seqs - 1) / num_seqs;
         splits = splits < num_kv_heads ? splits : num_kv_heads;
-        while (num_kv_heads % splits != 0) splits--;
+        if (path != PATH_F32_AVX2) /* uneven runs measured only on the AVX2 path (above) */
+            while (num_kv_heads % splits != 0) splits--;
     }
 #pragma omp parallel num_threads(num_threads)
     {
