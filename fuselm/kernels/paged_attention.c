@@ -153,8 +153,9 @@ static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_si
  * the arithmetic). On the float32 AVX2 path the runs may be uneven, each item prefetching only its own heads'
  * lines (attention_f32_avx2.h): SmolLM2-135M's 3 KV heads as runs of 2 and 1 at batch 1, 2-vCPU Zen 3 EPYC,
  * `benchmarks/attention_kernels.py --decode-shapes 1x150,1x1000,1x2000,1x4000,1x8000`: 1.31x, 1.46x, 1.56x,
- * 1.51x, 1.57x (two other runs at 2,000 tokens gave 0.92x and 0.98x, the rest of them 1.32-1.57x; with every
- * item prefetching whole blocks, 0.94x at 2,000: both threads fetched all of each block). Other
+ * 1.51x, 1.57x in one run; three earlier runs of the same code ranged 0.92-1.57x, the lows at 600-2,000 tokens
+ * (docs/performance.md). With every item prefetching whole blocks, 0.94x at 2,000: both threads read all of
+ * each block. Other
  * paths keep even runs: uneven ones there were not measured (on a Zen 4, without the per-item prefetch, runs of
  * 1 and 2 were no better than unsplit). A head's arithmetic is the same however the heads are split, so the
  * output is too. */
