@@ -8,6 +8,8 @@ swapped every pair; it prints each pair's times and ratio, and whether the two e
 on the workload's first 16 prompts.
 
     python benchmarks/offline_alternated.py --baseline /tmp/before --num-requests 128 --pairs 4
+    python benchmarks/offline_alternated.py --baseline /tmp/before --workload random --num-requests 1 \
+        --workload-arg input_len=2000 --workload-arg output_len=256   # batch 1 after a long prompt
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, required=True, help="another checkout of fuselm (its kernels are A)")
     ap.add_argument("--workload", default="chat", help="a `fuselm bench` workload (default: chat)")
     ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the workload, as `fuselm bench throughput --workload-arg` takes it; repeatable")
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -35,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.num_requests < 1 or args.pairs < 1:
         ap.error("--num-requests and --pairs must be >= 1")
+    from fuselm.bench.workloads import parse_workload_args
+
+    try:
+        options = parse_workload_args(args.workload, args.workload_arg)
+    except ValueError as e:
+        ap.error(str(e))
 
     import fuselm.kernels.cpu as cpu
     from fuselm.bench.report import machine_info, write_json
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cpu.get_kernels = original
     ids = engines["this"].get_tokenizer().encode(load_text(), add_special_tokens=False)
-    requests = make_workload(args.workload, ids, args.num_requests, args.seed)
+    requests = make_workload(args.workload, ids, args.num_requests, args.seed, **options)
     for llm in engines.values():
         run_throughput(llm, [Request(requests[0].prompt[:16], 4)], warmup=False)  # untimed warm-up
 
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(ratios):.3f}-{max(ratios):.3f}x, median {statistics.median(ratios):.3f}x; same tokens: {same}")
     if args.json:
         write_json({"benchmark": "offline_alternated", "machine": machine, "baseline": str(args.baseline),
-                    "workload": {"name": args.workload, "num_requests": args.num_requests, "seed": args.seed},
+                    "workload": {"name": args.workload, "num_requests": args.num_requests, "seed": args.seed,
+                                 "options": options},
                     "dtype": args.dtype, "pairs": pairs, "median_ratio": statistics.median(ratios),
                     "same_tokens": same}, args.json)
     return 0

@@ -88,7 +88,6 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
          * 128 x 300 tokens on a 2-core Zen 3 EPYC). Only a full block has a next one. */
         const int64_t bytes = block_size * row_elems * width;
         const int64_t chunks = head_dim / 8;
-
         const char *next_k = NULL, *next_v = NULL;
         if (start + block_size < len) {
             next_k = (const char *)k_cache + table[b + 1] * bytes;

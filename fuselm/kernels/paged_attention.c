@@ -155,10 +155,9 @@ static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_si
  * `benchmarks/attention_kernels.py --decode-shapes 1x150,1x1000,1x2000,1x4000,1x8000`: 1.31x, 1.46x, 1.56x,
  * 1.51x, 1.57x in one run; three earlier runs of the same code ranged 0.92-1.57x, the lows at 600-2,000 tokens
  * (docs/performance.md). With every item prefetching whole blocks, 0.94x at 2,000: both threads read all of
- * each block. Other
- * paths keep even runs: uneven ones there were not measured (on a Zen 4, without the per-item prefetch, runs of
- * 1 and 2 were no better than unsplit). A head's arithmetic is the same however the heads are split, so the
- * output is too. */
+ * each block. Other paths keep even runs: uneven ones there were not measured (on a Zen 4, without the per-item
+ * prefetch, runs of 1 and 2 were no better than unsplit). A head's arithmetic is the same however the heads are
+ * split, so the output is too. */
 void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
                                    const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
                                    const int64_t *ctx_starts, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
@@ -168,7 +167,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
     const int64_t row_elems = num_kv_heads * head_dim;
     const int64_t q_width = dtype == FUSELM_F32 ? 4 : 2, kv_width = kv_dtype == FUSELM_F32 ? 4 : 2;
     const int path = fast_path(dtype, kv_dtype, head_dim, block_size);
-    int64_t splits = 1; /* items per row: runs of KV heads, only where they come out even */
+    int64_t splits = 1; /* items per row: runs of KV heads (even ones off the AVX2 path) */
     if (num_seqs > 0 && num_seqs < num_threads && path != PATH_PORTABLE) {
         splits = (num_threads + num_seqs - 1) / num_seqs;
         splits = splits < num_kv_heads ? splits : num_kv_heads;
