@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{whole_run['output_throughput']:.1f} output tok/s, {len(steps)} steps")
     print(f"peaks before / after the run: FMA {peaks_before['fma_gflops']:.1f} / {peaks_after['fma_gflops']:.1f} GFLOP/s, "
           f"stream {peaks_before['stream_gbps']:.1f} / {peaks_after['stream_gbps']:.1f} GB/s, scattered "
-          f"{peaks_before['scattered_gbps']:.1f} / {peaks_after['scattered_gbps']:.1f} GB/s; the better of each:")
+          f"{peaks_before['scattered_gbps']:.1f} / {peaks_after['scattered_gbps']:.1f} GB/s; the best of every probe:")
     print(f"peaks: FMA {peaks['fma_gflops']:.1f} GFLOP/s (torch.mm {peaks['torch_mm_gflops']:.1f}"
           + (f", fuselm C GEMM {peaks['fuselm_gemm_gflops']:.1f}" if "fuselm_gemm_gflops" in peaks else "")
           + f"), stream {peaks['stream_gbps']:.1f} GB/s, scattered reads of {peaks['scattered_block_bytes']} B blocks "

@@ -88,6 +88,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
          * 128 x 300 tokens on a 2-core Zen 3 EPYC). Only a full block has a next one. */
         const int64_t bytes = block_size * row_elems * width;
         const int64_t chunks = head_dim / 8;
+        const int64_t item_lines = num_kv_heads * head_dim * width / 64, row_stride = row_elems * width / 64;
         const char *next_k = NULL, *next_v = NULL;
         if (start + block_size < len) {
             next_k = (const char *)k_cache + table[b + 1] * bytes;
@@ -96,24 +97,16 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
         for (int64_t j = 0; j < num_heads; j++) {
             const float *qj = q + j * head_dim;
             const int64_t head_off = base + (j / group) * head_dim;
-            const PrefetchShare pk =
-                head_subset ? prefetch_share_rows(next_k, block_size, num_kv_heads * head_dim * width / 64,
-                                                  row_elems * width / 64, j, num_heads, block_size / 8 * chunks)
-                            : prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 8 * chunks);
+            const PrefetchShare pk = prefetch_item_share(next_k, head_subset, block_size, item_lines, row_stride,
+                                                         bytes / 64, j, num_heads, block_size / 8 * chunks);
             __m256 qv[F32_AVX2_MAX_DIM / 8];
             for (int64_t c = 0; c < chunks; c++) qv[c] = _mm256_loadu_ps(qj + 8 * c);
             for (int64_t t0 = 0; t0 < count; t0 += 8) { /* rows past count are in the block: read, never used */
                 __m256 part[8];
-                if (head_subset)
-                    prefetch_rows_step(&pk, t0 / 8 * chunks);
-                else
-                    prefetch_step(&pk, t0 / 8 * chunks);
+                prefetch_item_step(&pk, head_subset, t0 / 8 * chunks);
                 for (int64_t t = 0; t < 8; t++) part[t] = _mm256_mul_ps(qv[0], kv8(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
                 for (int64_t c = 1; c < chunks; c++) {
-                    if (head_subset)
-                        prefetch_rows_step(&pk, t0 / 8 * chunks + c);
-                    else
-                        prefetch_step(&pk, t0 / 8 * chunks + c);
+                    prefetch_item_step(&pk, head_subset, t0 / 8 * chunks + c);
                     for (int64_t t = 0; t < 8; t++)
                         part[t] = _mm256_fmadd_ps(qv[c], kv8(k_cache, head_off + (t0 + t) * row_elems + 8 * c, kv_bf16), part[t]);
                 }
@@ -141,10 +134,8 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
             l[j] = l[j] * correction + hsum_one(vsum);
             m[j] = new_max;
 
-            const PrefetchShare pv =
-                head_subset ? prefetch_share_rows(next_v, block_size, num_kv_heads * head_dim * width / 64,
-                                                  row_elems * width / 64, j, num_heads, count - skip)
-                            : prefetch_share(next_v, bytes / 64, j, num_heads, count - skip);
+            const PrefetchShare pv = prefetch_item_share(next_v, head_subset, block_size, item_lines, row_stride,
+                                                         bytes / 64, j, num_heads, count - skip);
             const int64_t head_off = base + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m256 vcorr = _mm256_set1_ps(correction);
@@ -153,10 +144,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx2(
             for (int64_t t = skip; t < count; t++) {
                 const __m256 p = _mm256_set1_ps(sj[t]);
                 const int64_t row = head_off + t * row_elems;
-                if (head_subset)
-                    prefetch_rows_step(&pv, t - skip);
-                else
-                    prefetch_step(&pv, t - skip);
+                prefetch_item_step(&pv, head_subset, t - skip);
                 for (int64_t c = 0; c < head_dim / 8; c++) a[c] = _mm256_fmadd_ps(p, kv8(v_cache, row + 8 * c, kv_bf16), a[c]);
             }
             for (int64_t c = 0; c < head_dim / 8; c++) _mm256_storeu_ps(aj + 8 * c, a[c]);

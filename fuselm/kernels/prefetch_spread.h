@@ -66,4 +66,24 @@ static inline void prefetch_rows_step(const PrefetchShare *s, int64_t step) {
     }
 }
 
+/* A work item's share of the next block: with `own_rows` (a constant where inlined) its `row_lines` lines of every
+ * `row_stride` (prefetch_share_rows), else all `block_lines` lines of the block (prefetch_share). */
+static inline __attribute__((always_inline)) PrefetchShare prefetch_item_share(const char *block, int own_rows,
+                                                                               int64_t rows, int64_t row_lines,
+                                                                               int64_t row_stride, int64_t block_lines,
+                                                                               int64_t part, int64_t parts,
+                                                                               int64_t steps) {
+    return own_rows ? prefetch_share_rows(block, rows, row_lines, row_stride, part, parts, steps)
+                    : prefetch_share(block, block_lines, part, parts, steps);
+}
+
+/* prefetch_rows_step or prefetch_step, for a share of prefetch_item_share with the same `own_rows`. */
+static inline __attribute__((always_inline)) void prefetch_item_step(const PrefetchShare *s, int own_rows,
+                                                                     int64_t step) {
+    if (own_rows)
+        prefetch_rows_step(s, step);
+    else
+        prefetch_step(s, step);
+}
+
 #endif
