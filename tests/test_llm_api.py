@@ -208,3 +208,58 @@ def test_no_model_loads_the_embedded_one():
 
     for llm in (LLM(max_model_len=64), LLM(None, max_model_len=64)):
         assert llm.engine.model_name == default_model_path()
+
+
+def test_forward_context_is_per_thread():
+    """A thread leaving its step's context does not clear another thread's (two engines in one process)."""
+    import threading
+
+    from fuselm.layers.paged_attention import AttentionMetadata, forward_context, get_attention_metadata
+
+    ours, theirs = object.__new__(AttentionMetadata), object.__new__(AttentionMetadata)
+    entered, left = threading.Event(), threading.Event()
+
+    def other_engine():
+        with forward_context(theirs):
+            entered.set()
+            left.wait(10)
+
+    thread = threading.Thread(target=other_engine)
+    with forward_context(ours):
+        thread.start()
+        assert entered.wait(10)
+        assert get_attention_metadata() is ours
+    left.set()
+    thread.join(10)
+    with pytest.raises(AssertionError, match="outside forward_context"):
+        get_attention_metadata()
+
+
+def test_two_engines_stepping_on_two_threads_give_their_own_outputs(tiny_llama, llm):
+    """Two engines in one process, stepping at the same time, each give what it gives alone."""
+    import threading
+
+    other = LLM(tiny_llama[0], dtype="float32", device="cpu")
+    prompts = random_prompts([30, 70, 5, 120], seed=24)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    results, errors = {}, []
+
+    def run(name, engine, order):
+        try:
+            for _ in range(3):
+                outs = engine.generate([prompts[i] for i in order], params, use_tqdm=False)
+                results.setdefault(name, []).append({i: o.outputs[0].token_ids for i, o in zip(order, outs)})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=("a", llm, [0, 1, 2, 3])),
+               threading.Thread(target=run, args=("b", other, [3, 2, 1, 0]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for name in "ab":
+        for run_outputs in results[name]:
+            assert [run_outputs[i] for i in range(4)] == alone

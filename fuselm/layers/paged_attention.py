@@ -21,6 +21,7 @@ metadata of its group, whose tables hold the null block where the window has mov
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -76,23 +77,26 @@ class AttentionMetadata:
     chunk_query_rows: int = 0
 
 
-_current: AttentionMetadata | None = None
+# Per thread: several engines may share a process (a server beside a router, tests that start a
+# prefill and a decode instance), each stepping on its own thread.
+_local = threading.local()
 
 
 @contextmanager
 def forward_context(metadata: AttentionMetadata):
-    global _current
-    previous, _current = _current, metadata
+    previous = getattr(_local, "current", None)
+    _local.current = metadata
     try:
         yield
     finally:
-        _current = previous
+        _local.current = previous
 
 
 def get_attention_metadata(group: int = 0) -> AttentionMetadata:
     """The step's attention metadata for the layers of KV cache group `group`."""
-    assert _current is not None, "attention called outside forward_context()"
-    return _current if group == 0 else _current.groups[group]
+    current = getattr(_local, "current", None)
+    assert current is not None, "attention called outside forward_context()"
+    return current if group == 0 else current.groups[group]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
