@@ -4,7 +4,8 @@ On a 2-vCPU VM the same offline run can take 67 s or 109 s within the hour, so a
 decode step by 5-10% cannot be read off two separate runs. This loads two engines on the embedded model, one on
 each tree's kernels (the baseline's built by its own build.py, as benchmarks/decode_gemm.py does), and runs the
 seeded workload of benchmarks/roofline.py (greedy, ignore_eos) on each in turn, pair after pair, the order
-swapped every pair; it prints each pair's times and ratio, and whether the two engines give the same greedy tokens
+swapped every pair, each pair on requests of its own seed (seed + pair: no pair hits an earlier pair's prompts in
+the prefix cache); it prints each pair's times and ratio, and whether the two engines give the same greedy tokens
 on the workload's first 16 prompts.
 
     python benchmarks/offline_alternated.py --baseline /tmp/before --num-requests 128 --pairs 4
@@ -65,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cpu.get_kernels = original
     ids = engines["this"].get_tokenizer().encode(load_text(), add_special_tokens=False)
-    requests = make_workload(args.workload, ids, args.num_requests, args.seed, **options)
+    # each pair its own requests (seed + pair): a pair never finds an earlier pair's prompts in the prefix cache
+    workloads = [make_workload(args.workload, ids, args.num_requests, args.seed + p, **options)
+                 for p in range(args.pairs)]
+    requests = workloads[0]
     for llm in engines.values():
         run_throughput(llm, [Request(requests[0].prompt[:16], 4)], warmup=False)  # untimed warm-up
 
     pairs = []
     for p in range(args.pairs):
+        requests = workloads[p]
         seconds = {}
         for name in ("baseline", "this") if p % 2 == 0 else ("this", "baseline"):
             result = run_throughput(engines[name], requests, warmup=False)

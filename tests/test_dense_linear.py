@@ -66,10 +66,11 @@ def test_dense_linear_row_results_do_not_depend_on_the_row_count(n, k, bias):
     g = torch.Generator().manual_seed(n * 31 + k)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    x = torch.randn(100, k, generator=g)
+    x = torch.randn(129, k, generator=g)
     packed = kernels.dense_pack(w)
-    alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(100)])
-    for m in (2, 5, 6, 7, 8, 10, 12, 13, 100):  # 7-12: the few-row pass twice; 100: chunks handed to threads
+    alone = torch.cat([kernels.dense_linear(x[i:i + 1], packed, b, n) for i in range(129)])
+    # 2-128: the few-row passes (AVX-512; up to 6 rows with AVX2), over 6 rows in several passes; 129: the tiles
+    for m in (2, 5, 6, 7, 8, 10, 12, 13, 19, 24, 64, 100, 128, 129):
         assert torch.equal(kernels.dense_linear(x[:m], packed, b, n), alone[:m]), m
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # nor on how the work is split between threads
@@ -133,7 +134,7 @@ def test_float32_engine_matches_portable_path(tiny_model_factory, name):
 def test_avx512_tiles_match_float64_and_the_avx2_bits(isa):
     """The AVX-512 variants' 12 x 32 zmm tiles against float64, and bit for bit against the AVX2
     variant's 6 x 16 tiles (each output is the same FMA chain in both), at row counts that take the
-    streaming path (<= 12 rows), partial tiles and the blocked path, odd panel counts included."""
+    few-row passes (<= 128 rows), partial tiles and the blocked path, odd panel counts included."""
     from fuselm.kernels.build import VARIANTS, supported
     from fuselm.kernels.cpu import load_kernels
 
@@ -146,7 +147,7 @@ def test_avx512_tiles_match_float64_and_the_avx2_bits(isa):
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
         packed = wide.dense_pack(w)
         assert torch.equal(packed, narrow.dense_pack(w))  # one layout for every variant
-        for m in (1, 2, 4, 6, 7, 9, 12, 13, 25, 100):
+        for m in (1, 2, 4, 6, 7, 9, 12, 13, 25, 100, 128, 129, 200):
             x = torch.randn(m, k, generator=g)
             got = wide.dense_linear(x, packed, b, n)
             want = x.double() @ w.double().T + b.double()

@@ -17,7 +17,9 @@
  * cut into blocks of at most KC_MAX (one block for K <= 768: a 12-row x tile of SmolLM2's K = 576 is
  * 27 KB of a 48 KB L1, and each tile's outputs are stored once instead of after 256 + 256 + 64);
  * from a tile of rows on, panels go in blocks that share one pass over the x rows, and each block's
- * tiles prefetch the next block into L2 (Prefetch below); panels are split between threads.
+ * tiles prefetch the next block into L2 (Prefetch below); panels are split between threads. With AVX-512,
+ * up to FEW_ROWS rows (a decode batch) take passes of a few rows over blocks of 4 panels instead
+ * (rows_panels), the next block asked for while each is computed.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -46,6 +48,11 @@
 #define NR 16
 #define TW (NR * TILE_PANELS) /* columns of a full tile */
 #define KC_MAX 768 /* the longest K block (k_block) */
+#if defined(__AVX512F__)
+#define FEW_ROWS 128 /* up to this many rows take the passes of rows_panels: a decode batch (max_num_seqs 128) */
+#else
+#define FEW_ROWS MR
+#endif
 #define PANELS_PER_BLOCK 8 /* panels that share one pass over the x rows (their slices stay in L2) */
 
 int fuselm_dense_has_simd(void) { return FL_DENSE_SIMD; }
@@ -231,18 +238,28 @@ static void tile_run(const float *x, int64_t ldx, const float *packed, const flo
 
 #if defined(__AVX512F__)
 #define ROW_PANELS 4 /* panels a few rows' pass reads side by side: independent FMA chains */
-#define ROW_PASS_ROWS 6 /* up to this many rows take it at once (6 x 4 accumulators); 7-12 rows take it twice */
+#define ROW_PASS_ROWS 6 /* up to this many rows take it at once (6 x 4 accumulators); more rows take it again */
 /* R rows of x against the whole panels [p0, p1) that lie inside N, ROW_PANELS at a time: the 1-row tiles
  * above keep two FMA chains (two panels) in flight, which held an LM head GEMV to ~38 GB/s on one core.
  * Each output is summed as tile_run sums it (per K block one chain from zero over k, blocks added in
- * turn, the bias after the first), so the bits are the same. Returns the first panel not done. */
+ * turn, the bias after the first), so the bits are the same. While a block is computed, the lines of the
+ * next one (up to panel pf_limit) from share_from / share_of to (share_from + R) / share_of of them are
+ * asked for into L2, a few per k step. Returns the first panel not done. */
 static inline __attribute__((always_inline)) int64_t row_panels(const float *x, int64_t ldx, const float *packed,
                                                                 const float *bias, float *y, int64_t ldy, int64_t N,
-                                                                int64_t K, int64_t p0, int64_t p1, const int R) {
+                                                                int64_t K, int64_t p0, int64_t p1, const int R,
+                                                                int64_t pf_limit, int64_t share_from,
+                                                                int64_t share_of) {
     const int64_t kb = k_block(K);
     int64_t p = p0;
     for (; p + ROW_PANELS <= p1 && (p + ROW_PANELS) * NR <= N; p += ROW_PANELS) {
         const float *w = packed + p * K * NR;
+        /* this call's share of the next block's lines (a panel is K lines of 64 bytes), spread over its k steps */
+        const int64_t next_panels = pf_limit - (p + ROW_PANELS) < ROW_PANELS ? pf_limit - (p + ROW_PANELS) : ROW_PANELS;
+        const int64_t pf_total = next_panels > 0 ? next_panels * K : 0;
+        const char *pf = (const char *)(w + ROW_PANELS * K * NR) + pf_total * share_from / share_of * 64;
+        const char *pf_end = (const char *)(w + ROW_PANELS * K * NR) + pf_total * (share_from + R) / share_of * 64;
+        const int64_t pf_per_k = ((pf_end - pf) / 64 + K - 1) / K;
         __m512 t[ROW_PASS_ROWS][ROW_PANELS], c[ROW_PASS_ROWS][ROW_PANELS];
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++)
@@ -255,6 +272,7 @@ static inline __attribute__((always_inline)) int64_t row_panels(const float *x, 
 #pragma GCC unroll 4
                 for (int j = 0; j < ROW_PANELS; j++) c[r][j] = _mm512_setzero_ps();
             for (int64_t k = k0; k < k1; k++) {
+                for (int64_t q = 0; q < pf_per_k && pf < pf_end; q++, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
                 __m512 b[ROW_PANELS];
 #pragma GCC unroll 4
                 for (int j = 0; j < ROW_PANELS; j++) b[j] = _mm512_loadu_ps(w + (j * K + k) * NR);
@@ -281,33 +299,48 @@ static inline __attribute__((always_inline)) int64_t row_panels(const float *x, 
     return p;
 }
 
-static int64_t rows_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+static int64_t pass_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1, int64_t pf_limit,
+                           int64_t share_from, int64_t share_of) {
     switch (M) {
-    case 1: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 1);
-    case 2: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 2);
-    case 3: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 3);
-    case 4: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 4);
-    case 5: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 5);
-    case 6: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 6);
+    case 1: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 1, pf_limit, share_from, share_of);
+    case 2: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 2, pf_limit, share_from, share_of);
+    case 3: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 3, pf_limit, share_from, share_of);
+    case 4: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 4, pf_limit, share_from, share_of);
+    case 5: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 5, pf_limit, share_from, share_of);
+    case 6: return row_panels(x, ldx, packed, bias, y, ldy, N, K, p0, p1, 6, pf_limit, share_from, share_of);
     default: return p0;
     }
 }
 
-/* 7-12 rows: per block of ROW_PANELS panels, rows 0-5 take the few-row pass as the block streams from memory,
- * then the other rows take it again over the same 256 KB (1,024-deep panels), now in L2. The 12-row tile streamed
- * only two panels at a time and stopped at every KC block, so memory and arithmetic did not overlap: one thread,
- * a 1,024 x 1,024 weight from memory, 143-164 -> 131 us at 7 rows, 164 -> 130 at 8, 222 -> 158 at 12. The sums
- * are row_panels', so the bits are still tile_run's. Returns the first panel not done. */
-static int64_t rows_panels_twice(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
-                                 int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+/* Up to FEW_ROWS rows: per block of ROW_PANELS panels (64 columns, 147 KB at K = 576), passes of at most
+ * ROW_PASS_ROWS rows, of nearly equal height (13 = 5 + 4 + 4), the first reading the block from memory and
+ * the others from L2. With more than one pass each asks for its rows' share of the next block's lines into
+ * L2, spread over its k steps, so the weight streams from memory while every pass computes: without that, a
+ * few-row GEMM took about its arithmetic at the FMA peak plus its weight reads at the stream rate, not the
+ * larger of the two, and from 13 rows on the tiles below (12 x 32, blocks of 8 panels prefetched by item)
+ * did no better. 2-vCPU AMD EPYC (Zen 4), 2 threads, weights from memory, in-process alternation, the same
+ * bits (benchmarks/decode_gemm.py --cold): SmolLM2's projections and LM head at 8-24 rows 1.0-1.3x, at 28-128
+ * rows 1.0-1.35x, 1,024- and 4,096-deep weights at 16-128 rows 1.09-1.87x; the float32 decode step at 12 / 16 /
+ * 24 / 64 / 128 rows 1.08-1.19x; a single pass (1-6 rows) asking for the next block was 0.89-1.05x, so it
+ * leaves that to the hardware. From 256 rows (prompt chunks) the passes were 0.95-1.03x of the tiles: they
+ * keep the tiles. The sums are row_panels', so the bits are still tile_run's. Returns the first panel not
+ * done. */
+static int64_t rows_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+    const int64_t passes = (M + ROW_PASS_ROWS - 1) / ROW_PASS_ROWS;
+    const int64_t pf_limit = passes > 1 ? p1 : 0;
     int64_t p = p0;
     while (p < p1) {
         const int64_t pe = p + ROW_PANELS < p1 ? p + ROW_PANELS : p1;
-        const int64_t done = rows_panels(x, ldx, packed, bias, y, ldy, ROW_PASS_ROWS, N, K, p, pe);
-        if (done == p) break; /* fewer than ROW_PANELS whole panels left: the tiles take them */
-        rows_panels(x + ROW_PASS_ROWS * ldx, ldx, packed, bias, y + ROW_PASS_ROWS * ldy, ldy, M - ROW_PASS_ROWS, N, K, p,
-                    pe);
+        int64_t done = p;
+        for (int64_t i = 0, m0 = 0; i < passes; i++) {
+            const int64_t rows = M / passes + (i < M % passes); /* passes of nearly equal height: 13 = 5 + 4 + 4 */
+            /* each pass asks for the share of the next block's lines that its rows are of M */
+            done = pass_panels(x + m0 * ldx, ldx, packed, bias, y + m0 * ldy, ldy, rows, N, K, p, pe, pf_limit, m0, M);
+            if (done == p) return p; /* fewer than ROW_PANELS whole panels left: the tiles take them */
+            m0 += rows;
+        }
         p = done;
     }
     return p;
@@ -413,16 +446,15 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
                    int64_t after_floats) {
     const int64_t M = m_end - m_begin, kb = k_block(K);
     x += m_begin * ldx, y += m_begin * ldy;
-    if (M <= MR) { /* one tile of rows (decode, speculative verification): the weight streams from memory,
-                    * so each panel is read once, front to back; blocking panels by K block (below) made 5 rows
+    if (M <= FEW_ROWS) { /* a few rows (decode, speculative verification): the weight streams from memory,
+                    * so each panel is read from it once, front to back; blocking panels by K block (below) made 5 rows
                     * of SmolLM2's LM head take 2x one row's time. Each output is summed in the same order
                     * on both paths (per K block one FMA chain from zero, blocks added to y in turn, the
                     * bias after the first), so a row's result does not depend on how many rows share the
                     * call, nor on how the work is split: a verification computes bit for bit what plain
                     * decoding does (tests/test_dense_linear.py). */
 #if defined(__AVX512F__)
-        p0 = M <= ROW_PASS_ROWS ? rows_panels(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1)
-                                : rows_panels_twice(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1);
+        p0 = rows_panels(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1);
 #elif FL_DENSE_SIMD
         p0 = rows_panels(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1);
 #endif
@@ -437,7 +469,9 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
                 const int64_t kc = K - k0 < kb ? K - k0 : kb;
                 Prefetch pf = {NULL, 0, 0};
                 if (pe < p1) pf = prefetch_over(packed + (pe * K + k0) * NR, kc * NR, 1);
-                tile_run(x, ldx, packed, bias, y, ldy, (int)M, N, K, k0, kc, p, pe, &pf);
+                for (int64_t m0 = 0; m0 < M; m0 += MR) /* FEW_ROWS may be more than a tile's rows */
+                    tile_run(x + m0 * ldx, ldx, packed, bias, y + m0 * ldy, ldy, (int)(M - m0 < MR ? M - m0 : MR), N,
+                             K, k0, kc, p, pe, &pf);
             }
         }
         return;
@@ -471,7 +505,7 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
 
 /* y [M, ldy] (first N columns written) = x [M, ldx] @ W^T (+ bias [N]); W packed by fuselm_dense_pack.
  *
- * Layers with many panels (the LM head, gate/up), and every layer up to MR rows, split the panels
+ * Layers with many panels (the LM head, gate/up), and every layer up to FEW_ROWS rows, split the panels
  * evenly between threads, each a contiguous range (each thread streams its share of the weight).
  * Narrow layers (q/k/v, o, down: 36-60 panels) at more rows are cut into items of ROW_CHUNK rows x
  * a block of panels, handed out one at a time: on a 2-vCPU VM whose vCPUs lose ~25% of their time
@@ -489,7 +523,8 @@ void fuselm_dense_linear(const float *x, int64_t ldx, const float *packed, const
     int64_t per_block = PANELS_PER_BLOCK;
     /* one thread (each grouped expert's piece in moe.c) has nothing to balance: items of one panel would only
      * trade the two-panel tiles for one-panel ones */
-    if (M <= MR || num_threads == 1 || (num_panels + per_block - 1) / per_block >= ITEMS_PER_THREAD * num_threads) {
+    if (M <= FEW_ROWS || num_threads == 1
+        || (num_panels + per_block - 1) / per_block >= ITEMS_PER_THREAD * num_threads) {
         if (num_threads > num_panels) num_threads = (int)num_panels;
 #pragma omp parallel num_threads(num_threads)
         {
