@@ -41,9 +41,12 @@ static inline __m512 kv16(const void *base, int64_t index, int kv_bf16) {
 static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
     const float *q, float *out, const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t len,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t row_elems, int64_t block_size, float scale,
-    float *acc, float *scores, float *m, float *l, int kv_bf16, int resume, int64_t after) {
+    float *acc, float *scores, float *m, float *l, int kv_bf16, int resume, int64_t after, int head_subset) {
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t bytes = block_size * row_elems * (kv_bf16 ? 2 : 4);
+    const int64_t width = kv_bf16 ? 2 : 4;
+    const int64_t bytes = block_size * row_elems * width;
+    /* with head_subset (these heads are part of a row), the item asks only for its own heads' lines of each row */
+    const int64_t item_lines = num_kv_heads * head_dim * width / 64, row_stride = row_elems * width / 64;
     const int64_t chunks = head_dim / 16;
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < num_heads && !resume; j++) {
@@ -67,15 +70,16 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
         for (int64_t j = 0; j < num_heads; j++) {
             const int64_t head_off = base + (j / group) * head_dim;
             /* a step per 16 keys and 16 dimensions: between the unrolled loops, where the 16 partial sums stay in registers */
-            const PrefetchShare pk = prefetch_share(next_k, bytes / 64, j, num_heads, block_size / 16 * chunks);
+            const PrefetchShare pk = prefetch_item_share(next_k, head_subset, block_size, item_lines, row_stride,
+                                                         bytes / 64, j, num_heads, block_size / 16 * chunks);
             __m512 qv[F32_AVX512_MAX_DIM / 16];
             for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(q + j * head_dim + 16 * c);
             for (int64_t t0 = 0; t0 < count; t0 += 16) { /* rows past count are in the block: read, never used */
                 __m512 part[16];
-                prefetch_step(&pk, t0 / 16 * chunks);
+                prefetch_item_step(&pk, head_subset, t0 / 16 * chunks);
                 for (int64_t t = 0; t < 16; t++) part[t] = _mm512_mul_ps(qv[0], kv16(k_cache, head_off + (t0 + t) * row_elems, kv_bf16));
                 for (int64_t c = 1; c < chunks; c++) {
-                    prefetch_step(&pk, t0 / 16 * chunks + c);
+                    prefetch_item_step(&pk, head_subset, t0 / 16 * chunks + c);
                     for (int64_t t = 0; t < 16; t++)
                         part[t] = _mm512_fmadd_ps(qv[c], kv16(k_cache, head_off + (t0 + t) * row_elems + 16 * c, kv_bf16), part[t]);
                 }
@@ -86,7 +90,8 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             float *sj = scores + j * block_size;
             const float correction = softmax_block_update16(sj, count, skip, &m[j], &l[j]);
 
-            const PrefetchShare pv = prefetch_share(next_v, bytes / 64, j, num_heads, (count - skip + 1) / 2);
+            const PrefetchShare pv = prefetch_item_share(next_v, head_subset, block_size, item_lines, row_stride,
+                                                         bytes / 64, j, num_heads, (count - skip + 1) / 2);
             const int64_t head_off = base + (j / group) * head_dim;
             float *aj = acc + j * head_dim;
             const __m512 vcorr = _mm512_set1_ps(correction);
@@ -99,7 +104,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             for (; t + 1 < count; t += 2) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]), p1 = _mm512_set1_ps(sj[t + 1]);
                 const int64_t row = head_off + t * row_elems;
-                prefetch_step(&pv, (t - skip) / 2);
+                prefetch_item_step(&pv, head_subset, (t - skip) / 2);
                 for (int64_t c = 0; c < chunks; c++) {
                     a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, row + 16 * c, kv_bf16), a[c]);
                     a2[c] = _mm512_fmadd_ps(p1, kv16(v_cache, row + row_elems + 16 * c, kv_bf16), a2[c]);
@@ -107,7 +112,7 @@ static inline __attribute__((always_inline)) void seq_attention_f32_avx512(
             }
             if (t < count) {
                 const __m512 p0 = _mm512_set1_ps(sj[t]);
-                prefetch_step(&pv, (t - skip) / 2);
+                prefetch_item_step(&pv, head_subset, (t - skip) / 2);
                 for (int64_t c = 0; c < chunks; c++) a[c] = _mm512_fmadd_ps(p0, kv16(v_cache, head_off + t * row_elems + 16 * c, kv_bf16), a[c]);
             }
             for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(aj + 16 * c, _mm512_add_ps(a[c], a2[c]));
@@ -127,17 +132,26 @@ static inline void seq_attention_f32_avx512_any(const float *q, float *out, cons
                                                 int64_t num_kv_heads, int64_t head_dim, int64_t row_elems,
                                                 int64_t block_size, float scale, float *acc, float *scores, float *m,
                                                 float *l, int kv_bf16, int resume, int64_t after) {
-#define SEQ_F32(D, BF16)                                                                                       \
-    seq_attention_f32_avx512(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D, row_elems, \
-                             block_size, scale, acc, scores, m, l, BF16, resume, after)
+    /* an item with some of a row's KV heads (paged_attention.c splits a row's heads between threads) prefetches
+     * only their lines, where those fill whole lines */
+    const int64_t width = kv_bf16 ? 2 : 4, item_bytes = num_kv_heads * head_dim * width, row_bytes = row_elems * width;
+    const int subset = item_bytes != row_bytes && item_bytes % 64 == 0 && row_bytes % 64 == 0 &&
+                       (uintptr_t)k_cache % 64 == 0 && (uintptr_t)v_cache % 64 == 0;
+#define SEQ_F32(D, BF16)                                                                                            \
+    (subset ? seq_attention_f32_avx512(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D,      \
+                                       row_elems, block_size, scale, acc, scores, m, l, BF16, resume, after, 1)     \
+            : seq_attention_f32_avx512(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D,      \
+                                       row_elems, block_size, scale, acc, scores, m, l, BF16, resume, after, 0))
     if (head_dim == 64 && !kv_bf16)
         SEQ_F32(64, 0);
     else if (head_dim == 64)
         SEQ_F32(64, 1);
     else if (head_dim == 128 && !kv_bf16)
         SEQ_F32(128, 0);
+    else if (!kv_bf16)
+        SEQ_F32(head_dim, 0);
     else
-        SEQ_F32(head_dim, kv_bf16);
+        SEQ_F32(head_dim, 1);
 #undef SEQ_F32
 }
 #endif

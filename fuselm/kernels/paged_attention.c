@@ -155,9 +155,11 @@ static int fast_path(int dtype, int kv_dtype, int64_t head_dim, int64_t block_si
  * `benchmarks/attention_kernels.py --decode-shapes 1x150,1x1000,1x2000,1x4000,1x8000`: 1.31x, 1.46x, 1.56x,
  * 1.51x, 1.57x in one run; three earlier runs of the same code ranged 0.92-1.57x, the lows at 600-2,000 tokens
  * (docs/performance.md). With every item prefetching whole blocks, 0.94x at 2,000: both threads read all of
- * each block. Other paths keep even runs: uneven ones there were not measured (on a Zen 4, without the per-item
- * prefetch, runs of 1 and 2 were no better than unsplit). A head's arithmetic is the same however the heads are
- * split, so the output is too. */
+ * each block. The float32 AVX-512 path (attention_f32_avx512.h) does the same: on a 2-vCPU Zen 4 EPYC at batch 1,
+ * 150-8,000 tokens, 1.25x, 1.36x, 1.47x, 1.38x, 1.37x, 1.39x at 150 / 600 / 1,000 / 2,000 / 4,000 / 8,000
+ * (without the per-item prefetch, runs of 1 and 2 were no better than unsplit there). The bf16 path keeps even
+ * runs: uneven ones there were not measured. A head's arithmetic is the same however the heads are split, so
+ * the output is too. */
 void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void *v_cache, const void *k_new,
                                    const void *v_new, int64_t num_write, const int64_t *block_table, const int64_t *ctx_lens,
                                    const int64_t *ctx_starts, int64_t num_seqs, int64_t max_blocks, int64_t num_heads,
@@ -171,7 +173,7 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
     if (num_seqs > 0 && num_seqs < num_threads && path != PATH_PORTABLE) {
         splits = (num_threads + num_seqs - 1) / num_seqs;
         splits = splits < num_kv_heads ? splits : num_kv_heads;
-        if (path != PATH_F32_AVX2) /* uneven runs measured only on the AVX2 path (above) */
+        if (path != PATH_F32_AVX2 && path != PATH_F32_AVX512) /* uneven runs measured on the float32 paths (above) */
             while (num_kv_heads % splits != 0) splits--;
     }
 #pragma omp parallel num_threads(num_threads)
