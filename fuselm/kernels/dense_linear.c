@@ -324,8 +324,9 @@ static int64_t pass_panels(const float *x, int64_t ldx, const float *packed, con
  * rows 1.0-1.35x, 1,024- and 4,096-deep weights at 16-128 rows 1.09-1.87x; the float32 decode step at 12 / 16 /
  * 24 / 64 / 128 rows 1.08-1.19x; a single pass (1-6 rows) asking for the next block was 0.89-1.05x, so it
  * leaves that to the hardware. From 256 rows (prompt chunks) the passes were 0.95-1.03x of the tiles: they
- * keep the tiles. The sums are row_panels', so the bits are still tile_run's. Returns the first panel not
- * done. */
+ * keep the tiles, except in the row chunks (ROW_CHUNK rows) of the narrow layers' items below, where the passes
+ * were 1.0-1.08x of the tiles at 160-512 rows (weights from memory or from cache). The sums are row_panels', so
+ * the bits are still tile_run's. Returns the first panel not done. */
 static int64_t rows_panels(const float *x, int64_t ldx, const float *packed, const float *bias, float *y, int64_t ldy,
                            int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
     const int64_t passes = (M + ROW_PASS_ROWS - 1) / ROW_PASS_ROWS;
