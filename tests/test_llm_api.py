@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -212,8 +213,6 @@ def test_no_model_loads_the_embedded_one():
 
 def test_forward_context_is_per_thread():
     """A thread leaving its step's context does not clear another thread's (two engines in one process)."""
-    import threading
-
     from fuselm.layers.paged_attention import AttentionMetadata, forward_context, get_attention_metadata
 
     ours, theirs = object.__new__(AttentionMetadata), object.__new__(AttentionMetadata)
@@ -237,8 +236,6 @@ def test_forward_context_is_per_thread():
 
 def test_two_engines_stepping_on_two_threads_give_their_own_outputs(tiny_llama, llm):
     """Two engines in one process, stepping at the same time, each give what it gives alone."""
-    import threading
-
     other = LLM(tiny_llama[0], dtype="float32", device="cpu")
     prompts = random_prompts([30, 70, 5, 120], seed=24)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
