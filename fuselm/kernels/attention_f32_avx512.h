@@ -132,11 +132,8 @@ static inline void seq_attention_f32_avx512_any(const float *q, float *out, cons
                                                 int64_t num_kv_heads, int64_t head_dim, int64_t row_elems,
                                                 int64_t block_size, float scale, float *acc, float *scores, float *m,
                                                 float *l, int kv_bf16, int resume, int64_t after) {
-    /* an item with some of a row's KV heads (paged_attention.c splits a row's heads between threads) prefetches
-     * only their lines, where those fill whole lines */
-    const int64_t width = kv_bf16 ? 2 : 4, item_bytes = num_kv_heads * head_dim * width, row_bytes = row_elems * width;
-    const int subset = item_bytes != row_bytes && item_bytes % 64 == 0 && row_bytes % 64 == 0 &&
-                       (uintptr_t)k_cache % 64 == 0 && (uintptr_t)v_cache % 64 == 0;
+    const int64_t width = kv_bf16 ? 2 : 4;
+    const int subset = prefetch_own_rows(num_kv_heads * head_dim * width, row_elems * width, k_cache, v_cache);
 #define SEQ_F32(D, BF16)                                                                                            \
     (subset ? seq_attention_f32_avx512(q, out, k_cache, v_cache, table, from, len, num_heads, num_kv_heads, D,      \
                                        row_elems, block_size, scale, acc, scores, m, l, BF16, resume, after, 1)     \

@@ -454,9 +454,7 @@ static void panels(const float *x, int64_t ldx, const float *packed, const float
                     * bias after the first), so a row's result does not depend on how many rows share the
                     * call, nor on how the work is split: a verification computes bit for bit what plain
                     * decoding does (tests/test_dense_linear.py). */
-#if defined(__AVX512F__)
-        p0 = rows_panels(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1);
-#elif FL_DENSE_SIMD
+#if FL_DENSE_SIMD
         p0 = rows_panels(x, ldx, packed, bias, y, ldy, M, N, K, p0, p1);
 #endif
         for (int64_t p = p0; p < p1; p += TILE_PANELS) {

@@ -169,11 +169,11 @@ void fuselm_paged_window_attention(const void *q, void *out, void *k_cache, void
     const int64_t row_elems = num_kv_heads * head_dim;
     const int64_t q_width = dtype == FUSELM_F32 ? 4 : 2, kv_width = kv_dtype == FUSELM_F32 ? 4 : 2;
     const int path = fast_path(dtype, kv_dtype, head_dim, block_size);
-    int64_t splits = 1; /* items per row: runs of KV heads (even ones off the AVX2 path) */
+    int64_t splits = 1; /* items per row: runs of KV heads (even ones on the bf16 path) */
     if (num_seqs > 0 && num_seqs < num_threads && path != PATH_PORTABLE) {
         splits = (num_threads + num_seqs - 1) / num_seqs;
         splits = splits < num_kv_heads ? splits : num_kv_heads;
-        if (path != PATH_F32_AVX2 && path != PATH_F32_AVX512) /* uneven runs measured on the float32 paths (above) */
+        if (path == PATH_BF16) /* uneven runs measured only on the float32 paths (above) */
             while (num_kv_heads % splits != 0) splits--;
     }
 #pragma omp parallel num_threads(num_threads)

@@ -66,6 +66,14 @@ static inline void prefetch_rows_step(const PrefetchShare *s, int64_t step) {
     }
 }
 
+/* Whether a work item whose KV heads are part of a cache row (paged_attention.c splits a row's heads between
+ * threads) can ask for only its own lines of each row: its heads' bytes differ from the row's, both fill whole
+ * lines, and the caches (pointing at the item's first head) are line-aligned. */
+static inline int prefetch_own_rows(int64_t item_bytes, int64_t row_bytes, const void *k_cache, const void *v_cache) {
+    return item_bytes != row_bytes && item_bytes % 64 == 0 && row_bytes % 64 == 0 && (uintptr_t)k_cache % 64 == 0 &&
+           (uintptr_t)v_cache % 64 == 0;
+}
+
 /* A work item's share of the next block: with `own_rows` (a constant where inlined) its `row_lines` lines of every
  * `row_stride` (prefetch_share_rows), else all `block_lines` lines of the block (prefetch_share). */
 static inline __attribute__((always_inline)) PrefetchShare prefetch_item_share(const char *block, int own_rows,
