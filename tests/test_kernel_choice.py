@@ -192,7 +192,8 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     plan = measured.engine.runner.plan
     # the C layers read only fuselm's layout: the layer roles keep it, and the C layer step is timed instead
     tiles = {"tile_rows"} if kernels.dense_max_tile_rows >= max(kernel_choice.TILE_ROWS_CANDIDATES) else set()
-    assert set(plan.measured) == {"lm_head", "layers"} | tiles and "measured" in plan.summary()
+    assert set(plan.measured) == {"lm_head", "layers", "chunks"} | tiles and "measured" in plan.summary()
+    assert plan.chunks == ("c" if plan.measured["chunks"].chosen == "c" else "torch-sdpa")
     assert all(plan.linear[role] == "fuselm-fp32-gemm" for role in ("qkv", "o", "gate_up", "down"))
     assert not any(t.cache_hit for t in plan.measured.values())
     plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
@@ -201,6 +202,62 @@ def test_measured_engine_matches_portable_path(tiny_model_factory, monkeypatch, 
     again = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=4, max_num_batched_tokens=32)
     assert all(t.cache_hit for t in again.engine.runner.plan.measured.values())
     assert again.engine.runner.plan.linear == plan.linear and again.engine.runner.plan.layers == plan.layers
+
+
+def _counting(monkeypatch, obj, name):
+    """Count the calls of obj.name, which still runs."""
+    calls = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(kernels is None, reason="needs the C kernels")
+@pytest.mark.parametrize("forced", [None, "chunks=torch"])
+def test_prompt_chunks_take_the_chosen_attention_also_with_no_query_rows(tiny_model_factory, monkeypatch, forced):
+    """A step of prompt chunks alone (one request on an idle engine) attends through the C chunk kernel where the
+    plan says chunks=c (it took torch's SDPA whenever no query row shared the step), through SDPA where the
+    override says torch; either way the greedy tokens are the portable torch path's."""
+    monkeypatch.setenv(CHOICE_ENV, forced or "rules")
+    path, _ = tiny_model_factory("llama_untied")
+    prompts = random_prompts([40, 70], seed=11)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=1, max_num_batched_tokens=32)
+    runner = llm.engine.runner
+    assert runner.plan.chunks == ("torch-sdpa" if forced else "c")
+    assert f"chunks={runner.plan.chunks}" in runner.plan.summary()
+    chunk_calls = _counting(monkeypatch, runner.cpu_kernels, "chunk_attention")
+    outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]  # one at a time: no decode row beside
+    layers = runner.model_config.num_hidden_layers
+    # 40 tokens: chunks of 32 + 8, 70: 32 + 32 + 6; chunks of up to 16 tokens attend as query rows
+    assert len(chunk_calls) == (0 if forced else 3 * layers)
+    plain = LLM(path, dtype="float32", device="cpu", cpu_kernels=False)
+    for a, b in zip(outs, plain.generate(prompts, params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+@pytest.mark.skipif(kernels is None, reason="needs the C kernels")
+def test_chunk_attention_choice_is_timed_and_cached(tiny_model_factory, monkeypatch, tmp_path):
+    """The C chunk kernel and torch's SDPA are both timed on the engine's own cache at two shapes, the faster
+    (within the margin, the C kernel) set in the plan, and a second engine reads the timings back."""
+    monkeypatch.setenv(CHOICE_ENV, "measure")
+    monkeypatch.setenv("FUSELM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "machine_busy", lambda: False)
+    path, _ = tiny_model_factory("llama_untied")
+    llm = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=2, max_num_batched_tokens=48)
+    t = llm.engine.runner.plan.measured["chunks"]
+    assert set(t.seconds) == {"c", "torch"} and all(len(v) == 2 and min(v) > 0 for v in t.seconds.values())
+    assert t.rows == (0, 48) and not t.cache_hit
+    assert t.chosen == kernel_choice.pick(t.seconds, "c")
+    assert llm.engine.runner.plan.chunks == ("c" if t.chosen == "c" else "torch-sdpa")
+    again = LLM(path, dtype="float32", device="cpu", cpu_kernels=True, max_num_seqs=2, max_num_batched_tokens=48)
+    assert again.engine.runner.plan.measured["chunks"].cache_hit
+    assert again.engine.runner.plan.chunks == llm.engine.runner.plan.chunks
 
 
 @pytest.mark.skipif(kernels is None or not onednn_available(), reason="needs the C kernels and oneDNN")

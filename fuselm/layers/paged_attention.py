@@ -62,6 +62,9 @@ class AttentionMetadata:
     decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_context] int64 (padding -> null slot)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool, True = attend
     cpu_kernels: object | None = None  # fuselm.kernels.cpu.CpuKernels when the kernel path is on
+    # prompt chunks through kernels/chunk_attention.c where it takes them (with cpu_kernels), else torch SDPA: the
+    # execution plan's `chunks`, timed per machine (runner/kernel_choice.py choose_chunk_attention)
+    chunk_kernel: bool = True
     # masks and start positions built once per step and shared by the layers that need them (of one window size)
     window_masks: dict = field(default_factory=dict)
     # with several KV cache groups (core/kv_groups.py): every group's metadata, this one first
@@ -232,7 +235,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     # On CPU a chunk with a plain causal mask attends in C over the paged cache in place
     # (kernels/chunk_attention.c: 1.4-2x torch's SDPA at 32-512 tokens, no gathered copy or mask).
-    chunk_kernel = (meta.cpu_kernels is not None and window is None and meta.prefill_rows
+    chunk_kernel = (meta.chunk_kernel and meta.cpu_kernels is not None and window is None and meta.prefill_rows
                     and meta.cpu_kernels.chunk_attention_supports(q, k_cache))
     q_rows = q.contiguous() if chunk_kernel else q  # q may be a view into the fused q/k/v projection
     # Elsewhere, 4-D inputs ([1, H, n, D]) let torch pick its flash kernel on CPU; 3-D ones fall back to

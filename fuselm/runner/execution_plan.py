@@ -4,6 +4,7 @@ Every choice that used to be spread over the model, the runner and the kernel mo
 here, in one place, and logged in one line:
 
 - attention: fuselm's C kernel over the paged cache (which ISA variant), or torch SDPA (portable);
+- prompt chunks' attention (`chunks`): fuselm's C chunk kernel or torch SDPA, timed per machine by the runner;
 - RMSNorm: one C pass per row, or torch ops;
 - the linear method of each projection kind (qkv, o, gate_up, down, lm_head; see fuselm/layers/linear.py);
 - how each MoE layer's experts run (role `experts`: one C call per layer, kernels/moe.c, or torch;
@@ -32,6 +33,8 @@ class ExecutionPlan:
     kernels_isa: str | None  # the C kernels' ISA variant, None when no C kernels are loaded
     attention: str  # "c-paged" | "torch-sdpa"
     norm: str  # "c" | "torch"
+    # prompt chunks' attention: "c" (kernels/chunk_attention.c over the paged cache) | "torch-sdpa"
+    chunks: str = "torch-sdpa"
     linear: dict[str, str] = field(default_factory=dict)  # projection role -> linear method kind(s)
     layers: str = "torch"  # "c" (CLayers) | "c-decode" (CLayers for query-row steps only) | "torch"
     reasons: list[str] = field(default_factory=list)  # why a faster path was not taken
@@ -45,8 +48,8 @@ class ExecutionPlan:
         for role, kind in self.linear.items():
             by_kind.setdefault(kind, []).append(role)
         linears = ", ".join(f"{'/'.join(roles)}={kind}" for kind, roles in by_kind.items())
-        line = (f"execution plan on {self.device}{isa}: attention={self.attention}, norm={self.norm}, "
-                f"layers={self.layers}, linear: {linears}")
+        line = (f"execution plan on {self.device}{isa}: attention={self.attention}, chunks={self.chunks}, "
+                f"norm={self.norm}, layers={self.layers}, linear: {linears}")
         if self.reasons:
             line += "; why: " + "; ".join(self.reasons)
         if self.measured:
@@ -55,7 +58,7 @@ class ExecutionPlan:
                    f"in {sum(t.spent for t in timings):.1f} s" + (
                        ", machine busy: the rules decide, nothing cached" if any(t.busy for t in timings) else ""))
             line += f"; measured (best of interleaved rounds, {how}): " + "; ".join(
-                f"{name} at {'/'.join(map(str, t.rows))} rows: {t.describe()}" for name, t in self.measured.items())
+                f"{name} at {'/'.join(map(str, t.rows))} {t.unit}: {t.describe()}" for name, t in self.measured.items())
         return line
 
 
@@ -133,8 +136,13 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         else:
             reasons.append(f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
                            f"{str(kv_dtype).removeprefix('torch.')} KV cache and these head shapes")
+    # prompt chunks attend in C where the chunk kernel takes the model's queries and cache (float32 queries);
+    # runner/kernel_choice.py choose_chunk_attention times it against torch's SDPA once the caches exist
+    chunks = "c" if attention_kernels is not None and attention_kernels.chunk_attention_supports(
+        torch.empty(1, cfg.num_attention_heads, cfg.head_dim, dtype=dtype), model.layers[0].self_attn.k_cache) \
+        else "torch-sdpa"
     plan = ExecutionPlan(device=str(device), kernels_isa=getattr(kernels, "isa", None) if kernels else None,
-                         attention="c-paged" if attention_kernels is not None else "torch-sdpa",
+                         attention="c-paged" if attention_kernels is not None else "torch-sdpa", chunks=chunks,
                          norm="c" if attention_kernels is not None else "torch", reasons=reasons,
                          attention_kernels=attention_kernels)
 

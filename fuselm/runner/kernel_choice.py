@@ -20,6 +20,9 @@ start, on CPU with the C kernels, the execution plan (execution_plan.py) asks th
 - the C layer step against the per-layer torch path, by timing whole synthetic steps through the
   runner (`choose_layer_step`): a decode step of the decode batch (up to 64 rows), and a
   prompt-chunk step (up to 128 tokens);
+- prompt chunks' attention: fuselm's C chunk kernel (kernels/chunk_attention.c) against torch's SDPA
+  (`choose_chunk_attention`), on one layer's cache, for a chunk of up to CHUNK_TIMING_CAP tokens after no
+  cached positions and after as many (a later chunk of a long prompt);
 - before those, the rows of x that fuselm's fp32 GEMM register tiles take (`choose_tile_rows`: 12 or 8
   with AVX-512), timed on a weight of the model's gate/up shape at the decode batch and a prompt chunk.
   Tile shapes never change results; on a Zen 4 EPYC tiles of 8 rows ran 2-9% faster than the 12 the
@@ -33,7 +36,8 @@ One method per role (not per row count) keeps one copy of each weight. Results a
 ISA variant and build key, torch version, thread count, dtype, shapes, row counts, candidates), so
 a later start reads them instead of timing. FUSELM_KERNEL_CHOICE overrides: `rules` takes the fixed
 rules with no timing; `role=kind,...` (roles qkv, o, gate_up, down, lm_head, `layers` = c or
-torch, and `tile_rows` = a row count) forces those choices and takes the rules for the rest, also without timing.
+torch, `chunks` = c or torch, and `tile_rows` = a row count) forces those choices and takes the rules
+for the rest, also without timing.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ ROUNDS = 3  # interleaved rounds per row count (after one warm-up call each); th
 ROUND_BUDGET_S = 1.0  # rounds are cut where they would take longer per row count
 MARGIN = 0.05  # another method replaces the rules' choice only when at least this much faster
 TILE_ROWS_MARGIN = 0.02  # a tile shape costs nothing to switch (no second copy of a weight): a smaller margin
+CHUNK_TIMING_CAP = 256  # prompt-chunk tokens the chunk attention is timed at (the token budget, at most this)
 TILE_ROWS_CANDIDATES = (12, 8)  # the AVX-512 tiles' rows as written, and the shape that measured faster on Zen 4
 SCHEMA = 1  # bump when what is measured or how it is scored changes: old cache entries are then ignored
 
@@ -85,11 +90,11 @@ class Override:
         forced = {}
         for item in text.split(","):
             role, sep, kind = item.strip().partition("=")
-            if not sep or role not in (*ROLES, "layers", "tile_rows") or not kind:
+            if not sep or role not in (*ROLES, "layers", "chunks", "tile_rows") or not kind:
                 raise ValueError(f"{CHOICE_ENV}={text!r}: expected 'measure', 'rules' or role=kind pairs "
-                                 f"(roles {', '.join(ROLES)}, layers, tile_rows), e.g. qkv=onednn,layers=torch")
-            if role == "layers" and kind not in LAYER_STEP_KINDS:
-                raise ValueError(f"{CHOICE_ENV}: layers={kind!r}; choose one of {', '.join(LAYER_STEP_KINDS)}")
+                                 f"(roles {', '.join(ROLES)}, layers, chunks, tile_rows), e.g. qkv=onednn,layers=torch")
+            if role in ("layers", "chunks") and kind not in LAYER_STEP_KINDS:
+                raise ValueError(f"{CHOICE_ENV}: {role}={kind!r}; choose one of {', '.join(LAYER_STEP_KINDS)}")
             if role == "tile_rows" and not (kind.isdigit() and int(kind) >= 1):
                 raise ValueError(f"{CHOICE_ENV}: tile_rows={kind!r}; give a row count, e.g. tile_rows=8")
             forced[role] = kind
@@ -106,6 +111,7 @@ class Timings:
     cache_hit: bool = False
     spent: float = 0.0  # seconds the measurement took (0 from the cache)
     busy: bool = False  # measured on a busy machine: shown, not trusted, not stored
+    unit: str = "rows"  # what `rows` counts, for the plan line
 
     def describe(self) -> str:
         if not self.seconds:
@@ -399,4 +405,63 @@ def choose_layer_step(runner, override: Override | None) -> Timings | None:
         timings.chosen = "c-decode"
     else:
         timings.chosen = "c"
+    return timings
+
+
+@torch.inference_mode()
+def measure_chunk_attention(runner, shapes: tuple[tuple[int, int], ...]) -> dict[str, list[float]]:
+    """Seconds of one layer's attention over a prompt chunk of n tokens after `cached` positions, for each (n,
+    cached) in `shapes`, with the C chunk kernel and with torch's SDPA (paged_attention, the step's metadata as
+    the runner builds it); the cached positions hold random K/V on blocks the pool has not handed out."""
+    from fuselm.layers.paged_attention import forward_context, paged_attention
+
+    attn = runner.model.layers[0].self_attn
+    mc = runner.model_config
+    g = torch.Generator().manual_seed(0)
+    seconds: dict[str, list[float]] = {"c": [], "torch": []}
+    for n, cached in shapes:
+        out, used = _synthetic_step(runner, [n], cached)
+        _, _, meta, _ = runner._build_batch(out)
+        for cache in (attn.k_cache, attn.v_cache):
+            if cache.is_floating_point():
+                cache[:used].copy_(torch.randn(cache[:used].shape, generator=g))
+        q = torch.randn(n, mc.num_attention_heads, mc.head_dim, generator=g).to(runner.dtype)
+        k, v = (torch.randn(n, mc.num_key_value_heads, mc.head_dim, generator=g).to(runner.dtype) for _ in range(2))
+
+        def call(chunk_kernel: bool) -> None:
+            meta.chunk_kernel = chunk_kernel
+            with forward_context(meta):
+                paged_attention(q, k, v, attn.k_cache, attn.v_cache, attn.scale, getattr(attn, "k_scale", None),
+                                getattr(attn, "v_scale", None))
+
+        best = time_interleaved({"c": lambda: call(True), "torch": lambda: call(False)})
+        for kind, t in best.items():
+            seconds[kind].append(t)
+    return seconds
+
+
+def choose_chunk_attention(runner, override: Override | None) -> Timings | None:
+    """Keep the plan's C chunk kernel for prompt chunks (runner.plan.chunks "c") or hand them to torch's SDPA, by
+    timing both on a chunk of the token budget (at most CHUNK_TIMING_CAP tokens) after no cached positions and
+    after as many. Sets plan.chunks; None when nothing was measured (no chunk kernel, an override)."""
+    plan, cfg = runner.plan, runner.config
+    if plan.chunks != "c":
+        return None
+    if override is not None:
+        if override.forced.get("chunks") == "torch":
+            plan.chunks = "torch-sdpa"
+            plan.reasons.append(f"torch SDPA for prompt chunks: forced by {CHOICE_ENV}")
+        return None
+    bs = runner.block_size
+    n = min(cfg.max_num_batched_tokens, CHUNK_TIMING_CAP, runner.num_blocks * bs // 2)
+    if n <= 16:  # rows this short attend as query rows (model_runner's QUERY_ROW_MAX_TOKENS): never a chunk
+        return None
+    shapes = ((n, 0), (n, n))
+    mc = runner.model_config
+    key = {**environment_key(plan.attention_kernels), "what": "chunk_attention", "shapes": [list(s) for s in shapes],
+           "block_size": bs, "kv": str(runner.kv_dtype), "dtype": str(runner.dtype),
+           "dims": [mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim]}
+    timings = cached_timings(key, lambda: measure_chunk_attention(runner, shapes), tuple(c for _, c in shapes), "c")
+    timings.unit = f"cached positions ({n}-token chunks)"
+    plan.chunks = "c" if timings.chosen == "c" else "torch-sdpa"
     return timings

@@ -26,7 +26,7 @@ from fuselm.runner.cache_positions import CachePositions
 from fuselm.runner.h2o_compaction import H2OScores
 from fuselm.runner.kv_compaction import compact, snapkv_captures, streaming_visible
 from fuselm.runner.execution_plan import plan_execution, weight_bytes
-from fuselm.runner.kernel_choice import Override, choose_layer_step
+from fuselm.runner.kernel_choice import Override, choose_chunk_attention, choose_layer_step
 from fuselm.runner.kv_prefault import KVPrefault
 from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
@@ -146,7 +146,11 @@ class ModelRunner:
         self.cascade = config.enable_cascade_attention and self.kv_groups[0].window is None and (
             self.cpu_kernels is None or self.cpu_kernels.cascade_supports(model_config.head_dim, self.block_size))
         self.cascade_kv_tokens_saved = 0  # per layer: KV token reads not repeated thanks to it, since start
-        layer_step = choose_layer_step(self, Override.from_env() if parallel is None else Override())
+        override = Override.from_env() if parallel is None else Override()
+        chunks = choose_chunk_attention(self, override)  # first: the layer step's prompt chunk attends as chosen
+        if chunks is not None:  # prompt chunks' attention: the C chunk kernel against torch's SDPA
+            self.plan.measured["chunks"] = chunks
+        layer_step = choose_layer_step(self, override)
         if layer_step is not None:  # the C layer step against the torch layers, timed on synthetic steps
             self.plan.measured["layers"] = layer_step
         logger.info("%s", self.plan.summary())
@@ -275,10 +279,12 @@ class ModelRunner:
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
+                                 chunk_kernel=self.plan.chunks == "c",
                                  chunk_query_rows=sum(rows[i].num_new_tokens for i in short
                                                       if rows[i].num_new_tokens > QUERY_ROW_MAX_TOKENS),
                                  snapkv=snapkv_captures(rows, row_start, self._slots, self.device),
                                  h2o=self.h2o_scores.captures(rows, row_start, self._slots, self.device))
+        meta.cpu_kernels = self.cpu_kernels  # query rows' kernels, and prompt chunks' (a step of chunks only too)
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
             max_blocks = max(len(t) for t in tables)
@@ -291,7 +297,7 @@ class ModelRunner:
                 if meta.cascade is not None:
                     self.cascade_kv_tokens_saved += meta.cascade.kv_tokens_saved
             if not torch_path:
-                meta.cpu_kernels, meta.decode_block_table, meta.decode_ctx_lens = self.cpu_kernels, table, lens
+                meta.decode_block_table, meta.decode_ctx_lens = table, lens
             else:
                 max_len = int(lens.max())
                 slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(nd, -1)[:, :max_len]  # [nd, L]
