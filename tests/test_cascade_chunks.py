@@ -135,3 +135,30 @@ def test_chunked_tails_with_n_samples_and_preemption(tiny_llama, monkeypatch):
               max_num_batched_tokens=40)
     assert_same(on, off)
     assert on[3] > 0 and off[3] > 0
+
+
+def test_a_chunk_no_other_row_reads_takes_the_chunk_kernel(tiny_llama, monkeypatch):
+    """A lone request's later chunks over its own cached context share no leading block with another row: they
+    attend through the chunk kernel (faster alone), not as query rows; a second request over the same cached
+    prefix makes its chunk a query-row group again. Tokens and logits as with the option off."""
+    from fuselm import LLM
+
+    counts = counting_chunk_rows(monkeypatch)
+    prompt = random_prompts([100], seed=13)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = LLM(tiny_llama[0], dtype="float32", device="cpu", max_num_batched_tokens=40, enable_prefix_caching=False)
+    chunk_calls = []
+    real = llm.engine.runner.cpu_kernels.chunk_attention
+    monkeypatch.setattr(llm.engine.runner.cpu_kernels, "chunk_attention",
+                        lambda *a, **k: chunk_calls.append(1) or real(*a, **k))
+    alone = llm.generate([prompt], params, use_tqdm=False)[0]
+    layers = llm.engine.runner.model_config.num_hidden_layers
+    assert sum(counts) == 0 and len(chunk_calls) == 3 * layers  # 100 tokens: chunks of 40, 40 (after 40), 20
+    off = LLM(tiny_llama[0], dtype="float32", device="cpu", max_num_batched_tokens=40, enable_prefix_caching=False,
+              enable_cascade_attention=False)
+    assert alone.outputs[0].token_ids == off.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    counts.clear()
+    prompts, prefixes = tails_after_prefix(1, 4, seed=14)  # four tails over one cached prefix, run together
+    on_run = run(tiny_llama[0], prompts, params, True, warm=prefixes, max_num_batched_tokens=48)
+    assert sum(counts) > 0
+    assert_same(on_run, run(tiny_llama[0], prompts, params, False, warm=prefixes, max_num_batched_tokens=48))

@@ -7,6 +7,7 @@ that need logits through the LM head, and samples.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from fuselm.config import EngineConfig, ModelConfig, parse_dtype
 from fuselm.core.kv_groups import blocks_for_tokens, describe_groups, kv_cache_groups
 from fuselm.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from fuselm.models.registry import build_model
-from fuselm.layers.cascade import chunk_as_query_rows, plan_shared_prefix
+from fuselm.layers.cascade import chunk_as_query_rows, plan_shared_prefix, prefix_key
 from fuselm.layers.paged_attention import (AttentionMetadata, PrefillRow, additive_mask, chunk_causal_allowed,
                                            forward_context)
 from fuselm.runner.expert_stats import ExpertStats
@@ -216,11 +217,13 @@ class ModelRunner:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size  # [end - start]
 
-    def _chunk_as_query_rows(self, r: ScheduledRequest) -> bool:
-        """Whether prompt chunk `r` attends as query rows through the shared-prefix kernel (layers/cascade.py)."""
+    def _chunk_as_query_rows(self, r: ScheduledRequest, prefixes: collections.Counter) -> bool:
+        """Whether prompt chunk `r` attends as query rows through the shared-prefix kernel (layers/cascade.py);
+        `prefixes` counts the step's rows by prefix_key."""
         return (self.cascade and self.cpu_kernels is not None and r.snapkv is None and r.h2o is None
-                and not r.cache_positions and chunk_as_query_rows(r.num_new_tokens, r.num_computed_tokens - r.kv_offset,
-                                                                  self.block_size))
+                and not r.cache_positions
+                and chunk_as_query_rows(r.num_new_tokens, r.num_computed_tokens - r.kv_offset, self.block_size,
+                                        prefixes[prefix_key(r.block_ids)] - 1))
 
     def _build_batch(self, out: SchedulerOutput):
         """Pack the step: query rows first (single-token rows, then each token of short rows), then long rows.
@@ -232,8 +235,9 @@ class ModelRunner:
         rows = out.scheduled
         single = [i for i, r in enumerate(rows) if r.num_new_tokens == 1]
         # (a StreamingLLM row of several tokens is a long row: its queries are masked to their own windows)
+        prefixes = collections.Counter(prefix_key(r.block_ids) for r in rows) if self.cascade else None
         short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens and r.kv_window is None and (
-            r.num_new_tokens <= QUERY_ROW_MAX_TOKENS or self._chunk_as_query_rows(r))]
+            r.num_new_tokens <= QUERY_ROW_MAX_TOKENS or self._chunk_as_query_rows(r, prefixes))]
         as_query_rows = set(short)
         long_rows = [i for i, r in enumerate(rows) if r.num_new_tokens > 1 and i not in as_query_rows]
         row_start = [0] * len(rows)
