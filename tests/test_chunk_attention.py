@@ -61,9 +61,30 @@ def test_chunk_attention_matches_reference(kernels, kv_dtype, num_kv_heads, grou
         assert err < 2e-5, (num_cached, n, err)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+def test_bfloat16_queries_match_reference(kernels, kv_dtype):
+    """A bfloat16 model's chunks: widened queries, float32 arithmetic, results rounded to bfloat16."""
+    torch.manual_seed(5)
+    block_size, pool_blocks, num_kv_heads, group, head_dim = 16, 80, 3, 3, 64
+    for num_cached, n in [(0, 33), (0, 200), (40, 64), (300, 17)]:
+        length = num_cached + n
+        blocks = random.Random(n).sample(range(pool_blocks), -(-length // block_size))
+        slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(length)])
+        shape = (pool_blocks, block_size, num_kv_heads, head_dim)
+        k_cache, v_cache = torch.randn(shape).to(kv_dtype), torch.randn(shape).to(kv_dtype)
+        q = torch.randn(n, num_kv_heads * group, head_dim).to(torch.bfloat16)
+        out = torch.full_like(q, float("nan"))
+        kernels.chunk_attention(q, out, k_cache, v_cache, slots, num_cached, head_dim ** -0.5)
+        flat_k, flat_v = (c.float().view(-1, num_kv_heads, head_dim)[slots] for c in (k_cache, v_cache))
+        want = reference(q.float(), flat_k, flat_v, num_cached, head_dim ** -0.5)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), want.to(torch.bfloat16).double(), atol=8e-3, rtol=8e-3)
+
+
 def test_chunk_attention_rejects_what_it_does_not_take(kernels):
-    q = torch.randn(4, 3, 64).to(torch.bfloat16)
+    q = torch.randn(4, 3, 64).to(torch.float16)
     cache = torch.randn(8, 16, 1, 64)
     assert not kernels.chunk_attention_supports(q, cache)
     assert kernels.chunk_attention_supports(q.float(), cache)
+    assert kernels.chunk_attention_supports(q.bfloat16(), cache)
     assert not kernels.chunk_attention_supports(torch.randn(4, 3, 18), torch.randn(8, 16, 1, 18))  # 18 % 4 != 0

@@ -282,25 +282,30 @@ class CpuKernels:
 
     def chunk_attention_supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         """Whether chunk_attention takes these queries [n, Hq, D] and this cache."""
-        return (self._chunk is not None and q.dtype == torch.float32
+        return (self._chunk is not None and q.dtype in (torch.float32, torch.bfloat16)
                 and k_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
                 and q.shape[1] % k_cache.shape[2] == 0 and bool(self._chunk_supported(q.shape[2])))
 
     def chunk_attention(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slots: torch.Tensor, num_cached: int, scale: float, k_scale: torch.Tensor | None = None,
                         v_scale: torch.Tensor | None = None) -> None:
-        """q, out [n, Hq, D] float32: a prompt chunk's n tokens at positions num_cached .. num_cached + n - 1,
-        each attending causally to the context through slots [num_cached + n] int64 (every position's cache
-        slot; the chunk's own K/V stored already). An int8 cache comes with its bf16 scales."""
+        """q, out [n, Hq, D] float32 or bfloat16: a prompt chunk's n tokens at positions num_cached ..
+        num_cached + n - 1, each attending causally to the context through slots [num_cached + n] int64 (every
+        position's cache slot; the chunk's own K/V stored already). An int8 cache comes with its bf16 scales.
+        The kernel computes in float32: bfloat16 queries are widened and the results rounded to out's dtype."""
         assert q.is_contiguous() and out.is_contiguous() and slots.is_contiguous() and slots.dtype == torch.int64
         n, num_heads, head_dim = q.shape
-        assert slots.shape == (num_cached + n,) and self.chunk_attention_supports(q, k_cache)
+        assert slots.shape == (num_cached + n,) and self.chunk_attention_supports(q, k_cache) and out.dtype == q.dtype
         if k_cache.dtype == torch.int8:
             assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
-        self._chunk(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        q32 = q if q.dtype == torch.float32 else q.float()
+        out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
+        self._chunk(q32.data_ptr(), out32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                     None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
                     slots.data_ptr(), num_cached, n, num_heads, k_cache.shape[2], head_dim, scale,
                     DTYPE_CODES[k_cache.dtype], torch.get_num_threads())
+        if out32 is not out:
+            out.copy_(out32)
 
 
 def load_kernels(isa: str | None = None, directory: Path | None = None) -> CpuKernels | None:

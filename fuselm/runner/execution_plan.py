@@ -136,7 +136,7 @@ def plan_execution(model, device: torch.device, use_cpu_kernels: bool, kv_dtype:
         else:
             reasons.append(f"the C attention kernel does not take {str(dtype).removeprefix('torch.')} with a "
                            f"{str(kv_dtype).removeprefix('torch.')} KV cache and these head shapes")
-    # prompt chunks attend in C where the chunk kernel takes the model's queries and cache (float32 queries);
+    # prompt chunks attend in C where the chunk kernel takes the model's queries and cache (float32 or bfloat16);
     # runner/kernel_choice.py choose_chunk_attention times it against torch's SDPA once the caches exist
     chunks = "c" if attention_kernels is not None and attention_kernels.chunk_attention_supports(
         torch.empty(1, cfg.num_attention_heads, cfg.head_dim, dtype=dtype), model.layers[0].self_attn.k_cache) \
