@@ -394,3 +394,53 @@ def test_embedded_weights_match_gguf_reader(loaded):
         assert torch.equal(llama_cpp_permute(ours, n_head) if n_head else ours, stored), hf
     assert tensors["blk.0.attn_q.weight"].tensor_type == GGMLQuantizationType.Q4_1
 
+
+
+def test_auto_dtype_is_float32_where_weights_stay_quantised(tmp_path, monkeypatch):
+    """`dtype=auto` on CPU: float32 activations where the projections stay quantised (a GGUF with Q4/Q8 matrices
+    kept as they are, or quantization int8/int4): the quantised matmuls and the one-call C layer step take float32.
+    Float weights keep the CPU rule (bfloat16 with bf16 matrix units), whatever this machine has."""
+    from fuselm import config as config_module
+    from fuselm.config import parse_dtype
+    from fuselm.loader.gguf import gguf_keeps_quantized_weights
+    from fuselm.loader.load import keeps_quantized_weights
+
+    Q = GGMLQuantizationType
+    for sub in "fqh":
+        (tmp_path / sub).mkdir()
+    _, float_path = _write(tmp_path / "f", "llama_untied")
+    _, q_path = _write(tmp_path / "q", "llama_untied", {"model.layers.0.mlp.up_proj.weight": Q.Q4_0})
+    _, f16_path = _write(tmp_path / "h", "llama_untied", {"model.layers.0.mlp.up_proj.weight": Q.F16})
+    assert gguf_keeps_quantized_weights(q_path) and gguf_keeps_quantized_weights(EMBEDDED)
+    assert not gguf_keeps_quantized_weights(float_path) and not gguf_keeps_quantized_weights(f16_path)
+    assert keeps_quantized_weights(str(q_path), None) and keeps_quantized_weights(None, None)  # the embedded model
+    assert not keeps_quantized_weights(str(q_path), "none")  # dequantised at load: float weights
+    assert keeps_quantized_weights(str(float_path), "int4") and not keeps_quantized_weights(str(float_path), None)
+    for fast in (True, False):
+        monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert parse_dtype("auto", "cpu", quantized_weights=True) == torch.float32
+        assert parse_dtype("auto", "cpu") == (torch.bfloat16 if fast else torch.float32)
+        assert parse_dtype("auto", "cuda:0", quantized_weights=True) == torch.bfloat16
+        assert parse_dtype("bfloat16", "cpu", quantized_weights=True) == torch.bfloat16  # asked for: kept
+
+
+def test_engine_on_a_quantised_gguf_defaults_to_float32(tmp_path, monkeypatch):
+    """On a CPU whose rule says bfloat16, an engine on a quantised GGUF with dtype auto runs float32 activations;
+    its greedy tokens are those of dtype float32 asked for explicitly."""
+    from fuselm import LLM, SamplingParams
+    from fuselm import config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda: True)
+    _, q_path = _write(tmp_path, "llama_untied", {"model.layers.0.mlp.up_proj.weight": GGMLQuantizationType.Q8_0,
+                                                  "model.layers.1.self_attn.q_proj.weight": GGMLQuantizationType.Q4_0})
+    auto = LLM(str(q_path), device="cpu")
+    assert auto.engine.dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    explicit = LLM(str(q_path), device="cpu", dtype="float32")
+    prompts = [[5, 9, 13, 2, 7], [3, 3, 8]]
+    got = [o.outputs[0].token_ids for o in auto.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                         use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in explicit.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                              use_tqdm=False)]
+    assert got == want
+    assert LLM(str(q_path), device="cpu", quantization="none").engine.dtype == torch.bfloat16

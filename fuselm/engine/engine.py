@@ -29,6 +29,7 @@ from fuselm.engine.structured_output import StructuredOutputManager, prepare_tok
 from fuselm.core.step_cost import PromptChunkLimiter
 from fuselm.errors import InvalidRequestError, check_text
 from fuselm.loader import load_model
+from fuselm.loader.load import keeps_quantized_weights
 from fuselm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fuselm.parallel.group import WorkerFailedError
 from fuselm.runner.model_runner import ModelOutput, ModelRunner, summarize_memory
@@ -54,7 +55,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = parse_dtype(config.dtype, self.device)
+        quantized = config.dtype == "auto" and not self.device.startswith("cuda") and keeps_quantized_weights(
+            config.model, config.quantization)
+        self.dtype = parse_dtype(config.dtype, self.device, quantized_weights=quantized)
         torch.manual_seed(config.seed)
         shard = None
         if config.tensor_parallel_size > 1:  # this process is rank 0: it loads only its shard

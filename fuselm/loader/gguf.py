@@ -454,6 +454,21 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
         buf.close()
 
 
+def gguf_keeps_quantized_weights(path: str | Path) -> bool:
+    """Whether load_gguf(keep_quantized=True) keeps any matrix of this file quantised (reads the header only)."""
+    from fuselm.quant.gguf_quants import KEPT_TYPES
+
+    path = Path(path)
+    buf = _open(path)
+    try:
+        _, tensors = _parse(buf)
+    except _Corrupt as exc:
+        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
+    finally:
+        buf.close()
+    return any(info.ggml_type in KEPT_TYPES and len(info.shape) in (2, 3) for info in tensors.values())
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False, shard=None) -> LoadedModel:
     """Config, HF-named weights in `dtype` and tokenizer of a GGUF file of a registered architecture. With
     keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights. With

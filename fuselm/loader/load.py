@@ -37,3 +37,18 @@ def load_model(model: str | None, dtype: torch.dtype, tokenizer: str | None = No
 
         loaded.tokenizer = Tokenizer.from_hf_dir(tokenizer)
     return loaded
+
+
+def keeps_quantized_weights(model: str | None, quantization: str | None) -> bool:
+    """Whether the engine will compute with quantised projection weights: `quantization` int8/int4, or None
+    (keep what the checkpoint has) on a GGUF file with quantised matrices fuselm computes with directly."""
+    if quantization in ("int8", "int4"):
+        return True
+    if quantization is not None:
+        return False
+    path = Path(model) if model else Path(default_model_path())
+    if path.is_file() and path.suffix == ".gguf":
+        from fuselm.loader.gguf import gguf_keeps_quantized_weights
+
+        return gguf_keeps_quantized_weights(path)
+    return False
