@@ -4,7 +4,8 @@ A prompt that arrives while nothing else runs is computed in steps of prompt chu
 row shares them, so what these steps take (the projections, the chunks' attention) is the whole wait.
 Each tree runs in its own process (PYTHONPATH), A B B A over --pairs pairs, so that a change in the
 Python path as well as in the C kernels is compared; within a process every prompt length takes the
-best of --repeats prompts (random token ids, prefix caching off, one output token) after one to warm up.
+best of --repeats prompts (random token ids, prefix caching off, one output token) after one to warm up. The
+embedded model's weights are dequantised (--quantization none) or kept as its GGUF has them (gguf).
 
     python benchmarks/prefill_latency.py --baseline /tmp/before --prompt-lens 128,512,2000
 """
@@ -28,7 +29,8 @@ def child(args: argparse.Namespace) -> None:
 
     from fuselm import LLM, SamplingParams
 
-    llm = LLM(dtype=args.dtype, num_threads=args.threads, quantization="none", enable_prefix_caching=False)
+    llm = LLM(dtype=args.dtype, num_threads=args.threads, quantization=None if args.quantization == "gguf" else "none",
+              enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     g = torch.Generator().manual_seed(args.seed)
     vocab = llm.engine.runner.model_config.vocab_size
@@ -48,7 +50,7 @@ def run_tree(tree: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--prompt-lens", ",".join(map(str, args.lens)),
            "--repeats", str(args.repeats), "--dtype", args.dtype, "--threads", str(args.threads), "--seed",
-           str(args.seed)]
+           str(args.seed), "--quantization", args.quantization]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
@@ -61,7 +63,9 @@ def main() -> None:
     ap.add_argument("--prompt-lens", default="128,512,2000")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    ap.add_argument("--quantization", default="none", choices=("none", "gguf"),
+                    help="none: the embedded model's weights dequantised to --dtype; gguf: kept as the GGUF has them")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -96,6 +100,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "prefill_latency", "machine": machine_info() | {"threads": args.threads}, "dtype": args.dtype,
+            "quantization": args.quantization,
             "pairs": args.pairs, "repeats": args.repeats, "baseline": str(args.baseline),
             "plans": {name: r[0]["plan"] for name, r in runs.items()}, "results": rows}, indent=1))
 
