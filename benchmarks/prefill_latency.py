@@ -43,7 +43,10 @@ def child(args: argparse.Namespace) -> None:
             llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
             times.append(time.perf_counter() - start)
         seconds[n] = min(times[1:])
-    print("RESULT " + json.dumps({"seconds": seconds, "plan": llm.engine.runner.plan.summary()}), flush=True)
+    import fuselm
+
+    print("RESULT " + json.dumps({"seconds": seconds, "plan": llm.engine.runner.plan.summary(),
+                                  "fuselm": fuselm.__file__}), flush=True)
 
 
 def run_tree(tree: Path, args: argparse.Namespace) -> dict:
@@ -54,6 +57,8 @@ def run_tree(tree: Path, args: argparse.Namespace) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
+    if not Path(result["fuselm"]).resolve().is_relative_to(tree.resolve()):  # the tree asked for, not another
+        raise SystemExit(f"{tree}: the child imported fuselm from {result['fuselm']}")
     return {int(n): s for n, s in result["seconds"].items()} | {"plan": result["plan"]}
 
 
