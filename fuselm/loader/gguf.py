@@ -442,31 +442,29 @@ def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
         raise _Corrupt(f"its tokenizer cannot be built ({exc})") from None
 
 
-def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
-    """Only the tokenizer of a GGUF file (any architecture): reads the header, no weights."""
-    path = Path(path)
+def _from_header(path: Path, read):
+    """read(meta, tensors) over a GGUF file's parsed header, the file closed after; a corrupt one is a ValueError."""
     buf = _open(path)
     try:
-        return _tokenizer(_parse(buf)[0], path)
+        return read(*_parse(buf))
     except _Corrupt as exc:
         raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
     finally:
         buf.close()
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a GGUF file (any architecture): reads the header, no weights."""
+    path = Path(path)
+    return _from_header(path, lambda meta, _: _tokenizer(meta, path))
 
 
 def gguf_keeps_quantized_weights(path: str | Path) -> bool:
     """Whether load_gguf(keep_quantized=True) keeps any matrix of this file quantised (reads the header only)."""
     from fuselm.quant.gguf_quants import KEPT_TYPES
 
-    path = Path(path)
-    buf = _open(path)
-    try:
-        _, tensors = _parse(buf)
-    except _Corrupt as exc:
-        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
-    finally:
-        buf.close()
-    return any(info.ggml_type in KEPT_TYPES and len(info.shape) in (2, 3) for info in tensors.values())
+    return _from_header(Path(path), lambda _, tensors: any(
+        info.ggml_type in KEPT_TYPES and len(info.shape) in (2, 3) for info in tensors.values()))
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False, shard=None) -> LoadedModel:

@@ -235,7 +235,9 @@ class ModelRunner:
         rows = out.scheduled
         single = [i for i, r in enumerate(rows) if r.num_new_tokens == 1]
         # (a StreamingLLM row of several tokens is a long row: its queries are masked to their own windows)
-        prefixes = collections.Counter(prefix_key(r.block_ids) for r in rows) if self.cascade else None
+        # rows by leading blocks, for chunks that may attend as query rows: only steps with such a chunk pay for it
+        prefixes = collections.Counter(prefix_key(r.block_ids) for r in rows) if self.cascade and any(
+            r.num_new_tokens > QUERY_ROW_MAX_TOKENS for r in rows) else None
         short = [i for i, r in enumerate(rows) if 1 < r.num_new_tokens and r.kv_window is None and (
             r.num_new_tokens <= QUERY_ROW_MAX_TOKENS or self._chunk_as_query_rows(r, prefixes))]
         as_query_rows = set(short)
