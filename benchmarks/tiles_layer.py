@@ -33,7 +33,9 @@ from fuselm.quant.int4_rows16 import Int4Rows16
 from fuselm.quant.int8_rows16 import Int8Rows16
 
 SHAPES = {"smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up": (3072, 576),
-          "smollm2 down": (576, 1536), "mixtral qkv": (1536, 1024), "mixtral o": (1024, 1024)}
+          "smollm2 down": (576, 1536), "mixtral qkv": (1536, 1024), "mixtral o": (1024, 1024),
+          "smollm2 lm_head": (49152, 576)}  # the embedded model's tied LM head (int8: its Q8_0 table)
+DEFAULT_SHAPES = [name for name in SHAPES if name != "smollm2 lm_head"]
 
 
 def cpu_time(fn, rounds: int) -> list[float]:
@@ -50,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4, help="int4 (GGUF Q4_0/Q4_1) or int8 (Q8_0) g32")
     ap.add_argument("--rows", default="1,8,64,256,512")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
     ap.add_argument("--methods", default="rows,tiles,rows-gemm,tiles-gemm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)

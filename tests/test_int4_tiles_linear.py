@@ -73,6 +73,17 @@ def test_tiles_dequantize_to_the_same_weight():
         assert torch.equal(kernels.dequantize(Int4Rows16.pack(q)), q.dequantize())
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_rows_taken_from_the_tiles_are_the_weights_rows(scale_dtype):
+    g = torch.Generator().manual_seed(5)
+    q = _int4(48, 320, scale_dtype, g)
+    tiles = Int4Rows16.pack(q)
+    for ids in (torch.tensor([31]), torch.tensor([47, 0, 31, 31, 16, 15]), torch.randint(0, 48, (3, 4), generator=g)):
+        got, want = tiles.take(ids), q.rows(ids.reshape(-1))
+        assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.mins, want.mins) and got.shape == want.shape
+
+
 def test_weights_that_keep_their_layout(monkeypatch):
     g = torch.Generator().manual_seed(2)
     kept = [_int4(40, 256, torch.float16, g),  # rows not a multiple of 16
@@ -82,9 +93,6 @@ def test_weights_that_keep_their_layout(monkeypatch):
         layer = QuantLinear([q])
         layer.use_cpu_kernels(kernels)
         assert layer.parts[0] is q
-    tied = QuantLinear([_int4(32, 256, torch.float16, g)], keep_layout=True)  # a tied embedding reads it too
-    tied.use_cpu_kernels(kernels)
-    assert isinstance(tied.parts[0], QuantWeight)
     monkeypatch.setenv("FUSELM_INT4_TILES", "0")
     forced = QuantLinear([_int4(32, 256, torch.float16, g)])
     forced.use_cpu_kernels(kernels)
@@ -134,6 +142,7 @@ LONG = [(7 * i) % 300 + 20 for i in range(150)]  # 150 tokens: prompt chunks of 
 def _greedy(monkeypatch, tiles: bool, path: str | None = None, **options):
     """(the plan's projection kinds, each prompt's greedy tokens and their logprobs)."""
     monkeypatch.setenv("FUSELM_INT4_TILES", "1" if tiles else "0")
+    monkeypatch.setenv("FUSELM_INT8_TILES", "1" if tiles else "0")  # the embedded model's tied int8 LM head
     llm = LLM(path, dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=128, **options)
     plan = llm.engine.runner.plan
     assert plan.layers.startswith("c")  # the C layer step (decode_layers.c) reads the weights
@@ -153,7 +162,7 @@ def _same_run(a, b) -> None:
 
 def test_embedded_model_with_tiles_matches_the_old_layout(monkeypatch):
     kinds, tiled = _greedy(monkeypatch, True)
-    assert all("tiles" in kinds[role] for role in ("qkv", "o", "gate_up", "down"))
+    assert all("tiles" in kinds[role] for role in ("qkv", "o", "gate_up", "down", "lm_head"))
     kinds_plain, plain = _greedy(monkeypatch, False)
     assert not any("tiles" in kind for kind in kinds_plain.values())
     _same_run(tiled, plain)

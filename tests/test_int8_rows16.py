@@ -62,6 +62,45 @@ def test_tiles_unpack_to_the_same_weight(scale_dtype):
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_rows_taken_from_the_tiles_are_the_weights_rows(scale_dtype):
+    g = torch.Generator().manual_seed(5)
+    q = _int8(64, 160, scale_dtype, g)
+    q.qweight[17, :4] = torch.tensor([-128, 127, -127, 0], dtype=torch.int8)
+    tiles = Int8Rows16.pack(q)
+    for ids in (torch.tensor([17]), torch.tensor([63, 0, 17, 17, 40, 15, 16]), torch.randint(0, 64, (2, 5), generator=g)):
+        got, want = tiles.take(ids), q.rows(ids.reshape(-1))
+        assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
+        assert got.shape == want.shape and got.mins is None
+
+
+def test_a_tied_lm_head_in_tiles_serves_the_embedding_too(monkeypatch):
+    """A tied table goes into tiles with its LM head (one copy); the embedding then looks its rows up there and
+    gives the rows it gave before, and the head multiplies as the dequantised reference does."""
+    from fuselm.quant.linear import QuantEmbedding
+    from fuselm.runner.execution_plan import weight_bytes
+
+    g = torch.Generator().manual_seed(6)
+    q = _int8(96, 576, torch.float16, g)
+    ids = torch.tensor([3, 95, 3, 40, 0])
+    want_rows = QuantEmbedding(q, torch.float32)(ids)
+    model = torch.nn.Module()
+    model.embed_tokens = QuantEmbedding(q, torch.float32)
+    model.lm_head = QuantLinear([q], tied_embedding=model.embed_tokens)
+    assert model.embed_tokens not in list(model.lm_head.modules())  # not registered under the head
+    model.lm_head.use_cpu_kernels(kernels)
+    assert isinstance(model.lm_head.parts[0], Int8Rows16) and model.lm_head.kind == "int8g32-c-tiles"
+    assert model.embed_tokens.qweight is model.lm_head.parts[0]
+    assert torch.equal(model.embed_tokens(ids), want_rows)
+    assert weight_bytes(model) == q.nbytes  # counted once
+    x = torch.randn(70, 576, generator=g)  # from 48 rows the row layout took the dequantised GEMM; the tiles never do
+    assert _close(model.lm_head(x), _reference([q], None, x))
+    monkeypatch.setenv("FUSELM_INT8_TILES", "0")
+    kept = QuantLinear([q], tied_embedding=QuantEmbedding(q, torch.float32))
+    kept.use_cpu_kernels(kernels)
+    assert kept.parts[0] is q and kept.tied_embedding.qweight is q
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [256, 576, 160])  # 576, 160: a shorter last quad of blocks in the split activations
 def test_tiled_layer_matches_the_dequantised_reference(scale_dtype, k):
     g = torch.Generator().manual_seed(k)

@@ -50,7 +50,7 @@ def install_quantized(model: nn.Module, weights: dict, dtype: torch.dtype, devic
         embed = weights.pop("model.embed_tokens.weight").to(device)
         model.embed_tokens = QuantEmbedding(embed, dtype)
         if tied:
-            model.lm_head = QuantLinear([embed], keep_layout=True)  # the embedding reads the same rows
+            model.lm_head = QuantLinear([embed], tied_embedding=model.embed_tokens)  # one weight for both
     head = weights.get("lm_head.weight")
     if isinstance(head, QuantWeight):
         head = weights.pop("lm_head.weight")
@@ -74,11 +74,12 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None, quanti
     if quantize_lm_head and isinstance(model.lm_head, TorchLinear):
         dtype = model.norm.weight.dtype
         embed = quantize_int8(model.embed_tokens.weight.detach())
-        if model.lm_head.weight is model.embed_tokens.weight:  # tied: one int8 table serves both
-            model.lm_head = QuantLinear([embed], keep_layout=True)
+        tied = model.lm_head.weight is model.embed_tokens.weight
+        model.embed_tokens = QuantEmbedding(embed, dtype)
+        if tied:  # one int8 table serves both
+            model.lm_head = QuantLinear([embed], tied_embedding=model.embed_tokens)
         else:
             model.lm_head = QuantLinear([quantize_int8(model.lm_head.weight.detach())])
-        model.embed_tokens = QuantEmbedding(embed, dtype)
     return count
 
 

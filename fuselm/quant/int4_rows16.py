@@ -63,6 +63,26 @@ class TiledWeight:
     def rows(self, start: int, stop: int) -> QuantWeight:
         raise NotImplementedError
 
+    def take(self, index: torch.Tensor) -> QuantWeight:
+        """The rows `index` (any ids, any order) as a plain QuantWeight (a copy): a tied embedding table's lookup."""
+        raise NotImplementedError
+
+    def tile_lanes(self, index: torch.Tensor, offset: int, width: int) -> torch.Tensor:
+        """Bytes [offset, offset + width) of every block's tile, each of its sixteen rows' `width / 16` bytes in its
+        lane, for the rows `index`: uint8 [len(index), blocks, width / 16] (one row's share of each block)."""
+        index = index.reshape(-1).long()
+        part = self.tiles[index // TILE_ROWS, :, offset:offset + width]  # [n, blocks, width]
+        n, blocks = part.shape[0], part.shape[1]
+        return part.reshape(n, blocks, TILE_ROWS, width // TILE_ROWS)[torch.arange(n), :, index % TILE_ROWS]
+
+    def tile_lanes_of_vectors(self, index: torch.Tensor, offset: int, vectors: int) -> torch.Tensor:
+        """The rows `index`'s four bytes of each of the `vectors` 64-byte vectors from `offset` in every block's tile:
+        uint8 [len(index), blocks, vectors, 4]."""
+        index = index.reshape(-1).long()
+        part = self.tiles[index // TILE_ROWS, :, offset:offset + 64 * vectors]
+        n, blocks = part.shape[0], part.shape[1]
+        return part.reshape(n, blocks, vectors, TILE_ROWS, 4)[torch.arange(n), :, :, index % TILE_ROWS]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.rows(0, self.shape[0]).dequantize(dtype)
 
@@ -101,3 +121,13 @@ class Int4Rows16(TiledWeight):
 
         return QuantWeight(4, 32, (n, k), qweight.contiguous(), per_row(256), per_row(256 + TILE_ROWS * size),
                            self.source)
+
+    def take(self, index: torch.Tensor) -> QuantWeight:
+        k, size = self.shape[1], 2 if self.scale_dtype == torch.float16 else 4
+        n = index.numel()
+        # a tile's weights are four vectors of (row, 4 bytes): a row's bytes of a block are its lane of each vector
+        qweight = self.tile_lanes_of_vectors(index, 0, 4).reshape(n, k // 2)
+        scales = self.tile_lanes(index, 256, TILE_ROWS * size).contiguous().view(self.scale_dtype).reshape(n, -1)
+        mins = self.tile_lanes(index, 256 + TILE_ROWS * size, TILE_ROWS * size).contiguous().view(
+            self.scale_dtype).reshape(n, -1)
+        return QuantWeight(4, 32, (n, k), qweight.contiguous(), scales.contiguous(), mins.contiguous(), self.source)

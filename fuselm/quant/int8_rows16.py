@@ -69,3 +69,11 @@ class Int8Rows16(TiledWeight):
         raw = part[:, :, 512:512 + TILE_ROWS * size].contiguous().view(self.scale_dtype)
         scales = raw.transpose(1, 2).reshape(n, blocks)
         return QuantWeight(8, 32, (n, k), qweight.contiguous(), scales.contiguous(), None, self.source)
+
+    def take(self, index: torch.Tensor) -> QuantWeight:
+        k, size = self.shape[1], 2 if self.scale_dtype == torch.float16 else 4
+        n = index.numel()
+        biased = self.tile_lanes_of_vectors(index, 0, 8).reshape(n, k)  # vectors 0-3: weights 0-15, 4-7: 16-31
+        qweight = (biased ^ 0x80).view(torch.int8)
+        scales = self.tile_lanes(index, 512, TILE_ROWS * size).contiguous().view(self.scale_dtype).reshape(n, -1)
+        return QuantWeight(8, 32, (n, k), qweight.contiguous(), scales.contiguous(), None, self.source)

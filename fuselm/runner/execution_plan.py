@@ -237,8 +237,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(module, LinearMethod):
             tensors.extend(module.weight_tensors())
         elif isinstance(module, QuantEmbedding):
-            q = module.qweight
-            tensors.extend(t for t in (q.qweight, q.scales, q.mins) if t is not None)
+            tensors.extend(module.weight_tensors())
     # oneDNN's packed weights are opaque tensors without a storage: distinct by identity
     distinct = {(t.data_ptr() if t.layout == torch.strided else id(t)): t.numel() * t.element_size() for t in tensors}
     return sum(distinct.values())
