@@ -17,6 +17,7 @@ stacked weight (N a multiple of 16 per expert) are one contiguous run.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,12 @@ def fits(q: QuantWeight, rows_per_expert: int, k_multiple: int = 128) -> bool:
             and q.scales.dtype in (torch.float16, torch.float32) and q.mins.dtype == q.scales.dtype
             and rows_per_expert % TILE_ROWS == 0 and q.in_features % k_multiple == 0
             and q.qweight.device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=64)
+def _lane_offsets(blocks: int, width: int, start: int, count: int) -> torch.Tensor:
+    """[blocks, count]: where lane 0's element c of each block's tile lies, from its group's first tile."""
+    return (torch.arange(blocks) * width).view(-1, 1) + start + (torch.arange(count) * TILE_ROWS).view(1, -1)
 
 
 class TiledWeight:
@@ -67,21 +74,14 @@ class TiledWeight:
         """The rows `index` (any ids, any order) as a plain QuantWeight (a copy): a tied embedding table's lookup."""
         raise NotImplementedError
 
-    def tile_lanes(self, index: torch.Tensor, offset: int, width: int) -> torch.Tensor:
-        """Bytes [offset, offset + width) of every block's tile, each of its sixteen rows' `width / 16` bytes in its
-        lane, for the rows `index`: uint8 [len(index), blocks, width / 16] (one row's share of each block)."""
-        index = index.reshape(-1).long()
-        part = self.tiles[index // TILE_ROWS, :, offset:offset + width]  # [n, blocks, width]
-        n, blocks = part.shape[0], part.shape[1]
-        return part.reshape(n, blocks, TILE_ROWS, width // TILE_ROWS)[torch.arange(n), :, index % TILE_ROWS]
-
-    def tile_lanes_of_vectors(self, index: torch.Tensor, offset: int, vectors: int) -> torch.Tensor:
-        """The rows `index`'s four bytes of each of the `vectors` 64-byte vectors from `offset` in every block's tile:
-        uint8 [len(index), blocks, vectors, 4]."""
-        index = index.reshape(-1).long()
-        part = self.tiles[index // TILE_ROWS, :, offset:offset + 64 * vectors]
-        n, blocks = part.shape[0], part.shape[1]
-        return part.reshape(n, blocks, vectors, TILE_ROWS, 4)[torch.arange(n), :, :, index % TILE_ROWS]
+    def lanes(self, index: torch.Tensor, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
+        """For the rows `index`, in every block's tile read as `dtype`: elements start + 16 c + r (c < count, r the
+        row's lane: its 4-byte slice of each weight vector, or its scale): [len(index), blocks, count]."""
+        elements = self.tiles.view(dtype)  # [N / 16, blocks, tile elements]
+        _, blocks, width = elements.shape
+        index = index.reshape(-1, 1, 1).long()
+        return elements.reshape(-1)[index // TILE_ROWS * (blocks * width) + index % TILE_ROWS
+                                    + _lane_offsets(blocks, width, start, count)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.rows(0, self.shape[0]).dequantize(dtype)
@@ -123,11 +123,8 @@ class Int4Rows16(TiledWeight):
                            self.source)
 
     def take(self, index: torch.Tensor) -> QuantWeight:
-        k, size = self.shape[1], 2 if self.scale_dtype == torch.float16 else 4
-        n = index.numel()
-        # a tile's weights are four vectors of (row, 4 bytes): a row's bytes of a block are its lane of each vector
-        qweight = self.tile_lanes_of_vectors(index, 0, 4).reshape(n, k // 2)
-        scales = self.tile_lanes(index, 256, TILE_ROWS * size).contiguous().view(self.scale_dtype).reshape(n, -1)
-        mins = self.tile_lanes(index, 256 + TILE_ROWS * size, TILE_ROWS * size).contiguous().view(
-            self.scale_dtype).reshape(n, -1)
-        return QuantWeight(4, 32, (n, k), qweight.contiguous(), scales.contiguous(), mins.contiguous(), self.source)
+        k, n, size = self.shape[1], index.numel(), self.scale_dtype.itemsize
+        qweight = self.lanes(index, torch.int32, 0, 4).view(torch.uint8).reshape(n, k // 2)  # four vectors of bytes
+        scales = self.lanes(index, self.scale_dtype, 256 // size, 1).reshape(n, -1)
+        mins = self.lanes(index, self.scale_dtype, 256 // size + TILE_ROWS, 1).reshape(n, -1)
+        return QuantWeight(4, 32, (n, k), qweight, scales, mins, self.source)

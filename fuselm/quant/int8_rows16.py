@@ -71,9 +71,7 @@ class Int8Rows16(TiledWeight):
         return QuantWeight(8, 32, (n, k), qweight.contiguous(), scales.contiguous(), None, self.source)
 
     def take(self, index: torch.Tensor) -> QuantWeight:
-        k, size = self.shape[1], 2 if self.scale_dtype == torch.float16 else 4
-        n = index.numel()
-        biased = self.tile_lanes_of_vectors(index, 0, 8).reshape(n, k)  # vectors 0-3: weights 0-15, 4-7: 16-31
-        qweight = (biased ^ 0x80).view(torch.int8)
-        scales = self.tile_lanes(index, 512, TILE_ROWS * size).contiguous().view(self.scale_dtype).reshape(n, -1)
-        return QuantWeight(8, 32, (n, k), qweight.contiguous(), scales.contiguous(), None, self.source)
+        k, n = self.shape[1], index.numel()
+        biased = self.lanes(index, torch.int32, 0, 8).view(torch.uint8).reshape(n, k)  # eight vectors of bytes
+        scales = self.lanes(index, self.scale_dtype, 512 // self.scale_dtype.itemsize, 1).reshape(n, -1)
+        return QuantWeight(8, 32, (n, k), (biased ^ 0x80).view(torch.int8), scales, None, self.source)
