@@ -5,14 +5,14 @@ dequantise-then-float-GEMM path that QuantLinear takes for prompt chunks.
 Shapes: SmolLM2-135M's projections (the embedded Q4_1 model) and the attention projections of
 benchmarks/moe.py's Mixtral-like model (hidden 1024, 8 query and 2 KV heads of 128). Methods, each on the
 same random weight and activations, rounds interleaved so a noisy neighbour slows all alike; each cell is
-the process CPU time per call, the median over rounds (--best: the least, for a loaded machine):
+the process CPU time per call (--wall: wall time), the median over rounds (--best: the least, for a loaded machine):
 
     rows          fuselm_qlinear on the QuantWeight (quant_rows.c)
     tiles         fuselm_qlinear on the tiles (int4_rows16.c or int8_rows16.c)
     rows-gemm     fuselm_dequantize of the QuantWeight into scratch, then F.linear
     tiles-gemm    the same from the tiles
 
-    python benchmarks/tiles_layer.py [--bits 4|8] [--rows 1,8,64,256,512] [--threads 1] [--rounds 15] [--best]
+    python benchmarks/tiles_layer.py [--bits 4|8] [--rows 1,8,64,256,512] [--threads 1] [--rounds 15] [--best] [--wall]
                                      [--json out.json]
 """
 
@@ -38,13 +38,13 @@ SHAPES = {"smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up":
 DEFAULT_SHAPES = [name for name in SHAPES if name != "smollm2 lm_head"]
 
 
-def cpu_time(fn, rounds: int) -> list[float]:
+def cpu_time(fn, rounds: int, clock=time.process_time) -> list[float]:
     fn()
     out = []
     for _ in range(rounds):
-        start = time.process_time()
+        start = clock()
         fn()
-        out.append(time.process_time() - start)
+        out.append(clock() - start)
     return out
 
 
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--best", action="store_true", help="the least time over rounds instead of the median")
+    ap.add_argument("--wall", action="store_true", help="wall time instead of the process's CPU time (which, with "
+                    "more than one thread, also counts what idle threads spin)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +70,8 @@ def main() -> None:
     methods = args.methods.split(",")
     pick = min if args.best else statistics.median
     results = []
-    print(f"# {cpu_model_name()}, int{args.bits} g32, {args.threads} thread(s), CPU time per call in us "
+    print(f"# {cpu_model_name()}, int{args.bits} g32, {args.threads} thread(s), {'wall' if args.wall else 'CPU'} "
+          f"time per call in us "
           f"({'best' if args.best else 'median'} of {args.rounds} interleaved rounds)")
     print(f"{'shape':18} {'N x K':>11} {'rows':>5} " + " ".join(f"{m:>11}" for m in methods))
     for name in args.shapes.split(","):
@@ -84,13 +87,14 @@ def main() -> None:
             times: dict[str, list[float]] = {meth: [] for meth in methods}
             for r in range(args.rounds):  # interleaved, the order reversed every other round
                 for meth in (methods if r % 2 == 0 else methods[::-1]):
-                    times[meth].extend(cpu_time(calls[meth], 1))
+                    times[meth].extend(cpu_time(calls[meth], 1, time.perf_counter if args.wall else time.process_time))
             cell = {meth: pick(t) * 1e6 for meth, t in times.items()}
             results.append({"shape": name, "n": n, "k": k, "rows": m, "us": cell})
             print(f"{name:18} {f'{n}x{k}':>11} {m:5d} " + " ".join(f"{cell[meth]:11.1f}" for meth in methods))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model_name(), "bits": args.bits, "threads": args.threads, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_model_name(), "bits": args.bits, "threads": args.threads,
+                       "clock": "wall" if args.wall else "process CPU", "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

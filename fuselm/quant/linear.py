@@ -79,9 +79,9 @@ class QuantLinear(LinearMethod):
     def use_cpu_kernels(self, kernels) -> None:
         """Multiply with `kernels` (None: the portable path). Where the build has sixteen-row tiles (int4 and int8 g32
         with AVX512_VNNI, int4 g32 on AVX2) the parts are repacked into them (fuselm/quant/tiles.py), which replace
-        them (one copy of the weight). A tied embedding table then looks its rows up in the tiles: a tied int8 LM head
-        (the embedded SmolLM2's) in tiles against quant_rows.c's rows at 1 / 4 / 16 / 64 / 128 rows, 2 threads, a
-        2-vCPU Zen 4 EPYC: 1.09x / 1.32x / 2.1x / 3.1x / 2.7x (from 48 rows the rows took the dequantised GEMM)."""
+        them (one copy of the weight). A tied embedding table then looks its rows up in the tiles: the embedded SmolLM2's
+        tied int8 LM head in tiles against quant_rows.c's rows (from 48 rows the dequantised GEMM) at 1 / 4 / 16 / 64 /
+        128 rows, 2 threads, a 2-vCPU Zen 4 EPYC, two runs: 1.1x / 1.3-1.9x / 2.1-2.7x / 3.1-4.2x / 2.7-3.7x."""
         on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, TILED) else p.qweight.device.type == "cpu"
                      for p in self.parts)
         self.kernels = kernels if kernels is not None and on_cpu else None
