@@ -81,7 +81,7 @@ class QuantLinear(LinearMethod):
         with AVX512_VNNI, int4 g32 on AVX2) the parts are repacked into them (fuselm/quant/tiles.py), which replace
         them (one copy of the weight). A tied embedding table then looks its rows up in the tiles: the embedded SmolLM2's
         tied int8 LM head in tiles against quant_rows.c's rows (from 48 rows the dequantised GEMM) at 1 / 4 / 16 / 64 /
-        128 rows, 2 threads, a 2-vCPU Zen 4 EPYC, two runs: 1.1x / 1.3-1.9x / 2.1-2.7x / 3.1-4.2x / 2.7-3.7x."""
+        128 rows, 2 threads, a 2-vCPU Zen 4 EPYC: 1.1x / 1.9x / 2.7x / 4.2x / 3.7x (docs/performance.md)."""
         on_cpu = all(p.tiles.device.type == "cpu" if isinstance(p, TILED) else p.qweight.device.type == "cpu"
                      for p in self.parts)
         self.kernels = kernels if kernels is not None and on_cpu else None
