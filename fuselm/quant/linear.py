@@ -43,6 +43,11 @@ def group_by_format(parts: list[QuantWeight]) -> list[QuantWeight]:
     return [run[0] if len(run) == 1 else stack_rows(run) for run in runs]
 
 
+def stored_tensors(q) -> list[torch.Tensor]:
+    """The tensors that hold a quantised weight: its tiles, or its levels, scales and mins."""
+    return [q.tiles] if isinstance(q, TILED) else [t for t in (q.qweight, q.scales, q.mins) if t is not None]
+
+
 class QuantLinear(LinearMethod):
     """A projection stored as QuantWeight parts (int4/int8 groups), multiplied by fuselm's C kernel on
     CPU (from DEQUANTIZED_GEMM_ROWS rows on: a float GEMM over a dequantised scratch copy) or by
@@ -72,8 +77,7 @@ class QuantLinear(LinearMethod):
         return f"{formats}-{'c' if self.kernels is not None else 'dequant'}{tiled}"
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for p in self.parts for t in ((p.tiles,) if isinstance(p, TILED) else
-                                                   (p.qweight, p.scales, p.mins)) if t is not None]
+        tensors = [t for p in self.parts for t in stored_tensors(p)]
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def use_cpu_kernels(self, kernels) -> None:
@@ -127,8 +131,7 @@ class QuantEmbedding(nn.Module):
         self.dtype = dtype
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        q = self.qweight
-        return [q.tiles] if isinstance(q, TILED) else [t for t in (q.qweight, q.scales, q.mins) if t is not None]
+        return stored_tensors(self.qweight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         q = self.qweight

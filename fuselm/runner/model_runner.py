@@ -285,12 +285,12 @@ class ModelRunner:
             cursor += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_query_rows=nd,
                                  prefill_rows=prefill_rows, num_single_rows=len(single),
+                                 cpu_kernels=self.cpu_kernels,  # query rows' kernels, and prompt chunks'
                                  chunk_kernel=self.plan.chunks == "c",
                                  chunk_query_rows=sum(rows[i].num_new_tokens for i in short
                                                       if rows[i].num_new_tokens > QUERY_ROW_MAX_TOKENS),
                                  snapkv=snapkv_captures(rows, row_start, self._slots, self.device),
                                  h2o=self.h2o_scores.captures(rows, row_start, self._slots, self.device))
-        meta.cpu_kernels = self.cpu_kernels  # query rows' kernels, and prompt chunks' (a step of chunks only too)
         if nd:
             lens = torch.tensor(ctx_lens)  # [nd]
             max_blocks = max(len(t) for t in tables)
