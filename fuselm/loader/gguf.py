@@ -11,6 +11,7 @@ gguf_quants.py) skip the dequantisation and come back as QuantWeights.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -442,15 +443,32 @@ def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
         raise _Corrupt(f"its tokenizer cannot be built ({exc})") from None
 
 
-def _from_header(path: Path, read):
-    """read(meta, tensors) over a GGUF file's parsed header, the file closed after; a corrupt one is a ValueError."""
-    buf = _open(path)
+@functools.lru_cache(maxsize=1)
+def _parsed_header(path: str, size: int, mtime_ns: int) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
+    """The parsed header of one version of a file (its size and modification time in the key): an engine that
+    first asks whether a GGUF keeps quantised weights (dtype auto) and then loads it parses the header once.
+    Metadata arrays are copies, so nothing here refers to the closed map. Read only by its callers."""
+    del size, mtime_ns  # the cache key only
+    buf = _open(Path(path))
     try:
-        return read(*_parse(buf))
-    except _Corrupt as exc:
-        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
+        return _parse(buf)
     finally:
         buf.close()
+
+
+def _header(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} not found" + (" (it is a directory)" if path.exists() else ""))
+    st = path.stat()
+    return _parsed_header(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _from_header(path: Path, read):
+    """read(meta, tensors) over a GGUF file's parsed header; a corrupt one is a ValueError."""
+    try:
+        return read(*_header(path))
+    except _Corrupt as exc:
+        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
@@ -472,9 +490,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
     keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights. With
     `shard` (a tensor-parallel rank's TensorShard), each weight is cut to the rank's part as it is read."""
     path = Path(path)
+    try:
+        meta, tensors = _header(path)
+    except _Corrupt as exc:
+        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
     buf = _open(path)
     try:
-        meta, tensors = _parse(buf)
         arch = meta.get("general.architecture")
         if arch not in _ARCHITECTURES:
             raise ValueError(

@@ -33,6 +33,7 @@ from fuselm.layers.kv_quant import SCALE_DTYPE
 from fuselm.runner.sampler import SampledToken, Sampler, SamplingBatch, compute_logprobs
 from fuselm.runner.seeded import SeededGenerators
 from fuselm.runner.verify import verify_speculative
+from fuselm.runner.host_heap import keep_freed_memory
 
 logger = logging.getLogger("fuselm")
 
@@ -90,6 +91,8 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # per-step tensors reuse the heap instead of faulting fresh pages in (host_heap.py)
         with torch.device("meta"):
             model = build_model(model_config, max_model_len)
         self._install_quantized(model, weights)
