@@ -444,3 +444,35 @@ def test_engine_on_a_quantised_gguf_defaults_to_float32(tmp_path, monkeypatch):
                                                               use_tqdm=False)]
     assert got == want
     assert LLM(str(q_path), device="cpu", quantization="none").engine.dtype == torch.bfloat16
+
+
+def test_header_is_parsed_once_per_version_of_a_file(tmp_path, monkeypatch):
+    """dtype=auto asks whether a GGUF keeps quantised weights, then loads it: one header parse. A file replaced
+    or rewritten at the same path is parsed again (inode, size and times key the cache)."""
+    import os
+    import shutil
+
+    from fuselm.loader import gguf as gguf_module
+
+    Q = GGMLQuantizationType
+    for sub in "fq":
+        (tmp_path / sub).mkdir()
+    _, float_path = _write(tmp_path / "f", "llama_untied")
+    _, q_path = _write(tmp_path / "q", "llama_untied", {"model.layers.0.mlp.up_proj.weight": Q.Q4_0})
+    parses = []
+    real_parse = gguf_module._parse
+    monkeypatch.setattr(gguf_module, "_parse", lambda buf: parses.append(1) or real_parse(buf))
+    gguf_module._parsed_header.cache_clear()
+
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(float_path, path)
+    assert not gguf_module.gguf_keeps_quantized_weights(path)
+    loaded = load_gguf(path, torch.float32, keep_quantized=True)
+    assert len(parses) == 1 and loaded.config.num_hidden_layers > 0
+
+    shutil.copyfile(q_path, tmp_path / "next.gguf")
+    os.replace(tmp_path / "next.gguf", path)  # replaced: a new inode
+    assert gguf_module.gguf_keeps_quantized_weights(path) and len(parses) == 2
+
+    path.write_bytes(float_path.read_bytes())  # rewritten in place: same inode, another size and time
+    assert not gguf_module.gguf_keeps_quantized_weights(path) and len(parses) == 3

@@ -3,14 +3,13 @@
 A step allocates and frees tensors of a few to tens of MB (activations of a prompt chunk, the LM
 head's logits). glibc serves those above its mmap threshold (128 KB, raised as far as 32 MB as
 large blocks are freed) with fresh mappings and trims the top of its heap when freed, so each step
-faulted the same memory in again: the kernel zeroes every page on the engine's main thread while
-the other OpenMP threads wait. Raising the mmap threshold and the trim threshold (mallopt) lets the
+faulted the same memory in again, the kernel zeroing every page. Raising the mmap threshold and the trim threshold (mallopt) lets the
 heap keep that memory between steps. Allocations above the threshold (the weights, the KV pool)
 are still mapped and returned when freed.
 
 Measured on a 2-vCPU Zen 4 EPYC, float32 SmolLM2-135M, `fuselm bench throughput --workload chat
---num-requests 256`: 1.51-1.56M minor faults a run without, 1.28M with; docs/performance.md has the
-throughput. Set FUSELM_KEEP_FREED_MEMORY=0 to leave glibc's defaults (or set MALLOC_* yourself:
+--num-requests 256`: 1.51-1.54M minor faults a run without, 1.30-1.32M with; docs/performance.md has
+the throughput (within the machine's noise). Set FUSELM_KEEP_FREED_MEMORY=0 to leave glibc's defaults (or set MALLOC_* yourself:
 the engine then leaves them alone).
 """
 
