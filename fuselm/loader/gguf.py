@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,12 +424,18 @@ def _load_weights(buf: mmap.mmap, tensors: dict[str, _TensorInfo], config: Model
     return weights
 
 
-def _open(path: Path) -> mmap.mmap:
+def _stat(path: Path) -> os.stat_result:
+    """The file's stat, once it is a file that can hold a GGUF header."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} not found" + (" (it is a directory)" if path.exists() else ""))
-    size = path.stat().st_size
-    if size < 24:
-        raise ValueError(f"{path} is not a GGUF file: it has only {size} bytes; {_FIX}")
+    st = path.stat()
+    if st.st_size < 24:
+        raise ValueError(f"{path} is not a GGUF file: it has only {st.st_size} bytes; {_FIX}")
+    return st
+
+
+def _open(path: Path) -> mmap.mmap:
+    _stat(path)
     with open(path, "rb") as fh:
         # ACCESS_COPY: writable (copy-on-write) pages, so torch.frombuffer gets a writable buffer.
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -458,9 +465,7 @@ def _parsed_header(path: str, version: tuple[int, ...]) -> tuple[dict[str, Any],
 
 
 def _header(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} not found" + (" (it is a directory)" if path.exists() else ""))
-    st = path.stat()
+    st = _stat(path)
     return _parsed_header(str(path.resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
@@ -491,12 +496,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
     keep_quantized, weights whose ggml type maps exactly onto a fuselm format are QuantWeights. With
     `shard` (a tensor-parallel rank's TensorShard), each weight is cut to the rank's part as it is read."""
     path = Path(path)
-    try:
-        meta, tensors = _header(path)
-    except _Corrupt as exc:
-        raise ValueError(f"{path} is not a usable GGUF file: {exc}; {_FIX}") from None
     buf = _open(path)
     try:
+        meta, tensors = _header(path)
         arch = meta.get("general.architecture")
         if arch not in _ARCHITECTURES:
             raise ValueError(
