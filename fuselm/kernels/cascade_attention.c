@@ -206,6 +206,12 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
     if (dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && D % 32 == 0 && D <= MAX_DIM) own_by_row = 2;
 #endif
 
+    /* the shared pass on bf16 panels (cascade_panel.h): bf16 queries over a bf16 cache, with AVX-512-BF16 */
+    int bf16_panels = 0;
+#ifdef HAVE_BF16_PANELS
+    bf16_panels = dtype == FUSELM_BF16 && kv_dtype == FUSELM_BF16 && D % 32 == 0;
+#endif
+
 #pragma omp parallel num_threads(num_threads)
     {
         const int64_t mq = max_m > G ? max_m : G;
@@ -228,7 +234,12 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         PanelScratch pw = {malloc(sizeof(float) * (size_t)(D * mp)), malloc(sizeof(float) * (size_t)(D * mp)),
                            malloc(sizeof(float) * (size_t)mp), malloc(sizeof(float) * (size_t)mp),
                            malloc(sizeof(float) * (size_t)(PANEL * D)), malloc(sizeof(float) * (size_t)(PANEL * D)),
-                           malloc(sizeof(float) * (size_t)(PANEL * RV * PL))};
+                           malloc(sizeof(float) * (size_t)(PANEL * RV * PL)), NULL};
+        uint16_t *Qb = NULL; /* a group's raw bf16 queries for the bf16 panels */
+        if (bf16_panels) {
+            Qb = malloc(sizeof(uint16_t) * (size_t)(mq * D));
+            pw.ps = malloc(sizeof(uint32_t) * (size_t)(PANEL / 2 * RV * PL));
+        }
 
         if (k_new != NULL) { /* this step's single-token rows: their K/V go in before anything is read */
 #pragma omp for schedule(static)
@@ -247,12 +258,22 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             while (item_first[g + 1] <= it) g++;
             const int64_t local = it - item_first[g], h = local / chunks[g], c = local % chunks[g];
             const int64_t R = offsets[g + 1] - offsets[g], M = R * G;
-            for (int64_t r = 0; r < R; r++)
-                gather_queries(q, dtype, rows[offsets[g] + r], h, G, num_heads, D, scale, Q + r * G * D);
             float *base = states + state_at[g] + local * M * (D + 2);
             const int64_t b0 = shared_blocks[g] * c / chunks[g], b1 = shared_blocks[g] * (c + 1) / chunks[g];
             const State st = {base, base + M, base + 2 * M};
-            shared_span(Q, M, st, kv, block_table + rows[offsets[g]] * max_blocks, b0 * bs, b1 * bs, h, D, bs, pw, 1);
+            const int64_t *table = block_table + rows[offsets[g]] * max_blocks;
+#ifdef HAVE_BF16_PANELS
+            if (bf16_panels) {
+                for (int64_t r = 0; r < R; r++)
+                    memcpy(Qb + r * G * D, (const uint16_t *)q + (rows[offsets[g] + r] * num_heads + h * G) * D,
+                           sizeof(uint16_t) * (size_t)(G * D));
+                shared_span_bf16(Qb, M, scale, st, kv, table, b0 * bs, b1 * bs, h, D, bs, pw, 1);
+                continue;
+            }
+#endif
+            for (int64_t r = 0; r < R; r++)
+                gather_queries(q, dtype, rows[offsets[g] + r], h, G, num_heads, D, scale, Q + r * G * D);
+            shared_span(Q, M, st, kv, table, b0 * bs, b1 * bs, h, D, bs, pw, 1);
         }
 
         /* 2. each row's own blocks, continuing from its group's merged state; then normalise. Float32 queries
@@ -330,7 +351,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         }
         free(Q), free(qb), free(w.scores), free(w.kt), free(w.k_rows), free(w.v_rows), free(own);
         free(row_acc), free(row_scores), free(row_m), free(row_l);
-        free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s);
+        free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s), free(pw.ps), free(Qb);
     }
     free(states), free(state_at), free(chunks), free(item_first), free(row_group);
 }

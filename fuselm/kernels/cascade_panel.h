@@ -72,9 +72,11 @@ typedef struct {
 } PagedKv;
 
 /* Per-thread scratch of the shared pass: Qt and acc [D, Mp], m and l [Mp], kp and vp [PANEL, D],
- * s [PANEL, RV * PL] (one row tile's scores, then its probabilities). */
+ * s [PANEL, RV * PL] (one row tile's scores, then its probabilities); ps [PANEL / 2, RV * PL] the probabilities
+ * as bf16 pairs where the bf16 panels run (HAVE_BF16_PANELS, below), else unused (NULL). */
 typedef struct {
     float *qt, *acc, *m, *l, *kp, *vp, *s;
+    uint32_t *ps;
 } PanelScratch;
 
 /* Lanes of a where mask is set, of b elsewhere (mask: all ones or all zeros per lane). */
@@ -432,5 +434,217 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
     from_lanes(st.acc, w.acc, M, Mp, D);
 }
+
+#if defined(__AVX512BF16__) && KT == 8 && DT == 8 && RV == 3
+#define HAVE_BF16_PANELS 1
+/* The shared pass for bf16 queries over a bf16 cache by vdpbf16ps: each instruction multiplies pairs of bf16
+ * and adds both products to a float lane, 32 products where an FMA does 16, at the FMA's rate (Zen 4: one zmm
+ * either way). The layout is the float pass's with pairs in each 32-bit lane:
+ *   scores: Qt as [D / 2, Mp] pairs of dimensions (d, d + 1), a key's pair broadcast straight from its cached
+ *           row, so K is only copied into kp [keys, D] as it is stored;
+ *   P V:    P as [keys / 2, RV * PL] pairs of keys (t, t + 1) after the float softmax, rounded to bf16 as
+ *           FlashAttention rounds P for its second product; V as [keys / 2, D] pairs of the same keys.
+ * Sums and the online softmax state stay float32. The queries enter unscaled, as the model wrote them; the
+ * scale multiplies each score as it is stored. Needs D % 32 == 0. */
+
+/* pairs of bf16 words (lo from a, hi from b) for 16 lanes: a's and b's words d0 .. d0 + 15 (from = 0) or
+ * d0 + 16 .. d0 + 31 (from = 16) of two 32-word vectors */
+static inline __m512i interleave_words(__m512i a, __m512i b, int from) {
+    uint16_t index[32];
+    for (int i = 0; i < 16; i++) index[2 * i] = (uint16_t)(from + i), index[2 * i + 1] = (uint16_t)(32 + from + i);
+    return _mm512_permutex2var_epi16(a, _mm512_loadu_si512(index), b);
+}
+
+/* K rows of head h at positions [first, first + count) into dst [KT-padded count, D] bf16, the padding zeroed. */
+static void pack_keys_bf16(const uint16_t *cache, const int64_t *table, int64_t first, int64_t count, int64_t bs,
+                           int64_t h, int64_t Hkv, int64_t D, uint16_t *dst) {
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t pos = first + t, slot = table[pos / bs] * bs + pos % bs;
+        memcpy(dst + t * D, cache + (slot * Hkv + h) * D, sizeof(uint16_t) * (size_t)D);
+    }
+    const int64_t padded = (count + KT - 1) / KT * KT;
+    memset(dst + count * D, 0, sizeof(uint16_t) * (size_t)((padded - count) * D));
+}
+
+/* V rows of head h at positions [first, first + count) into dst [ceil(count / 2), D] pairs (V[t, d], V[t + 1, d]);
+ * an odd count's last pair has 0 for its second key. */
+static void pack_values_bf16(const uint16_t *cache, const int64_t *table, int64_t first, int64_t count, int64_t bs,
+                             int64_t h, int64_t Hkv, int64_t D, uint32_t *dst) {
+    for (int64_t t = 0; t < count; t += 2) {
+        const int64_t pa = first + t, pb = pa + 1;
+        const uint16_t *a = cache + ((table[pa / bs] * bs + pa % bs) * Hkv + h) * D;
+        const uint16_t *b = t + 1 < count ? cache + ((table[pb / bs] * bs + pb % bs) * Hkv + h) * D : NULL;
+        for (int64_t d0 = 0; d0 < D; d0 += 32) {
+            const __m512i va = _mm512_loadu_si512(a + d0), vb = b != NULL ? _mm512_loadu_si512(b + d0)
+                                                                           : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + (t / 2) * D + d0, interleave_words(va, vb, 0));
+            _mm512_storeu_si512(dst + (t / 2) * D + d0 + 16, interleave_words(va, vb, 16));
+        }
+    }
+}
+
+/* qt [D / 2, Mp] pairs of dimensions from Q [M, D] bf16, lanes M .. Mp zero; in to_lanes' slices of rows. */
+static void to_lane_pairs(uint32_t *qt, const uint16_t *Q, int64_t M, int64_t Mp, int64_t D) {
+    for (int64_t i0 = 0; i0 < Mp; i0 += TRANSPOSE_ROWS) {
+        const int64_t i1 = i0 + TRANSPOSE_ROWS < Mp ? i0 + TRANSPOSE_ROWS : Mp;
+        for (int64_t d = 0; d < D; d += 2)
+            for (int64_t i = i0; i < i1; i++)
+                qt[(d / 2) * Mp + i] = i < M ? (uint32_t)Q[i * D + d] | (uint32_t)Q[i * D + d + 1] << 16 : 0;
+    }
+}
+
+/* ps [ceil(count / 2), RV * PL] = R slices of the probabilities s [count, RV * PL] as bf16 pairs of keys (an odd
+ * count's last pair 0 for its second key), rounded to nearest even. */
+static void probabilities_to_pairs(const float *s, int64_t count, int R, uint32_t *ps) {
+    uint16_t order[32];
+    for (int i = 0; i < 16; i++) order[2 * i] = (uint16_t)i, order[2 * i + 1] = (uint16_t)(16 + i);
+    const __m512i index = _mm512_loadu_si512(order);
+    for (int64_t t = 0; t < count; t += 2)
+        for (int r = 0; r < R; r++) {
+            const __m512 a = _mm512_loadu_ps(s + t * RV * PL + r * PL);
+            const __m512 b = t + 1 < count ? _mm512_loadu_ps(s + (t + 1) * RV * PL + r * PL) : _mm512_setzero_ps();
+            const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a's 16 words, then b's */
+            _mm512_storeu_si512(ps + (t / 2) * RV * PL + r * PL, _mm512_permutexvar_epi16(index, words));
+        }
+}
+
+#define BT_ACC(k) __m512 a##k##0 = _mm512_setzero_ps(), a##k##1 = _mm512_setzero_ps(), a##k##2 = _mm512_setzero_ps();
+#define BT_DOT(k, pair)                                                                                             \
+    {                                                                                                              \
+        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)(pair));                                               \
+        a##k##0 = _mm512_dpbf16_ps(a##k##0, b, x0);                                                                \
+        if (R > 1) a##k##1 = _mm512_dpbf16_ps(a##k##1, b, x1);                                                     \
+        if (R > 2) a##k##2 = _mm512_dpbf16_ps(a##k##2, b, x2);                                                     \
+    }
+#define BT_SLICES(p)                                                                                                \
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(p),                                                           \
+                   x1 = R > 1 ? (__m512bh)_mm512_loadu_si512((p) + PL) : x0,                                       \
+                   x2 = R > 2 ? (__m512bh)_mm512_loadu_si512((p) + 2 * PL) : x0;
+#define BT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+
+/* s[t, r * PL ..] = scale x scores of keys t < nk (a multiple of KT, kp [nk, D] bf16) for R slices from q0. */
+static inline __attribute__((always_inline)) void score_tiles_bf16_r(const uint32_t *qt, int64_t Mp, int64_t q0,
+                                                                     const int R, const uint16_t *kp, int64_t nk,
+                                                                     int64_t D, float scale, float *s,
+                                                                     PanelPrefetch *pf) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int64_t half = D / 2;
+    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        panel_prefetch_step(pf);
+        BT_EACH(BT_ACC)
+        const uint32_t *key = (const uint32_t *)(kp + t0 * D);
+        for (int64_t d = 0; d < half; d++) {
+            BT_SLICES(qt + d * Mp + q0)
+#define BT_KEY(k) BT_DOT(k, key[(k) * half + d])
+            BT_EACH(BT_KEY)
+#undef BT_KEY
+        }
+#define BT_OUT(k)                                                                                                   \
+    {                                                                                                              \
+        float *dst = s + (t0 + (k)) * RV * PL;                                                                     \
+        _mm512_storeu_ps(dst, _mm512_mul_ps(a##k##0, sc));                                                         \
+        if (R > 1) _mm512_storeu_ps(dst + PL, _mm512_mul_ps(a##k##1, sc));                                         \
+        if (R > 2) _mm512_storeu_ps(dst + 2 * PL, _mm512_mul_ps(a##k##2, sc));                                     \
+    }
+        BT_EACH(BT_OUT)
+#undef BT_OUT
+    }
+}
+
+/* acc[d, q0 ..] = acc * corr + sum over the pairs of keys (ps, vp: ceil(count / 2) of them) of V P, R slices. */
+static inline __attribute__((always_inline)) void pv_tiles_bf16_r(float *acc, int64_t Mp, int64_t q0, const int R,
+                                                                  const uint32_t *ps, int64_t pairs, const uint32_t *vp,
+                                                                  int64_t D, const float *corr) {
+    const __m512 c0 = _mm512_loadu_ps(corr), c1 = R > 1 ? _mm512_loadu_ps(corr + PL) : c0,
+                 c2 = R > 2 ? _mm512_loadu_ps(corr + 2 * PL) : c0;
+    for (int64_t d0 = 0; d0 < D; d0 += DT) {
+#define BT_LOAD(j)                                                                                                  \
+    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
+    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0);                                                     \
+    __m512 a##j##1 = R > 1 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1) : a##j##0;                              \
+    __m512 a##j##2 = R > 2 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2) : a##j##0;
+        BT_EACH(BT_LOAD)
+#undef BT_LOAD
+        for (int64_t t = 0; t < pairs; t++) {
+            const uint32_t *vt = vp + t * D + d0;
+            BT_SLICES(ps + t * RV * PL)
+#define BT_V(j) BT_DOT(j, vt[j])
+            BT_EACH(BT_V)
+#undef BT_V
+        }
+#define BT_OUT(j)                                                                                                   \
+    {                                                                                                              \
+        _mm512_storeu_ps(at##j, a##j##0);                                                                          \
+        if (R > 1) _mm512_storeu_ps(at##j + PL, a##j##1);                                                          \
+        if (R > 2) _mm512_storeu_ps(at##j + 2 * PL, a##j##2);                                                      \
+    }
+        BT_EACH(BT_OUT)
+#undef BT_OUT
+    }
+}
+#undef BT_ACC
+#undef BT_DOT
+#undef BT_SLICES
+#undef BT_EACH
+
+/* Not inlined into their caller, as score_tiles and pv_tiles (the accumulators stay in registers). */
+static __attribute__((noinline)) void score_tiles_bf16(const uint32_t *qt, int64_t Mp, int64_t q0, int R,
+                                                       const uint16_t *kp, int64_t nk, int64_t D, float scale, float *s,
+                                                       PanelPrefetch *pf) {
+    if (R == 3)
+        score_tiles_bf16_r(qt, Mp, q0, 3, kp, nk, D, scale, s, pf);
+    else if (R == 2)
+        score_tiles_bf16_r(qt, Mp, q0, 2, kp, nk, D, scale, s, pf);
+    else
+        score_tiles_bf16_r(qt, Mp, q0, 1, kp, nk, D, scale, s, pf);
+}
+
+static __attribute__((noinline)) void pv_tiles_bf16(float *acc, int64_t Mp, int64_t q0, int R, const uint32_t *ps,
+                                                    int64_t pairs, const uint32_t *vp, int64_t D, const float *corr) {
+    if (R == 3)
+        pv_tiles_bf16_r(acc, Mp, q0, 3, ps, pairs, vp, D, corr);
+    else if (R == 2)
+        pv_tiles_bf16_r(acc, Mp, q0, 2, ps, pairs, vp, D, corr);
+    else
+        pv_tiles_bf16_r(acc, Mp, q0, 1, ps, pairs, vp, D, corr);
+}
+
+/* shared_span for bf16 queries Qb [M, D] (unscaled; scale multiplies the scores) over a bf16 cache, on the bf16
+ * panels. w's buffers hold the pair layouts: qt [D / 2, Mp], kp [PANEL, D] bf16, vp [PANEL / 2, D], ps. */
+static void shared_span_bf16(const uint16_t *Qb, int64_t M, float scale, State st, PagedKv kv, const int64_t *table,
+                             int64_t first, int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
+    const int64_t Mp = (M + PL - 1) / PL * PL;
+    uint32_t *qt = (uint32_t *)w.qt, *vp = (uint32_t *)w.vp;
+    uint16_t *kp = (uint16_t *)w.kp;
+    to_lane_pairs(qt, Qb, M, Mp, D);
+    if (fresh)
+        memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
+    else
+        to_lanes(w.acc, st.acc, M, Mp, D);
+    for (int64_t i = 0; i < Mp; i++) {
+        w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
+        w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
+    }
+    float corr[RV * PL];
+    for (int64_t p0 = first; p0 < end; p0 += PANEL) {
+        const int64_t count = end - p0 < PANEL ? end - p0 : PANEL, pairs = (count + 1) / 2;
+        pack_keys_bf16((const uint16_t *)kv.k, table, p0, count, bs, h, kv.num_kv_heads, D, kp);
+        pack_values_bf16((const uint16_t *)kv.v, table, p0, count, bs, h, kv.num_kv_heads, D, vp);
+        const int64_t next = p0 + PANEL < end ? (end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL) : 0;
+        PanelPrefetch pf = panel_prefetch(kv, table, p0 + PANEL, next, bs, h, D,
+                                          (Mp + RV * PL - 1) / (RV * PL) * ((count + KT - 1) / KT));
+        for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
+            const int64_t slices = (Mp - q0) / PL;
+            const int R = slices >= RV ? RV : (int)slices;
+            score_tiles_bf16(qt, Mp, q0, R, kp, (count + KT - 1) / KT * KT, D, scale, w.s, &pf);
+            panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, 0);
+            probabilities_to_pairs(w.s, count, R, w.ps);
+            pv_tiles_bf16(w.acc, Mp, q0, R, w.ps, pairs, vp, D, corr);
+        }
+    }
+    for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
+    from_lanes(st.acc, w.acc, M, Mp, D);
+}
+#endif
 
 #endif

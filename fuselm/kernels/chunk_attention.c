@@ -50,7 +50,7 @@ void fuselm_chunk_attention(const float *q, float *out, const void *k_cache, con
         PanelScratch w = {malloc(sizeof(float) * (size_t)(D * mp)), malloc(sizeof(float) * (size_t)(D * mp)),
                           malloc(sizeof(float) * (size_t)mp), malloc(sizeof(float) * (size_t)mp),
                           malloc(sizeof(float) * (size_t)(PANEL * D)), malloc(sizeof(float) * (size_t)(PANEL * D)),
-                          malloc(sizeof(float) * (size_t)(PANEL * RV * PL))};
+                          malloc(sizeof(float) * (size_t)(PANEL * RV * PL)), NULL};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < tiles * num_kv_heads; item++) {
             const int64_t tile = tiles - 1 - item / num_kv_heads, h = item % num_kv_heads;
