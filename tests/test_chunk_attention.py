@@ -63,7 +63,10 @@ def test_chunk_attention_matches_reference(kernels, kv_dtype, num_kv_heads, grou
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
 def test_bfloat16_queries_match_reference(kernels, kv_dtype):
-    """A bfloat16 model's chunks: widened queries, float32 arithmetic, results rounded to bfloat16."""
+    """A bfloat16 model's chunks: results rounded to bfloat16, within that rounding of the float64 reference. Over a
+    bfloat16 cache with AVX-512-BF16 the products are bf16 pairs with P rounded to bf16 (cascade_panel.h's bf16
+    panels): their mean error stays within 1.75x that of the exact result rounded once (flat attention over long
+    contexts is the worst case: P's rounding is then as large as the output's; 1.3-1.55x measured)."""
     torch.manual_seed(5)
     block_size, pool_blocks, num_kv_heads, group, head_dim = 16, 80, 3, 3, 64
     for num_cached, n in [(0, 33), (0, 200), (40, 64), (300, 17)]:
@@ -79,6 +82,8 @@ def test_bfloat16_queries_match_reference(kernels, kv_dtype):
         want = reference(q.float(), flat_k, flat_v, num_cached, head_dim ** -0.5)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), want.to(torch.bfloat16).double(), atol=8e-3, rtol=8e-3)
+        rounding = (want.to(torch.bfloat16).double() - want).abs().mean()
+        assert (out.double() - want).abs().mean() <= 1.75 * rounding
 
 
 def test_chunk_attention_rejects_what_it_does_not_take(kernels):

@@ -14,7 +14,7 @@ import enum
 
 import torch
 
-ABI_VERSION = 12  # FUSELM_ABI_VERSION of the header this file mirrors
+ABI_VERSION = 13  # FUSELM_ABI_VERSION of the header this file mirrors
 
 
 class DType(enum.IntEnum):
@@ -90,7 +90,7 @@ SIGNATURES: dict[str, tuple[list, object]] = {
     "fuselm_cascade_attention_int8": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
                                        _I64, _F32, _INT, _INT, _P], None),
     "fuselm_chunk_attention_supported": ([_I64], _INT),
-    "fuselm_chunk_attention": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _INT, _INT], None),
+    "fuselm_chunk_attention": ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _INT, _INT, _INT], None),
     "fuselm_store_kv_rows": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT, _INT], None),
     "fuselm_paged_decode_attention_int8": ([_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,
                                             _I64, _I64, _F32, _INT, _INT], None),

@@ -609,25 +609,17 @@ static __attribute__((noinline)) void pv_tiles_bf16(float *acc, int64_t Mp, int6
         pv_tiles_bf16_r(acc, Mp, q0, 1, ps, pairs, vp, D, corr);
 }
 
-/* shared_span for bf16 queries Qb [M, D] (unscaled; scale multiplies the scores) over a bf16 cache, on the bf16
- * panels. w's buffers hold the pair layouts: qt [D / 2, Mp], kp [PANEL, D] bf16, vp [PANEL / 2, D], ps. */
-static void shared_span_bf16(const uint16_t *Qb, int64_t M, float scale, State st, PagedKv kv, const int64_t *table,
-                             int64_t first, int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
-    const int64_t Mp = (M + PL - 1) / PL * PL;
-    uint32_t *qt = (uint32_t *)w.qt, *vp = (uint32_t *)w.vp;
+/* panel_span on the bf16 panels: the lanes' state (w.qt as [D / 2, Mp] pairs, w.acc, w.m, w.l) over context positions
+ * [first, end), scores times `scale`; group as panel_span's (0: every query sees every key; > 0: a chunk's own
+ * positions, causally). w.kp holds a panel's K [PANEL, D] bf16, w.vp its V in pairs of keys [PANEL / 2, D]. */
+static void panel_span_bf16(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *table, int64_t bs, int64_t first,
+                            int64_t end, int64_t h, int64_t D, int64_t group, float scale) {
+    const uint32_t *qt = (const uint32_t *)w.qt;
+    uint32_t *vp = (uint32_t *)w.vp;
     uint16_t *kp = (uint16_t *)w.kp;
-    to_lane_pairs(qt, Qb, M, Mp, D);
-    if (fresh)
-        memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
-    else
-        to_lanes(w.acc, st.acc, M, Mp, D);
-    for (int64_t i = 0; i < Mp; i++) {
-        w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
-        w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
-    }
     float corr[RV * PL];
     for (int64_t p0 = first; p0 < end; p0 += PANEL) {
-        const int64_t count = end - p0 < PANEL ? end - p0 : PANEL, pairs = (count + 1) / 2;
+        const int64_t count = end - p0 < PANEL ? end - p0 : PANEL;
         pack_keys_bf16((const uint16_t *)kv.k, table, p0, count, bs, h, kv.num_kv_heads, D, kp);
         pack_values_bf16((const uint16_t *)kv.v, table, p0, count, bs, h, kv.num_kv_heads, D, vp);
         const int64_t next = p0 + PANEL < end ? (end - p0 - PANEL < PANEL ? end - p0 - PANEL : PANEL) : 0;
@@ -636,12 +628,32 @@ static void shared_span_bf16(const uint16_t *Qb, int64_t M, float scale, State s
         for (int64_t q0 = 0; q0 < Mp; q0 += RV * PL) {
             const int64_t slices = (Mp - q0) / PL;
             const int R = slices >= RV ? RV : (int)slices;
-            score_tiles_bf16(qt, Mp, q0, R, kp, (count + KT - 1) / KT * KT, D, scale, w.s, &pf);
-            panel_softmax(w.s, count, R, w.m + q0, w.l + q0, corr, q0, 0);
-            probabilities_to_pairs(w.s, count, R, w.ps);
-            pv_tiles_bf16(w.acc, Mp, q0, R, w.ps, pairs, vp, D, corr);
+            /* causal: keys past the row tile's last position are masked for all its queries, so not computed */
+            const int64_t last = group > 0 ? (q0 + R * PL - 1) / group + 1 : count;
+            const int64_t seen = last < count ? last : count;
+            score_tiles_bf16(qt, Mp, q0, R, kp, (seen + KT - 1) / KT * KT, D, scale, w.s, &pf);
+            panel_softmax(w.s, seen, R, w.m + q0, w.l + q0, corr, q0, group);
+            probabilities_to_pairs(w.s, seen, R, w.ps);
+            pv_tiles_bf16(w.acc, Mp, q0, R, w.ps, (seen + 1) / 2, vp, D, corr);
         }
     }
+}
+
+/* shared_span for bf16 queries Qb [M, D] (unscaled; scale multiplies the scores) over a bf16 cache, on the bf16
+ * panels. */
+static void shared_span_bf16(const uint16_t *Qb, int64_t M, float scale, State st, PagedKv kv, const int64_t *table,
+                             int64_t first, int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
+    const int64_t Mp = (M + PL - 1) / PL * PL;
+    to_lane_pairs((uint32_t *)w.qt, Qb, M, Mp, D);
+    if (fresh)
+        memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
+    else
+        to_lanes(w.acc, st.acc, M, Mp, D);
+    for (int64_t i = 0; i < Mp; i++) {
+        w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
+        w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
+    }
+    panel_span_bf16(w, Mp, kv, table, bs, first, end, h, D, 0, scale);
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
     from_lanes(st.acc, w.acc, M, Mp, D);
 }

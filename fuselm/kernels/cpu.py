@@ -292,20 +292,17 @@ class CpuKernels:
         """q, out [n, Hq, D] float32 or bfloat16: a prompt chunk's n tokens at positions num_cached ..
         num_cached + n - 1, each attending causally to the context through slots [num_cached + n] int64 (every
         position's cache slot; the chunk's own K/V stored already). An int8 cache comes with its bf16 scales.
-        The kernel computes in float32: bfloat16 queries are widened and the results rounded to out's dtype."""
+        bfloat16 queries over a bfloat16 cache take bf16 products where the library has AVX-512-BF16 (P rounded
+        to bf16 for P V, as the shared-prefix kernel's bf16 panels); otherwise the kernel computes in float32."""
         assert q.is_contiguous() and out.is_contiguous() and slots.is_contiguous() and slots.dtype == torch.int64
         n, num_heads, head_dim = q.shape
         assert slots.shape == (num_cached + n,) and self.chunk_attention_supports(q, k_cache) and out.dtype == q.dtype
         if k_cache.dtype == torch.int8:
             assert k_scale is not None and v_scale is not None and k_scale.dtype == v_scale.dtype == torch.bfloat16
-        q32 = q if q.dtype == torch.float32 else q.float()
-        out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
-        self._chunk(q32.data_ptr(), out32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        self._chunk(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                     None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
                     slots.data_ptr(), num_cached, n, num_heads, k_cache.shape[2], head_dim, scale,
-                    DTYPE_CODES[k_cache.dtype], torch.get_num_threads())
-        if out32 is not out:
-            out.copy_(out32)
+                    DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype], torch.get_num_threads())
 
 
 def load_kernels(isa: str | None = None, directory: Path | None = None) -> CpuKernels | None:

@@ -13,7 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define FUSELM_ABI_VERSION 12
+#define FUSELM_ABI_VERSION 13
 
 /* Element types, passed as int wherever a parameter is named dtype, kv_dtype or scale_dtype. */
 enum FuselmDtype { FUSELM_F32 = 0, FUSELM_BF16 = 1, FUSELM_F16 = 2, FUSELM_I8 = 3 }; /* I8: an int8 KV cache */
@@ -93,14 +93,15 @@ void fuselm_cascade_attention_int8(const void *q, void *out, int8_t *k_cache, in
 /* ---- a prompt chunk's causal attention (chunk_attention.c) ---- */
 
 int fuselm_chunk_attention_supported(int64_t head_dim);
-/* q, out [n, num_heads, head_dim] float32: the chunk's n tokens at positions num_cached .. num_cached + n - 1,
- * each attending to positions 0 .. its own through slots [num_cached + n] (the cache slot of every position;
- * the chunk's own K/V already stored). Caches as fuselm_paged_decode_attention's, or int8 (kv_dtype
- * FUSELM_I8) with bf16 scales k_scale / v_scale [blocks, block_size, num_kv_heads], else NULL. */
-void fuselm_chunk_attention(const float *q, float *out, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
+/* q, out [n, num_heads, head_dim] float32 or bfloat16 (dtype): the chunk's n tokens at positions num_cached ..
+ * num_cached + n - 1, each attending to positions 0 .. its own through slots [num_cached + n] (the cache slot of
+ * every position; the chunk's own K/V already stored). Caches as fuselm_paged_decode_attention's, or int8 (kv_dtype
+ * FUSELM_I8) with bf16 scales k_scale / v_scale [blocks, block_size, num_kv_heads], else NULL. bfloat16 queries
+ * over a bfloat16 cache take the bf16 panels where the build has AVX-512-BF16; otherwise the arithmetic is float32. */
+void fuselm_chunk_attention(const void *q, void *out, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
                             const uint16_t *v_scale, const int64_t *slots, int64_t num_cached, int64_t n,
-                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int kv_dtype,
-                            int num_threads);
+                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int dtype,
+                            int kv_dtype, int num_threads);
 
 /* ---- per-layer ops (layer_ops.c) ---- */
 
