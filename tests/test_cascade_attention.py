@@ -96,7 +96,7 @@ def test_kernel_and_torch_path_match_float64(kernels, case, q_dtype, kv_dtype):
     q = q.to(q_dtype)
     scale = dim ** -0.5
     plan = plan_shared_prefix(tables, lens, bs, padded(tables, k_cache.shape[0] - 1), torch.tensor(lens),
-                              null_slot=(k_cache.shape[0] - 1) * bs, min_rows=1, min_blocks=2)
+                              null_slot=(k_cache.shape[0] - 1) * bs, min_rows=1, min_blocks=2, min_reads=0)
     assert plan is not None
     want = reference(q, k_cache, v_cache, tables, lens, scale)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-4}[kv_dtype] if q_dtype == torch.float32 else 1e-2  # bf16 output
@@ -122,7 +122,7 @@ def test_kernel_writes_new_rows_and_bf16_queries(kernels):
         want_v[t[(n - 1) // bs], (n - 1) % bs] = v_new[i]
     scale = dim ** -0.5
     want = reference(q.bfloat16().float(), want_k, want_v, tables, lens, scale)
-    plan = plan_shared_prefix(tables, lens, bs, min_rows=2, min_blocks=2)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=2, min_blocks=2, min_reads=0)
     out = torch.empty_like(q.bfloat16())
     kernels.cascade_attention(q.bfloat16(), out, k_cache, v_cache, padded(tables, 0), torch.tensor(lens), scale,
                               plan.encoded, k_new, v_new)
@@ -141,7 +141,7 @@ def test_bf16_shared_pass_stays_within_bf16_rounding(kernels, case):
     k_cache, v_cache, tables, lens, q = make_step(11, bs, kv_heads, group, dim, torch.bfloat16, groups, loners)
     q = (3 * q).bfloat16()  # peaked softmax rows: P spans many binades
     scale = dim ** -0.5
-    plan = plan_shared_prefix(tables, lens, bs, min_rows=1, min_blocks=2)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=1, min_blocks=2, min_reads=0)
     want = reference(q, k_cache, v_cache, tables, lens, scale)
     out = torch.empty_like(q)
     kernels.cascade_attention(q, out, k_cache, v_cache, padded(tables, 0), torch.tensor(lens), scale, plan.encoded)
@@ -167,7 +167,7 @@ def test_groups_share_block_ids_and_never_the_written_block():
     lens.append(3 * bs + 5)
     tables.append((5, 6, 7))  # shares nothing
     lens.append(40)
-    groups = find_groups(tables, lens, bs, min_rows=2, min_blocks=2)
+    groups = find_groups(tables, lens, bs, min_rows=2, min_blocks=2, min_reads=0)
     # each document's four rows share system + document (9 blocks): more reads saved than one group of 13 at 3
     assert sorted((sorted(rows), shared) for rows, shared in groups) == [([0, 1, 2, 3], 9), ([4, 5, 6, 7], 9),
                                                                          ([8, 9, 10, 11], 9)]
@@ -175,9 +175,26 @@ def test_groups_share_block_ids_and_never_the_written_block():
         assert len({tables[r][:shared] for r in rows}) == 1
         assert all(shared * bs <= lens[r] - 1 for r in rows)
     # a full last block is the one being written: it is never shared
-    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 2, 2) == [([0, 1], 2)]
-    assert find_groups([(1, 2), (1, 2)], [32, 32], bs, 2, 2) == []  # one block at most: below the minimum
-    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 3, 2) == []  # too few rows
+    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 2, 2, 0) == [([0, 1], 2)]
+    assert find_groups([(1, 2), (1, 2)], [32, 32], bs, 2, 2, 0) == []  # one block at most: below the minimum
+    assert find_groups([(1, 2, 3), (1, 2, 3)], [48, 48], bs, 3, 2, 0) == []  # too few rows
+
+
+def test_default_minimums_weigh_rows_against_shared_blocks():
+    """By default a group needs 4 rows, 16 shared blocks and 256 for rows x shared blocks (layers/cascade.py's
+    measured minimums): 4 rows over 64 blocks group, 8 rows over 16 do not."""
+    bs = 16
+
+    def rows_sharing(rows: int, blocks: int):
+        tables = [tuple(range(blocks)) + (1000 + r,) for r in range(rows)]
+        return find_groups(tables, [blocks * bs + 5] * rows, bs)
+
+    assert rows_sharing(4, 64) == [(list(range(4)), 64)]
+    assert rows_sharing(4, 63) == []  # 252 block reads
+    assert rows_sharing(16, 16) == [(list(range(16)), 16)]
+    assert rows_sharing(8, 16) == []  # 128
+    assert rows_sharing(3, 200) == []  # too few rows
+    assert rows_sharing(64, 15) == []  # too few shared blocks
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
@@ -194,7 +211,7 @@ def test_int8_cache_matches_float64_and_the_plain_int8_kernel(kernels, case, q_d
     singles = len(tables) - spec  # rows whose last position each kernel writes itself
     k_new = torch.randn(singles, kv_heads, dim).to(q_dtype)
     v_new = torch.randn(singles, kv_heads, dim).to(q_dtype)
-    plan = plan_shared_prefix(tables, lens, bs, min_rows=1, min_blocks=2)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=1, min_blocks=2, min_reads=0)
     scale = dim ** -0.5
     caches = {}
     for name in ("shared", "plain"):

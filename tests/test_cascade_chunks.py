@@ -63,7 +63,7 @@ def test_chunk_rows_match_float64(kernels, case, kv_dtype):  # noqa: F811
     bs, kv_heads, group, dim, families, loners = CHUNK_CASES[case]
     k_cache, v_cache, tables, lens, q = chunk_step(case, bs, kv_heads, group, dim, kv_dtype, families, loners)
     scale = dim ** -0.5
-    plan = plan_shared_prefix(tables, lens, bs, min_rows=2, min_blocks=1)
+    plan = plan_shared_prefix(tables, lens, bs, min_rows=2, min_blocks=1, min_reads=0)
     assert plan is not None and max(len(rows) for rows in plan.rows) > 8  # chunks form large groups
     out = torch.empty_like(q)
     kernels.cascade_attention(q, out, k_cache, v_cache, padded(tables, 0), torch.tensor(lens), scale, plan.encoded)
@@ -77,6 +77,8 @@ def group_small_shares(monkeypatch):
     hold at every size, the defaults are speed thresholds."""
     monkeypatch.setattr(cascade, "MIN_GROUP_ROWS", 2)
     monkeypatch.setattr(cascade, "MIN_SHARED_BLOCKS", 2)
+    monkeypatch.setattr(cascade, "MIN_GROUP_BLOCK_READS", 0)
+    monkeypatch.setattr(cascade, "CHUNK_QUERY_ROWS_MIN_BLOCKS", 2)
 
 
 def counting_chunk_rows(monkeypatch) -> list[int]:

@@ -18,6 +18,8 @@ def group_small_shares(monkeypatch):
     threshold (fuselm/layers/cascade.py), correctness must hold for every group."""
     monkeypatch.setattr(cascade, "MIN_GROUP_ROWS", 2)
     monkeypatch.setattr(cascade, "MIN_SHARED_BLOCKS", 2)
+    monkeypatch.setattr(cascade, "MIN_GROUP_BLOCK_READS", 0)
+    monkeypatch.setattr(cascade, "CHUNK_QUERY_ROWS_MIN_BLOCKS", 2)
 
 
 def run(path: str, prompts, params: SamplingParams, cascade: bool, warm: list | None = None, **options):

@@ -98,6 +98,8 @@ def test_nothing_running_keeps_the_queue_order():
 def group_small_shares(monkeypatch):
     monkeypatch.setattr(cascade, "MIN_GROUP_ROWS", 2)
     monkeypatch.setattr(cascade, "MIN_SHARED_BLOCKS", 2)
+    monkeypatch.setattr(cascade, "MIN_GROUP_BLOCK_READS", 0)
+    monkeypatch.setattr(cascade, "CHUNK_QUERY_ROWS_MIN_BLOCKS", 2)
 
 
 def test_engine_output_is_the_same_with_it_on_and_off(tiny_llama, group_small_shares):

@@ -22,35 +22,40 @@ from dataclasses import dataclass
 
 import torch
 
-# Where grouping pays, measured (one thread, CPU time; SmolLM2-135M's 9 query / 3 KV heads of 64,
-# rows with ~40 tokens of their own; 2-vCPU AMD EPYC with AVX-512, float32 and bfloat16 KV): decode
-# attention on CPU is compute-bound (the shared blocks of a layer stay in cache across the rows), so
-# the grouped pass wins only through its matrix form, and only with many rows over a long prefix:
-# per-row time / grouped time was 0.7-0.9 for 2-4 rows at any length and for 8-16 rows sharing up to
-# 128 tokens, 1.0-1.1 for 8 rows and 1.1-1.2 for 16 rows sharing 512 tokens, 1.2-1.7 for 64 rows
-# sharing 2,000. `benchmarks/shared_prefix.py --kernel-sweep` repeats the measurement.
-MIN_GROUP_ROWS = 8
-MIN_SHARED_BLOCKS = 32
+# Where grouping pays, measured (`benchmarks/shared_prefix.py --kernel-sweep`: one decode step's attention, 2
+# threads, wall time; SmolLM2-135M's 9 query / 3 KV heads of 64, rows with ~40 tokens of their own; 2-vCPU Zen 4
+# EPYC, float32 and bfloat16): decode attention on CPU is compute-bound (the shared blocks of a layer stay in
+# cache across the rows), so the grouped pass wins only through its matrix form, and only with enough rows x
+# shared blocks. Per-row time / grouped time, float32 / bfloat16: 2 rows sharing 64 blocks 0.91 (bf16); 4 rows
+# sharing 16 blocks 0.92 / 0.91, 64 blocks 1.18 / 1.50; 8 rows sharing 16 blocks 1.01 / 1.09, 64 blocks 1.32 /
+# 1.76; 16 rows sharing 8 blocks - / 1.11, 16 blocks 1.25 / 1.20; 64 rows sharing 4 blocks - / 1.04, 16 blocks
+# 1.33 / 1.31, 64 blocks 1.88 / 2.43. So a group needs MIN_GROUP_ROWS rows, MIN_SHARED_BLOCKS shared blocks and
+# MIN_GROUP_BLOCK_READS for rows x shared blocks (4 rows over 64 blocks, 8 over 32, 16 over 16).
+MIN_GROUP_ROWS = 4
+MIN_SHARED_BLOCKS = 16
+MIN_GROUP_BLOCK_READS = 256
 # A prompt chunk over a long cached context that other rows of the step also read (a request's own tail
 # after a cached shared prefix, beside the other requests over it) attends as one query row per token on the
 # C kernel path: its rows share all their cached blocks, so they join the other rows over the same prefix
-# and the prefix is read once, in the shared pass's matrix form. A chunk whose leading blocks no other row
+# and the prefix is read once, in the shared pass's matrix form, when they share CHUNK_QUERY_ROWS_MIN_BLOCKS
+# blocks with another row. A chunk whose leading blocks no other row
 # shares (a later chunk of a long prompt) takes the chunk kernel (kernels/chunk_attention.c) instead: as
 # query rows a lone request's 2,000-token prompt took 3.28 s against 2.85 s (Zen 4 EPYC, 2 threads, float32,
 # SmolLM2-135M, best of 5 in each of two processes).
+CHUNK_QUERY_ROWS_MIN_BLOCKS = 32
 CHUNK_QUERY_ROWS_MAX_TOKENS = 512
 
 
 def prefix_key(block_ids) -> tuple[int, ...]:
     """The leading blocks a row must share with another for its chunk to attend as query rows."""
-    return tuple(block_ids[:MIN_SHARED_BLOCKS])
+    return tuple(block_ids[:CHUNK_QUERY_ROWS_MIN_BLOCKS])
 
 
 def chunk_as_query_rows(num_new_tokens: int, num_cached: int, block_size: int, sharers: int) -> bool:
     """Whether a prompt chunk of `num_new_tokens` after `num_cached` cached positions attends as query rows;
     `sharers`: the other rows of the step whose tables start with the same prefix_key."""
     return (sharers > 0 and num_new_tokens <= CHUNK_QUERY_ROWS_MAX_TOKENS
-            and num_cached >= MIN_SHARED_BLOCKS * block_size)
+            and num_cached >= CHUNK_QUERY_ROWS_MIN_BLOCKS * block_size)
 
 
 @dataclass(slots=True)
@@ -68,20 +73,23 @@ class SharedPrefixGroups:
 
 
 def find_groups(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: int, min_rows: int | None = None,
-                min_blocks: int | None = None) -> list[tuple[list[int], int]]:
+                min_blocks: int | None = None, min_reads: int | None = None) -> list[tuple[list[int], int]]:
     """(rows, shared blocks) of each group among query rows with these block tables and context lengths:
     at least `min_rows` rows (default MIN_GROUP_ROWS) sharing at least `min_blocks` blocks (default
-    MIN_SHARED_BLOCKS). A row may share only blocks before the one holding its last context position
-    (what it writes this step, or a neighbouring speculative row writes)."""
+    MIN_SHARED_BLOCKS), rows x shared blocks at least `min_reads` (default MIN_GROUP_BLOCK_READS). A row may
+    share only blocks before the one holding its last context position (what it writes this step, or a
+    neighbouring speculative row writes)."""
     min_rows = MIN_GROUP_ROWS if min_rows is None else min_rows
     min_blocks = MIN_SHARED_BLOCKS if min_blocks is None else min_blocks
+    min_reads = MIN_GROUP_BLOCK_READS if min_reads is None else min_reads
     limit = [min(len(t), (n - 1) // block_size) for t, n in zip(tables, ctx_lens)]
 
     def best(rows: list[int], depth: int) -> tuple[int, list[tuple[list[int], int]]]:
         """The most block reads saved among `rows` (which share their first `depth` blocks), and how."""
         cap = min(limit[r] for r in rows)
         common = len(os.path.commonprefix([tables[r][:cap] for r in rows]))
-        whole = (len(rows) - 1) * common if len(rows) >= min_rows and common >= min_blocks else 0
+        grouped = len(rows) >= min_rows and common >= min_blocks and len(rows) * common >= min_reads
+        whole = (len(rows) - 1) * common if grouped else 0
         plan = [(rows, common)] if whole else []
         deeper = [r for r in rows if limit[r] > common]
         if len(deeper) < min_rows:
@@ -111,10 +119,11 @@ def find_groups(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: 
 def plan_shared_prefix(tables: list[tuple[int, ...]], ctx_lens: list[int], block_size: int,
                        table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
                        null_slot: int | None = None, device: torch.device | None = None,
-                       min_rows: int | None = None, min_blocks: int | None = None) -> SharedPrefixGroups | None:
+                       min_rows: int | None = None, min_blocks: int | None = None,
+                       min_reads: int | None = None) -> SharedPrefixGroups | None:
     """The step's groups (None when there are none; minimums as find_groups). With `table` ([rows,
     max_blocks] int64, padded), `lens` ([rows]) and `null_slot`, also the slots the torch path gathers."""
-    groups = find_groups(tables, ctx_lens, block_size, min_rows, min_blocks)
+    groups = find_groups(tables, ctx_lens, block_size, min_rows, min_blocks, min_reads)
     if not groups:
         return None
     rows = [g for g, _ in groups]
