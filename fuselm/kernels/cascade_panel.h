@@ -234,6 +234,12 @@ static void panel_softmax(float *s, int64_t count, int R, float *m, float *l, fl
     const __m512 x0 = _mm512_loadu_ps(p), x1 = R > 1 ? _mm512_loadu_ps((p) + PL) : x0,                             \
                  x2 = R > 2 ? _mm512_loadu_ps((p) + 2 * PL) : x0;
 #define FT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+/* P V: dimension j's accumulators of the R slices, loaded from acc and rescaled by the softmax correction */
+#define FT_LOAD(j)                                                                                                  \
+    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
+    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0);                                                     \
+    __m512 a##j##1 = R > 1 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1) : a##j##0;                              \
+    __m512 a##j##2 = R > 2 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2) : a##j##0;
 
 static inline __attribute__((always_inline)) void score_tiles_r(const float *qt, int64_t Mp, int64_t q0, const int R,
                                                                 const float *kp, int64_t nk, int64_t D, float *s,
@@ -260,13 +266,7 @@ static inline __attribute__((always_inline)) void pv_tiles_r(float *acc, int64_t
     const __m512 c0 = _mm512_loadu_ps(corr), c1 = R > 1 ? _mm512_loadu_ps(corr + PL) : c0,
                  c2 = R > 2 ? _mm512_loadu_ps(corr + 2 * PL) : c0;
     for (int64_t d0 = 0; d0 < D; d0 += DT) {
-#define FT_LOAD(j)                                                                                                  \
-    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
-    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0);                                                     \
-    __m512 a##j##1 = R > 1 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1) : a##j##0;                              \
-    __m512 a##j##2 = R > 2 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2) : a##j##0;
         FT_EACH(FT_LOAD)
-#undef FT_LOAD
         for (int64_t t = 0; t < count; t++) {
             const float *vt = vp + t * D + d0;
             FT_SLICES(s + t * RV * PL)
@@ -279,11 +279,77 @@ static inline __attribute__((always_inline)) void pv_tiles_r(float *acc, int64_t
 #undef FT_OUT
     }
 }
+#if defined(__AVX512BF16__)
+/* The bf16 panels' tiles (the bf16 section below): the same accumulators, vdpbf16ps on pairs in place of FMAs. */
+#define BT_DOT(k, pair)                                                                                             \
+    {                                                                                                              \
+        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)(pair));                                               \
+        a##k##0 = _mm512_dpbf16_ps(a##k##0, b, x0);                                                                \
+        if (R > 1) a##k##1 = _mm512_dpbf16_ps(a##k##1, b, x1);                                                     \
+        if (R > 2) a##k##2 = _mm512_dpbf16_ps(a##k##2, b, x2);                                                     \
+    }
+#define BT_SLICES(p)                                                                                                \
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(p),                                                           \
+                   x1 = R > 1 ? (__m512bh)_mm512_loadu_si512((p) + PL) : x0,                                       \
+                   x2 = R > 2 ? (__m512bh)_mm512_loadu_si512((p) + 2 * PL) : x0;
+
+/* s[t, r * PL ..] = scale x scores of keys t < nk (a multiple of KT, kp [nk, D] bf16) for R slices from q0; qt holds
+ * [D / 2, Mp] pairs of dimensions. */
+static inline __attribute__((always_inline)) void score_tiles_bf16_r(const uint32_t *qt, int64_t Mp, int64_t q0,
+                                                                     const int R, const uint16_t *kp, int64_t nk,
+                                                                     int64_t D, float scale, float *s,
+                                                                     PanelPrefetch *pf) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int64_t half = D / 2;
+    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
+        panel_prefetch_step(pf);
+        FT_EACH(FT_ACC)
+        const uint32_t *key = (const uint32_t *)(kp + t0 * D);
+        for (int64_t d = 0; d < half; d++) {
+            BT_SLICES(qt + d * Mp + q0)
+#define BT_KEY(k) BT_DOT(k, key[(k) * half + d])
+            FT_EACH(BT_KEY)
+#undef BT_KEY
+        }
+#define BT_SCALE(k)                                                                                                 \
+    a##k##0 = _mm512_mul_ps(a##k##0, sc), a##k##1 = _mm512_mul_ps(a##k##1, sc), a##k##2 = _mm512_mul_ps(a##k##2, sc);
+        FT_EACH(BT_SCALE)
+#undef BT_SCALE
+#define FT_OUT(k) FT_STORE(k, s + (t0 + (k)) * RV * PL)
+        FT_EACH(FT_OUT)
+#undef FT_OUT
+    }
+}
+
+/* acc[d, q0 ..] = acc * corr + sum over the pairs of keys (ps, vp: `pairs` of them) of V P, R slices. */
+static inline __attribute__((always_inline)) void pv_tiles_bf16_r(float *acc, int64_t Mp, int64_t q0, const int R,
+                                                                  const uint32_t *ps, int64_t pairs, const uint32_t *vp,
+                                                                  int64_t D, const float *corr) {
+    const __m512 c0 = _mm512_loadu_ps(corr), c1 = R > 1 ? _mm512_loadu_ps(corr + PL) : c0,
+                 c2 = R > 2 ? _mm512_loadu_ps(corr + 2 * PL) : c0;
+    for (int64_t d0 = 0; d0 < D; d0 += DT) {
+        FT_EACH(FT_LOAD)
+        for (int64_t t = 0; t < pairs; t++) {
+            const uint32_t *vt = vp + t * D + d0;
+            BT_SLICES(ps + t * RV * PL)
+#define BT_V(j) BT_DOT(j, vt[j])
+            FT_EACH(BT_V)
+#undef BT_V
+        }
+#define FT_OUT(j) FT_STORE(j, at##j)
+        FT_EACH(FT_OUT)
+#undef FT_OUT
+    }
+}
+#undef BT_DOT
+#undef BT_SLICES
+#endif
 #undef FT_ACC
 #undef FT_FMA
 #undef FT_STORE
 #undef FT_SLICES
 #undef FT_EACH
+#undef FT_LOAD
 
 /* Not inlined into panel_span, whose softmax keeps its exp polynomial's constants in registers across the row
  * tiles: inlined there, GCC again spilled accumulators of the R = 3 tiles. */
@@ -507,85 +573,6 @@ static void probabilities_to_pairs(const float *s, int64_t count, int R, uint32_
             _mm512_storeu_si512(ps + (t / 2) * RV * PL + r * PL, _mm512_permutexvar_epi16(index, words));
         }
 }
-
-#define BT_ACC(k) __m512 a##k##0 = _mm512_setzero_ps(), a##k##1 = _mm512_setzero_ps(), a##k##2 = _mm512_setzero_ps();
-#define BT_DOT(k, pair)                                                                                             \
-    {                                                                                                              \
-        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)(pair));                                               \
-        a##k##0 = _mm512_dpbf16_ps(a##k##0, b, x0);                                                                \
-        if (R > 1) a##k##1 = _mm512_dpbf16_ps(a##k##1, b, x1);                                                     \
-        if (R > 2) a##k##2 = _mm512_dpbf16_ps(a##k##2, b, x2);                                                     \
-    }
-#define BT_SLICES(p)                                                                                                \
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(p),                                                           \
-                   x1 = R > 1 ? (__m512bh)_mm512_loadu_si512((p) + PL) : x0,                                       \
-                   x2 = R > 2 ? (__m512bh)_mm512_loadu_si512((p) + 2 * PL) : x0;
-#define BT_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-
-/* s[t, r * PL ..] = scale x scores of keys t < nk (a multiple of KT, kp [nk, D] bf16) for R slices from q0. */
-static inline __attribute__((always_inline)) void score_tiles_bf16_r(const uint32_t *qt, int64_t Mp, int64_t q0,
-                                                                     const int R, const uint16_t *kp, int64_t nk,
-                                                                     int64_t D, float scale, float *s,
-                                                                     PanelPrefetch *pf) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    const int64_t half = D / 2;
-    for (int64_t t0 = 0; t0 < nk; t0 += KT) {
-        panel_prefetch_step(pf);
-        BT_EACH(BT_ACC)
-        const uint32_t *key = (const uint32_t *)(kp + t0 * D);
-        for (int64_t d = 0; d < half; d++) {
-            BT_SLICES(qt + d * Mp + q0)
-#define BT_KEY(k) BT_DOT(k, key[(k) * half + d])
-            BT_EACH(BT_KEY)
-#undef BT_KEY
-        }
-#define BT_OUT(k)                                                                                                   \
-    {                                                                                                              \
-        float *dst = s + (t0 + (k)) * RV * PL;                                                                     \
-        _mm512_storeu_ps(dst, _mm512_mul_ps(a##k##0, sc));                                                         \
-        if (R > 1) _mm512_storeu_ps(dst + PL, _mm512_mul_ps(a##k##1, sc));                                         \
-        if (R > 2) _mm512_storeu_ps(dst + 2 * PL, _mm512_mul_ps(a##k##2, sc));                                     \
-    }
-        BT_EACH(BT_OUT)
-#undef BT_OUT
-    }
-}
-
-/* acc[d, q0 ..] = acc * corr + sum over the pairs of keys (ps, vp: ceil(count / 2) of them) of V P, R slices. */
-static inline __attribute__((always_inline)) void pv_tiles_bf16_r(float *acc, int64_t Mp, int64_t q0, const int R,
-                                                                  const uint32_t *ps, int64_t pairs, const uint32_t *vp,
-                                                                  int64_t D, const float *corr) {
-    const __m512 c0 = _mm512_loadu_ps(corr), c1 = R > 1 ? _mm512_loadu_ps(corr + PL) : c0,
-                 c2 = R > 2 ? _mm512_loadu_ps(corr + 2 * PL) : c0;
-    for (int64_t d0 = 0; d0 < D; d0 += DT) {
-#define BT_LOAD(j)                                                                                                  \
-    float *at##j = acc + (d0 + (j)) * Mp + q0;                                                                      \
-    __m512 a##j##0 = _mm512_mul_ps(_mm512_loadu_ps(at##j), c0);                                                     \
-    __m512 a##j##1 = R > 1 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + PL), c1) : a##j##0;                              \
-    __m512 a##j##2 = R > 2 ? _mm512_mul_ps(_mm512_loadu_ps(at##j + 2 * PL), c2) : a##j##0;
-        BT_EACH(BT_LOAD)
-#undef BT_LOAD
-        for (int64_t t = 0; t < pairs; t++) {
-            const uint32_t *vt = vp + t * D + d0;
-            BT_SLICES(ps + t * RV * PL)
-#define BT_V(j) BT_DOT(j, vt[j])
-            BT_EACH(BT_V)
-#undef BT_V
-        }
-#define BT_OUT(j)                                                                                                   \
-    {                                                                                                              \
-        _mm512_storeu_ps(at##j, a##j##0);                                                                          \
-        if (R > 1) _mm512_storeu_ps(at##j + PL, a##j##1);                                                          \
-        if (R > 2) _mm512_storeu_ps(at##j + 2 * PL, a##j##2);                                                      \
-    }
-        BT_EACH(BT_OUT)
-#undef BT_OUT
-    }
-}
-#undef BT_ACC
-#undef BT_DOT
-#undef BT_SLICES
-#undef BT_EACH
 
 /* Not inlined into their caller, as score_tiles and pv_tiles (the accumulators stay in registers). */
 static __attribute__((noinline)) void score_tiles_bf16(const uint32_t *qt, int64_t Mp, int64_t q0, int R,

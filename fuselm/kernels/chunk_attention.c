@@ -14,9 +14,10 @@
  * A query's result is the online softmax over both, normalised at the end. Work items are (KV head,
  * tile) pairs, the latest tiles (the most keys) first, handed to the threads as they come free.
  *
- * Layouts: q, out [n, num_heads, head_dim] float32 or bfloat16 (dtype); caches [blocks, block_size, num_kv_heads, head_dim]
- * (float32, bfloat16, or int8 with bf16 scales [blocks, block_size, num_kv_heads]) holding the chunk's
- * own K/V already; slots [num_cached + n] int64, the cache slot of every position of the context.
+ * Layouts: q, out [n, num_heads, head_dim] float32 or bfloat16 (dtype); caches [blocks, block_size, num_kv_heads,
+ * head_dim] (float32, bfloat16, or int8 with bf16 scales [blocks, block_size, num_kv_heads]) holding the chunk's
+ * own K/V already; slots [num_cached + n] int64, the cache slot of every position of the context. bfloat16 queries
+ * over a bfloat16 cache take cascade_panel.h's bf16 panels where the build has AVX-512-BF16.
  */
 #include <math.h>
 #include <stdint.h>
