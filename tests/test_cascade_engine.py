@@ -22,9 +22,10 @@ def group_small_shares(monkeypatch):
     monkeypatch.setattr(cascade, "CHUNK_QUERY_ROWS_MIN_BLOCKS", 2)
 
 
-def run(path: str, prompts, params: SamplingParams, cascade: bool, warm: list | None = None, **options):
+def run(path: str, prompts, params: SamplingParams, cascade: bool, warm: list | None = None, dtype: str = "float32",
+        **options):
     """(token ids per output, every step's logits, KV token reads saved, preemptions) of one engine."""
-    llm = LLM(path, dtype="float32", device="cpu", enable_cascade_attention=cascade, **options)
+    llm = LLM(path, dtype=dtype, device="cpu", enable_cascade_attention=cascade, **options)
     runner = llm.engine.runner
     if warm:  # compute the shared prefixes once, so the batch finds them in the prefix cache
         llm.generate(warm, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
@@ -113,3 +114,32 @@ def test_int8_kv_cache(tiny_llama, cpu_kernels):
     results = [run(tiny_llama[0], prompts, params, cascade, warm=prefixes, cpu_kernels=cpu_kernels,
                    kv_cache_dtype="int8") for cascade in (True, False)]
     assert_same(*results)
+
+
+def test_bfloat16_model_stays_within_bfloat16_noise(tmp_path):
+    """A bfloat16 model (head_dim 32: the C kernels' bf16 panels, P rounded to bf16) with peaked attention: the first
+    step's logits (the prompt tails attending as grouped query rows over their cached prefixes; nothing sampled yet)
+    of the C kernels with the option on and off stay as close to the torch path's bfloat16 logits as those are to
+    the float32 model's."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import make_tiny_model
+
+    make_tiny_model(tmp_path, "llama", hidden=128)  # 4 heads of 32
+    weights = load_file(tmp_path / "model.safetensors")
+    for name in weights:  # peaked attention that carries into the logits: errors in P V then show there
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] *= 16
+        elif name.endswith(("v_proj.weight", "o_proj.weight")):
+            weights[name] *= 8
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    prompts, prefixes = shared_prefix_batch([20, 7], prefix_blocks=6, loners=2, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    runs = {name: run(str(tmp_path), prompts, params, cascade, warm=prefixes, dtype=dtype, cpu_kernels=c)
+            for name, cascade, dtype, c in (("on", True, "bfloat16", True), ("off", False, "bfloat16", True),
+                                            ("torch", False, "bfloat16", False), ("exact", False, "float32", False))}
+    assert runs["on"][2] > 0 and runs["off"][2] == 0
+    first = {name: r[1][0].float() for name, r in runs.items()}
+    noise = (first["torch"] - first["exact"]).abs().max()
+    for name in ("on", "off"):
+        assert (first[name] - first["torch"]).abs().max() <= noise, name
