@@ -235,11 +235,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
                            malloc(sizeof(float) * (size_t)mp), malloc(sizeof(float) * (size_t)mp),
                            malloc(sizeof(float) * (size_t)(PANEL * D)), malloc(sizeof(float) * (size_t)(PANEL * D)),
                            malloc(sizeof(float) * (size_t)(PANEL * RV * PL)), NULL};
-        uint16_t *Qb = NULL; /* a group's raw bf16 queries for the bf16 panels */
-        if (bf16_panels) {
-            Qb = malloc(sizeof(uint16_t) * (size_t)(mq * D));
-            pw.ps = malloc(sizeof(uint32_t) * (size_t)(PANEL / 2 * RV * PL));
-        }
+        if (bf16_panels) pw.ps = malloc(sizeof(uint32_t) * (size_t)(PANEL / 2 * RV * PL));
 
         if (k_new != NULL) { /* this step's single-token rows: their K/V go in before anything is read */
 #pragma omp for schedule(static)
@@ -263,11 +259,11 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
             const State st = {base, base + M, base + 2 * M};
             const int64_t *table = block_table + rows[offsets[g]] * max_blocks;
 #ifdef HAVE_BF16_PANELS
-            if (bf16_panels) {
+            if (bf16_panels) { /* qb: the group's raw bf16 queries (allocated for bf16 queries over a bf16 cache) */
                 for (int64_t r = 0; r < R; r++)
-                    memcpy(Qb + r * G * D, (const uint16_t *)q + (rows[offsets[g] + r] * num_heads + h * G) * D,
+                    memcpy(qb + r * G * D, (const uint16_t *)q + (rows[offsets[g] + r] * num_heads + h * G) * D,
                            sizeof(uint16_t) * (size_t)(G * D));
-                shared_span_bf16(Qb, M, scale, st, kv, table, b0 * bs, b1 * bs, h, D, bs, pw, 1);
+                shared_span_bf16(qb, M, scale, st, kv, table, b0 * bs, b1 * bs, h, D, bs, pw);
                 continue;
             }
 #endif
@@ -351,7 +347,7 @@ static void cascade_attention(const void *q, void *out, void *k_cache, void *v_c
         }
         free(Q), free(qb), free(w.scores), free(w.kt), free(w.k_rows), free(w.v_rows), free(own);
         free(row_acc), free(row_scores), free(row_m), free(row_l);
-        free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s), free(pw.ps), free(Qb);
+        free(pw.qt), free(pw.acc), free(pw.m), free(pw.l), free(pw.kp), free(pw.vp), free(pw.s), free(pw.ps);
     }
     free(states), free(state_at), free(chunks), free(item_first), free(row_group);
 }

@@ -482,12 +482,8 @@ static void panel_span(PanelScratch w, int64_t Mp, PagedKv kv, const int64_t *ta
     }
 }
 
-/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
- * [first, end) of one block table; fresh: st holds nothing yet (it is written, not read). */
-static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
-                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
-    const int64_t Mp = (M + PL - 1) / PL * PL;
-    to_lanes(w.qt, Q, M, Mp, D);
+/* The lanes' softmax state (w.acc [D, Mp], w.m, w.l) from st's M queries, or empty where fresh (st not read). */
+static void state_to_lanes(PanelScratch w, State st, int64_t M, int64_t Mp, int64_t D, int fresh) {
     if (fresh)
         memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
     else
@@ -496,9 +492,23 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
         w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
         w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
     }
-    panel_span(w, Mp, kv, table, bs, first, end, h, D, 0);
+}
+
+/* st's M queries from the lanes' state: state_to_lanes' inverse. */
+static void state_from_lanes(State st, PanelScratch w, int64_t M, int64_t Mp, int64_t D) {
     for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
     from_lanes(st.acc, w.acc, M, Mp, D);
+}
+
+/* Continue the state st of M queries Q [M, D] (pre-scaled) of KV head h over context positions
+ * [first, end) of one block table; fresh: st holds nothing yet (it is written, not read). */
+static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const int64_t *table, int64_t first,
+                        int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
+    const int64_t Mp = (M + PL - 1) / PL * PL;
+    to_lanes(w.qt, Q, M, Mp, D);
+    state_to_lanes(w, st, M, Mp, D, fresh);
+    panel_span(w, Mp, kv, table, bs, first, end, h, D, 0);
+    state_from_lanes(st, w, M, Mp, D);
 }
 
 #if defined(__AVX512BF16__) && KT == 8 && DT == 8 && RV == 3
@@ -513,12 +523,12 @@ static void shared_span(const float *Q, int64_t M, State st, PagedKv kv, const i
  * Sums and the online softmax state stay float32. The queries enter unscaled, as the model wrote them; the
  * scale multiplies each score as it is stored. Needs D % 32 == 0. */
 
-/* pairs of bf16 words (lo from a, hi from b) for 16 lanes: a's and b's words d0 .. d0 + 15 (from = 0) or
- * d0 + 16 .. d0 + 31 (from = 16) of two 32-word vectors */
-static inline __m512i interleave_words(__m512i a, __m512i b, int from) {
+/* The permutex2var index pairing words from + i of two 32-word vectors a and b (lo from a, hi from b) in lane i:
+ * from = 0 pairs words 0 .. 15, from = 16 words 16 .. 31. */
+static inline __m512i word_pairs_index(int from) {
     uint16_t index[32];
     for (int i = 0; i < 16; i++) index[2 * i] = (uint16_t)(from + i), index[2 * i + 1] = (uint16_t)(32 + from + i);
-    return _mm512_permutex2var_epi16(a, _mm512_loadu_si512(index), b);
+    return _mm512_loadu_si512(index);
 }
 
 /* K rows of head h at positions [first, first + count) into dst [KT-padded count, D] bf16, the padding zeroed. */
@@ -536,6 +546,7 @@ static void pack_keys_bf16(const uint16_t *cache, const int64_t *table, int64_t 
  * an odd count's last pair has 0 for its second key. */
 static void pack_values_bf16(const uint16_t *cache, const int64_t *table, int64_t first, int64_t count, int64_t bs,
                              int64_t h, int64_t Hkv, int64_t D, uint32_t *dst) {
+    const __m512i low = word_pairs_index(0), high = word_pairs_index(16);
     for (int64_t t = 0; t < count; t += 2) {
         const int64_t pa = first + t, pb = pa + 1;
         const uint16_t *a = cache + ((table[pa / bs] * bs + pa % bs) * Hkv + h) * D;
@@ -543,8 +554,8 @@ static void pack_values_bf16(const uint16_t *cache, const int64_t *table, int64_
         for (int64_t d0 = 0; d0 < D; d0 += 32) {
             const __m512i va = _mm512_loadu_si512(a + d0), vb = b != NULL ? _mm512_loadu_si512(b + d0)
                                                                            : _mm512_setzero_si512();
-            _mm512_storeu_si512(dst + (t / 2) * D + d0, interleave_words(va, vb, 0));
-            _mm512_storeu_si512(dst + (t / 2) * D + d0 + 16, interleave_words(va, vb, 16));
+            _mm512_storeu_si512(dst + (t / 2) * D + d0, _mm512_permutex2var_epi16(va, low, vb));
+            _mm512_storeu_si512(dst + (t / 2) * D + d0 + 16, _mm512_permutex2var_epi16(va, high, vb));
         }
     }
 }
@@ -626,23 +637,15 @@ static void panel_span_bf16(PanelScratch w, int64_t Mp, PagedKv kv, const int64_
     }
 }
 
-/* shared_span for bf16 queries Qb [M, D] (unscaled; scale multiplies the scores) over a bf16 cache, on the bf16
- * panels. */
+/* The state st of M bf16 queries Qb [M, D] (unscaled; scale multiplies the scores) of KV head h over context
+ * positions [first, end) of one block table, on the bf16 panels (st is written, not read). */
 static void shared_span_bf16(const uint16_t *Qb, int64_t M, float scale, State st, PagedKv kv, const int64_t *table,
-                             int64_t first, int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w, int fresh) {
+                             int64_t first, int64_t end, int64_t h, int64_t D, int64_t bs, PanelScratch w) {
     const int64_t Mp = (M + PL - 1) / PL * PL;
     to_lane_pairs((uint32_t *)w.qt, Qb, M, Mp, D);
-    if (fresh)
-        memset(w.acc, 0, sizeof(float) * (size_t)(D * Mp));
-    else
-        to_lanes(w.acc, st.acc, M, Mp, D);
-    for (int64_t i = 0; i < Mp; i++) {
-        w.m[i] = i < M && !fresh ? st.m[i] : -INFINITY;
-        w.l[i] = i < M && !fresh ? st.l[i] : 0.0f;
-    }
+    state_to_lanes(w, st, M, Mp, D, 1);
     panel_span_bf16(w, Mp, kv, table, bs, first, end, h, D, 0, scale);
-    for (int64_t i = 0; i < M; i++) st.m[i] = w.m[i], st.l[i] = w.l[i];
-    from_lanes(st.acc, w.acc, M, Mp, D);
+    state_from_lanes(st, w, M, Mp, D);
 }
 #endif
 
